@@ -1,0 +1,10 @@
+//! rlvr-lab: a workbench for reinforcement learning with verifiable rewards (RLVR) on
+//! language models.
+//!
+//! Layers, imports pointing down only: front ends (the `rlvr` binary, [`script`]) over
+//! engines over the core ([`data`]). See `docs/architecture.md`.
+
+pub mod bench;
+pub mod data;
+pub mod paths;
+pub mod script;

@@ -1,0 +1,170 @@
+//! The `rlvr` command: runs Rhai experiment scripts, a REPL, the reference, benchmarks.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+use rlvr::script::{self, render_text, Session, StdOutput};
+
+/// rlvr-lab: reinforcement learning with verifiable rewards, from Rhai scripts.
+#[derive(Parser)]
+#[command(name = "rlvr", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run a .rhai script.
+    Run {
+        /// The script file.
+        script: PathBuf,
+        /// A parameter for the script, `key=value`; the script reads it as `params.key`.
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        set: Vec<String>,
+    },
+    /// An interactive session: each line is evaluated in one persistent scope.
+    Repl,
+    /// Print the Markdown reference of every script function.
+    Doc {
+        /// Write it to this file instead of standard output.
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+    /// Measure a capability and print its figures as one JSON line.
+    Bench {
+        #[command(subcommand)]
+        which: Bench,
+    },
+}
+
+#[derive(Subcommand)]
+enum Bench {
+    /// Load the full MMLU, CMMLU and MMLU-Pro test splits into Items tables.
+    Load {
+        /// Folder holding `mmlu/`, `cmmlu/` and `mmlu_pro/` in their published layouts.
+        #[arg(long, default_value = "../shared/data")]
+        data: PathBuf,
+    },
+}
+
+fn main() -> ExitCode {
+    set_table_format();
+    let cli = Cli::parse();
+    match dispatch(cli.command) {
+        Ok(code) => code,
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Tables print at most 30 rows and 60 characters a cell unless the user set otherwise.
+fn set_table_format() {
+    for (key, value) in [
+        ("POLARS_FMT_MAX_ROWS", "30"),
+        ("POLARS_FMT_STR_LEN", "60"),
+        ("POLARS_FMT_MAX_COLS", "14"),
+    ] {
+        if std::env::var_os(key).is_none() {
+            std::env::set_var(key, value);
+        }
+    }
+}
+
+fn dispatch(command: Command) -> Result<ExitCode> {
+    match command {
+        Command::Run { script, set } => run(&script, &set),
+        Command::Repl => repl(),
+        Command::Doc { out } => {
+            let text = script::doc::reference();
+            match out {
+                Some(path) => std::fs::write(&path, text)
+                    .with_context(|| format!("writing {}", path.display()))?,
+                None => print!("{text}"),
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Bench {
+            which: Bench::Load { data },
+        } => {
+            let report = rlvr::bench::load(&data)?;
+            println!("{}", serde_json::to_string(&report)?);
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+fn run(path: &Path, set: &[String]) -> Result<ExitCode> {
+    let pairs = set
+        .iter()
+        .map(|kv| {
+            kv.split_once('=')
+                .with_context(|| format!("--set expects key=value, got `{kv}`"))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let mut session = Session::new(Arc::new(StdOutput), script::params_map(pairs));
+    match session.run_file(path) {
+        Ok(_) => Ok(ExitCode::SUCCESS),
+        Err(err) => {
+            eprintln!("error: {err}");
+            Ok(ExitCode::FAILURE)
+        }
+    }
+}
+
+fn repl() -> Result<ExitCode> {
+    let mut session = Session::new(Arc::new(StdOutput), rhai::Map::new());
+    let mut editor = rustyline::DefaultEditor::new()?;
+    let history = rlvr::paths::rlvr_home().join("repl_history.txt");
+    let _ = editor.load_history(&history);
+    println!(
+        "rlvr {} — Rhai REPL. Ctrl-D quits; `rlvr doc` lists the functions.",
+        env!("CARGO_PKG_VERSION")
+    );
+    let mut buffer = String::new();
+    let mut cell = 0;
+    loop {
+        let prompt = if buffer.is_empty() {
+            "rlvr> "
+        } else {
+            "  ... "
+        };
+        let line = match editor.readline(prompt) {
+            Ok(line) => line,
+            Err(rustyline::error::ReadlineError::Interrupted) => {
+                buffer.clear();
+                continue;
+            }
+            Err(rustyline::error::ReadlineError::Eof) => break,
+            Err(e) => return Err(e.into()),
+        };
+        buffer.push_str(&line);
+        buffer.push('\n');
+        if script::is_incomplete(session.engine(), &buffer) {
+            continue;
+        }
+        let _ = editor.add_history_entry(buffer.trim_end());
+        cell += 1;
+        match session.eval(&format!("<repl {cell}>"), &buffer) {
+            Ok(value) if !value.is_unit() => println!("{}", render_text(&value)),
+            Ok(_) => {}
+            Err(err) => eprintln!("error: {err}"),
+        }
+        buffer.clear();
+    }
+    if let Some(dir) = history.parent() {
+        let _ = std::fs::create_dir_all(dir);
+    }
+    let _ = editor.save_history(&history);
+    Ok(ExitCode::SUCCESS)
+}
+
+/// mimalloc: loading a dataset allocates and frees hundreds of thousands of small strings,
+/// which glibc's allocator handles several times slower.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;

@@ -1,0 +1,59 @@
+//! Where a script's output goes: `print`, `debug` and `display` reach an [`Output`], which
+//! the CLI writes to the terminal and the Jupyter kernel turns into messages.
+
+use std::sync::Arc;
+
+use polars::prelude::DataFrame;
+use rhai::{Dynamic, Engine, FuncRegistration};
+
+use super::Area;
+
+/// Receives what a script shows.
+pub trait Output: Send + Sync {
+    /// Text from `print` and `debug`.
+    fn print(&self, text: &str);
+    /// A value from `display`, to be shown as richly as the front end can.
+    fn display(&self, value: &Dynamic);
+}
+
+/// Writes everything to standard output, tables as text.
+pub struct StdOutput;
+
+impl Output for StdOutput {
+    fn print(&self, text: &str) {
+        println!("{text}");
+    }
+
+    fn display(&self, value: &Dynamic) {
+        println!("{}", render_text(value));
+    }
+}
+
+/// A value as plain text: a DataFrame as a table with its shape, anything else as `print`
+/// would show it.
+pub fn render_text(value: &Dynamic) -> String {
+    match value.clone().try_cast::<DataFrame>() {
+        Some(df) => format!("{df}"),
+        None => value.to_string(),
+    }
+}
+
+/// The output area of the reference.
+pub const AREA: Area = Area {
+    title: "Output",
+    intro: "`print(x)` writes text; `display(x)` shows a value as richly as the front end \
+            can (tables as tables, plots as pictures in Jupyter).",
+    register,
+};
+
+fn register(engine: &mut Engine, output: &Arc<dyn Output>) {
+    let out = output.clone();
+    FuncRegistration::new("display")
+        .in_global_namespace()
+        .with_params_info(["value: Dynamic"])
+        .with_comments([
+            "/// Shows a value: a DataFrame as a table, a plot as a picture, \
+                         anything else as text.",
+        ])
+        .register_into_engine(engine, move |value: Dynamic| out.display(&value));
+}

@@ -1,0 +1,102 @@
+//! The `rlvr` binary: `run` with `--set`, errors with file:line:col, `doc`, `--version`.
+
+use std::process::{Command, Output};
+
+use crate::repo;
+
+fn rlvr(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_rlvr"))
+        .args(args)
+        .current_dir(repo(""))
+        .output()
+        .expect("the rlvr binary runs")
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+#[test]
+fn run_executes_a_script_with_params() {
+    let out_dir = std::env::temp_dir().join(format!("rlvr-cli-{}", std::process::id()));
+    let out_set = format!("out={}", out_dir.display());
+    let out = rlvr(&[
+        "run",
+        "tests/scripts/tables.rhai",
+        "--set",
+        "n=32",
+        "--set",
+        "seed=7",
+        "--set",
+        &out_set,
+        "--set",
+        "label=plain text",
+    ]);
+    let stdout = text(&out.stdout);
+    assert!(
+        out.status.success(),
+        "stdout: {stdout}\nstderr: {}",
+        text(&out.stderr)
+    );
+    assert!(stdout.contains("label=plain text"), "{stdout}");
+    assert!(stdout.contains("professional_medicine"), "{stdout}");
+    assert!(out_dir.join("both.parquet").is_file());
+}
+
+#[test]
+fn script_errors_name_file_line_and_column_and_exit_non_zero() {
+    let out = rlvr(&["run", "tests/scripts/error.rhai"]);
+    let stderr = text(&out.stderr);
+    assert!(!out.status.success());
+    assert!(stderr.contains("tests/scripts/error.rhai:4:12"), "{stderr}");
+    assert!(
+        stderr.contains("medqa_malformed.jsonl: line 2: malformed JSON"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("let pool = load("), "{stderr}");
+}
+
+#[test]
+fn a_missing_script_is_an_error() {
+    let out = rlvr(&["run", "tests/scripts/no_such.rhai"]);
+    assert!(!out.status.success());
+    assert!(text(&out.stderr).contains("no_such.rhai"));
+}
+
+#[test]
+fn doc_lists_every_registered_function_and_matches_the_checked_in_reference() {
+    let out = rlvr(&["doc"]);
+    assert!(out.status.success());
+    let doc = text(&out.stdout);
+    let session = rlvr::script::Session::new(
+        std::sync::Arc::new(rlvr::script::StdOutput),
+        rhai::Map::new(),
+    );
+    let signatures = session.engine().gen_fn_signatures(false);
+    assert!(signatures.len() > 15);
+    for signature in signatures {
+        let name = signature.split('(').next().unwrap();
+        if name.starts_with("to_") {
+            continue;
+        }
+        assert!(
+            doc.contains(&format!("### `{name}(")),
+            "{name} missing from rlvr doc"
+        );
+    }
+    let checked_in = std::fs::read_to_string(repo("docs/reference.md")).unwrap();
+    assert!(
+        checked_in == doc,
+        "docs/reference.md is stale: run `rlvr doc --out docs/reference.md`"
+    );
+}
+
+#[test]
+fn version_is_printed() {
+    let out = rlvr(&["--version"]);
+    assert!(out.status.success());
+    assert_eq!(
+        text(&out.stdout).trim(),
+        format!("rlvr {}", env!("CARGO_PKG_VERSION"))
+    );
+}

@@ -1,0 +1,12 @@
+//! The integration tests, in one binary so they link once.
+
+mod bad_input;
+mod cli;
+mod loaders;
+
+use std::path::PathBuf;
+
+/// A path inside the repository.
+pub fn repo(path: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(path)
+}
