@@ -44,6 +44,23 @@ fn run_executes_a_script_with_params() {
 }
 
 #[test]
+fn run_drives_a_model_from_a_script() {
+    let out_dir = std::env::temp_dir().join(format!("rlvr-cli-model-{}", std::process::id()));
+    let out_set = format!("out={}", out_dir.display());
+    let out = rlvr(&["run", "tests/scripts/model.rhai", "--set", &out_set]);
+    let stdout = text(&out.stdout);
+    assert!(
+        out.status.success(),
+        "stdout: {stdout}\nstderr: {}",
+        text(&out.stderr)
+    );
+    assert!(stdout.contains("greedy: "), "{stdout}");
+    assert!(stdout.contains("LoRA r=4"), "{stdout}");
+    assert!(out_dir.join("adapter/adapter_model.safetensors").is_file());
+    assert!(out_dir.join("adapter/adapter_config.json").is_file());
+}
+
+#[test]
 fn script_errors_name_file_line_and_column_and_exit_non_zero() {
     let out = rlvr(&["run", "tests/scripts/error.rhai"]);
     let stderr = text(&out.stderr);

@@ -2,7 +2,11 @@
 
 mod bad_input;
 mod cli;
+mod generation;
+mod gguf;
 mod loaders;
+mod model_parity;
+mod tokenizer;
 
 use std::path::PathBuf;
 

@@ -1,0 +1,168 @@
+//! Pieces every architecture shares: rotary position embedding, causal (and sliding-window)
+//! masks over a padded batch, grouped-query attention, and the KV cache the caller owns.
+//! All of it is built from differentiable candle ops, so gradients reach the adapters.
+
+use candle_core::{DType, Device, Result, Tensor, D};
+
+/// Rotary position embedding of one layer type: inverse frequencies, already divided by a
+/// linear scaling factor where the config asks for one.
+#[derive(Debug, Clone)]
+pub struct Rope {
+    inv_freq: Tensor,
+}
+
+impl Rope {
+    /// `theta` base, `head_dim` width; `scaling` divides the frequencies (linear RoPE scaling).
+    pub fn new(
+        theta: f64,
+        head_dim: usize,
+        inv_freq_scale: &dyn Fn(f64) -> f64,
+        device: &Device,
+    ) -> Result<Self> {
+        let inv_freq: Vec<f32> = (0..head_dim)
+            .step_by(2)
+            .map(|i| inv_freq_scale(1.0 / theta.powf(i as f64 / head_dim as f64)) as f32)
+            .collect();
+        let n = inv_freq.len();
+        Ok(Rope {
+            inv_freq: Tensor::from_vec(inv_freq, (1, 1, n), device)?,
+        })
+    }
+
+    /// `(cos, sin)` for `positions: [b, s]`, each `[b, 1, s, head_dim]`.
+    pub fn cos_sin(&self, positions: &Tensor) -> Result<(Tensor, Tensor)> {
+        let pos = positions.to_dtype(DType::F32)?.unsqueeze(D::Minus1)?; // [b, s, 1]
+        let freqs = pos.broadcast_mul(&self.inv_freq)?; // [b, s, hd/2]
+        let emb = Tensor::cat(&[&freqs, &freqs], D::Minus1)?.unsqueeze(1)?;
+        Ok((emb.cos()?, emb.sin()?))
+    }
+}
+
+/// `x · cos + rotate_half(x) · sin` for `x: [b, h, s, hd]` (the halves layout of Hugging Face).
+pub fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    let half = x.dim(D::Minus1)? / 2;
+    let x1 = x.narrow(D::Minus1, 0, half)?;
+    let x2 = x.narrow(D::Minus1, half, half)?;
+    let rotated = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
+    let cos = cos.to_dtype(x.dtype())?;
+    let sin = sin.to_dtype(x.dtype())?;
+    x.broadcast_mul(&cos)? + rotated.broadcast_mul(&sin)?
+}
+
+/// Additive attention mask `[b, 1, q, k]` (0, or the lowest f32 where hidden: finite, as
+/// in transformers, so a padding query that sees no key yields numbers rather than NaN,
+/// which would reach real tokens through the values) for queries at key slots
+/// `offset .. offset + q` over `key_valid: [b][k]` (false at padding): a query sees valid
+/// keys at or before its slot, and with `window`, only the `window` most recent ones
+/// (`query - key < window`, as Hugging Face's sliding attention).
+pub fn mask(
+    key_valid: &[Vec<bool>],
+    offset: usize,
+    queries: usize,
+    window: Option<usize>,
+    device: &Device,
+) -> Result<Tensor> {
+    let batch = key_valid.len();
+    let keys = key_valid.first().map_or(0, Vec::len);
+    let mut values = Vec::with_capacity(batch * queries * keys);
+    for valid in key_valid {
+        for q in 0..queries {
+            let slot = offset + q;
+            for (k, &ok) in valid.iter().enumerate() {
+                let visible = ok && k <= slot && window.is_none_or(|w| slot - k < w);
+                values.push(if visible { 0f32 } else { f32::MIN });
+            }
+        }
+    }
+    Tensor::from_vec(values, (batch, 1, queries, keys), device)
+}
+
+/// Repeats key/value heads for grouped-query attention: `[b, kv, s, hd] → [b, kv·n, s, hd]`.
+pub fn repeat_kv(x: Tensor, n: usize) -> Result<Tensor> {
+    if n == 1 {
+        return Ok(x);
+    }
+    let (b, kv, s, hd) = x.dims4()?;
+    x.unsqueeze(2)?
+        .expand((b, kv, n, s, hd))?
+        .reshape((b, kv * n, s, hd))
+}
+
+/// Scaled dot-product attention with an additive mask, softmax in f32:
+/// `q: [b, h, s, hd]`, `k, v: [b, h, t, hd]`, `mask: [b, 1, s, t]` → `[b, h, s, hd]`.
+pub fn attend(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: &Tensor,
+    scale: f64,
+    softcap: Option<f64>,
+) -> Result<Tensor> {
+    let scores = (q.matmul(&k.t()?)? * scale)?.to_dtype(DType::F32)?;
+    let scores = match softcap {
+        Some(cap) => ((scores / cap)?.tanh()? * cap)?,
+        None => scores,
+    };
+    let probs = candle_nn::ops::softmax(&scores.broadcast_add(mask)?, D::Minus1)?;
+    probs.to_dtype(v.dtype())?.matmul(v)
+}
+
+/// The keys and values seen so far, one entry per layer; owned by the caller, so a batch of
+/// sequences can be generated (or several batches interleaved) without touching the model.
+#[derive(Debug, Clone, Default)]
+pub struct KvCache {
+    layers: Vec<Option<(Tensor, Tensor)>>,
+}
+
+impl KvCache {
+    /// An empty cache for `layers` layers.
+    pub fn new(layers: usize) -> Self {
+        KvCache {
+            layers: vec![None; layers],
+        }
+    }
+
+    /// The number of key slots cached.
+    pub fn len(&self) -> usize {
+        self.layers
+            .first()
+            .and_then(|l| l.as_ref())
+            .map_or(0, |(k, _)| k.dims()[2])
+    }
+
+    /// True before the first forward.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Appends this step's keys and values of `layer` and returns all of them.
+    pub fn append(&mut self, layer: usize, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
+        let (k, v) = match &self.layers[layer] {
+            Some((pk, pv)) => (Tensor::cat(&[pk, k], 2)?, Tensor::cat(&[pv, v], 2)?),
+            None => (k.clone(), v.clone()),
+        };
+        self.layers[layer] = Some((k.clone(), v.clone()));
+        Ok((k, v))
+    }
+
+    /// Keeps only the sequences at `rows` of the batch (finished ones dropped).
+    pub fn select_rows(&mut self, rows: &Tensor) -> Result<()> {
+        for (k, v) in self.layers.iter_mut().flatten() {
+            *k = k.index_select(rows, 0)?;
+            *v = v.index_select(rows, 0)?;
+        }
+        Ok(())
+    }
+}
+
+/// RMS normalisation over the last dimension in f32: `x / sqrt(mean(x²) + eps) · scale`.
+/// Gemma's `(1 + w)` is folded into `scale` at load time.
+pub fn rms_norm(x: &Tensor, scale: &Tensor, eps: f64) -> Result<Tensor> {
+    let dtype = x.dtype();
+    let x = x.to_dtype(DType::F32)?;
+    let mean = x.sqr()?.mean_keepdim(D::Minus1)?;
+    let normed = x.broadcast_div(&(mean + eps)?.sqrt()?)?;
+    normed
+        .broadcast_mul(&scale.to_dtype(DType::F32)?)?
+        .to_dtype(dtype)
+}

@@ -1,0 +1,106 @@
+//! The one linear layer of every model: `y = x Wᵀ + b`, plus an optional low-rank adapter
+//! `(alpha / r) · x Aᵀ Bᵀ` whose `A` and `B` are the only trainable variables of a model.
+
+use candle_core::{DType, Device, Result, Tensor, Var};
+use rand::Rng;
+use rand_chacha::ChaCha8Rng;
+
+/// A low-rank adapter on one linear layer (PEFT's LoRA).
+#[derive(Debug, Clone)]
+pub struct Lora {
+    /// `A`: `[rank, in]`, Kaiming-uniform at creation.
+    pub a: Var,
+    /// `B`: `[out, rank]`, zero at creation so a new adapter changes nothing.
+    pub b: Var,
+    /// `alpha / rank`, or `alpha / sqrt(rank)` for rsLoRA.
+    pub scale: f64,
+}
+
+impl Lora {
+    /// A fresh adapter for a layer of `in_dim → out_dim`: `A` Kaiming-uniform
+    /// (bound `1 / sqrt(in_dim)`, as PEFT's `kaiming_uniform_(a = sqrt(5))`), `B` zero.
+    pub fn new(
+        in_dim: usize,
+        out_dim: usize,
+        rank: usize,
+        scale: f64,
+        rng: &mut ChaCha8Rng,
+        device: &Device,
+    ) -> Result<Self> {
+        let bound = 1.0 / (in_dim as f64).sqrt();
+        let values: Vec<f32> = (0..rank * in_dim)
+            .map(|_| rng.random_range(-bound..bound) as f32)
+            .collect();
+        let a = Var::from_tensor(&Tensor::from_vec(values, (rank, in_dim), device)?)?;
+        let b = Var::zeros((out_dim, rank), DType::F32, device)?;
+        Ok(Lora { a, b, scale })
+    }
+
+    /// The adapter's rank.
+    pub fn rank(&self) -> usize {
+        self.a.dims()[0]
+    }
+}
+
+/// A linear layer with an optional adapter.
+#[derive(Debug, Clone)]
+pub struct Linear {
+    /// `W`: `[out, in]`.
+    pub weight: Tensor,
+    /// `b`: `[out]`, when the layer has one.
+    pub bias: Option<Tensor>,
+    /// The adapter, when one is attached.
+    pub lora: Option<Lora>,
+}
+
+impl Linear {
+    /// A plain layer.
+    pub fn new(weight: Tensor, bias: Option<Tensor>) -> Self {
+        Linear {
+            weight,
+            bias,
+            lora: None,
+        }
+    }
+
+    /// Input width.
+    pub fn in_dim(&self) -> usize {
+        self.weight.dims()[1]
+    }
+
+    /// Output width.
+    pub fn out_dim(&self) -> usize {
+        self.weight.dims()[0]
+    }
+
+    /// `x: [..., in] → [..., out]`; the adapter is applied when `adapters_on`.
+    pub fn forward(&self, x: &Tensor, adapters_on: bool) -> Result<Tensor> {
+        let y = x.broadcast_matmul(&self.weight.t()?)?;
+        let y = match &self.bias {
+            Some(b) => y.broadcast_add(b)?,
+            None => y,
+        };
+        match (&self.lora, adapters_on) {
+            (Some(lora), true) => {
+                let low = x
+                    .to_dtype(DType::F32)?
+                    .broadcast_matmul(&lora.a.as_tensor().t()?)?
+                    .broadcast_matmul(&lora.b.as_tensor().t()?)?;
+                let low = (low * lora.scale)?.to_dtype(y.dtype())?;
+                y + low
+            }
+            _ => Ok(y),
+        }
+    }
+
+    /// `W + scale · B A`: the weight with the adapter folded in.
+    pub fn merged_weight(&self) -> Result<Tensor> {
+        match &self.lora {
+            Some(lora) => {
+                let delta = (lora.b.as_tensor().matmul(lora.a.as_tensor())? * lora.scale)?;
+                &self.weight + delta.to_dtype(self.weight.dtype())?
+            }
+            None => Ok(self.weight.clone()),
+        }
+    }
+}

@@ -1,0 +1,138 @@
+//! A language model as scripts use it: the network, its tokenizer and its adapter, with
+//! text in and text out.
+
+use std::path::Path;
+
+use candle_core::Device;
+
+use super::generate::{generate, Completion, Finish, Sampling};
+use super::lora::{self, LoraConfig};
+use super::tokenizer::Tokenizer;
+use super::{Model, ModelError, Result};
+
+/// A model with its tokenizer and, once attached, its LoRA adapter.
+#[derive(Clone)]
+pub struct LanguageModel {
+    /// The network.
+    pub model: Model,
+    /// Its tokenizer.
+    pub tokenizer: Tokenizer,
+    /// A name for records and adapter configs (the path it was loaded from).
+    pub name: String,
+    /// The adapter's shape, when one is attached.
+    pub lora: Option<LoraConfig>,
+}
+
+/// A generated completion as text.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GeneratedText {
+    /// The completion's text (stop token included, as decoded).
+    pub text: String,
+    /// Its token ids and log-probabilities, and why it ended.
+    pub completion: Completion,
+}
+
+impl LanguageModel {
+    /// Loads a Hugging Face model directory or a `.gguf` file; the tokenizer is `tokenizer`
+    /// when given, else the `tokenizer.json` in the directory (beside the GGUF file). Fails
+    /// when the tokenizer's vocabulary does not fit the model's.
+    pub fn load(path: &Path, tokenizer: Option<&Path>, device: &Device) -> Result<Self> {
+        let model = Model::load(path, device)?;
+        let dir = if path.is_file() {
+            path.parent().unwrap_or(Path::new("."))
+        } else {
+            path
+        };
+        let tokenizer_path =
+            tokenizer.map_or_else(|| dir.join("tokenizer.json"), Path::to_path_buf);
+        let tokenizer = Tokenizer::from_file(&tokenizer_path)?;
+        let vocab = model.lm_head().dim(0)?;
+        if tokenizer.vocab_size() > vocab {
+            return Err(ModelError::File {
+                path: tokenizer_path,
+                message: format!(
+                    "the tokenizer has {} tokens but the model only {vocab}",
+                    tokenizer.vocab_size()
+                ),
+            });
+        }
+        Ok(LanguageModel {
+            model,
+            tokenizer,
+            name: path.display().to_string(),
+            lora: None,
+        })
+    }
+
+    /// Completes every prompt in one batch; prompt `i` is sampled with seed
+    /// `sampling.seed + i`. Stops at the tokenizer's stop tokens as well as `sampling`'s.
+    pub fn generate(
+        &self,
+        prompts: &[String],
+        sampling: &Sampling,
+        on_step: &mut dyn FnMut(usize) -> bool,
+    ) -> Result<Vec<GeneratedText>> {
+        let ids = prompts
+            .iter()
+            .map(|p| self.tokenizer.encode(p))
+            .collect::<Result<Vec<_>>>()?;
+        let mut stop_ids = sampling.stop_ids.clone();
+        stop_ids.extend(self.tokenizer.stop_ids());
+        let requests: Vec<Sampling> = (0..prompts.len())
+            .map(|i| Sampling {
+                seed: sampling.seed.wrapping_add(i as u64),
+                stop_ids: stop_ids.clone(),
+                ..sampling.clone()
+            })
+            .collect();
+        let adapters_on = self.lora.is_some();
+        generate(&self.model, &ids, &requests, adapters_on, on_step)?
+            .into_iter()
+            .map(|completion| {
+                let shown = match completion.finish {
+                    Finish::Stop => &completion.ids[..completion.ids.len() - 1],
+                    _ => &completion.ids[..],
+                };
+                Ok(GeneratedText {
+                    text: self.tokenizer.decode(shown)?,
+                    completion,
+                })
+            })
+            .collect()
+    }
+
+    /// The total log-probability of `completion` after `prompt` (the prompt tokenized as
+    /// [`Tokenizer::encode`], the completion without special tokens).
+    pub fn logprob(&self, prompt: &str, completion: &str) -> Result<f32> {
+        let p = self.tokenizer.encode(prompt)?;
+        let c = self.tokenizer.encode_plain(completion)?;
+        let adapters_on = self.lora.is_some();
+        let per_token = self.model.completion_logprobs(&p, &c, adapters_on)?;
+        Ok(per_token.sum_all()?.to_scalar::<f32>()?)
+    }
+
+    /// A copy sharing the base weights, with fresh adapters of shape `config`.
+    pub fn with_lora(&self, config: &LoraConfig) -> Result<Self> {
+        let mut policy = self.clone();
+        lora::attach(&mut policy.model, config)?;
+        policy.lora = Some(config.clone());
+        Ok(policy)
+    }
+
+    /// Writes the adapter in PEFT's format.
+    pub fn save_adapter(&mut self, dir: &Path) -> Result<()> {
+        let config = self.lora.clone().ok_or_else(|| ModelError::File {
+            path: dir.to_path_buf(),
+            message: "this model has no adapter to save; use with_lora first".into(),
+        })?;
+        lora::save_peft(&mut self.model, &config, &self.name, dir)
+    }
+
+    /// A copy sharing the base weights, with the PEFT adapter of `dir` attached.
+    pub fn load_adapter(&self, dir: &Path) -> Result<Self> {
+        let mut tuned = self.clone();
+        lora::detach(&mut tuned.model);
+        tuned.lora = Some(lora::load_peft(&mut tuned.model, dir)?);
+        Ok(tuned)
+    }
+}

@@ -1,0 +1,312 @@
+//! Language models written for training as well as inference: Gemma 3 and the Llama
+//! family, a LoRA-capable linear layer, an explicit KV cache, chunked log-probabilities,
+//! and loading from Hugging Face directories and GGUF files.
+
+pub mod attention;
+pub mod chat;
+pub mod config;
+pub mod gemma3;
+pub mod generate;
+pub mod gguf;
+pub mod linear;
+pub mod llama;
+pub mod lm;
+pub mod logprob;
+pub mod lora;
+pub mod memory;
+pub mod tokenizer;
+pub mod weights;
+
+use std::path::{Path, PathBuf};
+
+use candle_core::{Device, Tensor};
+use serde_json::Value;
+
+pub use attention::KvCache;
+use linear::Linear;
+use weights::Weights;
+
+/// A failure to load or run a model, naming the file at fault where there is one.
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    /// A file could not be read.
+    #[error("{}: {source}", path.display())]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// A file is present but unusable.
+    #[error("{}: {message}", path.display())]
+    File {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        message: String,
+    },
+    /// A tensor operation failed.
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+}
+
+/// Result of the model layer.
+pub type Result<T> = std::result::Result<T, ModelError>;
+
+/// One forward pass's input: token ids `[b, s]` (u32), their positions `[b, s]` (u32),
+/// and for each row which key slots (cache and new tokens) are real tokens rather than
+/// padding.
+#[derive(Debug, Clone)]
+pub struct Input {
+    /// Token ids, `[b, s]`.
+    pub ids: Tensor,
+    /// Position of each token in its sequence, `[b, s]`.
+    pub positions: Tensor,
+    /// `[b][cached + s]`: false at padding.
+    pub key_valid: Vec<Vec<bool>>,
+}
+
+impl Input {
+    /// Rows of equal length, no padding, starting at position `offset` (the cache length).
+    pub fn unpadded(rows: &[Vec<u32>], offset: usize, device: &Device) -> Result<Self> {
+        let b = rows.len();
+        let s = rows.first().map_or(0, Vec::len);
+        let ids: Vec<u32> = rows.iter().flatten().copied().collect();
+        let positions: Vec<u32> = (0..b)
+            .flat_map(|_| (offset..offset + s).map(|p| p as u32))
+            .collect();
+        Ok(Input {
+            ids: Tensor::from_vec(ids, (b, s), device)?,
+            positions: Tensor::from_vec(positions, (b, s), device)?,
+            key_valid: vec![vec![true; offset + s]; b],
+        })
+    }
+}
+
+/// The architectures the project implements.
+#[derive(Debug, Clone)]
+pub enum Architecture {
+    /// Gemma 3 text.
+    Gemma3(gemma3::Gemma3),
+    /// Llama 3, Qwen2 / 2.5, SmolLM2.
+    Llama(llama::Llama),
+}
+
+/// A loaded model.
+#[derive(Debug, Clone)]
+pub struct Model {
+    /// The network.
+    pub arch: Architecture,
+    /// Where it was loaded from.
+    pub source: PathBuf,
+}
+
+impl Model {
+    /// Loads a model from a Hugging Face directory or a `.gguf` file (dequantized).
+    pub fn load(path: &Path, device: &Device) -> Result<Self> {
+        if path.is_file() && path.extension().is_some_and(|e| e == "gguf") {
+            gguf::load(path, None, device)
+        } else {
+            Model::from_hf_dir(path, device)
+        }
+    }
+
+    /// Loads a Hugging Face model directory: `config.json` and `model.safetensors` (or the
+    /// shards listed in `model.safetensors.index.json`), in f32 on `device`.
+    pub fn from_hf_dir(dir: &Path, device: &Device) -> Result<Self> {
+        let config_path = dir.join("config.json");
+        let text = std::fs::read_to_string(&config_path).map_err(|source| ModelError::Io {
+            path: config_path.clone(),
+            source,
+        })?;
+        let json: Value = serde_json::from_str(&text).map_err(|e| ModelError::File {
+            path: config_path.clone(),
+            message: format!("not valid JSON: {e}"),
+        })?;
+        let files = safetensors_files(dir)?;
+        memory::check_fits(dir, memory::safetensors_parameters(&files)?)?;
+        let weights = Weights::from_safetensors(&files, device)?;
+        let arch = build(&json, &weights).map_err(|message| ModelError::File {
+            path: config_path.clone(),
+            message,
+        })??;
+        Ok(Model {
+            arch,
+            source: dir.to_path_buf(),
+        })
+    }
+
+    /// Final hidden states `[b, s, hidden]` for `input`, appending to `cache` when given;
+    /// the adapters take part when `adapters_on`.
+    pub fn forward(
+        &self,
+        input: &Input,
+        cache: Option<&mut KvCache>,
+        adapters_on: bool,
+    ) -> Result<Tensor> {
+        Ok(match &self.arch {
+            Architecture::Gemma3(m) => m.forward(input, cache, adapters_on)?,
+            Architecture::Llama(m) => m.forward(input, cache, adapters_on)?,
+        })
+    }
+
+    /// The output projection `[vocab, hidden]`.
+    pub fn lm_head(&self) -> &Tensor {
+        match &self.arch {
+            Architecture::Gemma3(m) => m.lm_head(),
+            Architecture::Llama(m) => m.lm_head(),
+        }
+    }
+
+    /// The logits' soft cap, when the architecture has one.
+    pub fn logit_softcap(&self) -> Option<f64> {
+        match &self.arch {
+            Architecture::Gemma3(m) => m.config.final_logit_softcapping,
+            Architecture::Llama(_) => None,
+        }
+    }
+
+    /// Decoder blocks (the length of a [`KvCache`]).
+    pub fn num_layers(&self) -> usize {
+        match &self.arch {
+            Architecture::Gemma3(m) => m.config.num_hidden_layers,
+            Architecture::Llama(m) => m.config.num_hidden_layers,
+        }
+    }
+
+    /// The device the weights live on.
+    pub fn device(&self) -> &Device {
+        match &self.arch {
+            Architecture::Gemma3(m) => m.device(),
+            Architecture::Llama(m) => m.device(),
+        }
+    }
+
+    /// Every linear layer with its Hugging Face module name.
+    pub fn linears_mut(&mut self) -> Vec<(String, &mut Linear)> {
+        match &mut self.arch {
+            Architecture::Gemma3(m) => m.linears_mut(),
+            Architecture::Llama(m) => m.linears_mut(),
+        }
+    }
+
+    /// Logits `[b, s, vocab]` (f32) for rows of equal length. Materialises the whole block:
+    /// for small vocabularies and tests; use [`Model::completion_logprobs`] for scoring.
+    pub fn logits(&self, rows: &[Vec<u32>], adapters_on: bool) -> Result<Tensor> {
+        let input = Input::unpadded(rows, 0, self.device())?;
+        let hidden = self.forward(&input, None, adapters_on)?;
+        let (b, s, d) = hidden.dims3()?;
+        let logits = logprob::logits_of(
+            &hidden.reshape((b * s, d))?,
+            self.lm_head(),
+            self.logit_softcap(),
+        )?;
+        Ok(logits.reshape((b, s, ()))?)
+    }
+
+    /// `log p(completion_t | prompt, completion_<t)` for each completion token, `[n]` f32.
+    /// Differentiable with respect to the adapters.
+    pub fn completion_logprobs(
+        &self,
+        prompt: &[u32],
+        completion: &[u32],
+        adapters_on: bool,
+    ) -> Result<Tensor> {
+        let ids: Vec<u32> = prompt.iter().chain(completion).copied().collect();
+        let input = Input::unpadded(&[ids], 0, self.device())?;
+        let hidden = self.forward(&input, None, adapters_on)?.squeeze(0)?;
+        // the state at position t predicts token t + 1
+        let scoring = hidden.narrow(0, prompt.len() - 1, completion.len())?;
+        let targets = Tensor::new(completion, self.device())?;
+        Ok(logprob::gather_logprobs(
+            &scoring,
+            self.lm_head(),
+            &targets,
+            self.logit_softcap(),
+        )?)
+    }
+
+    /// The `n` most likely next tokens one at a time from `prompt` (greedy decoding; no
+    /// stop tokens).
+    pub fn greedy(&self, prompt: &[u32], n: usize, adapters_on: bool) -> Result<Vec<u32>> {
+        let request = generate::Sampling {
+            max_tokens: n,
+            temperature: 0.0,
+            ..generate::Sampling::default()
+        };
+        let mut completions = generate::generate(
+            self,
+            &[prompt.to_vec()],
+            &[request],
+            adapters_on,
+            &mut |_| true,
+        )?;
+        Ok(completions.remove(0).ids)
+    }
+}
+
+/// The safetensors files of a model directory: the shards of `model.safetensors.index.json`,
+/// else `model.safetensors`.
+fn safetensors_files(dir: &Path) -> Result<Vec<PathBuf>> {
+    let index = dir.join("model.safetensors.index.json");
+    if index.is_file() {
+        let text = std::fs::read_to_string(&index).map_err(|source| ModelError::Io {
+            path: index.clone(),
+            source,
+        })?;
+        let json: Value = serde_json::from_str(&text).map_err(|e| ModelError::File {
+            path: index.clone(),
+            message: format!("not valid JSON: {e}"),
+        })?;
+        let mut files: Vec<String> = json
+            .get("weight_map")
+            .and_then(Value::as_object)
+            .ok_or_else(|| ModelError::File {
+                path: index.clone(),
+                message: "no `weight_map`".into(),
+            })?
+            .values()
+            .filter_map(|v| v.as_str().map(str::to_string))
+            .collect();
+        files.sort();
+        files.dedup();
+        return Ok(files.into_iter().map(|f| dir.join(f)).collect());
+    }
+    let single = dir.join("model.safetensors");
+    if single.is_file() {
+        Ok(vec![single])
+    } else {
+        Err(ModelError::File {
+            path: dir.to_path_buf(),
+            message: "no model.safetensors or model.safetensors.index.json".into(),
+        })
+    }
+}
+
+/// Builds the architecture a config names from `weights`; the outer error is a config
+/// problem (as text), the inner one a weight problem.
+fn build(json: &Value, weights: &Weights) -> std::result::Result<Result<Architecture>, String> {
+    let c = config::text_config(json);
+    let model_type = c
+        .get("model_type")
+        .and_then(Value::as_str)
+        .or_else(|| json.get("model_type").and_then(Value::as_str))
+        .unwrap_or("");
+    match model_type {
+        "gemma3" | "gemma3_text" => {
+            let cfg = gemma3::Config::from_json(json).map_err(|e| e.to_string())?;
+            Ok(gemma3::Gemma3::new(cfg, weights)
+                .map(Architecture::Gemma3)
+                .map_err(ModelError::from))
+        }
+        "llama" | "qwen2" | "mistral" => {
+            let cfg = llama::Config::from_json(json).map_err(|e| e.to_string())?;
+            Ok(llama::Llama::new(cfg, weights)
+                .map(Architecture::Llama)
+                .map_err(ModelError::from))
+        }
+        other => Err(format!(
+            "unknown architecture `{other}`; known: gemma3, gemma3_text, llama, qwen2, mistral"
+        )),
+    }
+}

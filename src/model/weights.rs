@@ -1,0 +1,176 @@
+//! Model weights by Hugging Face name, from safetensors shards or a GGUF file (dequantized
+//! to f32 and renamed), with errors that name the file and the tensor.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use candle_core::quantized::gguf_file;
+use candle_core::{DType, Device, Error, Result, Tensor};
+
+use super::linear::Linear;
+
+/// Where the weights came from, which decides how Gemma norms are stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    /// Hugging Face safetensors: Gemma norms hold `w` and scale by `1 + w`.
+    Safetensors,
+    /// GGUF: llama.cpp's converter stores Gemma norms as `1 + w` already.
+    Gguf,
+}
+
+/// The tensors of a model, by Hugging Face name, in f32 on one device.
+pub struct Weights {
+    tensors: HashMap<String, Tensor>,
+    format: Format,
+    source: PathBuf,
+    device: Device,
+}
+
+impl Weights {
+    /// Reads every tensor of the safetensors `files` (the shards of one model).
+    pub fn from_safetensors(files: &[PathBuf], device: &Device) -> Result<Self> {
+        let mut tensors = HashMap::new();
+        for file in files {
+            let loaded = candle_core::safetensors::load(file, device)
+                .map_err(|e| Error::Msg(format!("{}: {e}", file.display())))?;
+            for (name, t) in loaded {
+                tensors.insert(name, t.to_dtype(DType::F32)?);
+            }
+        }
+        let source = files
+            .first()
+            .and_then(|f| f.parent())
+            .map_or_else(PathBuf::new, Path::to_path_buf);
+        Ok(Weights {
+            tensors,
+            format: Format::Safetensors,
+            source,
+            device: device.clone(),
+        })
+    }
+
+    /// Reads and dequantizes every tensor of a GGUF file, renaming llama.cpp's names
+    /// (`blk.N.attn_q.weight`, …) to Hugging Face's for `architecture`. llama.cpp stores
+    /// Llama's q and k rows permuted for its rotary layout; `qk_heads` (query heads, key/value
+    /// heads) undoes that, as transformers' GGUF loader does.
+    pub fn from_gguf(
+        path: &Path,
+        content: &gguf_file::Content,
+        architecture: &str,
+        qk_heads: Option<(usize, usize)>,
+        device: &Device,
+    ) -> Result<Self> {
+        let mut file = std::fs::File::open(path)
+            .map_err(|e| Error::Msg(format!("{}: {e}", path.display())))?;
+        let mut tensors = HashMap::new();
+        for name in content.tensor_infos.keys() {
+            let q = content
+                .tensor(&mut file, name, device)
+                .map_err(|e| Error::Msg(format!("{}: tensor `{name}`: {e}", path.display())))?;
+            let mut t = q.dequantize(device)?;
+            if let (Some((heads, kv_heads)), true) = (qk_heads, name.ends_with(".weight")) {
+                if name.contains(".attn_q.") {
+                    t = unpermute(&t, heads)?;
+                } else if name.contains(".attn_k.") {
+                    t = unpermute(&t, kv_heads)?;
+                }
+            }
+            if let Some(hf) = hf_name(name, architecture) {
+                tensors.insert(hf, t);
+            }
+        }
+        Ok(Weights {
+            tensors,
+            format: Format::Gguf,
+            source: path.to_path_buf(),
+            device: device.clone(),
+        })
+    }
+
+    /// The device the tensors live on.
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// Whether a tensor of that name exists.
+    pub fn contains(&self, name: &str) -> bool {
+        self.tensors.contains_key(name)
+    }
+
+    /// The tensor `name`, or an error naming it and the file.
+    pub fn tensor(&self, name: &str) -> Result<Tensor> {
+        self.tensors.get(name).cloned().ok_or_else(|| {
+            Error::Msg(format!(
+                "{}: tensor `{name}` is missing",
+                self.source.display()
+            ))
+        })
+    }
+
+    /// The linear layer `prefix` (`prefix.weight`, and `prefix.bias` when `bias`).
+    pub fn linear(&self, prefix: &str, bias: bool) -> Result<Linear> {
+        let weight = self.tensor(&format!("{prefix}.weight"))?;
+        let bias = if bias {
+            Some(self.tensor(&format!("{prefix}.bias"))?)
+        } else {
+            None
+        };
+        Ok(Linear::new(weight, bias))
+    }
+
+    /// A Gemma RMSNorm scale as the forward pass uses it: `1 + w`.
+    pub fn gemma_norm(&self, name: &str) -> Result<Tensor> {
+        let w = self.tensor(name)?;
+        match self.format {
+            Format::Safetensors => w + 1.0,
+            Format::Gguf => Ok(w),
+        }
+    }
+}
+
+/// Undoes llama.cpp's rotary permutation of q/k rows: `[heads, 2, dim/2, in] → [heads,
+/// dim/2, 2, in]` read back as `[out, in]`.
+fn unpermute(t: &Tensor, heads: usize) -> Result<Tensor> {
+    let (out, inp) = t.dims2()?;
+    let half = out / heads / 2;
+    t.reshape((heads, half, 2, inp))?
+        .transpose(1, 2)?
+        .contiguous()?
+        .reshape((out, inp))
+}
+
+/// The Hugging Face name of a llama.cpp tensor name (`None` for tensors the text model
+/// does not use).
+fn hf_name(gguf: &str, architecture: &str) -> Option<String> {
+    let gemma = architecture.starts_with("gemma");
+    let simple = match gguf {
+        "token_embd.weight" => Some("model.embed_tokens.weight"),
+        "output_norm.weight" => Some("model.norm.weight"),
+        "output.weight" => Some("lm_head.weight"),
+        _ => None,
+    };
+    if let Some(name) = simple {
+        return Some(name.to_string());
+    }
+    let rest = gguf.strip_prefix("blk.")?;
+    let (layer, tail) = rest.split_once('.')?;
+    let (kind, suffix) = tail.rsplit_once('.')?;
+    let module = match kind {
+        "attn_q" => "self_attn.q_proj",
+        "attn_k" => "self_attn.k_proj",
+        "attn_v" => "self_attn.v_proj",
+        "attn_output" => "self_attn.o_proj",
+        "attn_q_norm" => "self_attn.q_norm",
+        "attn_k_norm" => "self_attn.k_norm",
+        "attn_norm" => "input_layernorm",
+        "post_attention_norm" => "post_attention_layernorm",
+        "ffn_norm" if gemma => "pre_feedforward_layernorm",
+        "ffn_norm" => "post_attention_layernorm",
+        "post_ffw_norm" => "post_feedforward_layernorm",
+        "ffn_gate" => "mlp.gate_proj",
+        "ffn_up" => "mlp.up_proj",
+        "ffn_down" => "mlp.down_proj",
+        _ => return None,
+    };
+    Some(format!("model.layers.{layer}.{module}.{suffix}"))
+}

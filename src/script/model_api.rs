@@ -1,0 +1,286 @@
+//! Script bindings for language models: `model`, `tokenize`, `detokenize`, `generate`,
+//! `chat`, `logprob`, `with_lora`, `save_adapter`, `load_adapter`.
+
+use std::path::Path;
+use std::sync::{Arc, RwLock};
+
+use candle_core::Device;
+use rhai::plugin::*;
+use rhai::{Array, Map};
+
+use super::convert::{check_keys, count, error, strings, text, text_list, RhaiResult};
+use super::{Area, Output};
+use crate::model::chat::Message;
+use crate::model::generate::Sampling;
+use crate::model::lm::LanguageModel;
+use crate::model::lora::LoraConfig;
+
+/// A model shared by every script value that refers to it (training changes it in place).
+#[derive(Clone)]
+pub struct ModelHandle(pub Arc<RwLock<LanguageModel>>);
+
+impl ModelHandle {
+    fn new(lm: LanguageModel) -> Self {
+        ModelHandle(Arc::new(RwLock::new(lm)))
+    }
+
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, LanguageModel> {
+        self.0.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, LanguageModel> {
+        self.0.write().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// The model area of the reference.
+pub const AREA: Area = Area {
+    title: "Models",
+    intro: "A model is loaded once and shared: `with_lora` and `load_adapter` return new \
+            handles over the same base weights. Prompts are tokenized as the Hugging Face \
+            tokenizer does (BOS added unless the text starts with it, as `chat` output does).",
+    register,
+};
+
+fn register(engine: &mut Engine, _output: &Arc<dyn Output>) {
+    engine.register_type_with_name::<ModelHandle>("Model");
+    engine.register_global_module(exported_module!(model_functions).into());
+}
+
+const GENERATE_OPTIONS: [&str; 6] = [
+    "max_tokens",
+    "temperature",
+    "top_k",
+    "top_p",
+    "min_p",
+    "seed",
+];
+
+fn sampling(opts: &Map) -> RhaiResult<Sampling> {
+    check_keys(opts, &GENERATE_OPTIONS, "generate")?;
+    let mut s = Sampling::default();
+    if let Some(v) = opts.get("max_tokens") {
+        s.max_tokens = count(
+            v.as_int()
+                .map_err(|t| error(format!("max_tokens: not {t}")))?,
+            "max_tokens",
+        )?;
+    }
+    if let Some(v) = opts.get("top_k") {
+        s.top_k = count(
+            v.as_int().map_err(|t| error(format!("top_k: not {t}")))?,
+            "top_k",
+        )?;
+    }
+    if let Some(v) = opts.get("seed") {
+        s.seed = v.as_int().map_err(|t| error(format!("seed: not {t}")))? as u64;
+    }
+    for (key, slot) in [
+        ("temperature", &mut s.temperature),
+        ("top_p", &mut s.top_p),
+        ("min_p", &mut s.min_p),
+    ] {
+        if let Some(v) = opts.get(key) {
+            *slot = v
+                .as_float()
+                .or_else(|_| v.as_int().map(|i| i as f64))
+                .map_err(|t| error(format!("{key}: expected a number, not {t}")))?;
+        }
+    }
+    Ok(s)
+}
+
+fn generate_texts(
+    handle: &ModelHandle,
+    prompts: Vec<String>,
+    opts: &Map,
+) -> RhaiResult<Vec<String>> {
+    let sampling = sampling(opts)?;
+    let lm = handle.read();
+    let out = lm
+        .generate(&prompts, &sampling, &mut |_| true)
+        .map_err(error)?;
+    Ok(out.into_iter().map(|g| g.text).collect())
+}
+
+fn messages_of(items: Array) -> RhaiResult<Vec<Message>> {
+    items
+        .into_iter()
+        .map(|item| {
+            let map = item
+                .try_cast::<Map>()
+                .ok_or_else(|| error("chat: each message is a map #{ role: …, content: … }"))?;
+            let role = text(&map, "role")?.ok_or_else(|| error("chat: a message has no `role`"))?;
+            let content =
+                text(&map, "content")?.ok_or_else(|| error("chat: a message has no `content`"))?;
+            Ok(Message::new(&role, &content))
+        })
+        .collect()
+}
+
+#[export_module]
+mod model_functions {
+    use super::*;
+
+    /// Loads a model: a Hugging Face directory (`config.json`, safetensors, `tokenizer.json`,
+    /// `tokenizer_config.json`) or a `.gguf` file with `tokenizer.json` beside it; weights
+    /// in f32 on the CPU (GGUF dequantized).
+    #[rhai_fn(name = "model", return_raw)]
+    pub fn model_at(path: &str) -> RhaiResult<ModelHandle> {
+        let lm = LanguageModel::load(Path::new(path), None, &Device::Cpu).map_err(error)?;
+        Ok(ModelHandle::new(lm))
+    }
+
+    /// Loads a model with options: `tokenizer` (a `tokenizer.json` to use instead of the
+    /// directory's own).
+    #[rhai_fn(name = "model", return_raw)]
+    pub fn model_with(path: &str, options: Map) -> RhaiResult<ModelHandle> {
+        check_keys(&options, &["tokenizer"], "model")?;
+        let tokenizer = text(&options, "tokenizer")?;
+        let lm = LanguageModel::load(
+            Path::new(path),
+            tokenizer.as_deref().map(Path::new),
+            &Device::Cpu,
+        )
+        .map_err(error)?;
+        Ok(ModelHandle::new(lm))
+    }
+
+    /// Token ids of `text` as the model sees it (BOS added as the Hugging Face tokenizer
+    /// adds it, unless the text already starts with it).
+    #[rhai_fn(pure, return_raw)]
+    pub fn tokenize(model: &mut ModelHandle, text: &str) -> RhaiResult<Array> {
+        let ids = model.read().tokenizer.encode(text).map_err(error)?;
+        Ok(ids.into_iter().map(|i| Dynamic::from(i as i64)).collect())
+    }
+
+    /// The text of token ids (special tokens kept).
+    #[rhai_fn(pure, return_raw)]
+    pub fn detokenize(model: &mut ModelHandle, ids: Array) -> RhaiResult<String> {
+        let ids = ids
+            .into_iter()
+            .map(|v| {
+                v.as_int()
+                    .map(|i| i as u32)
+                    .map_err(|t| error(format!("token ids are integers, not {t}")))
+            })
+            .collect::<RhaiResult<Vec<u32>>>()?;
+        model.read().tokenizer.decode(&ids).map_err(error)
+    }
+
+    /// Completes `prompt`; options `max_tokens` (64), `temperature` (1.0; 0.0 is greedy),
+    /// `top_k`, `top_p`, `min_p`, `seed` (0). Stops at the model's end-of-turn tokens.
+    #[rhai_fn(name = "generate", pure, return_raw)]
+    pub fn generate_one(model: &mut ModelHandle, prompt: &str, options: Map) -> RhaiResult<String> {
+        Ok(generate_texts(model, vec![prompt.to_string()], &options)?.remove(0))
+    }
+
+    /// Completes `prompt` with the default options.
+    #[rhai_fn(name = "generate", pure, return_raw)]
+    pub fn generate_one_default(model: &mut ModelHandle, prompt: &str) -> RhaiResult<String> {
+        Ok(generate_texts(model, vec![prompt.to_string()], &Map::new())?.remove(0))
+    }
+
+    /// Completes every prompt of an array in one batch (prompt `i` uses seed `seed + i`).
+    #[rhai_fn(name = "generate", pure, return_raw)]
+    pub fn generate_many(
+        model: &mut ModelHandle,
+        prompts: Array,
+        options: Map,
+    ) -> RhaiResult<Array> {
+        let prompts = strings(prompts, "prompts")?;
+        Ok(generate_texts(model, prompts, &options)?
+            .into_iter()
+            .map(Dynamic::from)
+            .collect())
+    }
+
+    /// A user message rendered with the model's chat template, ready for `generate`.
+    #[rhai_fn(name = "chat", pure, return_raw)]
+    pub fn chat_user(model: &mut ModelHandle, message: &str) -> RhaiResult<String> {
+        let lm = model.read();
+        lm.tokenizer
+            .chat(&[Message::new("user", message)], true)
+            .map_err(error)
+    }
+
+    /// A conversation (array of `#{ role, content }`, roles `system`, `user`, `assistant`)
+    /// rendered with the model's chat template, ready for the assistant's next turn.
+    #[rhai_fn(name = "chat", pure, return_raw)]
+    pub fn chat_messages(model: &mut ModelHandle, messages: Array) -> RhaiResult<String> {
+        let messages = messages_of(messages)?;
+        model.read().tokenizer.chat(&messages, true).map_err(error)
+    }
+
+    /// The total log-probability of `completion` after `prompt`.
+    #[rhai_fn(pure, return_raw)]
+    pub fn logprob(model: &mut ModelHandle, prompt: &str, completion: &str) -> RhaiResult<f64> {
+        Ok(model.read().logprob(prompt, completion).map_err(error)? as f64)
+    }
+
+    /// A new model over the same base weights with fresh LoRA adapters: options `rank` (16),
+    /// `alpha` (32), `targets` (module names; default every linear layer), `rslora` (false),
+    /// `seed` (0).
+    #[rhai_fn(pure, return_raw)]
+    pub fn with_lora(model: &mut ModelHandle, options: Map) -> RhaiResult<ModelHandle> {
+        check_keys(
+            &options,
+            &["rank", "alpha", "targets", "rslora", "seed"],
+            "with_lora",
+        )?;
+        let mut config = LoraConfig::default();
+        if let Some(v) = options.get("rank") {
+            config.rank = count(
+                v.as_int().map_err(|t| error(format!("rank: not {t}")))?,
+                "rank",
+            )?;
+        }
+        if let Some(v) = options.get("alpha") {
+            config.alpha = v
+                .as_float()
+                .or_else(|_| v.as_int().map(|i| i as f64))
+                .map_err(|t| error(format!("alpha: expected a number, not {t}")))?;
+        }
+        if let Some(targets) = text_list(&options, "targets")? {
+            config.targets = targets;
+        }
+        if let Some(v) = options.get("rslora") {
+            config.rslora = v.as_bool().map_err(|t| error(format!("rslora: not {t}")))?;
+        }
+        if let Some(v) = options.get("seed") {
+            config.seed = v.as_int().map_err(|t| error(format!("seed: not {t}")))? as u64;
+        }
+        let policy = model.read().with_lora(&config).map_err(error)?;
+        Ok(ModelHandle::new(policy))
+    }
+
+    /// Writes the model's adapter to `dir` in PEFT's format (`adapter_config.json`,
+    /// `adapter_model.safetensors`).
+    #[rhai_fn(pure, return_raw)]
+    pub fn save_adapter(model: &mut ModelHandle, dir: &str) -> RhaiResult<()> {
+        model.write().save_adapter(Path::new(dir)).map_err(error)
+    }
+
+    /// A new model over the same base weights with the PEFT adapter in `dir` attached.
+    #[rhai_fn(pure, return_raw)]
+    pub fn load_adapter(model: &mut ModelHandle, dir: &str) -> RhaiResult<ModelHandle> {
+        let tuned = model.read().load_adapter(Path::new(dir)).map_err(error)?;
+        Ok(ModelHandle::new(tuned))
+    }
+
+    /// A short description: where the model came from and its adapter.
+    #[rhai_fn(global, name = "to_string", pure)]
+    pub fn describe(model: &mut ModelHandle) -> String {
+        let lm = model.read();
+        match &lm.lora {
+            Some(l) => format!("Model({}, LoRA r={} alpha={})", lm.name, l.rank, l.alpha),
+            None => format!("Model({})", lm.name),
+        }
+    }
+
+    /// The description, for `debug`.
+    #[rhai_fn(global, name = "to_debug", pure)]
+    pub fn describe_debug(model: &mut ModelHandle) -> String {
+        describe(model)
+    }
+}

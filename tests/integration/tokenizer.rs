@@ -1,0 +1,58 @@
+//! The tokenizer against Hugging Face's on the tiny Gemma-pipeline tokenizer
+//! (`reference/make_tokenizer_fixture.py`): ids with and without special tokens, decoding,
+//! and the chat template. One deliberate difference: text that already starts with `<bos>`
+//! gets no second one here (Hugging Face adds it).
+
+use rlvr::model::chat::Message;
+use rlvr::model::tokenizer::Tokenizer;
+use serde_json::Value;
+
+use crate::repo;
+
+fn ids(v: &Value) -> Vec<u32> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i.as_u64().unwrap() as u32)
+        .collect()
+}
+
+#[test]
+fn encoding_decoding_and_chat_equal_transformers() {
+    let tokenizer =
+        Tokenizer::from_file(&repo("tests/fixtures/tiny-tokenizer/tokenizer.json")).unwrap();
+    let expected: Value = serde_json::from_str(
+        &std::fs::read_to_string(repo("tests/fixtures/tiny-tokenizer/expected.json")).unwrap(),
+    )
+    .unwrap();
+    let cases = expected["cases"].as_array().unwrap();
+    assert!(cases.len() >= 12);
+    for case in cases {
+        let text = case["text"].as_str().unwrap();
+        let plain = ids(&case["ids_plain"]);
+        assert_eq!(tokenizer.encode_plain(text).unwrap(), plain, "{text:?}");
+        assert_eq!(
+            tokenizer.decode(&plain).unwrap(),
+            case["decoded"].as_str().unwrap(),
+            "{text:?}"
+        );
+        let with_special = ids(&case["ids_with_special"]);
+        if text.starts_with("<bos>") {
+            assert_eq!(with_special[..2], [2, 2], "Hugging Face doubles the BOS");
+            assert_eq!(
+                tokenizer.encode(text).unwrap(),
+                with_special[1..],
+                "{text:?}"
+            );
+        } else {
+            assert_eq!(tokenizer.encode(text).unwrap(), with_special, "{text:?}");
+        }
+    }
+    let chat = &expected["chat"];
+    let rendered = tokenizer
+        .chat(&[Message::new("user", "What is 2 + 2?")], true)
+        .unwrap();
+    assert_eq!(rendered, chat["text"].as_str().unwrap());
+    assert_eq!(tokenizer.encode(&rendered).unwrap(), ids(&chat["ids"]));
+    assert_eq!(tokenizer.stop_ids(), vec![1, 5]);
+}
