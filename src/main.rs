@@ -49,6 +49,24 @@ enum Bench {
         #[arg(long, default_value = "../shared/data")]
         data: PathBuf,
     },
+    /// Time a model: prefill, batched greedy decoding, or one LoRA forward+backward step.
+    Model {
+        /// The model: a Hugging Face directory or a .gguf file.
+        #[arg(long)]
+        model: PathBuf,
+        /// JSON file with the token ids to use (`prompt_256`, `prompt_16`).
+        #[arg(long)]
+        ids: PathBuf,
+        /// What to time.
+        #[arg(long, value_enum)]
+        task: rlvr::bench::ModelTask,
+        /// Rows in the batch (decode, lora).
+        #[arg(long, default_value_t = 1)]
+        batch: usize,
+        /// New tokens per row (decode).
+        #[arg(long, default_value_t = 128)]
+        tokens: usize,
+    },
 }
 
 fn main() -> ExitCode {
@@ -93,6 +111,20 @@ fn dispatch(command: Command) -> Result<ExitCode> {
             which: Bench::Load { data },
         } => {
             let report = rlvr::bench::load(&data)?;
+            println!("{}", serde_json::to_string(&report)?);
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Bench {
+            which:
+                Bench::Model {
+                    model,
+                    ids,
+                    task,
+                    batch,
+                    tokens,
+                },
+        } => {
+            let report = rlvr::bench::model(&model, &ids, task, batch, tokens)?;
             println!("{}", serde_json::to_string(&report)?);
             Ok(ExitCode::SUCCESS)
         }

@@ -47,12 +47,12 @@ impl LanguageModel {
             tokenizer.map_or_else(|| dir.join("tokenizer.json"), Path::to_path_buf);
         let tokenizer = Tokenizer::from_file(&tokenizer_path)?;
         let vocab = model.lm_head().dim(0)?;
-        if tokenizer.vocab_size() > vocab {
+        if tokenizer.base_vocab_size() > vocab {
             return Err(ModelError::File {
                 path: tokenizer_path,
                 message: format!(
                     "the tokenizer has {} tokens but the model only {vocab}",
-                    tokenizer.vocab_size()
+                    tokenizer.base_vocab_size()
                 ),
             });
         }

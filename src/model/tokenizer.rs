@@ -95,9 +95,10 @@ impl Tokenizer {
         ids
     }
 
-    /// Size of the vocabulary, added tokens included.
-    pub fn vocab_size(&self) -> usize {
-        self.inner.get_vocab_size(true)
+    /// Size of the vocabulary, without the added tokens some tokenizers append past the
+    /// model's embedding table (Gemma 3's `<image_soft_token>`).
+    pub fn base_vocab_size(&self) -> usize {
+        self.inner.get_vocab_size(false)
     }
 
     /// The conversation rendered with the model's chat template, ready for generation

@@ -56,3 +56,32 @@ fn encoding_decoding_and_chat_equal_transformers() {
     assert_eq!(tokenizer.encode(&rendered).unwrap(), ids(&chat["ids"]));
     assert_eq!(tokenizer.stop_ids(), vec![1, 5]);
 }
+
+#[test]
+fn a_tokenizer_larger_than_the_model_is_refused() {
+    let mut json: Value = serde_json::from_str(
+        &std::fs::read_to_string(repo("tests/fixtures/tiny-tokenizer/tokenizer.json")).unwrap(),
+    )
+    .unwrap();
+    let vocab = json["model"]["vocab"].as_object_mut().unwrap();
+    for i in 0..40 {
+        vocab.insert(format!("extra{i}"), Value::from(512 + i));
+    }
+    let dir = std::env::temp_dir().join(format!("rlvr-bigtok-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("tokenizer.json");
+    std::fs::write(&path, json.to_string()).unwrap();
+    let model_dir = repo("tests/fixtures/tiny-gemma3");
+    let err = match rlvr::model::lm::LanguageModel::load(
+        &model_dir,
+        Some(&path),
+        &candle_core::Device::Cpu,
+    ) {
+        Ok(_) => panic!("a 552-token tokenizer must not load with a 512-token model"),
+        Err(e) => e.to_string(),
+    };
+    assert!(
+        err.contains("tokenizer.json") && err.contains("552") && err.contains("512"),
+        "{err}"
+    );
+}
