@@ -69,7 +69,8 @@ EOF
 run() {
     local name="$1"
     shift
-    echo "# $name: $*" >&2
+    # Other CPU work (a cargo build) slows both sides badly; the load average is shown to spot it.
+    echo "# $name: $* (load average before: $(cut -d' ' -f1-3 /proc/loadavg))" >&2
     if [[ "$SKIP_RLVR" != 1 ]]; then
         if "$RLVR_BIN" bench model --model "$GGUF" --ids "$IDS" "$@" >"$RESULTS/out" 2>"$RESULTS/err"; then
             tail -n 1 "$RESULTS/out" | tee "$RESULTS/$name.rlvr.json"
@@ -109,7 +110,7 @@ rows = json.load(open(sys.argv[1]))
 for r in rows:
     name = "prefill" if r.get("n_prompt") and not r.get("n_gen") else "decode1"
     n = r["n_prompt"] if name == "prefill" else r["n_gen"]
-    line = {"impl": f"llama.cpp {r.get('build_commit', '?')} (llama-bench, {r.get('type_k', '')})",
+    line = {"impl": f"llama.cpp {r.get('build_commit', '?')} (llama-bench, {r.get('model_type', '')})",
             "task": name, "tokens": n, "seconds": n / r["avg_ts"], "tokens_per_s": r["avg_ts"],
             "threads": r.get("n_threads")}
     print(json.dumps(line))
@@ -130,12 +131,14 @@ import sys
 
 text = open(sys.argv[1], errors="replace").read()
 found = 0
-for key, name in (("prompt eval time", "prefill"), (" eval time", "decode1")):
-    pat = re.escape(key) + r"\s*=\s*([\d.]+) ms\s*/\s*(\d+) (?:tokens|runs)"
-    m = [m for m in re.finditer(pat, text) if name == "prefill" or "prompt" not in text[max(0, m.start() - 7):m.start() + 1]]
+# llama_perf_context_print: prompt eval time = 812.3 ms / 256 tokens (...)
+# llama_perf_context_print:        eval time = 4021.0 ms / 127 runs   (...)
+for pat, name in ((r"prompt eval time\s*=\s*([\d.]+) ms\s*/\s*(\d+) tokens", "prefill"),
+                  (r"(?<!prompt )eval time\s*=\s*([\d.]+) ms\s*/\s*(\d+) (?:runs|tokens)", "decode1")):
+    m = re.findall(pat, text)
     if not m:
         continue
-    ms, n = float(m[-1].group(1)), int(m[-1].group(2))
+    ms, n = float(m[-1][0]), int(m[-1][1])
     line = {"impl": "llama.cpp (llama-cli)", "task": name, "tokens": n, "seconds": ms / 1000,
             "tokens_per_s": n / (ms / 1000)}
     print(json.dumps(line))

@@ -16,8 +16,9 @@ Token ids come from the --ids file ({"prompt_256": [...], "prompt_16": [...]}, B
 benches/model.sh writes once so that both sides see the same ids.
 
 Tasks (each prints ONE JSON line; "seconds" is time.perf_counter around the measured work only):
-  prefill  one forward over prompt_256[:tokens] (batch 1, use_cache=False), timed after one
-           identical warm-up forward.
+  prefill  one forward over prompt_256[:tokens] (batch 1, use_cache=False) computing the logits
+           of the last position only (logits_to_keep=1, like rlvr), timed after one identical
+           warm-up forward; seconds_all_logits times the same forward with all positions' logits.
   decode   greedy generate() of --tokens (128) new tokens for --batch copies of prompt_16, KV
            cache on, no EOS stop (min_new_tokens = max_new_tokens, eos_token_id=None); the time
            includes the prefill of the short prompt. One untimed warm-up generate() of 4 new
@@ -73,15 +74,32 @@ def load_model(gguf: Path):
 
 
 def bench_prefill(model, ids: list[int]) -> dict:
+    """Like `rlvr bench model --task prefill`: logits of the last position only
+    (logits_to_keep=1, as generate() does for its prefill). The same forward with all 256
+    positions' logits (the 262144-wide lm_head for every token) is timed too, for reference."""
     model.eval()
     x = torch.tensor([ids])
-    with torch.inference_mode():
-        model(input_ids=x, use_cache=False)  # warm-up
+
+    def forward(keep: int) -> float:
         t0 = time.perf_counter()
-        out = model(input_ids=x, use_cache=False)
+        out = model(input_ids=x, use_cache=False, logits_to_keep=keep)
         seconds = time.perf_counter() - t0
-    assert out.logits.shape == (1, len(ids), model.config.vocab_size), out.logits.shape
-    return {"task": "prefill", "tokens": len(ids), "seconds": seconds, "tokens_per_s": len(ids) / seconds}
+        assert out.logits.shape == (1, keep or len(ids), model.config.vocab_size), out.logits.shape
+        return seconds
+
+    with torch.inference_mode():
+        forward(1)  # warm-up
+        seconds = forward(1)
+        all_logits = forward(0)
+    return {
+        "task": "prefill",
+        "batch": 1,
+        "tokens": len(ids),
+        "seconds": seconds,
+        "tokens_per_s": len(ids) / seconds,
+        "logits": "last position",
+        "seconds_all_logits": all_logits,
+    }
 
 
 def bench_decode(model, prompt: list[int], batch: int, new_tokens: int) -> dict:
@@ -113,6 +131,7 @@ def bench_decode(model, prompt: list[int], batch: int, new_tokens: int) -> dict:
         "batch": batch,
         "prompt_tokens": len(prompt),
         "new_tokens": new_tokens,
+        "tokens": new_tokens,
         "seconds": seconds,
         "tokens_per_s": batch * new_tokens / seconds,
         "first_row_new_ids_head": out[0, len(prompt) : len(prompt) + 8].tolist(),

@@ -109,6 +109,38 @@ fn doc_lists_every_registered_function_and_matches_the_checked_in_reference() {
 }
 
 #[test]
+fn repl_keeps_one_scope_and_reads_multi_line_input() {
+    use std::io::Write;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_rlvr"))
+        .arg("repl")
+        .current_dir(repo(""))
+        .env(
+            "RLVR_HOME",
+            std::env::temp_dir().join(format!("rlvr-repl-{}", std::process::id())),
+        )
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"let x = 40;\nfn add(a) {\n  a + 2\n}\nadd(x)\nload(\"mmlu\", \"data/samples/mmlu\").len()\nnope(\n)\n")
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    let stdout = text(&out.stdout);
+    assert!(out.status.success());
+    assert!(stdout.contains("42"), "{stdout}");
+    assert!(stdout.contains("570"), "{stdout}");
+    assert!(
+        text(&out.stderr).contains("nope"),
+        "errors go to stderr and the REPL goes on"
+    );
+}
+
+#[test]
 fn version_is_printed() {
     let out = rlvr(&["--version"]);
     assert!(out.status.success());
