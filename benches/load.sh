@@ -2,7 +2,8 @@
 # Loading benchmark: `rlvr bench load` against the pandas reference (benches/load_pandas.py).
 #
 # Usage: benches/load.sh [DIR]
-#   DIR            data directory (default: ../shared/data, relative to the repository root)
+#   DIR            folder holding the full mmlu/, cmmlu/ and mmlu_pro/ in their published
+#                  layouts (see data/README.md); required
 #   RLVR_BIN       rlvr binary (default: ${CARGO_TARGET_DIR:-target}/debug/rlvr, the
 #                  profile the tests use)
 #   RLVR_BENCH_VENV  venv for pandas (default: $HOME/.cache/rlvr/bench-venv),
@@ -11,11 +12,11 @@
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-if [[ $# -ge 1 ]]; then
-    DIR="$(cd "$1" && pwd)"
-else
-    DIR="$ROOT/../shared/data"
+if [[ $# -lt 1 ]]; then
+    echo "usage: benches/load.sh DIR  (DIR holds the full mmlu/, cmmlu/, mmlu_pro/; see data/README.md)" >&2
+    exit 2
 fi
+DIR="$(cd "$1" && pwd)"
 cd "$ROOT"
 
 RLVR_BIN="${RLVR_BIN:-${CARGO_TARGET_DIR:-target}/debug/rlvr}"

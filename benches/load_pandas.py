@@ -10,7 +10,7 @@ dataset, with the columns of rlvr's Items table, and prints one JSON line:
 wall_s covers the loading only (imports and the category tables below are excluded);
 peak_rss_mib is the peak resident set size of the whole process (ru_maxrss).
 
-Usage: python benches/load_pandas.py --data ../shared/data
+Usage: python benches/load_pandas.py --data DIR
 """
 
 import argparse
@@ -208,8 +208,8 @@ def load_mmlu_pro(data_dir):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", type=Path, default=Path("../shared/data"),
-                        help="data directory (default: ../shared/data)")
+    parser.add_argument("--data", type=Path, required=True,
+                        help="folder holding the full mmlu/, cmmlu/ and mmlu_pro/")
     args = parser.parse_args()
 
     start = time.perf_counter()

@@ -45,8 +45,9 @@ enum Command {
 enum Bench {
     /// Load the full MMLU, CMMLU and MMLU-Pro test splits into Items tables.
     Load {
-        /// Folder holding `mmlu/`, `cmmlu/` and `mmlu_pro/` in their published layouts.
-        #[arg(long, default_value = "../shared/data")]
+        /// Folder holding the full `mmlu/`, `cmmlu/` and `mmlu_pro/` in their published
+        /// layouts (see data/README.md).
+        #[arg(long)]
         data: PathBuf,
     },
     /// Time a model: prefill, batched greedy decoding, or one LoRA forward+backward step.
