@@ -75,7 +75,7 @@ impl Linear {
 
     /// `x: [..., in] → [..., out]`; the adapter is applied when `adapters_on`.
     pub fn forward(&self, x: &Tensor, adapters_on: bool) -> Result<Tensor> {
-        let y = x.broadcast_matmul(&self.weight.t()?)?;
+        let y = super::frozen::matmul_t(x, &self.weight)?;
         let y = match &self.bias {
             Some(b) => y.broadcast_add(b)?,
             None => y,

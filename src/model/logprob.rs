@@ -31,7 +31,7 @@ pub fn gather_logprobs(
 
 /// Logits `[n, vocab]` in f32 for `hidden: [n, d]`.
 pub fn logits_of(hidden: &Tensor, head: &Tensor, softcap: Option<f64>) -> Result<Tensor> {
-    let logits = hidden.matmul(&head.t()?)?.to_dtype(DType::F32)?;
+    let logits = super::frozen::matmul_t(hidden, head)?.to_dtype(DType::F32)?;
     match softcap {
         Some(cap) => (logits / cap)?.tanh()? * cap,
         None => Ok(logits),

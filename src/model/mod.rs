@@ -5,6 +5,7 @@
 pub mod attention;
 pub mod chat;
 pub mod config;
+pub mod frozen;
 pub mod gemma3;
 pub mod generate;
 pub mod gguf;
