@@ -7,20 +7,7 @@ use candle_core::{Device, Tensor};
 use rlvr::model::{gguf, Model};
 use serde_json::Value;
 
-use crate::repo;
-
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
-}
+use crate::{max_abs_diff, repo};
 
 fn setup() -> (
     Value,

@@ -8,7 +8,7 @@ use std::collections::HashMap;
 use candle_core::{Device, Tensor};
 use rlvr::model::{lora, Model};
 
-use crate::repo;
+use crate::{max_abs_diff, repo};
 
 const MODELS: [&str; 3] = ["tiny-gemma3", "tiny-llama", "tiny-qwen2"];
 
@@ -38,19 +38,6 @@ impl Fixture {
             .to_vec2::<u32>()
             .unwrap()
     }
-}
-
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
 }
 
 #[test]
