@@ -10,7 +10,7 @@ use serde_json::Value;
 
 use super::attention::{apply_rope, attend, mask, repeat_kv, rms_norm, KvCache, Rope};
 use super::config::{self, ConfigError};
-use super::linear::Linear;
+use super::linear::{block_linears, Linear};
 use super::weights::Weights;
 use super::Input;
 
@@ -311,16 +311,12 @@ impl Gemma3 {
     pub fn linears_mut(&mut self) -> Vec<(String, &mut Linear)> {
         let mut out = Vec::new();
         for (i, layer) in self.layers.iter_mut().enumerate() {
-            let p = format!("model.layers.{i}");
-            let a = &mut layer.self_attn;
-            out.push((format!("{p}.self_attn.q_proj"), &mut a.q_proj));
-            out.push((format!("{p}.self_attn.k_proj"), &mut a.k_proj));
-            out.push((format!("{p}.self_attn.v_proj"), &mut a.v_proj));
-            out.push((format!("{p}.self_attn.o_proj"), &mut a.o_proj));
-            let m = &mut layer.mlp;
-            out.push((format!("{p}.mlp.gate_proj"), &mut m.gate_proj));
-            out.push((format!("{p}.mlp.up_proj"), &mut m.up_proj));
-            out.push((format!("{p}.mlp.down_proj"), &mut m.down_proj));
+            let (a, m) = (&mut layer.self_attn, &mut layer.mlp);
+            out.extend(block_linears(
+                &format!("model.layers.{i}"),
+                [&mut a.q_proj, &mut a.k_proj, &mut a.v_proj, &mut a.o_proj],
+                [&mut m.gate_proj, &mut m.up_proj, &mut m.down_proj],
+            ));
         }
         out
     }

@@ -104,3 +104,21 @@ impl Linear {
         }
     }
 }
+
+/// The seven linear layers of one decoder block with their Hugging Face module names
+/// (`<prefix>.self_attn.q_proj`, …, `<prefix>.mlp.down_proj`), for attaching adapters.
+pub fn block_linears<'a>(
+    prefix: &str,
+    [q, k, v, o]: [&'a mut Linear; 4],
+    [gate, up, down]: [&'a mut Linear; 3],
+) -> [(String, &'a mut Linear); 7] {
+    [
+        (format!("{prefix}.self_attn.q_proj"), q),
+        (format!("{prefix}.self_attn.k_proj"), k),
+        (format!("{prefix}.self_attn.v_proj"), v),
+        (format!("{prefix}.self_attn.o_proj"), o),
+        (format!("{prefix}.mlp.gate_proj"), gate),
+        (format!("{prefix}.mlp.up_proj"), up),
+        (format!("{prefix}.mlp.down_proj"), down),
+    ]
+}

@@ -8,7 +8,7 @@ use std::collections::HashMap;
 use candle_core::{Device, Tensor};
 use rlvr::model::{lora, Model};
 
-use crate::{max_abs_diff, repo};
+use crate::{max_abs, max_abs_diff, repo};
 
 const MODELS: [&str; 3] = ["tiny-gemma3", "tiny-llama", "tiny-qwen2"];
 
@@ -126,15 +126,7 @@ fn lora_gradients_equal_torch_autograd() {
                 .get(var.as_tensor())
                 .unwrap_or_else(|| panic!("{name}: no gradient for {key}"));
             let want = &f.expected[&format!("grad.{key}")];
-            let scale = want
-                .abs()
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .max(0)
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
+            let scale = max_abs(want);
             assert!(scale > 0.0, "{name}: {key} has a zero reference gradient");
             let diff = max_abs_diff(got, want);
             assert!(
