@@ -8,4 +8,6 @@ pub mod bench;
 pub mod data;
 pub mod model;
 pub mod paths;
+pub mod progress;
+pub mod report;
 pub mod script;

@@ -140,7 +140,7 @@ fn run(path: &Path, set: &[String]) -> Result<ExitCode> {
                 .with_context(|| format!("--set expects key=value, got `{kv}`"))
         })
         .collect::<Result<Vec<_>>>()?;
-    let mut session = Session::new(Arc::new(StdOutput), script::params_map(pairs));
+    let mut session = Session::new(terminal_output()?, script::params_map(pairs));
     match session.run_file(path) {
         Ok(_) => Ok(ExitCode::SUCCESS),
         Err(err) => {
@@ -150,8 +150,25 @@ fn run(path: &Path, set: &[String]) -> Result<ExitCode> {
     }
 }
 
+/// Standard output whose cancellation flag Ctrl-C sets: the first Ctrl-C stops the running
+/// work (which keeps what it has done), a second one ends the process.
+fn terminal_output() -> Result<Arc<StdOutput>> {
+    let output = Arc::new(StdOutput::default());
+    let cancel = output.cancel.clone();
+    ctrlc::set_handler(move || {
+        if cancel.is_cancelled() {
+            std::process::exit(130);
+        }
+        eprintln!("\ninterrupted: stopping at the next checkpoint (Ctrl-C again to quit now)");
+        cancel.cancel();
+    })
+    .context("could not install the Ctrl-C handler")?;
+    Ok(output)
+}
+
 fn repl() -> Result<ExitCode> {
-    let mut session = Session::new(Arc::new(StdOutput), rhai::Map::new());
+    let output = terminal_output()?;
+    let mut session = Session::new(output.clone(), rhai::Map::new());
     let mut editor = rustyline::DefaultEditor::new()?;
     let history = rlvr::paths::rlvr_home().join("repl_history.txt");
     let _ = editor.load_history(&history);
@@ -183,6 +200,7 @@ fn repl() -> Result<ExitCode> {
         }
         let _ = editor.add_history_entry(buffer.trim_end());
         cell += 1;
+        output.cancel.reset();
         match session.eval(&format!("<repl {cell}>"), &buffer) {
             Ok(value) if !value.is_unit() => println!("{}", render_text(&value)),
             Ok(_) => {}

@@ -32,7 +32,7 @@ pub fn reference() -> String {
          A script sees `params`, a constant map of the `--set key=value` pairs given to \
          `rlvr run` (each value read as a Rhai literal when it is one, else as text).\n",
     );
-    let output: Arc<dyn super::Output> = Arc::new(StdOutput);
+    let output: Arc<dyn super::Output> = Arc::new(StdOutput::default());
     for area in AREAS {
         let mut engine = Engine::new_raw();
         (area.register)(&mut engine, &output);

@@ -37,6 +37,9 @@ pub fn engine(output: Arc<dyn Output>) -> Engine {
     for area in AREAS {
         (area.register)(&mut engine, &output);
     }
+    // Ctrl-C and Jupyter interrupts stop any script, even `loop {}`, between two operations.
+    let cancel = output.cancel();
+    engine.on_progress(move |_| cancel.is_cancelled().then(|| Dynamic::from("interrupted")));
     let printer = output.clone();
     engine.on_print(move |text| printer.print(text));
     let debugger = output;
@@ -238,7 +241,7 @@ mod tests {
     use super::*;
 
     fn session() -> Session {
-        Session::new(Arc::new(StdOutput), Map::new())
+        Session::new(Arc::new(StdOutput::default()), Map::new())
     }
 
     #[test]

@@ -7,6 +7,7 @@ use polars::prelude::DataFrame;
 use rhai::{Dynamic, Engine, FuncRegistration};
 
 use super::Area;
+use crate::progress::{Cancel, Progress, Silent};
 
 /// Receives what a script shows.
 pub trait Output: Send + Sync {
@@ -14,12 +15,26 @@ pub trait Output: Send + Sync {
     fn print(&self, text: &str);
     /// A value from `display`, to be shown as richly as the front end can.
     fn display(&self, value: &Dynamic);
+    /// Where long work started by the script reports progress.
+    fn progress(&self) -> Arc<dyn Progress> {
+        Arc::new(Silent)
+    }
+    /// The flag that stops the script and its long work (Ctrl-C, a Jupyter interrupt).
+    fn cancel(&self) -> Cancel;
 }
 
 /// Writes everything to standard output, tables as text.
-pub struct StdOutput;
+#[derive(Default)]
+pub struct StdOutput {
+    /// Set by Ctrl-C.
+    pub cancel: Cancel,
+}
 
 impl Output for StdOutput {
+    fn cancel(&self) -> Cancel {
+        self.cancel.clone()
+    }
+
     fn print(&self, text: &str) {
         println!("{text}");
     }

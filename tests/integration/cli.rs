@@ -86,7 +86,7 @@ fn doc_lists_every_registered_function_and_matches_the_checked_in_reference() {
     assert!(out.status.success());
     let doc = text(&out.stdout);
     let session = rlvr::script::Session::new(
-        std::sync::Arc::new(rlvr::script::StdOutput),
+        std::sync::Arc::new(rlvr::script::StdOutput::default()),
         rhai::Map::new(),
     );
     let signatures = session.engine().gen_fn_signatures(false);
