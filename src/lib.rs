@@ -9,5 +9,7 @@ pub mod data;
 pub mod model;
 pub mod paths;
 pub mod progress;
+pub mod prompt;
 pub mod report;
+pub mod reward;
 pub mod script;

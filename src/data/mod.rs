@@ -7,6 +7,7 @@ pub mod error;
 mod generic;
 mod gsm8k;
 pub mod items;
+pub mod question;
 mod medqa;
 mod mmlu;
 mod mmlu_pro;
