@@ -157,8 +157,13 @@ pub fn model(
                 let states = hidden.narrow(1, 0, s - 1)?.reshape((b * (s - 1), d))?;
                 let targets: Vec<u32> = rows.iter().flat_map(|r| r[1..].iter().copied()).collect();
                 let targets = Tensor::new(targets, &device)?;
-                let logprobs =
-                    logprob::gather_logprobs(&states, m.lm_head(), &targets, m.logit_softcap())?;
+                let logprobs = logprob::gather_logprobs(
+                    &states,
+                    m.lm_head(),
+                    &targets,
+                    m.logit_softcap(),
+                    1.0,
+                )?;
                 logprobs.sum_all()?.neg()?.backward()?;
                 Ok(())
             };

@@ -6,6 +6,8 @@
 
 pub mod bench;
 pub mod data;
+pub mod grpo;
+pub mod judge;
 pub mod model;
 pub mod paths;
 pub mod progress;

@@ -8,12 +8,14 @@ use candle_core::{DType, Result, Tensor, D};
 pub const CHUNK_ROWS: usize = 64;
 
 /// `log p(target)` for each row of `hidden: [n, d]` against `head: [vocab, d]`,
-/// `targets: [n]` (u32), with an optional `tanh` soft cap on the logits. Differentiable.
+/// `targets: [n]` (u32), with an optional `tanh` soft cap on the logits and the logits
+/// divided by `temperature` (1 for the model's own distribution). Differentiable.
 pub fn gather_logprobs(
     hidden: &Tensor,
     head: &Tensor,
     targets: &Tensor,
     softcap: Option<f64>,
+    temperature: f64,
 ) -> Result<Tensor> {
     let n = hidden.dim(0)?;
     let mut parts = Vec::with_capacity(n.div_ceil(CHUNK_ROWS));
@@ -21,7 +23,10 @@ pub fn gather_logprobs(
         let len = CHUNK_ROWS.min(n - start);
         let h = hidden.narrow(0, start, len)?;
         let t = targets.narrow(0, start, len)?.contiguous()?;
-        let logits = logits_of(&h, head, softcap)?;
+        let mut logits = logits_of(&h, head, softcap)?;
+        if temperature != 1.0 {
+            logits = (logits / temperature)?;
+        }
         let logz = logsumexp(&logits)?;
         let chosen = logits.gather(&t.unsqueeze(1)?, 1)?.squeeze(1)?;
         parts.push((chosen - logz)?);

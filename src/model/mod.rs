@@ -224,7 +224,73 @@ impl Model {
             self.lm_head(),
             &targets,
             self.logit_softcap(),
+            1.0,
         )?)
+    }
+
+    /// Per-token log-probabilities of many (prompt, completion) pairs in one forward pass,
+    /// `[b, t]` f32 with `t` the longest completion (positions past a completion's end hold
+    /// 0), the logits divided by `temperature`. Prompts are left-padded and completions
+    /// right-padded; padding is masked out. Differentiable with respect to the adapters.
+    pub fn pair_logprobs(
+        &self,
+        pairs: &[(&[u32], &[u32])],
+        adapters_on: bool,
+        temperature: f64,
+    ) -> Result<Tensor> {
+        let device = self.device();
+        let b = pairs.len();
+        let p_max = pairs.iter().map(|(p, _)| p.len()).max().unwrap_or(0);
+        let c_max = pairs.iter().map(|(_, c)| c.len()).max().unwrap_or(0);
+        assert!(
+            pairs.iter().all(|(p, _)| !p.is_empty()),
+            "every prompt needs at least one token"
+        );
+        let width = p_max + c_max;
+        let mut ids = Vec::with_capacity(b * width);
+        let mut positions = Vec::with_capacity(b * width);
+        let mut key_valid = Vec::with_capacity(b);
+        let mut targets = Vec::with_capacity(b * c_max);
+        for (prompt, completion) in pairs {
+            let pad = p_max - prompt.len();
+            let real = prompt.len() + completion.len();
+            ids.extend(std::iter::repeat_n(0u32, pad));
+            ids.extend(prompt.iter().chain(completion.iter()).copied());
+            ids.extend(std::iter::repeat_n(0u32, c_max - completion.len()));
+            positions.extend((0..width).map(|s| s.saturating_sub(pad).min(real) as u32));
+            key_valid.push((0..width).map(|s| s >= pad && s < pad + real).collect());
+            targets.extend(completion.iter().copied());
+            targets.extend(std::iter::repeat_n(0u32, c_max - completion.len()));
+        }
+        let input = Input {
+            ids: Tensor::from_vec(ids, (b, width), device)?,
+            positions: Tensor::from_vec(positions, (b, width), device)?,
+            key_valid,
+        };
+        if c_max == 0 {
+            return Ok(Tensor::zeros((b, 0), candle_core::DType::F32, device)?);
+        }
+        let hidden = self.forward(&input, None, adapters_on)?;
+        let d = hidden.dim(2)?;
+        // the state before completion token t sits at p_max - 1 + t
+        let scoring = hidden
+            .narrow(1, p_max - 1, c_max)?
+            .reshape((b * c_max, d))?;
+        let targets = Tensor::from_vec(targets, b * c_max, device)?;
+        let logprobs = logprob::gather_logprobs(
+            &scoring,
+            self.lm_head(),
+            &targets,
+            self.logit_softcap(),
+            temperature,
+        )?
+        .reshape((b, c_max))?;
+        let mask: Vec<f32> = pairs
+            .iter()
+            .flat_map(|(_, c)| (0..c_max).map(move |t| if t < c.len() { 1.0 } else { 0.0 }))
+            .collect();
+        let mask = Tensor::from_vec(mask, (b, c_max), device)?;
+        Ok((logprobs * mask)?)
     }
 
     /// The `n` most likely next tokens one at a time from `prompt` (greedy decoding; no

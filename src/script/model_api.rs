@@ -24,11 +24,11 @@ impl ModelHandle {
         ModelHandle(Arc::new(RwLock::new(lm)))
     }
 
-    fn read(&self) -> std::sync::RwLockReadGuard<'_, LanguageModel> {
+    pub(super) fn read(&self) -> std::sync::RwLockReadGuard<'_, LanguageModel> {
         self.0.read().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn write(&self) -> std::sync::RwLockWriteGuard<'_, LanguageModel> {
+    pub(super) fn write(&self) -> std::sync::RwLockWriteGuard<'_, LanguageModel> {
         self.0.write().unwrap_or_else(|e| e.into_inner())
     }
 }

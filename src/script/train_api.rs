@@ -1,0 +1,523 @@
+//! Script bindings for judging and training: `judge`, `select_by_difficulty`, `grpo` and the
+//! training run's `metrics`, `completions` and `folder`.
+
+use std::sync::Arc;
+
+use polars::prelude::DataFrame;
+use rhai::{Array, Dynamic, Engine, FnPtr, FuncRegistration, Map, NativeCallContext};
+
+use super::convert::{check_keys, count, error, text, RhaiResult};
+use super::model_api::ModelHandle;
+use super::{Area, Output};
+use crate::data::question::{questions, Question};
+use crate::grpo::loss::{LossType, ScaleRewards};
+use crate::grpo::optim::Schedule;
+use crate::grpo::{self, GrpoConfig, GrpoRun};
+use crate::judge::{self, JudgeConfig, Selection};
+use crate::model::generate::Sampling;
+use crate::progress::Job;
+use crate::prompt::PromptTemplate;
+use crate::reward::{Builtin, Reward, BUILTIN_REWARDS};
+
+/// The judging and training area of the reference.
+pub const AREA: Area = Area {
+    title: "Judging and training",
+    intro: "`judge` has a model answer every question `samples` times and adds the pass \
+            rate; `select_by_difficulty` takes the study's hard/easy mix from it; `grpo` \
+            trains a model's LoRA adapters in place with group relative policy optimisation. \
+            Judging and training save their progress as they go under \
+            `$RLVR_HOME/cache`: a rerun (after a crash or Ctrl-C) continues where it stopped.",
+    register,
+};
+
+/// A finished (or resumed-and-finished) GRPO run as scripts see it.
+#[derive(Clone)]
+pub struct TrainingRun(pub Arc<GrpoRun>);
+
+fn register(engine: &mut Engine, output: &Arc<dyn Output>) {
+    engine.register_type_with_name::<TrainingRun>("TrainingRun");
+
+    let out = output.clone();
+    FuncRegistration::new("judge")
+        .in_global_namespace()
+        .with_params_info([
+            "judge: Model",
+            "items: DataFrame",
+            "options: Map",
+            "DataFrame",
+        ])
+        .with_comments([
+            "/// Has `judge` answer every question of `items` `samples` times (the study's \
+             prompt by default) and returns the Judged table: the items plus `judge`, \
+             `samples`, `responses`, `correct`, `format_ok`, `n_correct` and `pass_rate` (the \
+             share of responses both right and in the `<think>…</think><answer>…</answer>` \
+             format). Options: `samples` (1), `max_tokens` (256), `temperature` (0.7), \
+             `top_p`, `top_k`, `min_p`, `seed` (0), `batch` (8 conversations per batch), \
+             `system` and `user` (the prompt; `{question}` and `{choices}` in `user` are \
+             filled in).",
+        ])
+        .register_into_engine(
+            engine,
+            move |model: ModelHandle, items: DataFrame, opts: Map| {
+                judge_with(&out, &model, &items, &opts)
+            },
+        );
+    let out = output.clone();
+    FuncRegistration::new("judge")
+        .in_global_namespace()
+        .with_params_info(["judge: Model", "items: DataFrame", "DataFrame"])
+        .with_comments(["/// `judge` with the default options: one sample per question."])
+        .register_into_engine(engine, move |model: ModelHandle, items: DataFrame| {
+            judge_with(&out, &model, &items, &Map::new())
+        });
+
+    FuncRegistration::new("select_by_difficulty")
+        .in_global_namespace()
+        .with_params_info(["judged: DataFrame", "options: Map", "DataFrame"])
+        .with_comments([
+            "/// Takes `hard` (400) questions with a pass rate below `easy_min` (1.0; or at \
+             most `hard_max` when given) and `easy` (100) with a pass rate of at least \
+             `easy_min`, sampled with `seed` (42), and adds a `difficulty` column: the \
+             study's 400 + 100 mix. Fails when a band has too few questions.",
+        ])
+        .register_into_engine(
+            engine,
+            |judged: DataFrame, opts: Map| -> RhaiResult<DataFrame> {
+                check_keys(
+                    &opts,
+                    &["hard", "easy", "easy_min", "hard_max", "seed"],
+                    "select_by_difficulty",
+                )?;
+                let mut s = Selection::default();
+                if let Some(v) = opts.get("hard") {
+                    s.hard = int(v, "hard")?;
+                }
+                if let Some(v) = opts.get("easy") {
+                    s.easy = int(v, "easy")?;
+                }
+                if let Some(v) = opts.get("easy_min") {
+                    s.easy_min = float(v, "easy_min")?;
+                }
+                if let Some(v) = opts.get("hard_max") {
+                    s.hard_max = Some(float(v, "hard_max")?);
+                }
+                if let Some(v) = opts.get("seed") {
+                    s.seed = int(v, "seed")? as u64;
+                }
+                judge::select_by_difficulty(&judged, &s).map_err(error)
+            },
+        );
+
+    let out = output.clone();
+    FuncRegistration::new("grpo")
+        .in_global_namespace()
+        .with_params_info([
+            "policy: Model",
+            "items: DataFrame",
+            "options: Map",
+            "TrainingRun",
+        ])
+        .with_comments([
+            "/// Trains `policy`'s LoRA adapters in place with GRPO on the questions of \
+             `items`. `rewards` is an array of built-in names (`accuracy`, `format`, \
+             `xmlcount`: the study's preset and default; `binary`, `numeric`, `length`), \
+             closures `|completion, item| -> number` (`item` is a map of the question's \
+             fields) and maps `#{ name, reward, weight }`. Options: `preset` (`default` or \
+             `open-medical-r1`), `group`, `batch` (completions per micro-batch), \
+             `grad_accum`, `steps`, `lr`, `schedule` (constant, linear, cosine), \
+             `warmup_ratio`, `weight_decay`, `max_grad_norm`, `loss_type` (grpo, bnpo, \
+             dr_grpo, dapo), `scale_rewards` (group, batch, none), `std_floor`, `epsilon`, \
+             `epsilon_high`, `beta`, `num_iterations`, `mask_truncated`, \
+             `filter_zero_std`, `max_tokens`, `temperature`, `top_p`, `top_k`, `min_p`, \
+             `seed`, `system`, `user`, `checkpoint_every`, `resume` (true).",
+        ])
+        .register_into_engine(
+            engine,
+            move |ctx: NativeCallContext, policy: ModelHandle, items: DataFrame, opts: Map| {
+                grpo_with(&ctx, &out, &policy, &items, &opts)
+            },
+        );
+
+    FuncRegistration::new("metrics")
+        .in_global_namespace()
+        .with_params_info(["run: TrainingRun", "DataFrame"])
+        .with_comments([
+            "/// One row per step: `step`, `loss`, `reward`, `reward_std`, `reward_<name>` per \
+             reward, `kl`, `clip_ratio`, `completion_len`, `frac_zero_std`, `grad_norm`, `lr`, \
+             `step_s`, `tokens_per_s`, `gen_s`, `reward_s`, `train_s`.",
+        ])
+        .register_into_engine(engine, |run: &mut TrainingRun| run.0.metrics.clone());
+    FuncRegistration::new("completions")
+        .in_global_namespace()
+        .with_params_info(["run: TrainingRun", "DataFrame"])
+        .with_comments([
+            "/// One row per sampled completion: `step`, `id`, `completion`, `reward`, \
+             `reward_<name>`, `advantage`, `tokens`, `finish`.",
+        ])
+        .register_into_engine(engine, |run: &mut TrainingRun| run.0.completions.clone());
+    FuncRegistration::new("folder")
+        .in_global_namespace()
+        .with_params_info(["run: TrainingRun", "String"])
+        .with_comments([
+            "/// The folder holding the run's manifest, metrics, completions and checkpoint.",
+        ])
+        .register_into_engine(engine, |run: &mut TrainingRun| {
+            run.0.dir.display().to_string()
+        });
+    FuncRegistration::new("to_string")
+        .in_global_namespace()
+        .register_into_engine(engine, |run: &mut TrainingRun| describe(&run.0));
+    FuncRegistration::new("to_debug")
+        .in_global_namespace()
+        .register_into_engine(engine, |run: &mut TrainingRun| describe(&run.0));
+}
+
+fn describe(run: &GrpoRun) -> String {
+    format!(
+        "TrainingRun({} steps, {} completions, in {})",
+        run.metrics.height(),
+        run.completions.height(),
+        run.dir.display()
+    )
+}
+
+fn job_of(output: &Arc<dyn Output>) -> Job {
+    Job {
+        progress: output.progress(),
+        cancel: output.cancel(),
+    }
+}
+
+fn int(v: &Dynamic, key: &str) -> RhaiResult<usize> {
+    let i = v
+        .as_int()
+        .map_err(|t| error(format!("option `{key}` must be an integer, not {t}")))?;
+    count(i, key)
+}
+
+fn float(v: &Dynamic, key: &str) -> RhaiResult<f64> {
+    v.as_float()
+        .or_else(|_| v.as_int().map(|i| i as f64))
+        .map_err(|t| error(format!("option `{key}` must be a number, not {t}")))
+}
+
+fn boolean(v: &Dynamic, key: &str) -> RhaiResult<bool> {
+    v.as_bool()
+        .map_err(|t| error(format!("option `{key}` must be true or false, not {t}")))
+}
+
+/// Applies the sampling options present in `opts` to `s`.
+fn apply_sampling(opts: &Map, s: &mut Sampling) -> RhaiResult<()> {
+    if let Some(v) = opts.get("max_tokens") {
+        s.max_tokens = int(v, "max_tokens")?;
+    }
+    if let Some(v) = opts.get("top_k") {
+        s.top_k = int(v, "top_k")?;
+    }
+    for (key, slot) in [
+        ("temperature", &mut s.temperature),
+        ("top_p", &mut s.top_p),
+        ("min_p", &mut s.min_p),
+    ] {
+        if let Some(v) = opts.get(key) {
+            *slot = float(v, key)?;
+        }
+    }
+    Ok(())
+}
+
+/// Applies `system` and `user` to a prompt template.
+fn apply_template(opts: &Map, t: &mut PromptTemplate) -> RhaiResult<()> {
+    if let Some(v) = opts.get("system") {
+        t.system = if v.is_unit() {
+            None
+        } else {
+            text(opts, "system")?
+        };
+    }
+    if let Some(user) = text(opts, "user")? {
+        t.user = user;
+    }
+    Ok(())
+}
+
+fn judge_with(
+    output: &Arc<dyn Output>,
+    model: &ModelHandle,
+    items: &DataFrame,
+    opts: &Map,
+) -> RhaiResult<DataFrame> {
+    check_keys(
+        opts,
+        &[
+            "samples",
+            "max_tokens",
+            "temperature",
+            "top_p",
+            "top_k",
+            "min_p",
+            "seed",
+            "batch",
+            "system",
+            "user",
+        ],
+        "judge",
+    )?;
+    let mut config = JudgeConfig::default();
+    if let Some(v) = opts.get("samples") {
+        config.samples = int(v, "samples")?;
+    }
+    if let Some(v) = opts.get("batch") {
+        config.batch = int(v, "batch")?;
+    }
+    if let Some(v) = opts.get("seed") {
+        config.seed = int(v, "seed")? as u64;
+    }
+    apply_sampling(opts, &mut config.sampling)?;
+    apply_template(opts, &mut config.template)?;
+    let lm = model.read();
+    judge::judge(&*lm, items, &config, &job_of(output)).map_err(error)
+}
+
+const GRPO_OPTIONS: [&str; 31] = [
+    "preset",
+    "rewards",
+    "group",
+    "batch",
+    "grad_accum",
+    "steps",
+    "lr",
+    "schedule",
+    "warmup_ratio",
+    "weight_decay",
+    "max_grad_norm",
+    "loss_type",
+    "scale_rewards",
+    "std_floor",
+    "epsilon",
+    "epsilon_high",
+    "beta",
+    "num_iterations",
+    "mask_truncated",
+    "filter_zero_std",
+    "max_tokens",
+    "temperature",
+    "top_p",
+    "top_k",
+    "min_p",
+    "seed",
+    "system",
+    "user",
+    "checkpoint_every",
+    "resume",
+    "reward_weights",
+];
+
+fn grpo_config(opts: &Map) -> RhaiResult<GrpoConfig> {
+    check_keys(opts, &GRPO_OPTIONS, "grpo")?;
+    let preset = text(opts, "preset")?.unwrap_or_else(|| "default".into());
+    let mut c = GrpoConfig::preset(&preset).ok_or_else(|| {
+        error(format!(
+            "grpo: unknown preset `{preset}`; presets: {}",
+            grpo::config::PRESETS.join(", ")
+        ))
+    })?;
+    for (key, slot) in [
+        ("group", &mut c.group),
+        ("batch", &mut c.batch),
+        ("grad_accum", &mut c.grad_accum),
+        ("steps", &mut c.steps),
+        ("num_iterations", &mut c.num_iterations),
+        ("checkpoint_every", &mut c.checkpoint_every),
+    ] {
+        if let Some(v) = opts.get(key) {
+            *slot = int(v, key)?;
+        }
+    }
+    if opts.contains_key("group") && !opts.contains_key("batch") {
+        // one prompt's group per micro-batch unless told otherwise
+        c.batch = c.group;
+    }
+    for (key, slot) in [
+        ("lr", &mut c.lr),
+        ("warmup_ratio", &mut c.warmup_ratio),
+        ("weight_decay", &mut c.adamw.weight_decay),
+        ("max_grad_norm", &mut c.max_grad_norm),
+        ("std_floor", &mut c.std_floor),
+        ("beta", &mut c.beta),
+    ] {
+        if let Some(v) = opts.get(key) {
+            *slot = float(v, key)?;
+        }
+    }
+    if let Some(v) = opts.get("epsilon") {
+        c.epsilon_low = float(v, "epsilon")?;
+        c.epsilon_high = c.epsilon_low;
+    }
+    if let Some(v) = opts.get("epsilon_high") {
+        c.epsilon_high = float(v, "epsilon_high")?;
+    }
+    if let Some(name) = text(opts, "schedule")? {
+        c.schedule = Schedule::by_name(&name).ok_or_else(|| {
+            error(format!(
+                "grpo: unknown schedule `{name}`; use constant, linear or cosine"
+            ))
+        })?;
+    }
+    if let Some(name) = text(opts, "loss_type")? {
+        c.loss_type = LossType::by_name(&name).ok_or_else(|| {
+            error(format!(
+                "grpo: unknown loss_type `{name}`; use grpo, bnpo, dr_grpo or dapo"
+            ))
+        })?;
+    }
+    if let Some(name) = text(opts, "scale_rewards")? {
+        c.scale_rewards = ScaleRewards::by_name(&name).ok_or_else(|| {
+            error(format!(
+                "grpo: unknown scale_rewards `{name}`; use group, batch or none"
+            ))
+        })?;
+    }
+    for (key, slot) in [
+        ("mask_truncated", &mut c.mask_truncated),
+        ("filter_zero_std", &mut c.filter_zero_std),
+        ("resume", &mut c.resume),
+    ] {
+        if let Some(v) = opts.get(key) {
+            *slot = boolean(v, key)?;
+        }
+    }
+    if let Some(v) = opts.get("seed") {
+        c.seed = int(v, "seed")? as u64;
+    }
+    apply_sampling(opts, &mut c.sampling)?;
+    apply_template(opts, &mut c.template)?;
+    Ok(c)
+}
+
+/// An item as the map a reward closure receives.
+fn item_map(q: &Question) -> Map {
+    let mut m = Map::new();
+    m.insert("id".into(), q.id.clone().into());
+    m.insert("dataset".into(), q.dataset.clone().into());
+    m.insert("subject".into(), q.subject.clone().into());
+    m.insert("category".into(), q.category.clone().into());
+    m.insert("question".into(), q.question.clone().into());
+    m.insert(
+        "choices".into(),
+        Dynamic::from_array(q.choices.iter().map(|c| c.clone().into()).collect()),
+    );
+    m.insert("answer".into(), q.answer.clone().into());
+    m.insert("answer_text".into(), q.answer_text.clone().into());
+    m
+}
+
+fn closure_reward<'a>(
+    ctx: &'a NativeCallContext,
+    name: String,
+    weight: f64,
+    f: FnPtr,
+) -> Reward<'a> {
+    Reward::custom(&name, weight, move |s| {
+        let value: Dynamic = f
+            .call_within_context(ctx, (s.completion.to_string(), item_map(s.question)))
+            .map_err(|e| e.to_string())?;
+        value
+            .as_float()
+            .or_else(|_| value.as_int().map(|i| i as f64))
+            .or_else(|_| value.as_bool().map(|b| f64::from(u8::from(b))))
+            .map_err(|t| format!("returned {t}, not a number"))
+    })
+}
+
+fn rewards_of<'a>(ctx: &'a NativeCallContext, opts: &Map) -> RhaiResult<Vec<Reward<'a>>> {
+    let items: Array = match opts.get("rewards") {
+        None => crate::reward::STUDY_REWARDS
+            .iter()
+            .map(|n| Dynamic::from(n.to_string()))
+            .collect(),
+        Some(v) => v
+            .clone()
+            .try_cast::<Array>()
+            .ok_or_else(|| error("grpo: `rewards` must be an array"))?,
+    };
+    let mut rewards = Vec::with_capacity(items.len());
+    let mut closures = 0;
+    for item in items {
+        if item.is_string() {
+            let name = item.into_string().map_err(error)?;
+            let b = Builtin::by_name(&name).ok_or_else(|| {
+                error(format!(
+                    "grpo: unknown reward `{name}`; built-in rewards: {}",
+                    BUILTIN_REWARDS.join(", ")
+                ))
+            })?;
+            rewards.push(Reward::builtin(b, 1.0));
+        } else if item.is_fnptr() {
+            closures += 1;
+            let f = item.cast::<FnPtr>();
+            rewards.push(closure_reward(ctx, format!("custom{closures}"), 1.0, f));
+        } else if let Some(map) = item.clone().try_cast::<Map>() {
+            check_keys(&map, &["name", "reward", "weight"], "grpo reward")?;
+            let weight = map
+                .get("weight")
+                .map(|v| float(v, "weight"))
+                .transpose()?
+                .unwrap_or(1.0);
+            let f = map
+                .get("reward")
+                .ok_or_else(|| error("grpo: a reward map needs `reward` (a name or a closure)"))?;
+            if f.is_fnptr() {
+                closures += 1;
+                let name = text(&map, "name")?.unwrap_or_else(|| format!("custom{closures}"));
+                rewards.push(closure_reward(ctx, name, weight, f.clone().cast::<FnPtr>()));
+            } else {
+                let name = f.clone().into_string().map_err(|t| {
+                    error(format!(
+                        "grpo: `reward` must be a name or a closure, not {t}"
+                    ))
+                })?;
+                let b = Builtin::by_name(&name)
+                    .ok_or_else(|| error(format!("grpo: unknown reward `{name}`")))?;
+                rewards.push(Reward::builtin(b, weight));
+            }
+        } else {
+            return Err(error(format!(
+                "grpo: a reward is a name, a closure or a map, not {}",
+                item.type_name()
+            )));
+        }
+    }
+    if let Some(v) = opts.get("reward_weights") {
+        let weights = v
+            .clone()
+            .try_cast::<Array>()
+            .ok_or_else(|| error("grpo: `reward_weights` must be an array of numbers"))?;
+        if weights.len() != rewards.len() {
+            return Err(error(format!(
+                "grpo: {} reward_weights for {} rewards",
+                weights.len(),
+                rewards.len()
+            )));
+        }
+        for (r, w) in rewards.iter_mut().zip(weights) {
+            r.weight = float(&w, "reward_weights")?;
+        }
+    }
+    Ok(rewards)
+}
+
+fn grpo_with(
+    ctx: &NativeCallContext,
+    output: &Arc<dyn Output>,
+    policy: &ModelHandle,
+    items: &DataFrame,
+    opts: &Map,
+) -> RhaiResult<TrainingRun> {
+    let config = grpo_config(opts)?;
+    let rewards = rewards_of(ctx, opts)?;
+    let qs = questions(items).map_err(error)?;
+    let mut lm = policy.write();
+    let run = grpo::train(&mut lm, &qs, &rewards, &config, &job_of(output)).map_err(error)?;
+    Ok(TrainingRun(Arc::new(run)))
+}

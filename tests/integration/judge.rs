@@ -1,0 +1,231 @@
+//! Judging on the tiny Gemma 3 fixture: the Judged table, selection by difficulty, and a
+//! judging run killed with SIGKILL that, rerun, ends with the table of an uninterrupted run.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use candle_core::Device;
+use polars::prelude::*;
+use rlvr::judge::{self, JudgeConfig, Selection};
+use rlvr::model::lm::LanguageModel;
+use rlvr::progress::Job;
+
+use super::repo;
+
+fn scratch(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("rlvr-test-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+fn tiny() -> LanguageModel {
+    LanguageModel::load(
+        &repo("tests/fixtures/tiny-gemma3"),
+        Some(&repo("tests/fixtures/tiny-tokenizer/tokenizer.json")),
+        &Device::Cpu,
+    )
+    .unwrap()
+}
+
+fn medqa(n: usize) -> DataFrame {
+    rlvr::data::load("medqa", &repo("data/samples/medqa"), &Default::default())
+        .unwrap()
+        .head(Some(n))
+}
+
+#[test]
+fn judged_table_has_per_sample_verdicts_and_pass_rates() {
+    let model = tiny();
+    let items = medqa(4);
+    let config = JudgeConfig {
+        samples: 3,
+        batch: 5,
+        cache_dir: scratch("judge-table"),
+        ..JudgeConfig::default()
+    };
+    let mut config = config;
+    config.sampling.max_tokens = 12;
+    let judged = judge::judge(&model, &items, &config, &Job::silent()).unwrap();
+    assert_eq!(judged.height(), 4);
+    for c in [
+        "judge",
+        "samples",
+        "responses",
+        "correct",
+        "format_ok",
+        "n_correct",
+        "pass_rate",
+    ] {
+        assert!(judged.column(c).is_ok(), "missing column {c}");
+    }
+    let responses = judged.column("responses").unwrap().list().unwrap().clone();
+    for row in responses.amortized_iter() {
+        assert_eq!(row.unwrap().as_ref().len(), 3);
+    }
+    // a random model answers in the study's format by chance essentially never
+    let rates: Vec<f64> = judged
+        .column("pass_rate")
+        .unwrap()
+        .f64()
+        .unwrap()
+        .into_no_null_iter()
+        .collect();
+    assert!(rates.iter().all(|r| *r == 0.0));
+
+    // a rerun is answered from the cache and gives the same table
+    let cache_lines = |dir: &Path| -> usize {
+        std::fs::read_dir(dir.join("judge"))
+            .unwrap()
+            .map(|f| {
+                std::fs::read_to_string(f.unwrap().path())
+                    .unwrap()
+                    .lines()
+                    .filter(|l| !l.is_empty())
+                    .count()
+            })
+            .sum()
+    };
+    assert_eq!(cache_lines(&config.cache_dir), 12);
+    let again = judge::judge(&model, &items, &config, &Job::silent()).unwrap();
+    assert!(again.equals_missing(&judged));
+    assert_eq!(cache_lines(&config.cache_dir), 12);
+}
+
+#[test]
+fn selection_takes_the_bands_and_fails_when_one_is_short() {
+    let ids: Vec<String> = (0..10).map(|i| format!("q{i}")).collect();
+    let rates = [0.0, 0.0, 0.5, 1.0, 1.0, 0.0, 0.25, 1.0, 0.0, 0.75];
+    let judged = DataFrame::new(
+        10,
+        vec![
+            Column::new("id".into(), ids),
+            Column::new("pass_rate".into(), rates.to_vec()),
+        ],
+    )
+    .unwrap();
+    let s = Selection {
+        hard: 5,
+        easy: 2,
+        ..Selection::default()
+    };
+    let picked = judge::select_by_difficulty(&judged, &s).unwrap();
+    assert_eq!(picked.height(), 7);
+    let sql = rlvr::data::table::sql(
+        &picked,
+        "SELECT difficulty, min(pass_rate) AS lo, max(pass_rate) AS hi, count(*) AS n FROM self GROUP BY difficulty ORDER BY difficulty",
+    )
+    .unwrap();
+    let lo: Vec<f64> = sql
+        .column("lo")
+        .unwrap()
+        .f64()
+        .unwrap()
+        .into_no_null_iter()
+        .collect();
+    let hi: Vec<f64> = sql
+        .column("hi")
+        .unwrap()
+        .f64()
+        .unwrap()
+        .into_no_null_iter()
+        .collect();
+    assert_eq!((lo[0], hi[0]), (1.0, 1.0)); // easy
+    assert!(hi[1] < 1.0); // hard
+    let banded = Selection {
+        hard: 4,
+        easy: 1,
+        hard_max: Some(0.0),
+        ..Selection::default()
+    };
+    let err = judge::select_by_difficulty(
+        &judged,
+        &Selection {
+            hard: 4,
+            ..banded.clone()
+        },
+    );
+    assert!(err.is_ok());
+    let err = judge::select_by_difficulty(&judged, &Selection { hard: 5, ..banded }).unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("only 4 hard questions (pass_rate <= 0)"),
+        "{err}"
+    );
+}
+
+fn run_judge_script(home: &Path, out: &Path, n: usize) -> std::process::Child {
+    Command::new(env!("CARGO_BIN_EXE_rlvr"))
+        .current_dir(repo(""))
+        .env("RLVR_HOME", home)
+        .args(["run", "tests/scripts/judge.rhai", "--set"])
+        .arg(format!("out={}", out.display()))
+        .args(["--set", &format!("n={n}")])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+fn cached_responses(home: &Path) -> usize {
+    let Ok(dir) = std::fs::read_dir(home.join("cache").join("judge")) else {
+        return 0;
+    };
+    dir.map(|f| {
+        std::fs::read_to_string(f.unwrap().path())
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| !l.trim().is_empty())
+            .count()
+    })
+    .sum()
+}
+
+#[test]
+fn a_judging_run_killed_and_rerun_equals_an_uninterrupted_one() {
+    let n = 24;
+    let whole = scratch("judge-whole");
+    let out_whole = whole.join("judged.json");
+    let status = run_judge_script(&whole, &out_whole, n)
+        .wait_with_output()
+        .unwrap();
+    assert!(
+        status.status.success(),
+        "{}",
+        String::from_utf8_lossy(&status.stderr)
+    );
+
+    let killed = scratch("judge-killed");
+    let out_killed = killed.join("judged.json");
+    let mut child = run_judge_script(&killed, &out_killed, n);
+    // kill it once some, but not all, responses are saved
+    let mut waited = 0;
+    while cached_responses(&killed) < 3 && waited < 6000 {
+        std::thread::sleep(Duration::from_millis(10));
+        waited += 1;
+    }
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    let saved = cached_responses(&killed);
+    assert!(
+        saved >= 3 && saved < 2 * n,
+        "killed after {saved} of {} responses",
+        2 * n
+    );
+    assert!(!out_killed.exists());
+
+    let status = run_judge_script(&killed, &out_killed, n)
+        .wait_with_output()
+        .unwrap();
+    assert!(
+        status.status.success(),
+        "{}",
+        String::from_utf8_lossy(&status.stderr)
+    );
+    assert_eq!(cached_responses(&killed), 2 * n);
+    assert_eq!(
+        std::fs::read_to_string(&out_killed).unwrap(),
+        std::fs::read_to_string(&out_whole).unwrap()
+    );
+}
