@@ -7,6 +7,7 @@
 pub mod bench;
 pub mod data;
 pub mod model;
+pub mod models;
 pub mod paths;
 pub mod progress;
 pub mod report;

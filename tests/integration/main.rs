@@ -2,10 +2,13 @@
 
 mod bad_input;
 mod cli;
+mod downloads;
+mod export;
 mod generation;
 mod gguf;
 mod loaders;
 mod model_parity;
+mod real_models;
 mod tokenizer;
 
 use std::path::PathBuf;
