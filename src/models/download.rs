@@ -71,15 +71,35 @@ pub fn client() -> Result<Client> {
         })
 }
 
-/// A runtime for the async downloads of one command.
-pub fn runtime() -> Result<tokio::runtime::Runtime> {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(|source| ModelsError::Io {
-            path: PathBuf::from("<tokio runtime>"),
-            source,
+/// Runs `future` to completion on a runtime of its own; on a thread of its own when the
+/// caller is inside a tokio runtime already (a front end that is async itself), where
+/// blocking on another runtime is not allowed. One call per command: a [`Client`] keeps
+/// its connections on the runtime that opened them.
+pub fn block_on<F>(future: F) -> Result<F::Output>
+where
+    F: std::future::Future + Send,
+    F::Output: Send,
+{
+    let run = move || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map(|runtime| runtime.block_on(future))
+            .map_err(|source| ModelsError::Io {
+                path: PathBuf::from("<tokio runtime>"),
+                source,
+            })
+    };
+    if tokio::runtime::Handle::try_current().is_ok() {
+        std::thread::scope(|scope| {
+            scope
+                .spawn(run)
+                .join()
+                .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
         })
+    } else {
+        run()
+    }
 }
 
 /// The JSON document at `url`.
@@ -235,7 +255,12 @@ async fn fetch_into(
     let name = dest
         .file_name()
         .map_or_else(|| url.to_string(), |n| n.to_string_lossy().into_owned());
-    job.progress.start(&name, total.unwrap_or(0));
+    let label = if resumed {
+        format!("{name}, resumed at {}", human_bytes(have))
+    } else {
+        name.clone()
+    };
+    job.progress.start(&label, total.unwrap_or(0));
     job.progress.update(done, "");
     while let Some(chunk) = response.chunk().await.map_err(|e| network(url, &e))? {
         out.write_all(&chunk).map_err(|e| io(part, e))?;

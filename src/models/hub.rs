@@ -70,7 +70,7 @@ pub fn download(repo_id: &str, hub: &Hub, job: &Job) -> Result<PathBuf> {
         from_cache: 0,
         downloaded: false,
     };
-    super::download::runtime()?.block_on(async {
+    super::download::block_on(async {
         let config = files.get("config.json").await?;
         match files.get_optional("model.safetensors.index.json").await? {
             Some(index) => {
@@ -87,7 +87,7 @@ pub fn download(repo_id: &str, hub: &Hub, job: &Job) -> Result<PathBuf> {
         Ok(config
             .parent()
             .map_or_else(|| PathBuf::from("."), Path::to_path_buf))
-    })
+    })?
 }
 
 /// The shard files an index names.

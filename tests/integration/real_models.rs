@@ -235,3 +235,21 @@ fn smollm2_greedy_and_logprobs_equal_transformers() {
     assert_eq!(answer.completion.finish, Finish::Stop);
     assert_eq!(answer.text, "The answer to this classic math problem is 4.");
 }
+
+#[test]
+fn a_sentencepiece_gguf_tokenizer_is_not_rebuilt_but_named() {
+    let path = Store::default()
+        .weights(models::alias("gemma-3-270m").unwrap())
+        .unwrap_or_else(|e| panic!("{e}"));
+    let content = rlvr::model::gguf::read_content(&path).unwrap();
+    let err = rlvr::model::gguf_tokenizer::GgufTokenizer::from_content(&path, &content)
+        .err()
+        .expect("Gemma's GGUF tokenizer is llama.cpp's SentencePiece model")
+        .to_string();
+    assert!(err.starts_with(&path.display().to_string()), "{err}");
+    assert!(err.contains("llama.cpp's `llama` model"), "{err}");
+    assert!(
+        err.contains("put the model's tokenizer.json beside the file"),
+        "{err}"
+    );
+}
