@@ -58,17 +58,14 @@ pub struct Published {
 }
 
 /// An HTTP client for downloads: redirects followed, a connect timeout so an offline
-/// machine fails fast.
+/// machine fails fast. Fails where the system's root certificates cannot be read.
 pub fn client() -> Result<Client> {
     Client::builder()
         .user_agent(concat!("rlvr/", env!("CARGO_PKG_VERSION")))
         .connect_timeout(std::time::Duration::from_secs(20))
         .read_timeout(std::time::Duration::from_secs(120))
         .build()
-        .map_err(|e| ModelsError::Network {
-            url: String::new(),
-            message: chain(&e),
-        })
+        .map_err(|e| ModelsError::Client(chain(&e)))
 }
 
 /// Runs `future` to completion on a runtime of its own; on a thread of its own when the

@@ -15,8 +15,8 @@ use super::{ModelsError, Result};
 use crate::progress::{Job, Progress};
 
 /// Which hub to ask and where to keep its files; `None` fields follow the environment
-/// (`HF_ENDPOINT`, `HF_HOME`, `HF_TOKEN`) and then `hf-hub`'s defaults
-/// (`https://huggingface.co`, `~/.cache/huggingface/hub`).
+/// (`HF_ENDPOINT`, `HF_HOME`) and then `hf-hub`'s defaults (`https://huggingface.co`,
+/// `~/.cache/huggingface/hub`). `HF_TOKEN` (or the hub's token file) authenticates.
 #[derive(Debug, Clone, Default)]
 pub struct Hub {
     /// The hub's address.
@@ -54,14 +54,15 @@ pub fn download(repo_id: &str, hub: &Hub, job: &Job) -> Result<PathBuf> {
     let endpoint = hub
         .endpoint
         .clone()
-        .or_else(|| std::env::var("HF_ENDPOINT").ok().filter(|e| !e.is_empty()));
-    if let Some(endpoint) = endpoint {
-        builder = builder.with_endpoint(endpoint);
-    }
+        .or_else(|| std::env::var("HF_ENDPOINT").ok().filter(|e| !e.is_empty()))
+        .unwrap_or_else(|| "https://huggingface.co".to_string());
+    builder = builder.with_endpoint(endpoint.clone());
     if let Some(token) = std::env::var("HF_TOKEN").ok().filter(|t| !t.is_empty()) {
         builder = builder.with_token(Some(token));
     }
-    let api = builder.build().map_err(|e| hub_error(repo_id, "", &e))?;
+    let api = builder
+        .build()
+        .map_err(|e| hub_error(repo_id, &endpoint, &e))?;
     let mut files = RepoFiles {
         remote: api.model(repo_id.to_string()),
         cached: cache.model(repo_id.to_string()),

@@ -33,6 +33,9 @@ pub enum ModelsError {
         /// What failed.
         message: String,
     },
+    /// No HTTP client could be set up (HTTPS needs the system's root certificates).
+    #[error("cannot set up HTTPS downloads: {0} (are the system's CA certificates installed?)")]
+    Client(String),
     /// The server answered with an error status.
     #[error("{url} answered HTTP {status}")]
     Http {
