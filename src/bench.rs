@@ -138,7 +138,7 @@ pub fn model(
                 batch
             ];
             let start = Instant::now();
-            generate(&m, &prompts, &requests, false, &mut |_| true)?;
+            generate(&m, &prompts, &requests, false, None, &mut |_| true)?;
             (batch, new_tokens, start.elapsed().as_secs_f64())
         }
         ModelTask::Lora => {

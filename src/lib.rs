@@ -9,6 +9,7 @@ pub mod data;
 pub mod grpo;
 pub mod judge;
 pub mod model;
+pub mod models;
 pub mod paths;
 pub mod progress;
 pub mod prompt;

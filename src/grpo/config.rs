@@ -218,6 +218,7 @@ impl GrpoConfig {
             "top_p": self.sampling.top_p,
             "top_k": self.sampling.top_k,
             "min_p": self.sampling.min_p,
+            "stop": self.sampling.stop_strings,
             "seed": self.seed,
             "system_prompt": self.template.system,
             "user_template": self.template.user,

@@ -263,10 +263,18 @@ fn one_step(
         })
         .collect();
     let mut cancelled = false;
-    let completions = generate(&policy.model, &row_prompts, &requests, true, &mut |_| {
-        cancelled = job.cancel.is_cancelled();
-        !cancelled
-    })?;
+    let decode = |ids: &[u32]| policy.tokenizer.decode(ids);
+    let completions = generate(
+        &policy.model,
+        &row_prompts,
+        &requests,
+        true,
+        Some(&decode),
+        &mut |_| {
+            cancelled = job.cancel.is_cancelled();
+            !cancelled
+        },
+    )?;
     if cancelled {
         return Ok(None);
     }
@@ -277,11 +285,7 @@ fn one_step(
     let mut rollouts = Vec::with_capacity(completions.len());
     for (row, c) in completions.into_iter().enumerate() {
         let prompt = chosen[row / g];
-        let shown = match c.finish {
-            Finish::Stop => &c.ids[..c.ids.len() - 1],
-            _ => &c.ids[..],
-        };
-        let text = policy.tokenizer.decode(shown)?;
+        let text = policy.text_of(&c, &stop_ids, &config.sampling.stop_strings)?;
         let scored = Scored {
             completion: &text,
             question: &items[prompt],

@@ -20,7 +20,7 @@ use sha2::{Digest, Sha256};
 use crate::data::question::{questions, Question};
 use crate::data::table;
 use crate::model::chat::Message;
-use crate::model::generate::{generate, Finish, Sampling};
+use crate::model::generate::{generate, Sampling};
 use crate::model::lm::LanguageModel;
 use crate::progress::Job;
 use crate::prompt::PromptTemplate;
@@ -96,11 +96,13 @@ impl Responder for LanguageModel {
             })
             .collect();
         let mut cancelled = false;
+        let decode = |ids: &[u32]| self.tokenizer.decode(ids);
         let out = generate(
             &self.model,
             &prompts,
             &requests,
             self.lora.is_some(),
+            Some(&decode),
             &mut |_| {
                 cancelled = job.cancel.is_cancelled();
                 !cancelled
@@ -110,13 +112,7 @@ impl Responder for LanguageModel {
             return Err(JudgeError::Interrupted { done: 0, total: 0 });
         }
         out.into_iter()
-            .map(|c| {
-                let shown = match c.finish {
-                    Finish::Stop => &c.ids[..c.ids.len() - 1],
-                    _ => &c.ids[..],
-                };
-                Ok(self.tokenizer.decode(shown)?)
-            })
+            .map(|c| Ok(self.text_of(&c, &stop_ids, &sampling.stop_strings)?))
             .collect()
     }
 }
@@ -381,8 +377,15 @@ fn cache_path(name: &str, config: &JudgeConfig) -> PathBuf {
     let s = &config.sampling;
     // the sample count is not part of the key: raising k reuses the responses already there
     let key = format!(
-        "{name}\u{0}{}\u{0}{}\u{0}{}\u{0}{}\u{0}{}\u{0}{}\u{0}{:?}",
-        s.max_tokens, s.temperature, s.top_k, s.top_p, s.min_p, config.seed, s.stop_ids
+        "{name}\u{0}{}\u{0}{}\u{0}{}\u{0}{}\u{0}{}\u{0}{}\u{0}{:?}\u{0}{:?}",
+        s.max_tokens,
+        s.temperature,
+        s.top_k,
+        s.top_p,
+        s.min_p,
+        config.seed,
+        s.stop_ids,
+        s.stop_strings
     );
     let digest = Sha256::digest(key.as_bytes());
     let key: String = digest.iter().take(8).map(|b| format!("{b:02x}")).collect();

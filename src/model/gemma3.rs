@@ -325,4 +325,51 @@ impl Gemma3 {
     pub fn device(&self) -> &Device {
         self.embed_tokens.device()
     }
+
+    /// Every weight under its Hugging Face name as `save_pretrained` writes it: adapters
+    /// merged into the linear layers, norms as `w` (the forward pass scales by `1 + w`), no
+    /// `lm_head` (tied to the embeddings).
+    pub fn hf_tensors(&self) -> Result<Vec<(String, Tensor)>> {
+        let norm =
+            |name: String, scale: &Tensor| Ok::<_, candle_core::Error>((name, (scale - 1.0)?));
+        let mut out = vec![
+            (
+                "model.embed_tokens.weight".to_string(),
+                self.embed_tokens.clone(),
+            ),
+            norm("model.norm.weight".into(), &self.norm)?,
+        ];
+        for (i, layer) in self.layers.iter().enumerate() {
+            let p = format!("model.layers.{i}");
+            let (a, m) = (&layer.self_attn, &layer.mlp);
+            for (name, linear) in [
+                ("self_attn.q_proj", &a.q_proj),
+                ("self_attn.k_proj", &a.k_proj),
+                ("self_attn.v_proj", &a.v_proj),
+                ("self_attn.o_proj", &a.o_proj),
+                ("mlp.gate_proj", &m.gate_proj),
+                ("mlp.up_proj", &m.up_proj),
+                ("mlp.down_proj", &m.down_proj),
+            ] {
+                out.extend(linear.hf_tensors(&format!("{p}.{name}"))?);
+            }
+            for (name, scale) in [
+                ("self_attn.q_norm", &a.q_norm),
+                ("self_attn.k_norm", &a.k_norm),
+                ("input_layernorm", &layer.input_layernorm),
+                ("post_attention_layernorm", &layer.post_attention_layernorm),
+                (
+                    "pre_feedforward_layernorm",
+                    &layer.pre_feedforward_layernorm,
+                ),
+                (
+                    "post_feedforward_layernorm",
+                    &layer.post_feedforward_layernorm,
+                ),
+            ] {
+                out.push(norm(format!("{p}.{name}.weight"), scale)?);
+            }
+        }
+        Ok(out)
+    }
 }

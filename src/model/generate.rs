@@ -1,6 +1,6 @@
 //! Batched sampling with a KV cache: many prompts (of any lengths, left-padded) decoded in
 //! one batch, each with its own seeded sampler (temperature, top-k, top-p, min-p), stopping
-//! on its stop tokens or its token budget. Finished rows leave the batch.
+//! on its stop tokens, its stop strings or its token budget. Finished rows leave the batch.
 
 use candle_core::Tensor;
 use rand::{Rng, SeedableRng};
@@ -26,6 +26,10 @@ pub struct Sampling {
     pub seed: u64,
     /// Tokens that end the completion (included in it).
     pub stop_ids: Vec<u32>,
+    /// Texts that end the completion as soon as its decoded text contains one (the ids
+    /// keep the token that completed it; [`crate::model::lm::LanguageModel::generate`]
+    /// cuts the text before it).
+    pub stop_strings: Vec<String>,
 }
 
 impl Default for Sampling {
@@ -38,6 +42,7 @@ impl Default for Sampling {
             min_p: 0.0,
             seed: 0,
             stop_ids: vec![],
+            stop_strings: vec![],
         }
     }
 }
@@ -45,7 +50,7 @@ impl Default for Sampling {
 /// Why a completion ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Finish {
-    /// A stop token was produced.
+    /// A stop token was produced or a stop string reached.
     Stop,
     /// The token budget ran out.
     Length,
@@ -64,17 +69,26 @@ pub struct Completion {
     pub finish: Finish,
 }
 
+/// Turns token ids into text (the tokenizer's decoding), for stop strings.
+pub type Decode<'a> = &'a dyn Fn(&[u32]) -> Result<String>;
+
 /// Generates a completion for every prompt in one batch. `requests[i]` samples
-/// `prompts[i]`. `on_step(tokens_so_far)` runs after every decoding step; returning false
-/// cancels the rest (finished completions are kept, the others end as `Cancelled`).
+/// `prompts[i]`. Stop strings need `decode`. `on_step(tokens_so_far)` runs after every
+/// decoding step; returning false cancels the rest (finished completions are kept, the
+/// others end as `Cancelled`).
 pub fn generate(
     model: &Model,
     prompts: &[Vec<u32>],
     requests: &[Sampling],
     adapters_on: bool,
+    decode: Option<Decode>,
     on_step: &mut dyn FnMut(usize) -> bool,
 ) -> Result<Vec<Completion>> {
     assert_eq!(prompts.len(), requests.len(), "one request per prompt");
+    assert!(
+        decode.is_some() || requests.iter().all(|r| r.stop_strings.is_empty()),
+        "stop strings need a decoder"
+    );
     let device = model.device().clone();
     let mut done: Vec<Option<Completion>> = vec![None; prompts.len()];
     let mut partial: Vec<Completion> = prompts
@@ -139,7 +153,11 @@ pub fn generate(
             let c = &mut partial[i];
             c.ids.push(token);
             c.logprobs.push(logprob);
-            let stopped = request.stop_ids.contains(&token);
+            let stopped = request.stop_ids.contains(&token)
+                || match decode {
+                    Some(decode) => reaches_stop_string(&c.ids, &request.stop_strings, decode)?,
+                    None => false,
+                };
             if stopped || c.ids.len() >= request.max_tokens {
                 c.finish = if stopped {
                     Finish::Stop
@@ -191,6 +209,30 @@ pub fn generate(
         .into_iter()
         .map(|c| c.expect("every request finished"))
         .collect())
+}
+
+/// Whether the text of `ids` contains one of `stops`, which it did not before the last
+/// token. Only the tail that can hold a stop string ending in the last token is decoded:
+/// every token adds at least one byte, so a stop string of `n` bytes spans at most `n`
+/// tokens; a few more keep its first token clear of the tail's start (where decoders
+/// strip a leading space or meet half a UTF-8 sequence).
+fn reaches_stop_string(ids: &[u32], stops: &[String], decode: Decode) -> Result<bool> {
+    let Some(longest) = stops.iter().map(String::len).max() else {
+        return Ok(false);
+    };
+    let tail = decode(&ids[ids.len().saturating_sub(longest + 4)..])?;
+    Ok(stops
+        .iter()
+        .any(|s| !s.is_empty() && tail.contains(s.as_str())))
+}
+
+/// Where the earliest of `stops` starts in `text`, if any occurs.
+pub fn stop_string_cut(text: &str, stops: &[String]) -> Option<usize> {
+    stops
+        .iter()
+        .filter(|s| !s.is_empty())
+        .filter_map(|s| text.find(s.as_str()))
+        .min()
 }
 
 /// Picks the next token from one row of logits and returns it with its log-probability

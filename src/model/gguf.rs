@@ -50,6 +50,7 @@ pub fn load(path: &Path, config: Option<&Value>, device: &Device) -> Result<Mode
     Ok(Model {
         arch,
         source: path.to_path_buf(),
+        config,
     })
 }
 

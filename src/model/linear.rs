@@ -105,6 +105,18 @@ impl Linear {
     }
 }
 
+impl Linear {
+    /// The layer as Hugging Face stores it, adapter merged: `prefix.weight` and, when the
+    /// layer has one, `prefix.bias`.
+    pub fn hf_tensors(&self, prefix: &str) -> Result<Vec<(String, Tensor)>> {
+        let mut out = vec![(format!("{prefix}.weight"), self.merged_weight()?)];
+        if let Some(b) = &self.bias {
+            out.push((format!("{prefix}.bias"), b.clone()));
+        }
+        Ok(out)
+    }
+}
+
 /// The seven linear layers of one decoder block with their Hugging Face module names
 /// (`<prefix>.self_attn.q_proj`, …, `<prefix>.mlp.down_proj`), for attaching adapters.
 pub fn block_linears<'a>(

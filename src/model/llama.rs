@@ -311,4 +311,43 @@ impl Llama {
     pub fn device(&self) -> &Device {
         self.embed_tokens.device()
     }
+
+    /// Every weight under its Hugging Face name as `save_pretrained` writes it: adapters
+    /// merged into the linear layers, `lm_head.weight` unless the head is tied.
+    pub fn hf_tensors(&self) -> Result<Vec<(String, Tensor)>> {
+        let mut out = vec![
+            (
+                "model.embed_tokens.weight".to_string(),
+                self.embed_tokens.clone(),
+            ),
+            ("model.norm.weight".to_string(), self.norm.clone()),
+        ];
+        if !self.config.tie_word_embeddings {
+            out.push(("lm_head.weight".to_string(), self.lm_head.clone()));
+        }
+        for (i, layer) in self.layers.iter().enumerate() {
+            let p = format!("model.layers.{i}");
+            let (a, m) = (&layer.self_attn, &layer.mlp);
+            for (name, linear) in [
+                ("self_attn.q_proj", &a.q_proj),
+                ("self_attn.k_proj", &a.k_proj),
+                ("self_attn.v_proj", &a.v_proj),
+                ("self_attn.o_proj", &a.o_proj),
+                ("mlp.gate_proj", &m.gate_proj),
+                ("mlp.up_proj", &m.up_proj),
+                ("mlp.down_proj", &m.down_proj),
+            ] {
+                out.extend(linear.hf_tensors(&format!("{p}.{name}"))?);
+            }
+            out.push((
+                format!("{p}.input_layernorm.weight"),
+                layer.input_layernorm.clone(),
+            ));
+            out.push((
+                format!("{p}.post_attention_layernorm.weight"),
+                layer.post_attention_layernorm.clone(),
+            ));
+        }
+        Ok(out)
+    }
 }

@@ -5,7 +5,7 @@ use std::path::Path;
 
 use candle_core::Device;
 
-use super::generate::{generate, Completion, Finish, Sampling};
+use super::generate::{generate, stop_string_cut, Completion, Finish, Sampling};
 use super::lora::{self, LoraConfig};
 use super::tokenizer::Tokenizer;
 use super::{Model, ModelError, Result};
@@ -26,7 +26,8 @@ pub struct LanguageModel {
 /// A generated completion as text.
 #[derive(Debug, Clone, PartialEq)]
 pub struct GeneratedText {
-    /// The completion's text (stop token included, as decoded).
+    /// The completion's text, without the stop token that ended it and cut before the
+    /// stop string that ended it.
     pub text: String,
     /// Its token ids and log-probabilities, and why it ended.
     pub completion: Completion,
@@ -65,7 +66,8 @@ impl LanguageModel {
     }
 
     /// Completes every prompt in one batch; prompt `i` is sampled with seed
-    /// `sampling.seed + i`. Stops at the tokenizer's stop tokens as well as `sampling`'s.
+    /// `sampling.seed + i`. Stops at the tokenizer's stop tokens as well as `sampling`'s
+    /// stop tokens and stop strings.
     pub fn generate(
         &self,
         prompts: &[String],
@@ -86,19 +88,43 @@ impl LanguageModel {
             })
             .collect();
         let adapters_on = self.lora.is_some();
-        generate(&self.model, &ids, &requests, adapters_on, on_step)?
-            .into_iter()
-            .map(|completion| {
-                let shown = match completion.finish {
-                    Finish::Stop => &completion.ids[..completion.ids.len() - 1],
-                    _ => &completion.ids[..],
-                };
-                Ok(GeneratedText {
-                    text: self.tokenizer.decode(shown)?,
-                    completion,
-                })
-            })
-            .collect()
+        let decode = |ids: &[u32]| self.tokenizer.decode(ids);
+        generate(
+            &self.model,
+            &ids,
+            &requests,
+            adapters_on,
+            Some(&decode),
+            on_step,
+        )?
+        .into_iter()
+        .map(|completion| {
+            let text = self.text_of(&completion, &stop_ids, &sampling.stop_strings)?;
+            Ok(GeneratedText { text, completion })
+        })
+        .collect()
+    }
+
+    /// A completion's text: without the stop token that ended it, cut before the first
+    /// stop string.
+    pub fn text_of(
+        &self,
+        completion: &Completion,
+        stop_ids: &[u32],
+        stop_strings: &[String],
+    ) -> Result<String> {
+        let ended_by_token = completion.finish == Finish::Stop
+            && completion.ids.last().is_some_and(|t| stop_ids.contains(t));
+        let shown = if ended_by_token {
+            &completion.ids[..completion.ids.len() - 1]
+        } else {
+            &completion.ids[..]
+        };
+        let mut text = self.tokenizer.decode(shown)?;
+        if let Some(cut) = stop_string_cut(&text, stop_strings) {
+            text.truncate(cut);
+        }
+        Ok(text)
     }
 
     /// The total log-probability of `completion` after `prompt` (the prompt tokenized as
@@ -126,6 +152,13 @@ impl LanguageModel {
             message: "this model has no adapter to save; use with_lora first".into(),
         })?;
         lora::save_peft(&mut self.model, &config, &self.name, dir)
+    }
+
+    /// Writes the model with its adapter merged into the weights as a Hugging Face
+    /// directory (`config.json`, `model.safetensors`, the tokenizer files), for serving
+    /// elsewhere.
+    pub fn merge_and_save(&self, dir: &Path) -> Result<()> {
+        super::export::save_hf(&self.model, self.tokenizer.path().parent(), dir)
     }
 
     /// A copy sharing the base weights, with the PEFT adapter of `dir` attached.

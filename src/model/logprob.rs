@@ -59,7 +59,8 @@ pub fn gather_logprobs(
             .matmul(&head.to_dtype(weights.dtype())?)?
             .to_dtype(h.dtype())?;
         let surrogate = (&h * &grad)?.sum(1)?.to_dtype(value.dtype())?;
-        parts.push(((value + &surrogate)? - surrogate.detach())?);
+        // the surrogate minus itself is exactly 0: the value is untouched, the gradient is `grad`
+        parts.push((value + (&surrogate - surrogate.detach())?)?);
     }
     Tensor::cat(&parts, 0)
 }

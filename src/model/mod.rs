@@ -5,10 +5,12 @@
 pub mod attention;
 pub mod chat;
 pub mod config;
+pub mod export;
 pub mod frozen;
 pub mod gemma3;
 pub mod generate;
 pub mod gguf;
+pub mod gguf_tokenizer;
 pub mod linear;
 pub mod llama;
 pub mod lm;
@@ -100,6 +102,9 @@ pub struct Model {
     pub arch: Architecture,
     /// Where it was loaded from.
     pub source: PathBuf,
+    /// The `config.json` it was built from (for a GGUF file, the one derived from its
+    /// metadata).
+    pub config: Value,
 }
 
 impl Model {
@@ -134,6 +139,7 @@ impl Model {
         Ok(Model {
             arch,
             source: dir.to_path_buf(),
+            config: json,
         })
     }
 
@@ -181,6 +187,14 @@ impl Model {
             Architecture::Gemma3(m) => m.device(),
             Architecture::Llama(m) => m.device(),
         }
+    }
+
+    /// Every weight under its Hugging Face name, adapters merged (see [`export`]).
+    pub fn hf_tensors(&self) -> Result<Vec<(String, Tensor)>> {
+        Ok(match &self.arch {
+            Architecture::Gemma3(m) => m.hf_tensors()?,
+            Architecture::Llama(m) => m.hf_tensors()?,
+        })
     }
 
     /// Every linear layer with its Hugging Face module name.
@@ -306,6 +320,7 @@ impl Model {
             &[prompt.to_vec()],
             &[request],
             adapters_on,
+            None,
             &mut |_| true,
         )?;
         Ok(completions.remove(0).ids)

@@ -77,6 +77,11 @@ impl Tokenizer {
         self.inner.decode(ids, false).map_err(|e| self.error(e))
     }
 
+    /// The `tokenizer.json` it was read from.
+    pub fn path(&self) -> &Path {
+        &self.source
+    }
+
     /// The id of a token, if the vocabulary has it.
     pub fn token_id(&self, token: &str) -> Option<u32> {
         self.inner.token_to_id(token)

@@ -1,5 +1,5 @@
 //! Script bindings for language models: `model`, `tokenize`, `detokenize`, `generate`,
-//! `chat`, `logprob`, `with_lora`, `save_adapter`, `load_adapter`.
+//! `chat`, `logprob`, `with_lora`, `save_adapter`, `load_adapter`, `merge_and_save`.
 
 use std::path::Path;
 use std::sync::{Arc, RwLock};
@@ -14,6 +14,8 @@ use crate::model::chat::Message;
 use crate::model::generate::Sampling;
 use crate::model::lm::LanguageModel;
 use crate::model::lora::LoraConfig;
+use crate::models::{Hub, Store};
+use crate::progress::Job;
 
 /// A model shared by every script value that refers to it (training changes it in place).
 #[derive(Clone)]
@@ -47,13 +49,14 @@ fn register(engine: &mut Engine, _output: &Arc<dyn Output>) {
     engine.register_global_module(exported_module!(model_functions).into());
 }
 
-const GENERATE_OPTIONS: [&str; 6] = [
+const GENERATE_OPTIONS: [&str; 7] = [
     "max_tokens",
     "temperature",
     "top_k",
     "top_p",
     "min_p",
     "seed",
+    "stop",
 ];
 
 fn sampling(opts: &Map) -> RhaiResult<Sampling> {
@@ -74,6 +77,9 @@ fn sampling(opts: &Map) -> RhaiResult<Sampling> {
     }
     if let Some(v) = opts.get("seed") {
         s.seed = v.as_int().map_err(|t| error(format!("seed: not {t}")))? as u64;
+    }
+    if let Some(stops) = text_list(opts, "stop")? {
+        s.stop_strings = stops;
     }
     for (key, slot) in [
         ("temperature", &mut s.temperature),
@@ -103,6 +109,17 @@ fn generate_texts(
     Ok(out.into_iter().map(|g| g.text).collect())
 }
 
+/// Loads what `spec` names (alias, folder, `.gguf` file or hub id), with an optional
+/// tokenizer file; the model is named by `spec`.
+fn load(spec: &str, tokenizer: Option<&Path>) -> RhaiResult<ModelHandle> {
+    let path = Store::default()
+        .resolve(spec, &Hub::default(), &Job::silent())
+        .map_err(error)?;
+    let mut lm = LanguageModel::load(&path, tokenizer, &Device::Cpu).map_err(error)?;
+    lm.name = spec.to_string();
+    Ok(ModelHandle::new(lm))
+}
+
 fn messages_of(items: Array) -> RhaiResult<Vec<Message>> {
     items
         .into_iter()
@@ -122,28 +139,23 @@ fn messages_of(items: Array) -> RhaiResult<Vec<Message>> {
 mod model_functions {
     use super::*;
 
-    /// Loads a model: a Hugging Face directory (`config.json`, safetensors, `tokenizer.json`,
-    /// `tokenizer_config.json`) or a `.gguf` file with `tokenizer.json` beside it; weights
-    /// in f32 on the CPU (GGUF dequantized).
+    /// Loads a model: an alias fetched with `rlvr models fetch` (`gemma-3-270m`,
+    /// `smollm2-135m-instruct`), a Hugging Face directory (`config.json`, safetensors,
+    /// `tokenizer.json`, `tokenizer_config.json`), a `.gguf` file with `tokenizer.json`
+    /// beside it, or a hub id `org/name` (downloaded into the Hugging Face cache); weights in
+    /// f32 on the CPU (GGUF dequantized).
     #[rhai_fn(name = "model", return_raw)]
-    pub fn model_at(path: &str) -> RhaiResult<ModelHandle> {
-        let lm = LanguageModel::load(Path::new(path), None, &Device::Cpu).map_err(error)?;
-        Ok(ModelHandle::new(lm))
+    pub fn model_at(spec: &str) -> RhaiResult<ModelHandle> {
+        load(spec, None)
     }
 
     /// Loads a model with options: `tokenizer` (a `tokenizer.json` to use instead of the
     /// directory's own).
     #[rhai_fn(name = "model", return_raw)]
-    pub fn model_with(path: &str, options: Map) -> RhaiResult<ModelHandle> {
+    pub fn model_with(spec: &str, options: Map) -> RhaiResult<ModelHandle> {
         check_keys(&options, &["tokenizer"], "model")?;
         let tokenizer = text(&options, "tokenizer")?;
-        let lm = LanguageModel::load(
-            Path::new(path),
-            tokenizer.as_deref().map(Path::new),
-            &Device::Cpu,
-        )
-        .map_err(error)?;
-        Ok(ModelHandle::new(lm))
+        load(spec, tokenizer.as_deref().map(Path::new))
     }
 
     /// Token ids of `text` as the model sees it (BOS added as the Hugging Face tokenizer
@@ -169,7 +181,9 @@ mod model_functions {
     }
 
     /// Completes `prompt`; options `max_tokens` (64), `temperature` (1.0; 0.0 is greedy),
-    /// `top_k`, `top_p`, `min_p`, `seed` (0). Stops at the model's end-of-turn tokens.
+    /// `top_k`, `top_p`, `min_p`, `seed` (0), `stop` (a string or an array of strings: the
+    /// completion ends when its text contains one, and is cut before it). Stops at the
+    /// model's end-of-turn tokens too.
     #[rhai_fn(name = "generate", pure, return_raw)]
     pub fn generate_one(model: &mut ModelHandle, prompt: &str, options: Map) -> RhaiResult<String> {
         Ok(generate_texts(model, vec![prompt.to_string()], &options)?.remove(0))
@@ -259,6 +273,14 @@ mod model_functions {
     #[rhai_fn(pure, return_raw)]
     pub fn save_adapter(model: &mut ModelHandle, dir: &str) -> RhaiResult<()> {
         model.write().save_adapter(Path::new(dir)).map_err(error)
+    }
+
+    /// Writes the model with its adapter merged into the weights to `dir` as a Hugging Face
+    /// directory (`config.json`, `model.safetensors`, tokenizer files), for serving with
+    /// transformers, vLLM or llama.cpp.
+    #[rhai_fn(pure, return_raw)]
+    pub fn merge_and_save(model: &mut ModelHandle, dir: &str) -> RhaiResult<()> {
+        model.read().merge_and_save(Path::new(dir)).map_err(error)
     }
 
     /// A new model over the same base weights with the PEFT adapter in `dir` attached.

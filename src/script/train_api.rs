@@ -52,7 +52,7 @@ fn register(engine: &mut Engine, output: &Arc<dyn Output>) {
              `samples`, `responses`, `correct`, `format_ok`, `n_correct` and `pass_rate` (the \
              share of responses both right and in the `<think>…</think><answer>…</answer>` \
              format). Options: `samples` (1), `max_tokens` (256), `temperature` (0.7), \
-             `top_p`, `top_k`, `min_p`, `seed` (0), `batch` (8 conversations per batch), \
+             `top_p`, `top_k`, `min_p`, `stop` (strings), `seed` (0), `batch` (8 conversations per batch), \
              `system` and `user` (the prompt; `{question}` and `{choices}` in `user` are \
              filled in).",
         ])
@@ -129,7 +129,7 @@ fn register(engine: &mut Engine, output: &Arc<dyn Output>) {
              dr_grpo, dapo), `scale_rewards` (group, batch, none), `std_floor`, `epsilon`, \
              `epsilon_high`, `beta`, `num_iterations`, `mask_truncated`, \
              `filter_zero_std`, `max_tokens`, `temperature`, `top_p`, `top_k`, `min_p`, \
-             `seed`, `system`, `user`, `checkpoint_every`, `resume` (true).",
+             `stop`, `seed`, `system`, `user`, `checkpoint_every`, `resume` (true).",
         ])
         .register_into_engine(
             engine,
@@ -208,6 +208,9 @@ fn boolean(v: &Dynamic, key: &str) -> RhaiResult<bool> {
 
 /// Applies the sampling options present in `opts` to `s`.
 fn apply_sampling(opts: &Map, s: &mut Sampling) -> RhaiResult<()> {
+    if let Some(stop) = super::convert::text_list(opts, "stop")? {
+        s.stop_strings = stop;
+    }
     if let Some(v) = opts.get("max_tokens") {
         s.max_tokens = int(v, "max_tokens")?;
     }
@@ -279,7 +282,8 @@ fn judge_with(
     judge::judge(&*lm, items, &config, &job_of(output)).map_err(error)
 }
 
-const GRPO_OPTIONS: [&str; 31] = [
+const GRPO_OPTIONS: &[&str] = &[
+    "stop",
     "preset",
     "rewards",
     "group",
@@ -314,7 +318,7 @@ const GRPO_OPTIONS: [&str; 31] = [
 ];
 
 fn grpo_config(opts: &Map) -> RhaiResult<GrpoConfig> {
-    check_keys(opts, &GRPO_OPTIONS, "grpo")?;
+    check_keys(opts, GRPO_OPTIONS, "grpo")?;
     let preset = text(opts, "preset")?.unwrap_or_else(|| "default".into());
     let mut c = GrpoConfig::preset(&preset).ok_or_else(|| {
         error(format!(

@@ -58,6 +58,8 @@ fn run_drives_a_model_from_a_script() {
     assert!(stdout.contains("LoRA r=4"), "{stdout}");
     assert!(out_dir.join("adapter/adapter_model.safetensors").is_file());
     assert!(out_dir.join("adapter/adapter_config.json").is_file());
+    assert!(stdout.contains("stopped: "), "{stdout}");
+    assert!(out_dir.join("merged/model.safetensors").is_file());
 }
 
 #[test]

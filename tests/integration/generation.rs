@@ -1,9 +1,11 @@
 //! Batched generation on the tiny Gemma 3 fixture (sliding window 4, so padding and the
 //! window interact): batching and left padding change nothing, the KV cache agrees with
-//! full forwards, seeds reproduce, stop tokens and cancellation end completions.
+//! full forwards, seeds reproduce, stop tokens, stop strings and cancellation end
+//! completions.
 
 use candle_core::Device;
 use rlvr::model::generate::{generate, Finish, Sampling};
+use rlvr::model::lm::LanguageModel;
 use rlvr::model::Model;
 
 use crate::repo;
@@ -33,7 +35,7 @@ fn batched_left_padded_greedy_equals_full_forward_argmax() {
     let model = tiny();
     let prompts = prompts();
     let requests = vec![greedy(12); prompts.len()];
-    let batch = generate(&model, &prompts, &requests, false, &mut |_| true).unwrap();
+    let batch = generate(&model, &prompts, &requests, false, None, &mut |_| true).unwrap();
     for (prompt, completion) in prompts.iter().zip(&batch) {
         // independent of the cache and of batching: argmax of a full forward each step
         let mut ids = prompt.clone();
@@ -62,6 +64,7 @@ fn returned_logprobs_equal_scored_logprobs() {
         std::slice::from_ref(&prompt),
         &[request],
         false,
+        None,
         &mut |_| true,
     )
     .unwrap()
@@ -95,6 +98,7 @@ fn seeds_reproduce_and_differ() {
             &[prompt.clone(), prompt.clone()],
             &[request.clone(), request],
             false,
+            None,
             &mut |_| true,
         )
         .unwrap()
@@ -126,6 +130,7 @@ fn top_k_one_is_greedy() {
         std::slice::from_ref(&prompt),
         &[request],
         false,
+        None,
         &mut |_| true,
     )
     .unwrap();
@@ -143,15 +148,62 @@ fn stop_tokens_and_cancellation_end_completions() {
         stop_ids: vec![stop],
         ..greedy(12)
     };
-    let c = generate(&model, &prompts[..1], &[request], false, &mut |_| true)
-        .unwrap()
-        .remove(0);
+    let c = generate(&model, &prompts[..1], &[request], false, None, &mut |_| {
+        true
+    })
+    .unwrap()
+    .remove(0);
     assert_eq!(c.finish, Finish::Stop);
     assert_eq!(c.ids, free[..=first_stop]);
 
     let requests = vec![greedy(30); 3];
-    let out = generate(&model, &prompts, &requests, false, &mut |steps| steps < 3).unwrap();
+    let out = generate(&model, &prompts, &requests, false, None, &mut |steps| {
+        steps < 3
+    })
+    .unwrap();
     for c in out {
         assert_eq!((c.finish, c.ids.len()), (Finish::Cancelled, 3));
+    }
+}
+
+#[test]
+fn a_stop_string_ends_the_completion_and_cuts_its_text() {
+    let lm = LanguageModel::load(
+        &repo("tests/fixtures/tiny-gemma3"),
+        Some(&repo("tests/fixtures/tiny-tokenizer/tokenizer.json")),
+        &Device::Cpu,
+    )
+    .unwrap();
+    let prompts = vec!["The patient has".to_string(), "An answer is".to_string()];
+    let free = lm.generate(&prompts, &greedy(16), &mut |_| true).unwrap();
+    for (prompt, free) in prompts.iter().zip(&free) {
+        // a stop string spanning the text of completion tokens 5 and 6
+        let ids = &free.completion.ids;
+        assert!(ids.len() >= 7, "{prompt:?}: {ids:?}");
+        let before = lm.tokenizer.decode(&ids[..5]).unwrap();
+        let through = lm.tokenizer.decode(&ids[..7]).unwrap();
+        let stop = through[before.len()..].to_string();
+        assert!(!stop.is_empty());
+        let cut = free.text.find(&stop).unwrap();
+        let request = Sampling {
+            stop_strings: vec!["never appears \u{1F9EA}".into(), stop.clone()],
+            ..greedy(16)
+        };
+        let stopped = lm
+            .generate(std::slice::from_ref(prompt), &request, &mut |_| true)
+            .unwrap()
+            .remove(0);
+        assert_eq!(stopped.completion.finish, Finish::Stop, "{prompt:?}");
+        assert_eq!(stopped.text, free.text[..cut], "text cut before {stop:?}");
+        let n = stopped.completion.ids.len();
+        assert!(
+            n <= 7,
+            "stopped once the text held {stop:?}, after {n} tokens"
+        );
+        assert_eq!(
+            stopped.completion.ids,
+            ids[..n],
+            "same tokens up to the stop"
+        );
     }
 }

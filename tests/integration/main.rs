@@ -2,6 +2,8 @@
 
 mod bad_input;
 mod cli;
+mod downloads;
+mod export;
 mod generation;
 mod gguf;
 mod grpo;
@@ -9,6 +11,7 @@ mod grpo_parity;
 mod judge;
 mod loaders;
 mod model_parity;
+mod real_models;
 mod tokenizer;
 
 use std::path::PathBuf;
