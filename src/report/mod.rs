@@ -1,5 +1,7 @@
 //! Reports: charts of results and training runs.
 
+pub mod notebook;
+
 use std::path::Path;
 
 /// A finished chart, held both as a PNG picture and as an SVG drawing, so a notebook can
@@ -31,7 +33,10 @@ impl Plot {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir)?;
         }
-        if path.extension().is_some_and(|e| e.eq_ignore_ascii_case("svg")) {
+        if path
+            .extension()
+            .is_some_and(|e| e.eq_ignore_ascii_case("svg"))
+        {
             std::fs::write(path, &self.svg)
         } else {
             std::fs::write(path, &self.png)

@@ -2,10 +2,12 @@
 //! one file per API area registers thin bindings over the library, a [`Session`] keeps a
 //! persistent scope, and script errors name the file, line and column.
 
+mod complete;
 mod convert;
 mod data_api;
 pub mod doc;
 mod model_api;
+mod notebook_api;
 mod output;
 
 use std::path::Path;
@@ -13,7 +15,8 @@ use std::sync::Arc;
 
 use rhai::{Dynamic, Engine, EvalAltResult, Map, ParseError, ParseErrorType, Position, Scope, AST};
 
-pub use output::{render_text, Output, StdOutput};
+pub use complete::{Candidate, Completeness, Completion, Kind};
+pub use output::{render_text, shown, Output, Shown, StdOutput};
 
 /// One area of the script surface: a title and introduction for `rlvr doc`, and the function
 /// that registers its functions into an engine.
@@ -27,7 +30,12 @@ pub struct Area {
 }
 
 /// Every area of the script surface, in reference order.
-pub const AREAS: &[Area] = &[output::AREA, data_api::AREA, model_api::AREA];
+pub const AREAS: &[Area] = &[
+    output::AREA,
+    data_api::AREA,
+    model_api::AREA,
+    notebook_api::AREA,
+];
 
 /// Builds the engine with every area registered; `print`, `debug` and `display` go to
 /// `output`.
@@ -49,7 +57,7 @@ pub fn engine(output: Arc<dyn Output>) -> Engine {
             (None, Some(line)) => format!("line {line}: "),
             _ => String::new(),
         };
-        debugger.print(&format!("{place}{text}"));
+        debugger.debug(&format!("{place}{text}"));
     });
     engine
 }
