@@ -7,6 +7,8 @@ For each kernelspec, alternating between them:
 - start: from launching the kernel process (jupyter_client's KernelManager.start_kernel) to
   the kernel_info_reply of a request sent at once; the client's sockets retry their
   connection every 10 ms (ZeroMQ's default is 100 ms, which would round every start up to it);
+- first result: from the same launch to the execute_reply of the cell `1` sent right after
+  the kernel_info_reply (the session is ready to run code);
 - round trip: from sending execute_request for the cell `1` to the cell's status idle on
   iopub (its execute_reply and execute_result received), after 20 warm-up cells.
 Prints one JSON line per kernel with the median and the quartiles of each, in milliseconds.
@@ -44,7 +46,9 @@ def wait_idle(kc: BlockingKernelClient, msg_id: str, timeout: float = 60) -> Non
             return
 
 
-def start_once(name: str, context: zmq.Context) -> tuple[float, KernelManager, BlockingKernelClient]:
+def start_once(
+    name: str, context: zmq.Context
+) -> tuple[float, float, KernelManager, BlockingKernelClient]:
     km = KernelManager(kernel_name=name, context=context)
     t0 = time.perf_counter()
     km.start_kernel()
@@ -52,7 +56,9 @@ def start_once(name: str, context: zmq.Context) -> tuple[float, KernelManager, B
     kc.load_connection_info(km.get_connection_info())
     kc.start_channels()
     wait_reply(kc, kc.kernel_info())
-    return (time.perf_counter() - t0) * 1000, km, kc
+    info_ms = (time.perf_counter() - t0) * 1000
+    wait_reply(kc, kc.execute("1", allow_stdin=False))
+    return info_ms, (time.perf_counter() - t0) * 1000, km, kc
 
 
 def stop(km: KernelManager, kc: BlockingKernelClient) -> None:
@@ -88,16 +94,18 @@ def main() -> None:
     context = zmq.Context()
     context.setsockopt(zmq.RECONNECT_IVL, 10)
     starts: dict[str, list[float]] = {k: [] for k in args.kernels}
+    firsts: dict[str, list[float]] = {k: [] for k in args.kernels}
     implementation: dict[str, str] = {}
     for _ in range(args.starts):
         for name in args.kernels:
-            ms, km, kc = start_once(name, context)
-            starts[name].append(ms)
+            info_ms, first_ms, km, kc = start_once(name, context)
+            starts[name].append(info_ms)
+            firsts[name].append(first_ms)
             info = wait_reply(kc, kc.kernel_info())["content"]
             implementation[name] = f"{info['implementation']} {info['implementation_version']}"
             stop(km, kc)
     for name in args.kernels:
-        _, km, kc = start_once(name, context)
+        _, _, km, kc = start_once(name, context)
         trips = round_trips(kc, args.cells)
         stop(km, kc)
         print(json.dumps({
@@ -105,6 +113,7 @@ def main() -> None:
             "implementation": implementation[name],
             "jupyter_client": jupyter_client.__version__,
             "start_to_kernel_info_ms": summary(starts[name]),
+            "start_to_first_result_ms": summary(firsts[name]),
             "trivial_cell_round_trip_ms": summary(trips),
             "starts": len(starts[name]),
             "cells": len(trips),

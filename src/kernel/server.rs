@@ -134,6 +134,9 @@ pub async fn serve(info: ConnectionInfo) -> Result<()> {
                 iopub.publish(reply.clone(), Some(&request));
                 iopub.flush().await;
                 control.send(reply.as_child_of(&request)).await?;
+                // ZeroMQ sockets write their queues in the background and have no flush: give
+                // the reply a moment to leave before the process ends.
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
                 return Ok(());
             }
             JupyterMessageContent::KernelInfoRequest(_) => {

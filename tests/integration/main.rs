@@ -4,6 +4,7 @@ mod bad_input;
 mod cli;
 mod generation;
 mod gguf;
+mod kernel;
 mod loaders;
 mod model_parity;
 mod tokenizer;
