@@ -27,6 +27,22 @@ pub enum Outgoing {
     Flush(oneshot::Sender<()>),
 }
 
+/// Appends `next`'s text to `first` when both are text on the same stream of the same cell,
+/// so that a burst of prints already queued leaves as one message; false otherwise.
+pub fn absorb(first: &mut JupyterMessage, next: &JupyterMessage) -> bool {
+    let same_cell = first.parent_header.as_ref().map(|h| &h.msg_id)
+        == next.parent_header.as_ref().map(|h| &h.msg_id);
+    match (&mut first.content, &next.content) {
+        (JupyterMessageContent::StreamContent(a), JupyterMessageContent::StreamContent(b))
+            if same_cell && std::mem::discriminant(&a.name) == std::mem::discriminant(&b.name) =>
+        {
+            a.text.push_str(&b.text);
+            true
+        }
+        _ => false,
+    }
+}
+
 /// The queue to the IOPub publisher, usable from any thread.
 #[derive(Clone)]
 pub struct Iopub(mpsc::UnboundedSender<Outgoing>);
@@ -289,6 +305,31 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn queued_prints_of_one_stream_merge() {
+        let (iopub, mut rx) = Iopub::new();
+        let out = KernelOutput::new(iopub);
+        out.begin(&request());
+        out.print("a");
+        out.print("b");
+        out.debug("c");
+        let mut msgs = drain(&mut rx);
+        let (first, rest) = msgs.split_at_mut(1);
+        assert!(absorb(&mut first[0], &rest[0]));
+        assert!(
+            !absorb(&mut first[0], &rest[1]),
+            "stdout and stderr stay apart"
+        );
+        match &first[0].content {
+            JupyterMessageContent::StreamContent(s) => assert_eq!(s.text, "a\nb\n"),
+            other => panic!("{other:?}"),
+        }
+        out.begin(&request());
+        out.print("d");
+        let other_cell = drain(&mut rx).remove(0);
+        assert!(!absorb(&mut first[0], &other_cell), "cells stay apart");
     }
 
     #[test]

@@ -25,7 +25,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::display::{bundle, plain_text};
 use super::history::{Entry, History, Query};
-use super::output::{new_id, Iopub, KernelOutput, Outgoing};
+use super::output::{absorb, new_id, Iopub, KernelOutput, Outgoing};
 use crate::script::{shown, Completeness, Kind, ScriptError, Session};
 
 /// The Rhai version the kernel reports in `language_info`.
@@ -61,9 +61,27 @@ pub async fn serve(info: ConnectionInfo) -> Result<()> {
 
     let (iopub, mut outgoing) = Iopub::new();
     tokio::spawn(async move {
-        while let Some(item) = outgoing.recv().await {
+        let mut next: Option<Outgoing> = None;
+        loop {
+            let item = match next.take() {
+                Some(item) => item,
+                None => match outgoing.recv().await {
+                    Some(item) => item,
+                    None => break,
+                },
+            };
             match item {
-                Outgoing::Message(message) => {
+                Outgoing::Message(mut message) => {
+                    // Prints queued faster than the socket sends them leave as one message.
+                    while let Ok(queued) = outgoing.try_recv() {
+                        match queued {
+                            Outgoing::Message(m) if absorb(&mut message, &m) => {}
+                            other => {
+                                next = Some(other);
+                                break;
+                            }
+                        }
+                    }
                     if let Err(err) = iopub_socket.send(*message).await {
                         eprintln!("rlvr kernel: iopub: {err}");
                     }
