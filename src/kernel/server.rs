@@ -218,7 +218,7 @@ impl Evaluator {
             .name("rhai-session".into())
             .stack_size(64 << 20)
             .spawn(move || {
-                let mut session = Session::new(output, rhai::Map::new());
+                let mut session = Session::new(output, Default::default());
                 for job in queue {
                     job(&mut session);
                 }

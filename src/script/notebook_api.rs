@@ -15,7 +15,8 @@ use crate::progress::Progress;
 /// The interactive area of the reference.
 pub const AREA: Area = Area {
     title: "Help and progress",
-    intro: "`help(\"name\")` shows a function's signatures and doc (a pager in Jupyter). \
+    intro: "`help(\"name\")` shows a function's signatures and doc (a pager in Jupyter), \
+            `help()` lists every function. \
             `progress(total, label)` makes a bar that `tick()` advances, reported where long \
             jobs report theirs (in Jupyter, one output updated in place). `clear_output()` \
             clears the cell's output in Jupyter.",
@@ -36,6 +37,26 @@ impl ProgressBar {
     }
 }
 
+/// The names of every function, area by area.
+fn overview() -> String {
+    let output: Arc<dyn Output> = Arc::new(super::StdOutput::default());
+    let mut text = String::from("Functions by area; help(\"name\") shows one.\n");
+    for area in super::AREAS {
+        let mut engine = Engine::new_raw();
+        (area.register)(&mut engine, &output);
+        let mut names: Vec<String> = engine
+            .gen_fn_signatures(false)
+            .into_iter()
+            .filter_map(|s| s.split('(').next().map(str::to_string))
+            .filter(|n| !n.starts_with("to_") && !n.is_empty())
+            .collect();
+        names.sort();
+        names.dedup();
+        text.push_str(&format!("\n{}: {}\n", area.title, names.join(", ")));
+    }
+    text
+}
+
 fn register(engine: &mut Engine, output: &Arc<dyn Output>) {
     engine.register_type_with_name::<ProgressBar>("ProgressBar");
 
@@ -53,6 +74,12 @@ fn register(engine: &mut Engine, output: &Arc<dyn Output>) {
                 Ok(())
             },
         );
+
+    let out = output.clone();
+    FuncRegistration::new("help")
+        .in_global_namespace()
+        .with_comments(["/// Lists every function, by area; `help(\"name\")` shows one."])
+        .register_into_engine(engine, move || out.page(&overview()));
 
     let out = output.clone();
     FuncRegistration::new("clear_output")
@@ -170,6 +197,17 @@ mod tests {
         assert!(
             err.message.contains("no function is called `nope`"),
             "{err}"
+        );
+        let _ = s.eval("<3>", "help()").unwrap();
+        let events = out.events.lock().unwrap().clone();
+        let overview = &events[1];
+        assert!(
+            overview.contains("Datasets and tables: ") && overview.contains("sample"),
+            "{overview}"
+        );
+        assert!(
+            overview.contains("Help and progress: ") && overview.contains("tick"),
+            "{overview}"
         );
     }
 
