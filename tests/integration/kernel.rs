@@ -201,12 +201,14 @@ async fn kernel_runs_cells_reports_errors_stops_on_interrupt_and_shuts_down() {
         1
     );
 
+    // Output streams while a cell runs: "started" arrives before the loop is interrupted.
     // Interrupt: the busy loop stops, the kernel and its variables stay.
-    let request: JupyterMessage = ExecuteRequest::new("loop {}".into()).into();
+    let request: JupyterMessage = ExecuteRequest::new("print(\"started\");\nloop {}".into()).into();
     client.shell.send(request.clone()).await.unwrap();
     loop {
         let message = timeout(WAIT, client.iopub.read()).await.unwrap().unwrap();
-        if matches!(message.content, JupyterMessageContent::ExecuteInput(_)) {
+        if matches!(&message.content, JupyterMessageContent::StreamContent(s) if s.text == "started\n")
+        {
             break;
         }
     }
