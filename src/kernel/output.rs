@@ -146,7 +146,6 @@ impl Output for KernelOutput {
         Arc::new(ProgressDisplay {
             iopub: self.iopub.clone(),
             parent: self.parent(),
-            id: new_id(),
             state: Mutex::new(BarState::default()),
         })
     }
@@ -166,18 +165,19 @@ const UPDATE_EVERY: Duration = Duration::from_millis(100);
 
 #[derive(Default)]
 struct BarState {
+    /// The display this task's bar lives in (a new one for each task started).
+    id: String,
     label: String,
     total: u64,
     started: Option<Instant>,
     last_sent: Option<Instant>,
 }
 
-/// A progress bar shown as one `display_data` and advanced with `update_display_data` on the
-/// same display id.
+/// A progress bar shown as one `display_data` per task and advanced with
+/// `update_display_data` on that display's id, so each task's last state stays visible.
 struct ProgressDisplay {
     iopub: Iopub,
     parent: Option<JupyterMessage>,
-    id: String,
     state: Mutex<BarState>,
 }
 
@@ -220,7 +220,7 @@ impl ProgressDisplay {
     fn send_update(&self, state: &mut BarState, done: u64, message: &str) {
         state.last_sent = Some(Instant::now());
         self.iopub.publish(
-            UpdateDisplayData::new(Self::bar(state, done, message), &self.id),
+            UpdateDisplayData::new(Self::bar(state, done, message), &state.id),
             self.parent.as_ref(),
         );
     }
@@ -230,6 +230,7 @@ impl Progress for ProgressDisplay {
     fn start(&self, label: &str, total: u64) {
         let mut state = lock(&self.state);
         *state = BarState {
+            id: new_id(),
             label: label.to_string(),
             total,
             started: Some(Instant::now()),
@@ -239,7 +240,7 @@ impl Progress for ProgressDisplay {
             data: Self::bar(&state, 0, ""),
             metadata: Default::default(),
             transient: Some(Transient {
-                display_id: Some(self.id.clone()),
+                display_id: Some(state.id.clone()),
             }),
         };
         self.iopub.publish(shown, self.parent.as_ref());
@@ -247,6 +248,9 @@ impl Progress for ProgressDisplay {
 
     fn update(&self, done: u64, message: &str) {
         let mut state = lock(&self.state);
+        if state.id.is_empty() {
+            return; // no task started: nothing shown to update
+        }
         let due = state.last_sent.is_none_or(|t| t.elapsed() >= UPDATE_EVERY);
         if due || (state.total > 0 && done >= state.total) {
             self.send_update(&mut state, done, message);
@@ -255,6 +259,9 @@ impl Progress for ProgressDisplay {
 
     fn finish(&self, message: &str) {
         let mut state = lock(&self.state);
+        if state.id.is_empty() {
+            return;
+        }
         let total = state.total;
         let message = if message.is_empty() { "done" } else { message };
         self.send_update(&mut state, total, message);
@@ -374,6 +381,26 @@ mod tests {
             },
             _ => unreachable!(),
         }
+    }
+
+    #[test]
+    fn each_task_gets_its_own_display() {
+        let (iopub, mut rx) = Iopub::new();
+        let out = KernelOutput::new(iopub);
+        out.begin(&request());
+        let bar = out.progress();
+        bar.start("judging", 2);
+        bar.finish("");
+        bar.start("training", 3);
+        let ids: Vec<Option<String>> = drain(&mut rx)
+            .into_iter()
+            .filter_map(|m| match m.content {
+                JupyterMessageContent::DisplayData(d) => Some(d.transient.unwrap().display_id),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(ids.len(), 2);
+        assert_ne!(ids[0], ids[1]);
     }
 
     #[test]
