@@ -5,6 +5,7 @@
 //! messages.
 
 use std::collections::HashMap;
+use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -220,7 +221,9 @@ impl Evaluator {
             .spawn(move || {
                 let mut session = Session::new(output, Default::default());
                 for job in queue {
-                    job(&mut session);
+                    // A panic inside a job ends that job (its caller sees an error), not
+                    // the session.
+                    let _ = catch_unwind(AssertUnwindSafe(|| job(&mut session)));
                 }
             })
             .context("starting the script thread")?;
@@ -264,11 +267,18 @@ struct CellResult {
 impl Shell {
     async fn handle(&mut self, request: JupyterMessage, arrived: Instant) -> Result<()> {
         self.iopub.publish(Status::busy(), Some(&request));
+        let answered = self.answer(&request, arrived).await;
+        self.iopub.publish(Status::idle(), Some(&request));
+        answered
+    }
+
+    /// Sends the reply to `request` (none for comm messages), its IOPub output first.
+    async fn answer(&mut self, request: &JupyterMessage, arrived: Instant) -> Result<()> {
         let mut failed_cell = false;
         let reply: Option<JupyterMessageContent> = match &request.content {
             JupyterMessageContent::KernelInfoRequest(_) => Some(kernel_info().into()),
             JupyterMessageContent::ExecuteRequest(execute) => {
-                let reply = self.execute(&request, execute, arrived).await?;
+                let reply = self.execute(request, execute, arrived).await?;
                 failed_cell = reply.status != ReplyStatus::Ok && execute.stop_on_error;
                 Some(reply.into())
             }
@@ -372,7 +382,7 @@ impl Shell {
         self.iopub.flush().await;
         if let Some(reply) = reply {
             self.reply
-                .send(JupyterMessage::new(reply, Some(&request)))
+                .send(JupyterMessage::new(reply, Some(request)))
                 .await?;
         }
         if failed_cell {
@@ -380,7 +390,6 @@ impl Shell {
             // not run, as "Run all" expects.
             self.abort_before = Some(Instant::now());
         }
-        self.iopub.publish(Status::idle(), Some(&request));
         Ok(())
     }
 
@@ -502,9 +511,17 @@ fn evaluate(
     code: &str,
     expressions: HashMap<String, String>,
 ) -> CellResult {
-    let result = session
-        .eval(source, code)
-        .map(|value| bundle(shown(&value)));
+    let result = match catch_unwind(AssertUnwindSafe(|| session.eval(source, code))) {
+        Ok(result) => result.map(|value| bundle(shown(&value))),
+        Err(panic) => Err(ScriptError {
+            source: source.to_string(),
+            line: None,
+            column: None,
+            message: format!("internal error: {}", panic_text(panic.as_ref())),
+            snippet: None,
+            interrupted: false,
+        }),
+    };
     let mut results = HashMap::new();
     if result.is_ok() {
         for (name, expression) in expressions {
@@ -529,6 +546,17 @@ fn evaluate(
     CellResult {
         result,
         expressions: results,
+    }
+}
+
+/// The message a panic carried.
+fn panic_text(panic: &(dyn std::any::Any + Send)) -> String {
+    if let Some(text) = panic.downcast_ref::<&str>() {
+        text.to_string()
+    } else if let Some(text) = panic.downcast_ref::<String>() {
+        text.clone()
+    } else {
+        "a panic".to_string()
     }
 }
 
