@@ -605,6 +605,35 @@ mod tests {
         assert_eq!(error_content(&stopped).ename, "Interrupted");
     }
 
+    /// Output whose `display` fails as a bug in a library function would.
+    struct Broken;
+
+    impl crate::script::Output for Broken {
+        fn print(&self, _text: &str) {}
+        fn display(&self, _value: &rhai::Dynamic) {
+            panic!("display is broken");
+        }
+        fn cancel(&self) -> crate::progress::Cancel {
+            crate::progress::Cancel::new()
+        }
+    }
+
+    #[test]
+    fn a_panic_in_a_cell_is_its_error_and_the_session_goes_on() {
+        let mut session = Session::new(Arc::new(Broken), Default::default());
+        let cell = evaluate(
+            &mut session,
+            "<cell 1>",
+            "let x = 41; display(x)",
+            HashMap::new(),
+        );
+        let err = cell.result.unwrap_err();
+        assert_eq!(err.message, "internal error: display is broken");
+        let cell = evaluate(&mut session, "<cell 2>", "x + 1", HashMap::new());
+        let media = cell.result.unwrap().unwrap();
+        assert_eq!(plain_text(&media), Some("42"));
+    }
+
     #[test]
     fn kernel_info_describes_rhai() {
         let info = kernel_info();
