@@ -8,6 +8,7 @@ pub mod bench;
 pub mod data;
 pub mod grpo;
 pub mod judge;
+pub mod kernel;
 pub mod model;
 pub mod models;
 pub mod paths;

@@ -41,6 +41,16 @@ enum Command {
         #[command(subcommand)]
         which: Models,
     },
+    /// The Jupyter kernel: `rlvr kernel install` registers it as "Rhai (rlvr)";
+    /// Jupyter runs it as `rlvr kernel --connection-file FILE`.
+    #[command(args_conflicts_with_subcommands = true)]
+    Kernel {
+        /// The connection file Jupyter writes for the kernel.
+        #[arg(long, value_name = "FILE")]
+        connection_file: Option<PathBuf>,
+        #[command(subcommand)]
+        action: Option<KernelAction>,
+    },
     /// Measure a capability and print its figures as one JSON line.
     Bench {
         #[command(subcommand)]
@@ -63,6 +73,22 @@ enum Models {
     Rm {
         /// The alias.
         name: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum KernelAction {
+    /// Write the kernelspec where Jupyter finds it (the user's Jupyter folder by default).
+    Install {
+        /// In the user's Jupyter data folder.
+        #[arg(long, group = "place")]
+        user: bool,
+        /// In the active Python environment (virtualenv, conda, or python3's prefix).
+        #[arg(long, group = "place")]
+        sys_prefix: bool,
+        /// Under PREFIX/share/jupyter.
+        #[arg(long, group = "place", value_name = "PREFIX")]
+        prefix: Option<PathBuf>,
     },
 }
 
@@ -134,6 +160,43 @@ fn dispatch(command: Command) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Models { which } => models(which),
+        Command::Kernel {
+            action:
+                Some(KernelAction::Install {
+                    sys_prefix, prefix, ..
+                }),
+            ..
+        } => {
+            use rlvr::kernel::install::{self, Location};
+            let location = match (sys_prefix, prefix) {
+                (true, _) => Location::SysPrefix,
+                (false, Some(prefix)) => Location::Prefix(prefix),
+                (false, None) => Location::User,
+            };
+            let exe = std::env::current_exe()
+                .and_then(|p| p.canonicalize())
+                .context("finding the rlvr binary")?;
+            let dir = install::install(&location, &exe)?;
+            println!(
+                "Installed the kernelspec `{}` (\"{}\") in {}",
+                install::KERNEL_NAME,
+                install::DISPLAY_NAME,
+                dir.display()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Kernel {
+            connection_file: Some(file),
+            ..
+        } => {
+            rlvr::kernel::run(&file)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Kernel { .. } => {
+            anyhow::bail!(
+                "`rlvr kernel` needs --connection-file FILE (Jupyter gives it) or `install`"
+            )
+        }
         Command::Bench {
             which: Bench::Load { data },
         } => {

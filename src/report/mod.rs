@@ -1,5 +1,7 @@
 //! Reports: charts of results and training runs.
 
+pub mod notebook;
+
 use std::path::Path;
 
 /// A finished chart, held both as a PNG picture and as an SVG drawing, so a notebook can

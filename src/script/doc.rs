@@ -60,7 +60,7 @@ pub fn reference() -> String {
 
 /// A signature in Rhai's terms: `Result` wrappers dropped, `&mut`/`&str` as the script
 /// sees them, `int` and `float` for Rust's integer and float types.
-fn readable(signature: &str) -> String {
+pub(super) fn readable(signature: &str) -> String {
     let mut s = signature.replace("&mut ", "").replace("&str", "String");
     if let Some(start) = s.find("RhaiResult<") {
         let inner = &s[start + "RhaiResult<".len()..s.len() - 1];

@@ -2,10 +2,12 @@
 //! one file per API area registers thin bindings over the library, a [`Session`] keeps a
 //! persistent scope, and script errors name the file, line and column.
 
+mod complete;
 mod convert;
 mod data_api;
 pub mod doc;
 mod model_api;
+mod notebook_api;
 mod output;
 mod train_api;
 
@@ -14,7 +16,8 @@ use std::sync::Arc;
 
 use rhai::{Dynamic, Engine, EvalAltResult, Map, ParseError, ParseErrorType, Position, Scope, AST};
 
-pub use output::{render_text, Output, StdOutput};
+pub use complete::{Candidate, Completeness, Completion, Kind};
+pub use output::{render_text, shown, Output, Shown, StdOutput};
 
 /// One area of the script surface: a title and introduction for `rlvr doc`, and the function
 /// that registers its functions into an engine.
@@ -33,6 +36,7 @@ pub const AREAS: &[Area] = &[
     data_api::AREA,
     model_api::AREA,
     train_api::AREA,
+    notebook_api::AREA,
 ];
 
 /// Builds the engine with every area registered; `print`, `debug` and `display` go to
@@ -55,7 +59,7 @@ pub fn engine(output: Arc<dyn Output>) -> Engine {
             (None, Some(line)) => format!("line {line}: "),
             _ => String::new(),
         };
-        debugger.print(&format!("{place}{text}"));
+        debugger.debug(&format!("{place}{text}"));
     });
     engine
 }

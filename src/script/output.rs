@@ -8,11 +8,23 @@ use rhai::{Dynamic, Engine, FuncRegistration};
 
 use super::Area;
 use crate::progress::{Cancel, Progress, Silent};
+use crate::report::Plot;
 
 /// Receives what a script shows.
 pub trait Output: Send + Sync {
-    /// Text from `print` and `debug`.
+    /// Text from `print`.
     fn print(&self, text: &str);
+    /// Text from `debug` (the Jupyter kernel sends it to stderr).
+    fn debug(&self, text: &str) {
+        self.print(text);
+    }
+    /// Long text to read apart from the output, such as `help`'s (a pager in Jupyter).
+    fn page(&self, text: &str) {
+        self.print(text);
+    }
+    /// Clears what the current cell has shown so far (`clear_output()` in Jupyter); with
+    /// `wait`, only once new output arrives.
+    fn clear(&self, _wait: bool) {}
     /// A value from `display`, to be shown as richly as the front end can.
     fn display(&self, value: &Dynamic);
     /// Where long work started by the script reports progress.
@@ -41,6 +53,33 @@ impl Output for StdOutput {
 
     fn display(&self, value: &Dynamic) {
         println!("{}", render_text(value));
+    }
+}
+
+/// What a value is, for a front end that shows each kind its own way.
+pub enum Shown {
+    /// The unit value `()`: nothing to show.
+    Nothing,
+    /// A table.
+    Table(DataFrame),
+    /// A chart.
+    Plot(Plot),
+    /// Anything else, as text (strings in quotes, so `"1"` and `1` differ).
+    Text(String),
+}
+
+/// Sorts a script value into what a front end shows.
+pub fn shown(value: &Dynamic) -> Shown {
+    if value.is_unit() {
+        Shown::Nothing
+    } else if let Some(df) = value.clone().try_cast::<DataFrame>() {
+        Shown::Table(df)
+    } else if let Some(plot) = value.clone().try_cast::<Plot>() {
+        Shown::Plot(plot)
+    } else if value.is_string() {
+        Shown::Text(format!("{value:?}"))
+    } else {
+        Shown::Text(render_text(value))
     }
 }
 

@@ -9,6 +9,7 @@ mod gguf;
 mod grpo;
 mod grpo_parity;
 mod judge;
+mod kernel;
 mod loaders;
 mod model_parity;
 mod real_models;
