@@ -7,6 +7,7 @@ mod data_api;
 pub mod doc;
 mod model_api;
 mod output;
+mod report_api;
 
 use std::path::Path;
 use std::sync::Arc;
@@ -27,7 +28,12 @@ pub struct Area {
 }
 
 /// Every area of the script surface, in reference order.
-pub const AREAS: &[Area] = &[output::AREA, data_api::AREA, model_api::AREA];
+pub const AREAS: &[Area] = &[
+    output::AREA,
+    data_api::AREA,
+    model_api::AREA,
+    report_api::AREA,
+];
 
 /// Builds the engine with every area registered; `print`, `debug` and `display` go to
 /// `output`.

@@ -8,6 +8,7 @@ use rhai::{Dynamic, Engine, FuncRegistration};
 
 use super::Area;
 use crate::progress::{Cancel, Progress, Silent};
+use crate::report::Plot;
 
 /// Receives what a script shows.
 pub trait Output: Send + Sync {
@@ -44,13 +45,17 @@ impl Output for StdOutput {
     }
 }
 
-/// A value as plain text: a DataFrame as a table with its shape, anything else as `print`
-/// would show it.
+/// A value as plain text: a DataFrame as a table with its shape, a plot as its size,
+/// anything else as `print` would show it.
 pub fn render_text(value: &Dynamic) -> String {
-    match value.clone().try_cast::<DataFrame>() {
-        Some(df) => format!("{df}"),
-        None => value.to_string(),
+    if let Some(df) = value.clone().try_cast::<DataFrame>() {
+        return format!("{df}");
     }
+    if let Some(plot) = value.clone().try_cast::<Plot>() {
+        let (w, h) = plot.dimensions();
+        return format!("<plot {w}×{h} px; plot.save(\"name.png\") or .svg writes it>");
+    }
+    value.to_string()
 }
 
 /// The output area of the reference.

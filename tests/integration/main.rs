@@ -6,6 +6,7 @@ mod generation;
 mod gguf;
 mod loaders;
 mod model_parity;
+mod plots;
 mod tokenizer;
 
 use std::path::PathBuf;
