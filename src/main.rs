@@ -12,6 +12,9 @@ use rlvr::script::{self, render_text, Session, StdOutput};
 #[derive(Parser)]
 #[command(name = "rlvr", version, about)]
 struct Cli {
+    /// Show no progress (bars on a terminal, periodic lines otherwise).
+    #[arg(long, short, global = true)]
+    quiet: bool,
     #[command(subcommand)]
     command: Command,
 }
@@ -73,7 +76,7 @@ enum Bench {
 fn main() -> ExitCode {
     set_table_format();
     let cli = Cli::parse();
-    match dispatch(cli.command) {
+    match dispatch(cli.command, cli.quiet) {
         Ok(code) => code,
         Err(err) => {
             eprintln!("error: {err:#}");
@@ -95,10 +98,10 @@ fn set_table_format() {
     }
 }
 
-fn dispatch(command: Command) -> Result<ExitCode> {
+fn dispatch(command: Command, quiet: bool) -> Result<ExitCode> {
     match command {
-        Command::Run { script, set } => run(&script, &set),
-        Command::Repl => repl(),
+        Command::Run { script, set } => run(&script, &set, quiet),
+        Command::Repl => repl(quiet),
         Command::Doc { out } => {
             let text = script::doc::reference();
             match out {
@@ -132,7 +135,7 @@ fn dispatch(command: Command) -> Result<ExitCode> {
     }
 }
 
-fn run(path: &Path, set: &[String]) -> Result<ExitCode> {
+fn run(path: &Path, set: &[String], quiet: bool) -> Result<ExitCode> {
     let pairs = set
         .iter()
         .map(|kv| {
@@ -140,7 +143,7 @@ fn run(path: &Path, set: &[String]) -> Result<ExitCode> {
                 .with_context(|| format!("--set expects key=value, got `{kv}`"))
         })
         .collect::<Result<Vec<_>>>()?;
-    let mut session = Session::new(terminal_output()?, script::params_map(pairs));
+    let mut session = Session::new(terminal_output(quiet)?, script::params_map(pairs));
     match session.run_file(path) {
         Ok(_) => Ok(ExitCode::SUCCESS),
         Err(err) => {
@@ -152,8 +155,8 @@ fn run(path: &Path, set: &[String]) -> Result<ExitCode> {
 
 /// Standard output whose cancellation flag Ctrl-C sets: the first Ctrl-C stops the running
 /// work (which keeps what it has done), a second one ends the process.
-fn terminal_output() -> Result<Arc<StdOutput>> {
-    let output = Arc::new(StdOutput::default());
+fn terminal_output(quiet: bool) -> Result<Arc<StdOutput>> {
+    let output = Arc::new(StdOutput::new(quiet));
     let cancel = output.cancel.clone();
     ctrlc::set_handler(move || {
         if cancel.is_cancelled() {
@@ -166,8 +169,8 @@ fn terminal_output() -> Result<Arc<StdOutput>> {
     Ok(output)
 }
 
-fn repl() -> Result<ExitCode> {
-    let output = terminal_output()?;
+fn repl(quiet: bool) -> Result<ExitCode> {
+    let output = terminal_output(quiet)?;
     let mut session = Session::new(output.clone(), rhai::Map::new());
     let mut editor = rustyline::DefaultEditor::new()?;
     let history = rlvr::paths::rlvr_home().join("repl_history.txt");

@@ -5,6 +5,10 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
+pub mod terminal;
+
+pub use terminal::Terminal;
+
 /// Receives progress from long work. Implementations must be cheap to call often.
 pub trait Progress: Send + Sync {
     /// A task named `label` of `total` units starts (0 when the total is unknown).

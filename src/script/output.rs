@@ -7,7 +7,7 @@ use polars::prelude::DataFrame;
 use rhai::{Dynamic, Engine, FuncRegistration};
 
 use super::Area;
-use crate::progress::{Cancel, Progress, Silent};
+use crate::progress::{Cancel, Progress, Silent, Terminal};
 use crate::report::Plot;
 
 /// Receives what a script shows.
@@ -24,11 +24,36 @@ pub trait Output: Send + Sync {
     fn cancel(&self) -> Cancel;
 }
 
-/// Writes everything to standard output, tables as text.
-#[derive(Default)]
+/// Writes everything to standard output, tables as text; progress goes to standard error
+/// (a bar on a terminal, plain lines otherwise, nothing when quiet).
 pub struct StdOutput {
     /// Set by Ctrl-C.
     pub cancel: Cancel,
+    terminal: Option<Arc<Terminal>>,
+}
+
+impl Default for StdOutput {
+    fn default() -> Self {
+        StdOutput::new(false)
+    }
+}
+
+impl StdOutput {
+    /// Output to the terminal; `quiet` shows no progress.
+    pub fn new(quiet: bool) -> Self {
+        StdOutput {
+            cancel: Cancel::new(),
+            terminal: (!quiet).then(|| Arc::new(Terminal::stderr())),
+        }
+    }
+
+    /// Prints a line without tearing a progress bar that is on screen.
+    fn println(&self, text: &str) {
+        match &self.terminal {
+            Some(terminal) => terminal.suspend(|| println!("{text}")),
+            None => println!("{text}"),
+        }
+    }
 }
 
 impl Output for StdOutput {
@@ -36,12 +61,19 @@ impl Output for StdOutput {
         self.cancel.clone()
     }
 
+    fn progress(&self) -> Arc<dyn Progress> {
+        match &self.terminal {
+            Some(terminal) => terminal.clone(),
+            None => Arc::new(Silent),
+        }
+    }
+
     fn print(&self, text: &str) {
-        println!("{text}");
+        self.println(text);
     }
 
     fn display(&self, value: &Dynamic) {
-        println!("{}", render_text(value));
+        self.println(&render_text(value));
     }
 }
 

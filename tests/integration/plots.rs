@@ -566,7 +566,7 @@ fn bad_input_names_the_column() {
 fn scripts_plot_save_and_fail_with_the_column_named() {
     let dir = out("script");
     let mut session = rlvr::script::Session::new(
-        Arc::new(rlvr::script::StdOutput::default()),
+        Arc::new(rlvr::script::StdOutput::new(true)),
         rhai::Map::new(),
     );
     let code = format!(
