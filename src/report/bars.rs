@@ -28,7 +28,8 @@ pub struct BarOptions {
     pub horizontal: Option<bool>,
     /// Write each bar's value beside its end (where the numbers fit).
     pub values: bool,
-    /// Decimals of the written values; by default from their size (3 below 1).
+    /// Decimals of the written values; by default none for whole numbers, else from their
+    /// size (3 below 1).
     pub digits: Option<usize>,
     /// The value axis range; by default from 0 (or the lowest value) to the highest value
     /// or interval end, with room for the written values.

@@ -84,10 +84,14 @@ pub fn measure(text: &str, font: &FontDesc) -> (i32, i32) {
         ))
 }
 
-/// The number of decimals that shows values of this size well: 3 below 1, 2 below 10,
-/// 1 below 100, else none.
+/// The number of decimals that shows values of this size well: none for whole numbers
+/// (counts), else 3 below 1, 2 below 10, 1 below 100, none above.
 pub fn default_digits(values: impl Iterator<Item = f64>) -> usize {
-    let largest = values.fold(0.0f64, |m, v| m.max(v.abs()));
+    let values: Vec<f64> = values.collect();
+    if values.iter().all(|v| v.fract() == 0.0) {
+        return 0;
+    }
+    let largest = values.iter().fold(0.0f64, |m, v| m.max(v.abs()));
     match largest {
         m if m < 1.0 => 3,
         m if m < 10.0 => 2,
@@ -164,6 +168,14 @@ pub fn ellipsize(text: &str, font: &FontDesc, width: i32) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn digits_follow_the_values() {
+        assert_eq!(default_digits([3.0, 12.0].into_iter()), 0);
+        assert_eq!(default_digits([0.25, 0.5].into_iter()), 3);
+        assert_eq!(default_digits([2.5, 7.25].into_iter()), 2);
+        assert_eq!(default_digits([42.5].into_iter()), 1);
+    }
 
     #[test]
     fn ticks_drop_needless_zeros() {
