@@ -1,11 +1,11 @@
-//! Reports: charts of results and training runs.
+//! Reports: charts of results and training runs, and the record of each run.
 //!
 //! Every chart is a function of a polars table and an options struct that returns a
 //! [`Plot`] (PNG and SVG): [`bars`] (grouped bars with interval whiskers, e.g. accuracy per
 //! category and model), [`radar`] (categories around a circle, one polygon per model),
 //! [`curves`] (training metrics over steps, with exponential smoothing) and [`hist`] (a
 //! histogram, e.g. judge pass rates). Fonts are embedded ([`fonts`]); the look is fixed in
-//! [`style`].
+//! [`style`]. [`RunRecord`] writes the manifest of a script run.
 
 mod bars;
 mod canvas;
@@ -14,6 +14,7 @@ pub mod fonts;
 mod hist;
 mod input;
 mod radar;
+pub mod record;
 pub mod style;
 
 use std::path::{Path, PathBuf};
@@ -22,6 +23,7 @@ pub use bars::{bars, BarOptions};
 pub use curves::{curves, CurveLayout, CurveOptions};
 pub use hist::{hist, HistOptions};
 pub use radar::{radar, RadarOptions};
+pub use record::{RunRecord, RunStatus};
 
 /// A finished chart, held both as a PNG picture and as an SVG drawing, so a notebook can
 /// show either and a script can save either.

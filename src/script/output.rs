@@ -1,6 +1,7 @@
 //! Where a script's output goes: `print`, `debug` and `display` reach an [`Output`], which
 //! the CLI writes to the terminal and the Jupyter kernel turns into messages.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use polars::prelude::DataFrame;
@@ -8,7 +9,7 @@ use rhai::{Dynamic, Engine, FuncRegistration};
 
 use super::Area;
 use crate::progress::{Cancel, Progress, Silent, Terminal};
-use crate::report::Plot;
+use crate::report::{Plot, RunRecord};
 
 /// Receives what a script shows.
 pub trait Output: Send + Sync {
@@ -25,11 +26,13 @@ pub trait Output: Send + Sync {
 }
 
 /// Writes everything to standard output, tables as text; progress goes to standard error
-/// (a bar on a terminal, plain lines otherwise, nothing when quiet).
+/// (a bar on a terminal, plain lines otherwise, nothing when quiet). Under `rlvr run`,
+/// `display(plot)` saves the plot into the run folder and prints its path.
 pub struct StdOutput {
     /// Set by Ctrl-C.
     pub cancel: Cancel,
     terminal: Option<Arc<Terminal>>,
+    plots: AtomicUsize,
 }
 
 impl Default for StdOutput {
@@ -44,6 +47,7 @@ impl StdOutput {
         StdOutput {
             cancel: Cancel::new(),
             terminal: (!quiet).then(|| Arc::new(Terminal::stderr())),
+            plots: AtomicUsize::new(0),
         }
     }
 
@@ -73,6 +77,15 @@ impl Output for StdOutput {
     }
 
     fn display(&self, value: &Dynamic) {
+        if let (Some(plot), Some(run)) = (value.clone().try_cast::<Plot>(), RunRecord::active()) {
+            let n = self.plots.fetch_add(1, Ordering::Relaxed) + 1;
+            let path = run.dir().join(format!("plot-{n}.png"));
+            match plot.save(&path) {
+                Ok(()) => self.println(&format!("plot saved to {}", path.display())),
+                Err(e) => self.println(&format!("plot not saved: {}: {e}", path.display())),
+            }
+            return;
+        }
         self.println(&render_text(value));
     }
 }

@@ -1,5 +1,5 @@
-//! Script bindings for charts: `plot_bars`, `plot_radar`, `plot_curves`, `plot_hist` and
-//! the Plot methods.
+//! Script bindings for charts and run records: `plot_bars`, `plot_radar`, `plot_curves`,
+//! `plot_hist`, the Plot methods, `run_dir` and `note`.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -12,16 +12,19 @@ use super::convert::{check_keys, error, strings, text, RhaiResult};
 use super::{Area, Output};
 use crate::report::{
     self, BarOptions, CurveLayout, CurveOptions, Frame, Group, HistOptions, Plot, RadarOptions,
+    RunRecord,
 };
 
 /// The reports area of the reference.
 pub const AREA: Area = Area {
-    title: "Plots",
+    title: "Plots and run records",
     intro: "Charts of tables, drawn as PNG and SVG with embedded fonts (Chinese labels \
-            included): `display(plot)` shows one (in Jupyter as a picture), `plot.save(\"x.png\")` or `plot.save(\"x.svg\")` \
+            included): `display(plot)` shows one (in Jupyter as a picture; under `rlvr run` it \
+            is saved into the run folder), `plot.save(\"x.png\")` or `plot.save(\"x.svg\")` \
             writes one. Every chart takes an optional map of options; all take `title` (\"\" \
             for none), `width` and `height` in pixels, and axis charts `x_label` and \
-            `y_label`.",
+            `y_label`. Under `rlvr run`, `run_dir()` is the run's folder, whose \
+            `manifest.json` records the run.",
     register,
 };
 
@@ -233,6 +236,27 @@ fn columns(value: Dynamic) -> RhaiResult<Vec<String>> {
     }
 }
 
+/// A Rhai value as JSON (maps, arrays, strings, numbers, booleans; anything else as text).
+fn to_json(value: &Dynamic) -> serde_json::Value {
+    if value.is_unit() {
+        serde_json::Value::Null
+    } else if let Ok(b) = value.as_bool() {
+        b.into()
+    } else if let Ok(i) = value.as_int() {
+        i.into()
+    } else if let Ok(f) = value.as_float() {
+        serde_json::Number::from_f64(f).map_or(serde_json::Value::Null, serde_json::Value::Number)
+    } else if let Some(items) = value.clone().try_cast::<Array>() {
+        items.iter().map(to_json).collect()
+    } else if let Some(map) = value.clone().try_cast::<Map>() {
+        map.iter()
+            .map(|(k, v)| (k.to_string(), to_json(v)))
+            .collect()
+    } else {
+        value.to_string().into()
+    }
+}
+
 #[export_module]
 mod report_functions {
     use super::*;
@@ -308,11 +332,13 @@ mod report_functions {
     }
 
     /// Writes the chart to `path`: SVG when it ends in `.svg`, else PNG. Folders are
-    /// created.
+    /// created. Under `rlvr run` the file is listed in the run's manifest.
     #[rhai_fn(name = "save", pure, return_raw)]
     pub fn save_plot(plot: &mut Plot, path: &str) -> RhaiResult<()> {
         plot.save(Path::new(path))
-            .map_err(|e| error(format!("{path}: {e}")))
+            .map_err(|e| error(format!("{path}: {e}")))?;
+        RunRecord::note_file(Path::new(path));
+        Ok(())
     }
 
     /// The chart's size in pixels, as text.
@@ -325,5 +351,21 @@ mod report_functions {
     #[rhai_fn(global, name = "to_debug", pure)]
     pub fn plot_to_debug(plot: &mut Plot) -> String {
         super::super::render_text(&Dynamic::from(plot.clone()))
+    }
+
+    /// The folder of the current run (`runs/<script>-<YYYYmmdd-HHMMSS>`, or the folder given
+    /// with `rlvr run --out`); outside `rlvr run` (REPL, notebook) the current directory
+    /// `"."`. Save outputs here to have them listed with their hashes in `manifest.json`:
+    /// `table.save(run_dir() + "/results.parquet")`.
+    pub fn run_dir() -> String {
+        RunRecord::active()
+            .map(|r| r.dir().display().to_string())
+            .unwrap_or_else(|| ".".to_string())
+    }
+
+    /// Records `key: value` in the run's `manifest.json` under `notes` (a number, text,
+    /// array or map), e.g. `note("accuracy", 0.73)`; does nothing outside `rlvr run`.
+    pub fn note(key: &str, value: Dynamic) {
+        RunRecord::note(key, to_json(&value));
     }
 }

@@ -7,6 +7,7 @@ mod gguf;
 mod loaders;
 mod model_parity;
 mod plots;
+mod run_records;
 mod tokenizer;
 
 use std::path::PathBuf;
