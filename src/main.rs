@@ -3,17 +3,22 @@
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
+use std::time::SystemTime;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use rlvr::models::{Fetched, Hub, Store};
-use rlvr::progress::{Cancel, Job, TerminalProgress};
+use rlvr::progress::{Cancel, Job, Terminal};
+use rlvr::report::{RunRecord, RunStatus};
 use rlvr::script::{self, render_text, Session, StdOutput};
 
 /// rlvr-lab: reinforcement learning with verifiable rewards, from Rhai scripts.
 #[derive(Parser)]
 #[command(name = "rlvr", version, about)]
 struct Cli {
+    /// Show no progress (bars on a terminal, periodic lines otherwise) and no run notices.
+    #[arg(long, short, global = true)]
+    quiet: bool,
     #[command(subcommand)]
     command: Command,
 }
@@ -27,6 +32,11 @@ enum Command {
         /// A parameter for the script, `key=value`; the script reads it as `params.key`.
         #[arg(long = "set", value_name = "KEY=VALUE")]
         set: Vec<String>,
+        /// The run folder, which gets `manifest.json` and whatever the script saves into
+        /// `run_dir()`; default `--set out=DIR` when given, else
+        /// `runs/<script name>-<YYYYmmdd-HHMMSS>` (UTC) under the current directory.
+        #[arg(long, value_name = "DIR")]
+        out: Option<PathBuf>,
     },
     /// An interactive session: each line is evaluated in one persistent scope.
     Repl,
@@ -124,7 +134,7 @@ enum Bench {
 fn main() -> ExitCode {
     set_table_format();
     let cli = Cli::parse();
-    match dispatch(cli.command) {
+    match dispatch(cli.command, cli.quiet) {
         Ok(code) => code,
         Err(err) => {
             eprintln!("error: {err:#}");
@@ -146,10 +156,10 @@ fn set_table_format() {
     }
 }
 
-fn dispatch(command: Command) -> Result<ExitCode> {
+fn dispatch(command: Command, quiet: bool) -> Result<ExitCode> {
     match command {
-        Command::Run { script, set } => run(&script, &set),
-        Command::Repl => repl(),
+        Command::Run { script, set, out } => run(&script, &set, out, quiet),
+        Command::Repl => repl(quiet),
         Command::Doc { out } => {
             let text = script::doc::reference();
             match out {
@@ -222,7 +232,9 @@ fn dispatch(command: Command) -> Result<ExitCode> {
     }
 }
 
-fn run(path: &Path, set: &[String]) -> Result<ExitCode> {
+/// Runs a script inside a run record: the folder and its `manifest.json` are written
+/// before the script starts and completed when it ends, however it ends.
+fn run(path: &Path, set: &[String], out: Option<PathBuf>, quiet: bool) -> Result<ExitCode> {
     let pairs = set
         .iter()
         .map(|kv| {
@@ -230,8 +242,34 @@ fn run(path: &Path, set: &[String]) -> Result<ExitCode> {
                 .with_context(|| format!("--set expects key=value, got `{kv}`"))
         })
         .collect::<Result<Vec<_>>>()?;
-    let mut session = Session::new(terminal_output()?, script::params_map(pairs));
-    match session.run_file(path) {
+    let dir = out
+        .or_else(|| {
+            pairs
+                .iter()
+                .find(|(key, _)| *key == "out")
+                .map(|(_, dir)| PathBuf::from(dir))
+        })
+        .unwrap_or_else(|| RunRecord::default_dir(Path::new("runs"), path, SystemTime::now()));
+    let typed: Vec<(String, String)> = pairs
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    let record = RunRecord::start(&dir, path, &typed, std::env::args().collect())
+        .context("cannot start the run")?;
+    if !quiet {
+        eprintln!("run folder: {}", dir.display());
+    }
+    let mut session = Session::new(terminal_output(quiet)?, script::params_map(pairs));
+    let result = session.run_file(path);
+    let (status, message) = match &result {
+        Ok(_) => (RunStatus::Ok, None),
+        Err(err) if err.interrupted => (RunStatus::Interrupted, Some(err.to_string())),
+        Err(err) => (RunStatus::Error, Some(err.to_string())),
+    };
+    record
+        .finish(status, message.as_deref())
+        .context("cannot write the run manifest")?;
+    match result {
         Ok(_) => Ok(ExitCode::SUCCESS),
         Err(err) => {
             eprintln!("error: {err}");
@@ -280,23 +318,26 @@ fn download_job() -> Result<Job> {
     let cancel = Cancel::new();
     stop_on_ctrl_c(cancel.clone())?;
     Ok(Job {
-        progress: Arc::new(TerminalProgress::bytes()),
+        progress: Arc::new(Terminal::stderr()),
         cancel,
     })
 }
 
-/// Standard output whose cancellation flag Ctrl-C sets.
-fn terminal_output() -> Result<Arc<StdOutput>> {
-    let output = Arc::new(StdOutput::default());
+/// Standard output whose cancellation flag Ctrl-C sets; `quiet` hides progress.
+fn terminal_output(quiet: bool) -> Result<Arc<StdOutput>> {
+    let output = Arc::new(StdOutput::new(quiet));
     stop_on_ctrl_c(output.cancel.clone())?;
     Ok(output)
 }
 
 /// The first Ctrl-C sets `cancel`, which stops the running work (it keeps what it has
-/// done); a second one ends the process.
+/// done); a second one ends the process, marking the active run record interrupted.
 fn stop_on_ctrl_c(cancel: Cancel) -> Result<()> {
     ctrlc::set_handler(move || {
         if cancel.is_cancelled() {
+            if let Some(record) = RunRecord::active() {
+                let _ = record.finish(RunStatus::Interrupted, Some("stopped by a second Ctrl-C"));
+            }
             std::process::exit(130);
         }
         eprintln!("\ninterrupted: stopping at the next checkpoint (Ctrl-C again to quit now)");
@@ -305,8 +346,8 @@ fn stop_on_ctrl_c(cancel: Cancel) -> Result<()> {
     .context("could not install the Ctrl-C handler")
 }
 
-fn repl() -> Result<ExitCode> {
-    let output = terminal_output()?;
+fn repl(quiet: bool) -> Result<ExitCode> {
+    let output = terminal_output(quiet)?;
     let mut session = Session::new(output.clone(), rhai::Map::new());
     let mut editor = rustyline::DefaultEditor::new()?;
     let history = rlvr::paths::rlvr_home().join("repl_history.txt");

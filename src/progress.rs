@@ -5,6 +5,10 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
+pub mod terminal;
+
+pub use terminal::Terminal;
+
 /// Receives progress from long work. Implementations must be cheap to call often.
 pub trait Progress: Send + Sync {
     /// A task named `label` of `total` units starts (0 when the total is unknown).
@@ -85,88 +89,3 @@ impl Job {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 #[error("interrupted; the work done so far is kept and a rerun resumes it")]
 pub struct Cancelled;
-
-/// Progress drawn on standard error for the command line: a bar (bytes, or counts of
-/// items) while a task runs, then its summary line. Where standard error is not a terminal
-/// (logs, CI) it writes one line when a task starts and one when it ends.
-pub struct TerminalProgress {
-    bar: std::sync::Mutex<Option<indicatif::ProgressBar>>,
-    bytes: bool,
-    terminal: bool,
-}
-
-impl TerminalProgress {
-    /// Progress in bytes (downloads).
-    pub fn bytes() -> Self {
-        Self::new(true)
-    }
-
-    /// Progress in items (questions, steps).
-    pub fn counts() -> Self {
-        Self::new(false)
-    }
-
-    fn new(bytes: bool) -> Self {
-        use std::io::IsTerminal;
-        TerminalProgress {
-            bar: std::sync::Mutex::new(None),
-            bytes,
-            terminal: std::io::stderr().is_terminal(),
-        }
-    }
-
-    fn current(&self) -> std::sync::MutexGuard<'_, Option<indicatif::ProgressBar>> {
-        self.bar.lock().unwrap_or_else(|e| e.into_inner())
-    }
-}
-
-impl Progress for TerminalProgress {
-    fn start(&self, label: &str, total: u64) {
-        use indicatif::{DecimalBytes, ProgressBar, ProgressStyle};
-        if !self.terminal {
-            match (total, self.bytes) {
-                (0, _) => eprintln!("{label} …"),
-                (n, true) => eprintln!("{label} ({}) …", DecimalBytes(n)),
-                (n, false) => eprintln!("{label} ({n}) …"),
-            }
-            return;
-        }
-        let template = match (total, self.bytes) {
-            (0, true) => "{spinner} {prefix} {decimal_bytes} {decimal_bytes_per_sec}",
-            (0, false) => "{spinner} {prefix} {pos} {msg}",
-            (_, true) => "{prefix} [{wide_bar}] {decimal_bytes}/{decimal_total_bytes} {decimal_bytes_per_sec} eta {eta}",
-            (_, false) => "{prefix} [{wide_bar}] {pos}/{len} {msg} eta {eta}",
-        };
-        let bar = if total == 0 {
-            ProgressBar::new_spinner()
-        } else {
-            ProgressBar::new(total)
-        };
-        let style = ProgressStyle::with_template(template)
-            .expect("a valid template")
-            .progress_chars("=> ");
-        bar.set_style(style);
-        bar.set_prefix(label.to_string());
-        if let Some(old) = self.current().replace(bar) {
-            old.finish_and_clear();
-        }
-    }
-
-    fn update(&self, done: u64, message: &str) {
-        if let Some(bar) = self.current().as_ref() {
-            bar.set_position(done);
-            if !message.is_empty() {
-                bar.set_message(message.to_string());
-            }
-        }
-    }
-
-    fn finish(&self, message: &str) {
-        if let Some(bar) = self.current().take() {
-            bar.finish_and_clear();
-        }
-        if !message.is_empty() {
-            eprintln!("{message}");
-        }
-    }
-}

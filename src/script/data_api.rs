@@ -190,10 +190,12 @@ mod data_functions {
 
     /// Writes the table to `path`; the extension picks the format: `.parquet`, `.csv` (list
     /// cells as JSON text), `.json` (an array of row objects) or `.jsonl` (one object per
-    /// line). Folders are created.
+    /// line). Folders are created. Under `rlvr run` the file is listed in the run's manifest.
     #[rhai_fn(pure, return_raw)]
     pub fn save(table: &mut DataFrame, path: &str) -> RhaiResult<()> {
-        data::table::save(table, Path::new(path)).map_err(error)
+        data::table::save(table, Path::new(path)).map_err(error)?;
+        crate::report::RunRecord::note_file(Path::new(path));
+        Ok(())
     }
 
     /// The values of one column as an array.

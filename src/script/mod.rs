@@ -9,6 +9,7 @@ pub mod doc;
 mod model_api;
 mod notebook_api;
 mod output;
+mod report_api;
 mod train_api;
 
 use std::path::Path;
@@ -37,6 +38,7 @@ pub const AREAS: &[Area] = &[
     model_api::AREA,
     train_api::AREA,
     notebook_api::AREA,
+    report_api::AREA,
 ];
 
 /// Builds the engine with every area registered; `print`, `debug` and `display` go to

@@ -269,10 +269,13 @@ mod model_functions {
     }
 
     /// Writes the model's adapter to `dir` in PEFT's format (`adapter_config.json`,
-    /// `adapter_model.safetensors`).
+    /// `adapter_model.safetensors`). Under `rlvr run` the files' hashes go into the run's
+    /// manifest.
     #[rhai_fn(pure, return_raw)]
     pub fn save_adapter(model: &mut ModelHandle, dir: &str) -> RhaiResult<()> {
-        model.write().save_adapter(Path::new(dir)).map_err(error)
+        model.write().save_adapter(Path::new(dir)).map_err(error)?;
+        crate::report::RunRecord::note_artifact(&format!("adapter {dir}"), Path::new(dir))
+            .map_err(error)
     }
 
     /// Writes the model with its adapter merged into the weights to `dir` as a Hugging Face

@@ -1,14 +1,15 @@
 //! Where a script's output goes: `print`, `debug` and `display` reach an [`Output`], which
 //! the CLI writes to the terminal and the Jupyter kernel turns into messages.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use polars::prelude::DataFrame;
 use rhai::{Dynamic, Engine, FuncRegistration};
 
 use super::Area;
-use crate::progress::{Cancel, Progress, Silent};
-use crate::report::Plot;
+use crate::progress::{Cancel, Progress, Silent, Terminal};
+use crate::report::{Plot, RunRecord};
 
 /// Receives what a script shows.
 pub trait Output: Send + Sync {
@@ -35,11 +36,39 @@ pub trait Output: Send + Sync {
     fn cancel(&self) -> Cancel;
 }
 
-/// Writes everything to standard output, tables as text.
-#[derive(Default)]
+/// Writes everything to standard output, tables as text; progress goes to standard error
+/// (a bar on a terminal, plain lines otherwise, nothing when quiet). Under `rlvr run`,
+/// `display(plot)` saves the plot into the run folder and prints its path.
 pub struct StdOutput {
     /// Set by Ctrl-C.
     pub cancel: Cancel,
+    terminal: Option<Arc<Terminal>>,
+    plots: AtomicUsize,
+}
+
+impl Default for StdOutput {
+    fn default() -> Self {
+        StdOutput::new(false)
+    }
+}
+
+impl StdOutput {
+    /// Output to the terminal; `quiet` shows no progress.
+    pub fn new(quiet: bool) -> Self {
+        StdOutput {
+            cancel: Cancel::new(),
+            terminal: (!quiet).then(|| Arc::new(Terminal::stderr())),
+            plots: AtomicUsize::new(0),
+        }
+    }
+
+    /// Prints a line without tearing a progress bar that is on screen.
+    fn println(&self, text: &str) {
+        match &self.terminal {
+            Some(terminal) => terminal.suspend(|| println!("{text}")),
+            None => println!("{text}"),
+        }
+    }
 }
 
 impl Output for StdOutput {
@@ -47,12 +76,28 @@ impl Output for StdOutput {
         self.cancel.clone()
     }
 
+    fn progress(&self) -> Arc<dyn Progress> {
+        match &self.terminal {
+            Some(terminal) => terminal.clone(),
+            None => Arc::new(Silent),
+        }
+    }
+
     fn print(&self, text: &str) {
-        println!("{text}");
+        self.println(text);
     }
 
     fn display(&self, value: &Dynamic) {
-        println!("{}", render_text(value));
+        if let (Some(plot), Some(run)) = (value.clone().try_cast::<Plot>(), RunRecord::active()) {
+            let n = self.plots.fetch_add(1, Ordering::Relaxed) + 1;
+            let path = run.dir().join(format!("plot-{n}.png"));
+            match plot.save(&path) {
+                Ok(()) => self.println(&format!("plot saved to {}", path.display())),
+                Err(e) => self.println(&format!("plot not saved: {}: {e}", path.display())),
+            }
+            return;
+        }
+        self.println(&render_text(value));
     }
 }
 
@@ -83,13 +128,17 @@ pub fn shown(value: &Dynamic) -> Shown {
     }
 }
 
-/// A value as plain text: a DataFrame as a table with its shape, anything else as `print`
-/// would show it.
+/// A value as plain text: a DataFrame as a table with its shape, a plot as its size,
+/// anything else as `print` would show it.
 pub fn render_text(value: &Dynamic) -> String {
-    match value.clone().try_cast::<DataFrame>() {
-        Some(df) => format!("{df}"),
-        None => value.to_string(),
+    if let Some(df) = value.clone().try_cast::<DataFrame>() {
+        return format!("{df}");
     }
+    if let Some(plot) = value.clone().try_cast::<Plot>() {
+        let (w, h) = plot.dimensions();
+        return format!("<plot {w}×{h} px; plot.save(\"name.png\") or .svg writes it>");
+    }
+    value.to_string()
 }
 
 /// The output area of the reference.

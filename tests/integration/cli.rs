@@ -60,11 +60,27 @@ fn run_drives_a_model_from_a_script() {
     assert!(out_dir.join("adapter/adapter_config.json").is_file());
     assert!(stdout.contains("stopped: "), "{stdout}");
     assert!(out_dir.join("merged/model.safetensors").is_file());
+    // `--set out=` is the run folder; the saved adapter's files are hashed in its manifest.
+    let manifest: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out_dir.join("manifest.json")).unwrap())
+            .unwrap();
+    let key = format!("adapter {}/adapter", out_dir.display());
+    let files = manifest["notes"][&key]["files"].as_array().unwrap();
+    assert_eq!(files.len(), 2, "{manifest}");
+    assert!(files
+        .iter()
+        .all(|f| f["sha256"].as_str().unwrap().len() == 64));
 }
 
 #[test]
 fn script_errors_name_file_line_and_column_and_exit_non_zero() {
-    let out = rlvr(&["run", "tests/scripts/error.rhai"]);
+    let run_dir = std::env::temp_dir().join(format!("rlvr-cli-error-{}", std::process::id()));
+    let out = rlvr(&[
+        "run",
+        "tests/scripts/error.rhai",
+        "--out",
+        run_dir.to_str().unwrap(),
+    ]);
     let stderr = text(&out.stderr);
     assert!(!out.status.success());
     assert!(stderr.contains("tests/scripts/error.rhai:4:12"), "{stderr}");

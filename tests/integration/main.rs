@@ -12,7 +12,9 @@ mod judge;
 mod kernel;
 mod loaders;
 mod model_parity;
+mod plots;
 mod real_models;
+mod run_records;
 mod tokenizer;
 
 use std::path::PathBuf;
