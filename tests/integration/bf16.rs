@@ -74,7 +74,9 @@ fn bf16_greedy_tokens_follow_f32_where_the_margin_allows() {
         // along transformers' greedy path, each step whose f32 margin between the best two
         // tokens exceeds twice that row's bf16 error must pick the same token in bf16
         let path: Vec<u32> = prompt.iter().chain(want).copied().collect();
-        let f32_logits = reference.logits(&[path.clone()], false).unwrap();
+        let f32_logits = reference
+            .logits(std::slice::from_ref(&path), false)
+            .unwrap();
         let bf16_logits = model.logits(&[path], false).unwrap();
         for (t, token) in want.iter().enumerate() {
             let at = |l: &Tensor| l.get(0).unwrap().get(prompt.len() - 1 + t).unwrap();
