@@ -88,17 +88,18 @@ pub struct ModelReport {
 }
 
 /// Runs one model benchmark on `model` with the token ids of `ids` (a JSON file with
-/// `prompt_256` and `prompt_16` arrays).
+/// `prompt_256` and `prompt_16` arrays), the model on `placement`.
 pub fn model(
     model_path: &Path,
     ids_path: &Path,
     task: ModelTask,
     batch: usize,
     new_tokens: usize,
+    placement: &crate::model::Placement,
 ) -> anyhow::Result<ModelReport> {
     use crate::model::generate::{generate, Sampling};
     use crate::model::{logprob, lora, Input, Model};
-    use candle_core::{Device, Tensor};
+    use candle_core::Tensor;
 
     let ids: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(ids_path)?)?;
     let row = |key: &str| -> anyhow::Result<Vec<u32>> {
@@ -109,8 +110,8 @@ pub fn model(
             .filter_map(|v| v.as_u64().map(|i| i as u32))
             .collect())
     };
-    let device = Device::Cpu;
-    let mut m = Model::load(model_path, &device)?;
+    let device = placement.device.clone();
+    let mut m = Model::load_on(model_path, placement)?;
     let (batch, tokens, seconds) = match task {
         ModelTask::Prefill => {
             let prompt = row("prompt_256")?;
@@ -119,6 +120,8 @@ pub fn model(
                 let hidden = m.forward(&input, None, false)?;
                 let last = hidden.squeeze(0)?.narrow(0, prompt.len() - 1, 1)?;
                 logprob::logits_of(&last, m.lm_head(), m.logit_softcap())?;
+                // a GPU runs asynchronously: the step ends when its work has
+                device.synchronize()?;
                 Ok(())
             };
             step(&m)?;
@@ -165,6 +168,7 @@ pub fn model(
                     1.0,
                 )?;
                 logprobs.sum_all()?.neg()?.backward()?;
+                device.synchronize()?;
                 Ok(())
             };
             step(&m)?;

@@ -37,6 +37,14 @@ enum Command {
         /// `runs/<script name>-<YYYYmmdd-HHMMSS>` (UTC) under the current directory.
         #[arg(long, value_name = "DIR")]
         out: Option<PathBuf>,
+        /// Where `model(…)` puts a model whose options name no device: `cpu`, `cuda` or
+        /// `cuda:N` (a GPU needs a build with the `cuda` feature).
+        #[arg(long, value_name = "DEVICE")]
+        device: Option<String>,
+        /// The dtype of the model weights and activations there: `f32` or `bf16` (default
+        /// f32 on the CPU, bf16 on a GPU).
+        #[arg(long, value_name = "DTYPE")]
+        dtype: Option<String>,
     },
     /// An interactive session: each line is evaluated in one persistent scope.
     Repl,
@@ -128,6 +136,12 @@ enum Bench {
         /// New tokens per row (decode).
         #[arg(long, default_value_t = 128)]
         tokens: usize,
+        /// `cpu`, `cuda` or `cuda:N`.
+        #[arg(long, default_value = "cpu")]
+        device: String,
+        /// `f32` or `bf16` (default f32 on the CPU, bf16 on a GPU).
+        #[arg(long)]
+        dtype: Option<String>,
     },
 }
 
@@ -158,7 +172,20 @@ fn set_table_format() {
 
 fn dispatch(command: Command, quiet: bool) -> Result<ExitCode> {
     match command {
-        Command::Run { script, set, out } => run(&script, &set, out, quiet),
+        Command::Run {
+            script,
+            set,
+            out,
+            device,
+            dtype,
+        } => {
+            if device.is_some() || dtype.is_some() {
+                let device = device.as_deref().unwrap_or("cpu");
+                rlvr::model::Placement::set_default(device, dtype.as_deref())
+                    .map_err(anyhow::Error::msg)?;
+            }
+            run(&script, &set, out, quiet)
+        }
         Command::Repl => repl(quiet),
         Command::Doc { out } => {
             let text = script::doc::reference();
@@ -222,10 +249,14 @@ fn dispatch(command: Command, quiet: bool) -> Result<ExitCode> {
                     task,
                     batch,
                     tokens,
+                    device,
+                    dtype,
                 },
         } => {
+            let placement = rlvr::model::Placement::parse(&device, dtype.as_deref())
+                .map_err(anyhow::Error::msg)?;
             let path = Store::default().resolve(&model, &Hub::default(), &download_job()?)?;
-            let report = rlvr::bench::model(&path, &ids, task, batch, tokens)?;
+            let report = rlvr::bench::model(&path, &ids, task, batch, tokens, &placement)?;
             println!("{}", serde_json::to_string(&report)?);
             Ok(ExitCode::SUCCESS)
         }

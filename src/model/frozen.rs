@@ -3,41 +3,82 @@
 //! of Gemma's embedding matrix for every chunk of the output head). This op's backward
 //! returns the input's gradient only.
 
-use candle_core::{bail, CpuStorage, CustomOp1, DType, Device, Layout, Result, Shape, Tensor};
+use candle_core::backend::BackendStorage;
+use candle_core::{bail, CpuStorage, CudaStorage, CustomOp2, Layout, Result, Shape, Tensor};
 
-struct FrozenMatmul {
-    /// `W`: `[out, in]`.
-    weight: Tensor,
-}
+/// `x Wᵀ` as one custom op on the CPU and on CUDA (the same storage-level matmul candle's
+/// own uses), with a backward pass for `x` only.
+struct FrozenMatmul;
 
-impl CustomOp1 for FrozenMatmul {
+impl CustomOp2 for FrozenMatmul {
     fn name(&self) -> &'static str {
         "frozen-matmul"
     }
 
-    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        let (CpuStorage::F32(values), Some((start, end))) = (storage, layout.contiguous_offsets())
-        else {
-            bail!("frozen-matmul takes a contiguous f32 input");
-        };
-        let x = Tensor::from_slice(&values[start..end], layout.shape(), &Device::Cpu)?;
-        let y = x.broadcast_matmul(&self.weight.t()?)?;
-        let shape = y.shape().clone();
-        Ok((CpuStorage::F32(y.flatten_all()?.to_vec1::<f32>()?), shape))
+    fn cpu_fwd(
+        &self,
+        x: &CpuStorage,
+        x_layout: &Layout,
+        w: &CpuStorage,
+        w_layout: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        forward(x, x_layout, w, w_layout)
     }
 
-    fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
-        Ok(Some(grad_res.broadcast_matmul(&self.weight)?))
+    fn cuda_fwd(
+        &self,
+        x: &CudaStorage,
+        x_layout: &Layout,
+        w: &CudaStorage,
+        w_layout: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        forward(x, x_layout, w, w_layout)
+    }
+
+    fn bwd(
+        &self,
+        _x: &Tensor,
+        w: &Tensor,
+        _res: &Tensor,
+        grad_res: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        Ok((Some(grad_res.broadcast_matmul(w)?), None))
     }
 }
 
+/// `x: [..., in]` (contiguous) times the transpose of `w: [out, in]` (contiguous), as one
+/// `[rows, in] × [in, out]` matmul.
+fn forward<S: BackendStorage>(
+    x: &S,
+    x_layout: &Layout,
+    w: &S,
+    w_layout: &Layout,
+) -> Result<(S, Shape)> {
+    let (out_dim, in_dim) = w_layout.shape().dims2()?;
+    let dims = x_layout.dims();
+    if !x_layout.is_contiguous() || !w_layout.is_contiguous() {
+        bail!("frozen-matmul takes contiguous operands");
+    }
+    if dims.last() != Some(&in_dim) {
+        bail!("frozen-matmul: input {dims:?} does not end in the weight's width {in_dim}");
+    }
+    let rows = x_layout.shape().elem_count() / in_dim;
+    let x_2d = Layout::contiguous_with_offset((rows, in_dim), x_layout.start_offset());
+    let w_t = w_layout.transpose(0, 1)?;
+    let y = x.matmul(w, (1, rows, out_dim, in_dim), &x_2d, &w_t)?;
+    let mut shape = dims.to_vec();
+    *shape.last_mut().expect("at least one dimension") = out_dim;
+    Ok((y, Shape::from(shape)))
+}
+
 /// `x: [..., in]` times `weightᵀ` (`weight: [out, in]`), with no gradient for the weight.
-/// Uses the custom op for f32 on the CPU, a plain matmul elsewhere.
+/// Uses the custom op on the CPU and on CUDA when both share a dtype, a plain matmul
+/// elsewhere.
 pub fn matmul_t(x: &Tensor, weight: &Tensor) -> Result<Tensor> {
-    if x.device().is_cpu() && x.dtype() == DType::F32 && weight.dtype() == DType::F32 {
-        x.contiguous()?.apply_op1(FrozenMatmul {
-            weight: weight.clone(),
-        })
+    let supported = x.device().is_cpu() || x.device().is_cuda();
+    if supported && x.dtype() == weight.dtype() {
+        x.contiguous()?
+            .apply_op2(&weight.contiguous()?, FrozenMatmul)
     } else {
         x.broadcast_matmul(&weight.t()?)
     }
@@ -46,6 +87,7 @@ pub fn matmul_t(x: &Tensor, weight: &Tensor) -> Result<Tensor> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use candle_core::Device;
 
     #[test]
     fn forward_and_input_gradient_equal_a_plain_matmul() {

@@ -268,7 +268,10 @@ impl Gemma3 {
             .embed_tokens
             .index_select(&input.ids.flatten_all()?, 0)?
             .reshape((b, s, self.config.hidden_size))?;
-        let mut x = (hidden * (self.config.hidden_size as f64).sqrt())?;
+        // transformers rounds the scale to the activations' dtype
+        let normalizer = Tensor::new((self.config.hidden_size as f32).sqrt(), device)?
+            .to_dtype(hidden.dtype())?;
+        let mut x = hidden.broadcast_mul(&normalizer)?;
         let global = self.rope_global.cos_sin(&input.positions)?;
         let local = self.rope_local.cos_sin(&input.positions)?;
         let full_mask = mask(&input.key_valid, offset, s, None, device)?;

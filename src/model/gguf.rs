@@ -4,11 +4,11 @@
 use std::path::Path;
 
 use candle_core::quantized::gguf_file::{self, Value as GgufValue};
-use candle_core::Device;
+use candle_core::{DType, Device};
 use serde_json::{json, Value};
 
 use super::weights::Weights;
-use super::{build, Model, ModelError, Result};
+use super::{build, Model, ModelError, Placement, Result};
 
 /// Reads the header of a GGUF file.
 pub fn read_content(path: &Path) -> Result<gguf_file::Content> {
@@ -26,6 +26,15 @@ pub fn read_content(path: &Path) -> Result<gguf_file::Content> {
 /// comes from the metadata unless `config` (a Hugging Face `config.json`) is given: GGUF
 /// metadata does not say everything (Gemma 3's layer pattern, for one).
 pub fn load(path: &Path, config: Option<&Value>, device: &Device) -> Result<Model> {
+    let placement = Placement {
+        device: device.clone(),
+        dtype: DType::F32,
+    };
+    load_on(path, config, &placement)
+}
+
+/// As [`load`], on `placement`'s device with the weights in its dtype.
+pub fn load_on(path: &Path, config: Option<&Value>, placement: &Placement) -> Result<Model> {
     let content = read_content(path)?;
     let (architecture, derived) = config_of(&content).map_err(|message| ModelError::File {
         path: path.to_path_buf(),
@@ -37,12 +46,21 @@ pub fn load(path: &Path, config: Option<&Value>, device: &Device) -> Result<Mode
         .values()
         .map(|t| t.shape.elem_count() as u64)
         .sum();
-    super::memory::check_fits(path, parameters)?;
+    if placement.device.is_cpu() {
+        super::memory::check_fits(path, parameters)?;
+    }
     let qk_heads = (architecture == "llama").then(|| {
         let n = |k: &str| config[k].as_u64().unwrap_or(0) as usize;
         (n("num_attention_heads"), n("num_key_value_heads"))
     });
-    let weights = Weights::from_gguf(path, &content, &architecture, qk_heads, device)?;
+    let weights = Weights::from_gguf(
+        path,
+        &content,
+        &architecture,
+        qk_heads,
+        &placement.device,
+        placement.dtype,
+    )?;
     let arch = build(&config, &weights).map_err(|message| ModelError::File {
         path: path.to_path_buf(),
         message,

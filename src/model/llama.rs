@@ -214,9 +214,9 @@ impl Llama {
                     up_proj: w.linear(&format!("{m}.up_proj"), config.mlp_bias)?,
                     down_proj: w.linear(&format!("{m}.down_proj"), config.mlp_bias)?,
                 },
-                input_layernorm: w.tensor(&format!("{p}.input_layernorm.weight"))?,
+                input_layernorm: w.norm(&format!("{p}.input_layernorm.weight"))?,
                 post_attention_layernorm: w
-                    .tensor(&format!("{p}.post_attention_layernorm.weight"))?,
+                    .norm(&format!("{p}.post_attention_layernorm.weight"))?,
             });
         }
         let embed_tokens = w.tensor("model.embed_tokens.weight")?;
@@ -234,7 +234,7 @@ impl Llama {
                 w.device(),
             )?,
             embed_tokens,
-            norm: w.tensor("model.norm.weight")?,
+            norm: w.norm("model.norm.weight")?,
             lm_head,
             layers,
             config,

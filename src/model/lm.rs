@@ -8,7 +8,7 @@ use candle_core::Device;
 use super::generate::{generate, stop_string_cut, Completion, Finish, Sampling};
 use super::lora::{self, LoraConfig};
 use super::tokenizer::Tokenizer;
-use super::{Model, ModelError, Result};
+use super::{Model, ModelError, Placement, Result};
 
 /// A model with its tokenizer and, once attached, its LoRA adapter.
 #[derive(Clone)]
@@ -38,7 +38,16 @@ impl LanguageModel {
     /// when given, else the `tokenizer.json` in the directory (beside the GGUF file). Fails
     /// when the tokenizer's vocabulary does not fit the model's.
     pub fn load(path: &Path, tokenizer: Option<&Path>, device: &Device) -> Result<Self> {
-        let model = Model::load(path, device)?;
+        let placement = Placement {
+            device: device.clone(),
+            dtype: candle_core::DType::F32,
+        };
+        LanguageModel::load_on(path, tokenizer, &placement)
+    }
+
+    /// As [`LanguageModel::load`], on `placement`'s device with the weights in its dtype.
+    pub fn load_on(path: &Path, tokenizer: Option<&Path>, placement: &Placement) -> Result<Self> {
+        let model = Model::load_on(path, placement)?;
         let dir = if path.is_file() {
             path.parent().unwrap_or(Path::new("."))
         } else {

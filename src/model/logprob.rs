@@ -55,8 +55,10 @@ pub fn gather_logprobs(
             let tanh = (&raw / cap)?.tanh()?;
             weights = (weights * (1.0 - tanh.sqr()?)?)?;
         }
+        // in the head's dtype: a bf16 head is never copied to f32
         let grad = weights
-            .matmul(&head.to_dtype(weights.dtype())?)?
+            .to_dtype(head.dtype())?
+            .matmul(head)?
             .to_dtype(h.dtype())?;
         let surrogate = (&h * &grad)?.sum(1)?.to_dtype(value.dtype())?;
         // the surrogate minus itself is exactly 0: the value is untouched, the gradient is `grad`

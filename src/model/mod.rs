@@ -17,16 +17,18 @@ pub mod lm;
 pub mod logprob;
 pub mod lora;
 pub mod memory;
+pub mod placement;
 pub mod tokenizer;
 pub mod weights;
 
 use std::path::{Path, PathBuf};
 
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor};
 use serde_json::Value;
 
 pub use attention::KvCache;
 use linear::Linear;
+pub use placement::Placement;
 use weights::Weights;
 
 /// A failure to load or run a model, naming the file at fault where there is one.
@@ -108,18 +110,41 @@ pub struct Model {
 }
 
 impl Model {
-    /// Loads a model from a Hugging Face directory or a `.gguf` file (dequantized).
+    /// Loads a model from a Hugging Face directory or a `.gguf` file (dequantized), in f32
+    /// on `device`.
     pub fn load(path: &Path, device: &Device) -> Result<Self> {
+        Model::load_on(
+            path,
+            &Placement {
+                device: device.clone(),
+                dtype: DType::F32,
+            },
+        )
+    }
+
+    /// Loads a model from a Hugging Face directory or a `.gguf` file (dequantized) on
+    /// `placement`'s device, its weights in `placement`'s dtype.
+    pub fn load_on(path: &Path, placement: &Placement) -> Result<Self> {
         if path.is_file() && path.extension().is_some_and(|e| e == "gguf") {
-            gguf::load(path, None, device)
+            gguf::load_on(path, None, placement)
         } else {
-            Model::from_hf_dir(path, device)
+            Model::hf_dir(path, placement)
         }
     }
 
     /// Loads a Hugging Face model directory: `config.json` and `model.safetensors` (or the
     /// shards listed in `model.safetensors.index.json`), in f32 on `device`.
     pub fn from_hf_dir(dir: &Path, device: &Device) -> Result<Self> {
+        Model::hf_dir(
+            dir,
+            &Placement {
+                device: device.clone(),
+                dtype: DType::F32,
+            },
+        )
+    }
+
+    fn hf_dir(dir: &Path, placement: &Placement) -> Result<Self> {
         let config_path = dir.join("config.json");
         let text = std::fs::read_to_string(&config_path).map_err(|source| ModelError::Io {
             path: config_path.clone(),
@@ -130,8 +155,10 @@ impl Model {
             message: format!("not valid JSON: {e}"),
         })?;
         let files = safetensors_files(dir)?;
-        memory::check_fits(dir, memory::safetensors_parameters(&files)?)?;
-        let weights = Weights::from_safetensors(&files, device)?;
+        if placement.device.is_cpu() {
+            memory::check_fits(dir, memory::safetensors_parameters(&files)?)?;
+        }
+        let weights = Weights::from_safetensors(&files, &placement.device, placement.dtype)?;
         let arch = build(&json, &weights).map_err(|message| ModelError::File {
             path: config_path.clone(),
             message,

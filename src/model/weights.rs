@@ -1,5 +1,6 @@
 //! Model weights by Hugging Face name, from safetensors shards or a GGUF file (dequantized
-//! to f32 and renamed), with errors that name the file and the tensor.
+//! and renamed), with errors that name the file and the tensor. Tensors are handed out in
+//! the model's dtype, norm scales in f32.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -18,24 +19,25 @@ pub enum Format {
     Gguf,
 }
 
-/// The tensors of a model, by Hugging Face name, in f32 on one device.
+/// The tensors of a model, by Hugging Face name, on one device, as stored (converted to
+/// `dtype` when handed out).
 pub struct Weights {
     tensors: HashMap<String, Tensor>,
     format: Format,
     source: PathBuf,
     device: Device,
+    dtype: DType,
 }
 
 impl Weights {
-    /// Reads every tensor of the safetensors `files` (the shards of one model).
-    pub fn from_safetensors(files: &[PathBuf], device: &Device) -> Result<Self> {
+    /// Reads every tensor of the safetensors `files` (the shards of one model), to be
+    /// handed out in `dtype`.
+    pub fn from_safetensors(files: &[PathBuf], device: &Device, dtype: DType) -> Result<Self> {
         let mut tensors = HashMap::new();
         for file in files {
             let loaded = candle_core::safetensors::load(file, device)
                 .map_err(|e| Error::Msg(format!("{}: {e}", file.display())))?;
-            for (name, t) in loaded {
-                tensors.insert(name, t.to_dtype(DType::F32)?);
-            }
+            tensors.extend(loaded);
         }
         let source = files
             .first()
@@ -46,19 +48,22 @@ impl Weights {
             format: Format::Safetensors,
             source,
             device: device.clone(),
+            dtype,
         })
     }
 
     /// Reads and dequantizes every tensor of a GGUF file, renaming llama.cpp's names
     /// (`blk.N.attn_q.weight`, …) to Hugging Face's for `architecture`. llama.cpp stores
     /// Llama's q and k rows permuted for its rotary layout; `qk_heads` (query heads, key/value
-    /// heads) undoes that, as transformers' GGUF loader does.
+    /// heads) undoes that, as transformers' GGUF loader does. Tensors are handed out in
+    /// `dtype`.
     pub fn from_gguf(
         path: &Path,
         content: &gguf_file::Content,
         architecture: &str,
         qk_heads: Option<(usize, usize)>,
         device: &Device,
+        dtype: DType,
     ) -> Result<Self> {
         let mut file = std::fs::File::open(path)
             .map_err(|e| Error::Msg(format!("{}: {e}", path.display())))?;
@@ -84,6 +89,7 @@ impl Weights {
             format: Format::Gguf,
             source: path.to_path_buf(),
             device: device.clone(),
+            dtype,
         })
     }
 
@@ -97,14 +103,29 @@ impl Weights {
         self.tensors.contains_key(name)
     }
 
-    /// The tensor `name`, or an error naming it and the file.
+    /// The dtype tensors are handed out in.
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    /// The tensor `name` in the model's dtype, or an error naming it and the file.
     pub fn tensor(&self, name: &str) -> Result<Tensor> {
-        self.tensors.get(name).cloned().ok_or_else(|| {
+        self.stored(name)?.to_dtype(self.dtype)
+    }
+
+    /// The tensor `name` as stored.
+    fn stored(&self, name: &str) -> Result<&Tensor> {
+        self.tensors.get(name).ok_or_else(|| {
             Error::Msg(format!(
                 "{}: tensor `{name}` is missing",
                 self.source.display()
             ))
         })
+    }
+
+    /// A norm scale in f32 (norms are computed in f32 whatever the model's dtype).
+    pub fn norm(&self, name: &str) -> Result<Tensor> {
+        self.stored(name)?.to_dtype(DType::F32)
     }
 
     /// The linear layer `prefix` (`prefix.weight`, and `prefix.bias` when `bias`).
@@ -118,9 +139,9 @@ impl Weights {
         Ok(Linear::new(weight, bias))
     }
 
-    /// A Gemma RMSNorm scale as the forward pass uses it: `1 + w`.
+    /// A Gemma RMSNorm scale as the forward pass uses it, in f32: `1 + w`.
     pub fn gemma_norm(&self, name: &str) -> Result<Tensor> {
-        let w = self.tensor(name)?;
+        let w = self.norm(name)?;
         match self.format {
             Format::Safetensors => w + 1.0,
             Format::Gguf => Ok(w),

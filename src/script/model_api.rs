@@ -4,7 +4,6 @@
 use std::path::Path;
 use std::sync::{Arc, RwLock};
 
-use candle_core::Device;
 use rhai::plugin::*;
 use rhai::{Array, Map};
 
@@ -14,6 +13,7 @@ use crate::model::chat::Message;
 use crate::model::generate::Sampling;
 use crate::model::lm::LanguageModel;
 use crate::model::lora::LoraConfig;
+use crate::model::Placement;
 use crate::models::{Hub, Store};
 use crate::progress::Job;
 
@@ -110,12 +110,12 @@ fn generate_texts(
 }
 
 /// Loads what `spec` names (alias, folder, `.gguf` file or hub id), with an optional
-/// tokenizer file; the model is named by `spec`.
-fn load(spec: &str, tokenizer: Option<&Path>) -> RhaiResult<ModelHandle> {
+/// tokenizer file, on `placement`; the model is named by `spec`.
+fn load(spec: &str, tokenizer: Option<&Path>, placement: &Placement) -> RhaiResult<ModelHandle> {
     let path = Store::default()
         .resolve(spec, &Hub::default(), &Job::silent())
         .map_err(error)?;
-    let mut lm = LanguageModel::load(&path, tokenizer, &Device::Cpu).map_err(error)?;
+    let mut lm = LanguageModel::load_on(&path, tokenizer, placement).map_err(error)?;
     lm.name = spec.to_string();
     Ok(ModelHandle::new(lm))
 }
@@ -143,19 +143,27 @@ mod model_functions {
     /// `smollm2-135m-instruct`), a Hugging Face directory (`config.json`, safetensors,
     /// `tokenizer.json`, `tokenizer_config.json`), a `.gguf` file with `tokenizer.json`
     /// beside it, or a hub id `org/name` (downloaded into the Hugging Face cache); weights in
-    /// f32 on the CPU (GGUF dequantized).
+    /// f32 on the CPU (GGUF dequantized), or where `rlvr run --device` says.
     #[rhai_fn(name = "model", return_raw)]
     pub fn model_at(spec: &str) -> RhaiResult<ModelHandle> {
-        load(spec, None)
+        let placement = Placement::chosen(None, None).map_err(error)?;
+        load(spec, None, &placement)
     }
 
     /// Loads a model with options: `tokenizer` (a `tokenizer.json` to use instead of the
-    /// directory's own).
+    /// directory's own), `device` (`"cpu"`, `"cuda"`, `"cuda:N"`; a GPU needs a build with
+    /// the `cuda` feature) and `dtype` of the weights and activations (`"f32"`, `"bf16"`;
+    /// f32 on the CPU and bf16 on a GPU unless given). Adapters, optimizer state and
+    /// log-probabilities stay f32.
     #[rhai_fn(name = "model", return_raw)]
     pub fn model_with(spec: &str, options: Map) -> RhaiResult<ModelHandle> {
-        check_keys(&options, &["tokenizer"], "model")?;
+        check_keys(&options, &["tokenizer", "device", "dtype"], "model")?;
         let tokenizer = text(&options, "tokenizer")?;
-        load(spec, tokenizer.as_deref().map(Path::new))
+        let dtype = text(&options, "dtype")?;
+        let device = text(&options, "device")?;
+        let placement = Placement::chosen(device.as_deref(), dtype.as_deref())
+            .map_err(|e| error(format!("model: {e}")))?;
+        load(spec, tokenizer.as_deref().map(Path::new), &placement)
     }
 
     /// Token ids of `text` as the model sees it (BOS added as the Hugging Face tokenizer
