@@ -6,6 +6,7 @@
 
 pub mod bench;
 pub mod data;
+pub mod endpoint;
 pub mod model;
 pub mod paths;
 pub mod progress;

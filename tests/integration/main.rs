@@ -2,6 +2,7 @@
 
 mod bad_input;
 mod cli;
+mod endpoint;
 mod generation;
 mod gguf;
 mod loaders;
