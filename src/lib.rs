@@ -12,3 +12,4 @@ pub mod paths;
 pub mod progress;
 pub mod report;
 pub mod script;
+pub mod serve;

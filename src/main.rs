@@ -5,8 +5,11 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use anyhow::{Context, Result};
+use candle_core::Device;
 use clap::{Parser, Subcommand};
+use rlvr::model::lm::LanguageModel;
 use rlvr::script::{self, render_text, Session, StdOutput};
+use rlvr::serve::ServeOptions;
 
 /// rlvr-lab: reinforcement learning with verifiable rewards, from Rhai scripts.
 #[derive(Parser)]
@@ -34,11 +37,44 @@ enum Command {
         #[arg(long)]
         out: Option<PathBuf>,
     },
+    /// Serve a model over OpenAI's HTTP API: /v1/chat/completions, /v1/completions,
+    /// /v1/models.
+    Serve(ServeArgs),
     /// Measure a capability and print its figures as one JSON line.
     Bench {
         #[command(subcommand)]
         which: Bench,
     },
+}
+
+#[derive(clap::Args)]
+struct ServeArgs {
+    /// The model: a Hugging Face directory, a .gguf file (tokenizer.json beside it), or the
+    /// name of a model under $RLVR_HOME/models.
+    #[arg(long)]
+    model: String,
+    /// A PEFT LoRA adapter directory to apply.
+    #[arg(long)]
+    adapter: Option<PathBuf>,
+    /// A tokenizer.json to use instead of the model's own.
+    #[arg(long)]
+    tokenizer: Option<PathBuf>,
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1")]
+    host: String,
+    /// Port to listen on (0: any free port; the first line printed names it).
+    #[arg(long, default_value_t = 8000)]
+    port: u16,
+    /// The model id in /v1/models and in replies (default: the --model argument).
+    #[arg(long)]
+    served_model_name: Option<String>,
+    /// Rows (prompts × n) at most in one generation batch.
+    #[arg(long, default_value_t = 32)]
+    max_batch: usize,
+    /// An environment variable holding an API key every request must send as
+    /// `Authorization: Bearer <key>`.
+    #[arg(long)]
+    api_key_env: Option<String>,
 }
 
 #[derive(Subcommand)]
@@ -108,6 +144,7 @@ fn dispatch(command: Command) -> Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
+        Command::Serve(args) => serve(args),
         Command::Bench {
             which: Bench::Load { data },
         } => {
@@ -130,6 +167,68 @@ fn dispatch(command: Command) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+fn serve(args: ServeArgs) -> Result<ExitCode> {
+    let path = model_path(&args.model)?;
+    let mut lm = LanguageModel::load(&path, args.tokenizer.as_deref(), &Device::Cpu)
+        .with_context(|| format!("loading the model {}", path.display()))?;
+    if let Some(dir) = &args.adapter {
+        lm = lm
+            .load_adapter(dir)
+            .with_context(|| format!("loading the adapter {}", dir.display()))?;
+    }
+    let api_key = match &args.api_key_env {
+        Some(name) => Some(
+            std::env::var(name)
+                .ok()
+                .filter(|k| !k.is_empty())
+                .with_context(|| format!("--api-key-env: the variable `{name}` is not set"))?,
+        ),
+        None => None,
+    };
+    let options = ServeOptions {
+        name: args.served_model_name.unwrap_or_else(|| args.model.clone()),
+        host: args.host,
+        port: args.port,
+        max_batch: args.max_batch,
+        api_key,
+    };
+    let name = options.name.clone();
+    rlvr::serve::serve(lm, &options, |address| {
+        println!("listening on http://{address}/v1 (model `{name}`)");
+        let _ = std::io::Write::flush(&mut std::io::stdout());
+    })?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// A model argument as a path: the path itself when it exists, else the model of that name
+/// under `$RLVR_HOME/models`; a folder without `config.json` holding one `.gguf` file means
+/// that file.
+fn model_path(arg: &str) -> Result<PathBuf> {
+    let given = PathBuf::from(arg);
+    let path = if given.exists() {
+        given
+    } else {
+        let named = rlvr::paths::rlvr_home().join("models").join(arg);
+        anyhow::ensure!(
+            named.exists(),
+            "no model at `{arg}`, and none of that name in {}",
+            named.parent().unwrap_or(&named).display()
+        );
+        named
+    };
+    if path.is_dir() && !path.join("config.json").exists() {
+        let ggufs: Vec<PathBuf> = std::fs::read_dir(&path)
+            .with_context(|| format!("reading {}", path.display()))?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|x| x == "gguf"))
+            .collect();
+        if let [gguf] = &ggufs[..] {
+            return Ok(gguf.clone());
+        }
+    }
+    Ok(path)
 }
 
 fn run(path: &Path, set: &[String]) -> Result<ExitCode> {

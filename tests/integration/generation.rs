@@ -155,3 +155,18 @@ fn stop_tokens_and_cancellation_end_completions() {
         assert_eq!((c.finish, c.ids.len()), (Finish::Cancelled, 3));
     }
 }
+
+#[test]
+fn rows_leave_the_batch_at_their_own_budgets() {
+    // a row ending right after the prefill drops out of a cache still holding the prefill's
+    // keys and values
+    let model = tiny();
+    let prompts = prompts();
+    let budgets = [1, 5, 3];
+    let requests: Vec<Sampling> = budgets.iter().map(|&n| greedy(n)).collect();
+    let batch = generate(&model, &prompts, &requests, false, &mut |_| true).unwrap();
+    for ((prompt, c), n) in prompts.iter().zip(&batch).zip(budgets) {
+        assert_eq!(c.ids, model.greedy(prompt, n, false).unwrap());
+        assert_eq!(c.finish, Finish::Length);
+    }
+}

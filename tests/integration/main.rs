@@ -7,6 +7,7 @@ mod generation;
 mod gguf;
 mod loaders;
 mod model_parity;
+mod serve;
 mod tokenizer;
 
 use std::path::PathBuf;
