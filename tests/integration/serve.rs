@@ -2,7 +2,7 @@
 //! 512-token vocabulary), started as a child process on a free port of 127.0.0.1 and queried
 //! by the endpoint client and by raw HTTP: replies equal the local model's generation for
 //! the same seeds, `n` and seeds reproduce, stop texts cut, usage counts, OpenAI's errors,
-//! batched concurrent requests and adapters.
+//! batched concurrent requests, adapters, API keys and the script surface.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
@@ -366,4 +366,51 @@ fn an_adapter_changes_the_served_model() {
         .generate(&["The patient".to_string()], &greedy, &mut |_| true)
         .unwrap();
     assert_eq!(reply.texts, [expected[0].text.clone()]);
+}
+
+#[test]
+fn scripts_use_a_server_with_an_api_key_that_is_never_shown() {
+    let key = "sk-test-3f9a1c";
+    let served = Served::start(
+        &["--api-key-env", "RLVR_TEST_SERVE_KEY"],
+        &[("RLVR_TEST_SERVE_KEY", key)],
+    );
+    let (status, reply) = served.http("GET", "/v1/models", "", "");
+    assert_eq!(
+        (status, reply["error"]["type"].clone()),
+        (401, json!("authentication_error"))
+    );
+    let (status, _) = served.http(
+        "GET",
+        "/v1/models",
+        "",
+        &format!("Authorization: Bearer {key}\r\n"),
+    );
+    assert_eq!(status, 200);
+
+    let url = format!("url={}", served.url);
+    let run = |key_value: &str| {
+        Command::new(env!("CARGO_BIN_EXE_rlvr"))
+            .args(["run", "tests/scripts/endpoint.rhai", "--set", &url])
+            .env("RLVR_TEST_SERVE_KEY", key_value)
+            .current_dir(repo(""))
+            .output()
+            .unwrap()
+    };
+    let out = run(key);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "stdout: {stdout}\nstderr: {stderr}");
+    assert!(stdout.contains("models: [\"tiny\"]"), "{stdout}");
+    assert!(stdout.contains("requests: 9"), "{stdout}");
+    assert!(!stdout.contains(key) && !stderr.contains(key));
+
+    let out = run("sk-wrong-key");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("HTTP 401") && stderr.contains("/v1/models"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("sk-wrong-key"), "{stderr}");
 }
