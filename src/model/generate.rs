@@ -74,6 +74,27 @@ pub fn generate(
     adapters_on: bool,
     on_step: &mut dyn FnMut(usize) -> bool,
 ) -> Result<Vec<Completion>> {
+    generate_until(
+        model,
+        prompts,
+        requests,
+        adapters_on,
+        on_step,
+        &mut |_, _| false,
+    )
+}
+
+/// [`generate`], where `ends(i, ids)` also runs after each new token of request `i` (its
+/// tokens so far) and returning true ends that completion there, as [`Finish::Cancelled`]:
+/// how a server stops a row once its text holds a stop string.
+pub fn generate_until(
+    model: &Model,
+    prompts: &[Vec<u32>],
+    requests: &[Sampling],
+    adapters_on: bool,
+    on_step: &mut dyn FnMut(usize) -> bool,
+    ends: &mut dyn FnMut(usize, &[u32]) -> bool,
+) -> Result<Vec<Completion>> {
     assert_eq!(prompts.len(), requests.len(), "one request per prompt");
     let device = model.device().clone();
     let mut done: Vec<Option<Completion>> = vec![None; prompts.len()];
@@ -140,9 +161,12 @@ pub fn generate(
             c.ids.push(token);
             c.logprobs.push(logprob);
             let stopped = request.stop_ids.contains(&token);
-            if stopped || c.ids.len() >= request.max_tokens {
+            let ended = !stopped && ends(i, &c.ids);
+            if stopped || ended || c.ids.len() >= request.max_tokens {
                 c.finish = if stopped {
                     Finish::Stop
+                } else if ended {
+                    Finish::Cancelled
                 } else {
                     Finish::Length
                 };

@@ -7,7 +7,8 @@
 //!
 //! Each HTTP request is read and tokenized on its own thread; one generation thread owns
 //! the model. Requests that are waiting when it becomes free are run together as one batch
-//! (every prompt × `n` a row of one [`generate`] call, each row with its own sampling), so
+//! (every prompt × `n` a row of one [`generate_until`] call, each row with its own sampling
+//! and stop texts), so
 //! concurrent clients share decoding steps: on the CPU a batch of 8 rows decodes at more than
 //! twice the tokens per second of one row. A request arriving during a batch waits for it.
 
@@ -22,7 +23,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use serde_json::{json, Value};
 use tiny_http::{Header, Method, Response, Server};
 
-use crate::model::generate::{generate, Completion, Finish, Sampling};
+use crate::model::generate::{generate_until, Completion, Finish, Sampling};
 use crate::model::lm::LanguageModel;
 use crate::model::tokenizer::Tokenizer;
 use request::{BadRequest, GenerationRequest, Prompt};
@@ -131,6 +132,8 @@ struct Context {
 /// `reply`.
 struct Job {
     rows: Vec<(Vec<u32>, Sampling)>,
+    /// Texts that end a row once its decoded completion holds one.
+    stop: Vec<String>,
     reply: Sender<Result<Vec<Completion>, String>>,
 }
 
@@ -150,7 +153,21 @@ fn run_batches(lm: &LanguageModel, queue: &Receiver<Job>, max_batch: usize) {
             .iter()
             .flat_map(|job| job.rows.iter().cloned())
             .unzip();
-        match generate(&lm.model, &ids, &samplings, adapters_on, &mut |_| true) {
+        let stops: Vec<&[String]> = batch
+            .iter()
+            .flat_map(|job| job.rows.iter().map(|_| job.stop.as_slice()))
+            .collect();
+        let mut holds_stop =
+            |row: usize, ids: &[u32]| ends_with_stop(&lm.tokenizer, ids, stops[row]);
+        let generated = generate_until(
+            &lm.model,
+            &ids,
+            &samplings,
+            adapters_on,
+            &mut |_| true,
+            &mut holds_stop,
+        );
+        match generated {
             Ok(mut completions) => {
                 for job in batch.iter().rev() {
                     let mine = completions.split_off(completions.len() - job.rows.len());
@@ -167,6 +184,19 @@ fn run_batches(lm: &LanguageModel, queue: &Receiver<Job>, max_batch: usize) {
             }
         }
     }
+}
+
+/// Whether the text of `ids` now holds one of the `stop` texts. A stop text that was not
+/// there before ends in the newest token, and a text of `b` bytes spans at most `b` tokens
+/// (plus one cut across its start), so only the last tokens are decoded.
+fn ends_with_stop(tokenizer: &Tokenizer, ids: &[u32], stop: &[String]) -> bool {
+    let Some(longest) = stop.iter().map(String::len).max() else {
+        return false;
+    };
+    let tail = &ids[ids.len().saturating_sub(longest + 2)..];
+    tokenizer
+        .decode(tail)
+        .is_ok_and(|text| stop.iter().any(|s| text.contains(s.as_str())))
 }
 
 /// An HTTP answer: status and JSON body.
@@ -377,7 +407,8 @@ fn complete(
         .collect();
     let (reply, results) = mpsc::channel();
     let server_error = |message: String| error(500, "server_error", None, &message);
-    jobs.send(Job { rows, reply })
+    let stop = request.stop.clone();
+    jobs.send(Job { rows, stop, reply })
         .map_err(|_| server_error("the generation thread has stopped".into()))?;
     let completions = results
         .recv()
@@ -420,35 +451,25 @@ fn complete(
 }
 
 /// A completion's text, finish reason and token count: the stop token left out of the
-/// text; cut before the first stop text, counting the tokens up to the one that completed
-/// it.
+/// text, the text cut before its first stop text (generation ended at the token that
+/// completed it).
 fn finish_text(
     tokenizer: &Tokenizer,
     completion: &Completion,
     stop: &[String],
 ) -> crate::model::Result<(String, &'static str, usize)> {
-    let shown = match completion.finish {
-        Finish::Stop => &completion.ids[..completion.ids.len() - 1],
-        Finish::Length | Finish::Cancelled => &completion.ids[..],
-    };
-    let finish = match completion.finish {
-        Finish::Stop => "stop",
-        Finish::Length | Finish::Cancelled => "length",
+    let tokens = completion.ids.len();
+    let (shown, finish) = match completion.finish {
+        Finish::Stop => (&completion.ids[..tokens - 1], "stop"),
+        Finish::Length | Finish::Cancelled => (&completion.ids[..], "length"),
     };
     let text = tokenizer.decode(shown)?;
-    let first_stop = stop.iter().filter_map(|s| text.find(s.as_str())).min();
-    let Some(cut) = first_stop else {
-        return Ok((text, finish, completion.ids.len()));
-    };
-    let mut tokens = shown.len();
-    for k in 1..=shown.len() {
-        let prefix = tokenizer.decode(&shown[..k])?;
-        if stop.iter().any(|s| prefix.contains(s.as_str())) {
-            tokens = k;
-            break;
-        }
-    }
-    Ok((text[..cut].to_string(), "stop", tokens))
+    Ok(
+        match stop.iter().filter_map(|s| text.find(s.as_str())).min() {
+            Some(cut) => (text[..cut].to_string(), "stop", tokens),
+            None => (text, finish, tokens),
+        },
+    )
 }
 
 fn bad_request(e: &BadRequest) -> Answer {

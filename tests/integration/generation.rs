@@ -3,7 +3,7 @@
 //! full forwards, seeds reproduce, stop tokens and cancellation end completions.
 
 use candle_core::Device;
-use rlvr::model::generate::{generate, Finish, Sampling};
+use rlvr::model::generate::{generate, generate_until, Finish, Sampling};
 use rlvr::model::Model;
 
 use crate::repo;
@@ -168,5 +168,31 @@ fn rows_leave_the_batch_at_their_own_budgets() {
     for ((prompt, c), n) in prompts.iter().zip(&batch).zip(budgets) {
         assert_eq!(c.ids, model.greedy(prompt, n, false).unwrap());
         assert_eq!(c.finish, Finish::Length);
+    }
+}
+
+#[test]
+fn a_caller_can_end_one_row_by_its_tokens() {
+    let model = tiny();
+    let prompts = prompts();
+    let free = model.greedy(&prompts[0], 10, false).unwrap();
+    let requests = vec![greedy(10); 3];
+    // row 0 ends once it has produced its fourth token; the others run to their budget
+    let out = generate_until(
+        &model,
+        &prompts,
+        &requests,
+        false,
+        &mut |_| true,
+        &mut |row, ids| row == 0 && ids.len() == 4,
+    )
+    .unwrap();
+    assert_eq!(
+        (out[0].finish, out[0].ids.clone()),
+        (Finish::Cancelled, free[..4].to_vec())
+    );
+    for (prompt, c) in prompts.iter().zip(&out).skip(1) {
+        assert_eq!(c.finish, Finish::Length);
+        assert_eq!(c.ids, model.greedy(prompt, 10, false).unwrap());
     }
 }

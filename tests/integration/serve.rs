@@ -245,8 +245,24 @@ fn stop_texts_cut_samples_and_their_token_counts() {
     );
     assert_eq!(stopped.texts, [cut]);
     assert_eq!(stopped.finish_reasons, ["stop"]);
+    // generation ended at the token that completed the stop text
+    let lm = local();
+    let greedy = Sampling {
+        max_tokens: 16,
+        temperature: 0.0,
+        ..Sampling::default()
+    };
+    let ids = lm
+        .generate(&["The patient".to_string()], &greedy, &mut |_| true)
+        .unwrap()[0]
+        .completion
+        .ids
+        .clone();
+    let through_stop = (1..=ids.len())
+        .find(|&k| lm.tokenizer.decode(&ids[..k]).unwrap().contains(&stop))
+        .unwrap();
+    assert_eq!(stopped.completion_tokens, through_stop);
     assert!(stopped.completion_tokens < full.completion_tokens);
-    assert!(stopped.completion_tokens > 0);
 }
 
 #[test]
