@@ -357,14 +357,14 @@ fn a_server_killed_mid_run_loses_no_finished_result() {
 fn slow_replies_time_out_and_are_retried() {
     let server = FaultServer::start(|i, seen| {
         if i == 0 {
-            Action::Slow(Duration::from_secs(3), vec!["too late".into()])
+            Action::Slow(Duration::from_secs(6), vec!["too late".into()])
         } else {
             echo(seen)
         }
     });
     let options = EndpointOptions {
         concurrency: 1,
-        timeout: Duration::from_millis(300),
+        timeout: Duration::from_secs(1),
         ..quick_options()
     };
     let ep = Endpoint::new(&server.url, "m", options).unwrap();
@@ -485,7 +485,7 @@ fn cancelling_stops_new_requests_and_reports_each_one() {
         if i < 2 {
             echo(seen)
         } else {
-            Action::Slow(Duration::from_millis(1500), vec![prompt_of(seen)])
+            Action::Slow(Duration::from_secs(4), vec![prompt_of(seen)])
         }
     });
     let options = EndpointOptions {
