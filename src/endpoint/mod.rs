@@ -277,30 +277,23 @@ impl Endpoint {
 
     /// The ids of the models the server serves (`GET /models`), with retries.
     pub fn models(&self) -> Result<Vec<String>, EndpointError> {
-        let shared = self.shared.clone();
-        let url = format!("{}/models", shared.base);
-        let reply = self.wait(async move {
-            let reply = shared.send(&url, None).await;
-            reply.map(|value| (url, value))
-        })?;
-        let (url, value) = reply;
-        let data =
-            value
-                .get("data")
-                .and_then(Value::as_array)
-                .ok_or_else(|| EndpointError::Response {
-                    url: url.clone(),
-                    message: "no `data` array".into(),
-                })?;
+        let url = format!("{}/models", self.shared.base);
+        let (shared, target) = (self.shared.clone(), url.clone());
+        let value = self.wait(async move { shared.send(&target, None).await })?;
+        let unexpected = |message: &str| EndpointError::Response {
+            url: url.clone(),
+            message: message.to_string(),
+        };
+        let data = value
+            .get("data")
+            .and_then(Value::as_array)
+            .ok_or_else(|| unexpected("no `data` array"))?;
         data.iter()
             .map(|m| {
                 m.get("id")
                     .and_then(Value::as_str)
                     .map(str::to_string)
-                    .ok_or_else(|| EndpointError::Response {
-                        url: url.clone(),
-                        message: "a model without an `id`".into(),
-                    })
+                    .ok_or_else(|| unexpected("a model without an `id`"))
             })
             .collect()
     }
