@@ -12,6 +12,8 @@
 #   RLVR_LLAMACPP_VENV  the venv (default: $HOME/.cache/rlvr/llamacpp-venv); made from
 #                       benches/llamacpp-requirements.txt on first use, which compiles
 #                       llama.cpp from the sdist (10-20 minutes on 2 cores)
+#   LLAMACPP_CHAT_FORMAT  llama-cpp-python's chat format (default: gemma; the GGUF carries no
+#                       chat template, and without one the server falls back to llama-2's)
 #   RLVR_SKIP_RLVR=1    measure llama.cpp only
 set -euo pipefail
 
@@ -65,6 +67,7 @@ echo "# $(date -u +%FT%TZ) $(uname -m), $(nproc) cores, load $(cut -d' ' -f1-3 /
 PORT="$(free_port)"
 URL="http://127.0.0.1:$PORT/v1"
 "$VENV/bin/python" -m llama_cpp.server --model "$GGUF" --model_alias gemma-3-270m \
+    --chat_format "${LLAMACPP_CHAT_FORMAT:-gemma}" \
     --host 127.0.0.1 --port "$PORT" --n_ctx 2048 --n_threads "$(nproc)" \
     > /tmp/rlvr-llamacpp-server.log 2>&1 &
 SERVER_PID=$!
