@@ -32,13 +32,18 @@ struct Served {
 }
 
 impl Served {
+    /// `rlvr serve` on the tiny fixture.
     fn start(extra: &[&str], envs: &[(&str, &str)]) -> Self {
+        Served::start_model(MODEL, extra, envs)
+    }
+
+    fn start_model(model: &str, extra: &[&str], envs: &[(&str, &str)]) -> Self {
         let mut command = Command::new(env!("CARGO_BIN_EXE_rlvr"));
         command
             .args([
                 "serve",
                 "--model",
-                MODEL,
+                model,
                 "--tokenizer",
                 TOKENIZER,
                 "--port",
@@ -429,4 +434,31 @@ fn scripts_use_a_server_with_an_api_key_that_is_never_shown() {
         "{stderr}"
     );
     assert!(!stderr.contains("sk-wrong-key"), "{stderr}");
+}
+
+#[test]
+fn models_are_found_by_name_under_rlvr_home() {
+    let home = std::env::temp_dir().join(format!("rlvr-serve-home-{}", std::process::id()));
+    let models = home.join("models");
+    std::fs::create_dir_all(&models).unwrap();
+    let named = models.join("tiny-by-name");
+    if !named.exists() {
+        std::os::unix::fs::symlink(repo(MODEL), &named).unwrap();
+    }
+    let home_var = home.to_str().unwrap();
+    let served = Served::start_model("tiny-by-name", &[], &[("RLVR_HOME", home_var)]);
+    let reply = complete(&served.client(), "The patient", params(4, 0.0, 1, 0));
+    assert_eq!(reply.completion_tokens, 4);
+
+    let out = Command::new(env!("CARGO_BIN_EXE_rlvr"))
+        .args(["serve", "--model", "no-such-model", "--port", "0"])
+        .env("RLVR_HOME", home_var)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("no model at `no-such-model`") && stderr.contains(home_var),
+        "{stderr}"
+    );
 }
