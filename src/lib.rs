@@ -6,6 +6,7 @@
 
 pub mod bench;
 pub mod data;
+pub mod endpoint;
 pub mod grpo;
 pub mod judge;
 pub mod kernel;
@@ -17,3 +18,4 @@ pub mod prompt;
 pub mod report;
 pub mod reward;
 pub mod script;
+pub mod serve;

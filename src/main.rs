@@ -6,11 +6,14 @@ use std::sync::Arc;
 use std::time::SystemTime;
 
 use anyhow::{Context, Result};
+use candle_core::Device;
 use clap::{Parser, Subcommand};
+use rlvr::model::lm::LanguageModel;
 use rlvr::models::{Fetched, Hub, Store};
 use rlvr::progress::{Cancel, Job, Terminal};
 use rlvr::report::{RunRecord, RunStatus};
 use rlvr::script::{self, render_text, Session, StdOutput};
+use rlvr::serve::ServeOptions;
 
 /// rlvr-lab: reinforcement learning with verifiable rewards, from Rhai scripts.
 #[derive(Parser)]
@@ -69,11 +72,44 @@ enum Command {
         #[command(subcommand)]
         action: Option<KernelAction>,
     },
+    /// Serve a model over OpenAI's HTTP API: /v1/chat/completions, /v1/completions,
+    /// /v1/models.
+    Serve(ServeArgs),
     /// Measure a capability and print its figures as one JSON line.
     Bench {
         #[command(subcommand)]
         which: Bench,
     },
+}
+
+#[derive(clap::Args)]
+struct ServeArgs {
+    /// The model: a Hugging Face directory, a .gguf file (tokenizer.json beside it), or the
+    /// name of a model under $RLVR_HOME/models.
+    #[arg(long)]
+    model: String,
+    /// A PEFT LoRA adapter directory to apply.
+    #[arg(long)]
+    adapter: Option<PathBuf>,
+    /// A tokenizer.json to use instead of the model's own.
+    #[arg(long)]
+    tokenizer: Option<PathBuf>,
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1")]
+    host: String,
+    /// Port to listen on (0: any free port; the first line printed names it).
+    #[arg(long, default_value_t = 8000)]
+    port: u16,
+    /// The model id in /v1/models and in replies (default: the --model argument).
+    #[arg(long)]
+    served_model_name: Option<String>,
+    /// Rows (prompts × n) at most in one generation batch.
+    #[arg(long, default_value_t = 32)]
+    max_batch: usize,
+    /// An environment variable holding an API key every request must send as
+    /// `Authorization: Bearer <key>`.
+    #[arg(long)]
+    api_key_env: Option<String>,
 }
 
 #[derive(Subcommand)]
@@ -234,6 +270,7 @@ fn dispatch(command: Command, quiet: bool) -> Result<ExitCode> {
                 "`rlvr kernel` needs --connection-file FILE (Jupyter gives it) or `install`"
             )
         }
+        Command::Serve(args) => serve(args),
         Command::Bench {
             which: Bench::Load { data },
         } => {
@@ -261,6 +298,45 @@ fn dispatch(command: Command, quiet: bool) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+fn serve(args: ServeArgs) -> Result<ExitCode> {
+    let path = model_path(&args.model)?;
+    let mut lm = LanguageModel::load(&path, args.tokenizer.as_deref(), &Device::Cpu)
+        .with_context(|| format!("loading the model {}", path.display()))?;
+    if let Some(dir) = &args.adapter {
+        lm = lm
+            .load_adapter(dir)
+            .with_context(|| format!("loading the adapter {}", dir.display()))?;
+    }
+    let api_key = match &args.api_key_env {
+        Some(name) => Some(
+            std::env::var(name)
+                .ok()
+                .filter(|k| !k.is_empty())
+                .with_context(|| format!("--api-key-env: the variable `{name}` is not set"))?,
+        ),
+        None => None,
+    };
+    let options = ServeOptions {
+        name: args.served_model_name.unwrap_or_else(|| args.model.clone()),
+        host: args.host,
+        port: args.port,
+        max_batch: args.max_batch,
+        api_key,
+    };
+    let name = options.name.clone();
+    rlvr::serve::serve(lm, &options, |address| {
+        println!("listening on http://{address}/v1 (model `{name}`)");
+        let _ = std::io::Write::flush(&mut std::io::stdout());
+    })?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// A model argument as a path: an existing path, a fetched alias (`rlvr models list`) or a
+/// hub id, as `model(…)` in scripts resolves it.
+fn model_path(arg: &str) -> Result<PathBuf> {
+    Ok(Store::default().resolve(arg, &Hub::default(), &download_job()?)?)
 }
 
 /// Runs a script inside a run record: the folder and its `manifest.json` are written

@@ -147,6 +147,7 @@ impl KvCache {
 
     /// Keeps only the sequences at `rows` of the batch (finished ones dropped).
     pub fn select_rows(&mut self, rows: &Tensor) -> Result<()> {
+        // the prefill's keys and values may be strided views; index_select needs them packed
         for (k, v) in self.layers.iter_mut().flatten() {
             *k = k.contiguous()?.index_select(rows, 0)?;
             *v = v.contiguous()?.index_select(rows, 0)?;

@@ -84,6 +84,29 @@ pub fn generate(
     decode: Option<Decode>,
     on_step: &mut dyn FnMut(usize) -> bool,
 ) -> Result<Vec<Completion>> {
+    generate_until(
+        model,
+        prompts,
+        requests,
+        adapters_on,
+        decode,
+        on_step,
+        &mut |_, _| false,
+    )
+}
+
+/// [`generate`], where `ends(i, ids)` also runs after each new token of request `i` (its
+/// tokens so far) and returning true ends that completion there, as [`Finish::Cancelled`]:
+/// how a server stops a row once its text holds a stop string.
+pub fn generate_until(
+    model: &Model,
+    prompts: &[Vec<u32>],
+    requests: &[Sampling],
+    adapters_on: bool,
+    decode: Option<Decode>,
+    on_step: &mut dyn FnMut(usize) -> bool,
+    ends: &mut dyn FnMut(usize, &[u32]) -> bool,
+) -> Result<Vec<Completion>> {
     assert_eq!(prompts.len(), requests.len(), "one request per prompt");
     assert!(
         decode.is_some() || requests.iter().all(|r| r.stop_strings.is_empty()),
@@ -158,9 +181,12 @@ pub fn generate(
                     Some(decode) => reaches_stop_string(&c.ids, &request.stop_strings, decode)?,
                     None => false,
                 };
-            if stopped || c.ids.len() >= request.max_tokens {
+            let ended = !stopped && ends(i, &c.ids);
+            if stopped || ended || c.ids.len() >= request.max_tokens {
                 c.finish = if stopped {
                     Finish::Stop
+                } else if ended {
+                    Finish::Cancelled
                 } else {
                     Finish::Length
                 };

@@ -6,6 +6,7 @@ mod complete;
 mod convert;
 mod data_api;
 pub mod doc;
+mod endpoint_api;
 mod model_api;
 mod notebook_api;
 mod output;
@@ -39,6 +40,7 @@ pub const AREAS: &[Area] = &[
     train_api::AREA,
     notebook_api::AREA,
     report_api::AREA,
+    endpoint_api::AREA,
 ];
 
 /// Builds the engine with every area registered; `print`, `debug` and `display` go to

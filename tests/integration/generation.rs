@@ -4,7 +4,7 @@
 //! completions.
 
 use candle_core::Device;
-use rlvr::model::generate::{generate, Finish, Sampling};
+use rlvr::model::generate::{generate, generate_until, Finish, Sampling};
 use rlvr::model::lm::LanguageModel;
 use rlvr::model::Model;
 
@@ -205,5 +205,47 @@ fn a_stop_string_ends_the_completion_and_cuts_its_text() {
             ids[..n],
             "same tokens up to the stop"
         );
+    }
+}
+
+#[test]
+fn rows_leave_the_batch_at_their_own_budgets() {
+    // a row ending right after the prefill drops out of a cache still holding the prefill's
+    // keys and values
+    let model = tiny();
+    let prompts = prompts();
+    let budgets = [1, 5, 3];
+    let requests: Vec<Sampling> = budgets.iter().map(|&n| greedy(n)).collect();
+    let batch = generate(&model, &prompts, &requests, false, None, &mut |_| true).unwrap();
+    for ((prompt, c), n) in prompts.iter().zip(&batch).zip(budgets) {
+        assert_eq!(c.ids, model.greedy(prompt, n, false).unwrap());
+        assert_eq!(c.finish, Finish::Length);
+    }
+}
+
+#[test]
+fn a_caller_can_end_one_row_by_its_tokens() {
+    let model = tiny();
+    let prompts = prompts();
+    let free = model.greedy(&prompts[0], 10, false).unwrap();
+    let requests = vec![greedy(10); 3];
+    // row 0 ends once it has produced its fourth token; the others run to their budget
+    let out = generate_until(
+        &model,
+        &prompts,
+        &requests,
+        false,
+        None,
+        &mut |_| true,
+        &mut |row, ids| row == 0 && ids.len() == 4,
+    )
+    .unwrap();
+    assert_eq!(
+        (out[0].finish, out[0].ids.clone()),
+        (Finish::Cancelled, free[..4].to_vec())
+    );
+    for (prompt, c) in prompts.iter().zip(&out).skip(1) {
+        assert_eq!(c.finish, Finish::Length);
+        assert_eq!(c.ids, model.greedy(prompt, 10, false).unwrap());
     }
 }

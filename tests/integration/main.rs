@@ -4,6 +4,7 @@ mod bad_input;
 mod bf16;
 mod cli;
 mod downloads;
+mod endpoint;
 mod export;
 mod generation;
 mod gguf;
@@ -16,6 +17,7 @@ mod model_parity;
 mod plots;
 mod real_models;
 mod run_records;
+mod serve;
 mod tokenizer;
 
 use std::path::PathBuf;

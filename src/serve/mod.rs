@@ -1,0 +1,493 @@
+//! `rlvr serve`: an OpenAI-compatible HTTP server over a loaded model, so that any
+//! OpenAI client (lm-eval's `local-chat-completions`, the `openai` package, this crate's
+//! [`crate::endpoint::Endpoint`]) can use it.
+//!
+//! Routes: `GET /v1/models`, `POST /v1/chat/completions` (the chat template applied by the
+//! model's tokenizer), `POST /v1/completions` (text or token ids), `GET /health`.
+//!
+//! Each HTTP request is read and tokenized on its own thread; one generation thread owns
+//! the model. Requests that are waiting when it becomes free are run together as one batch
+//! (every prompt × `n` a row of one [`generate_until`] call, each row with its own sampling
+//! and stop texts), so
+//! concurrent clients share decoding steps: on the CPU a batch of 8 rows decodes at more than
+//! twice the tokens per second of one row. A request arriving during a batch waits for it.
+
+pub mod request;
+
+use std::io::Read;
+use std::net::{SocketAddr, TcpStream};
+use std::sync::mpsc::{self, Receiver, Sender};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use serde_json::{json, Value};
+use tiny_http::{Header, Method, Response, Server};
+
+use crate::model::generate::{generate_until, Completion, Finish, Sampling};
+use crate::model::lm::LanguageModel;
+use crate::model::tokenizer::Tokenizer;
+use request::{BadRequest, GenerationRequest, Prompt};
+
+/// The largest request body read, in bytes.
+const MAX_BODY: u64 = 32 << 20;
+
+/// How the server runs.
+#[derive(Debug, Clone)]
+pub struct ServeOptions {
+    /// Address to listen on.
+    pub host: String,
+    /// Port to listen on; 0 picks a free one (the `on_ready` callback learns which).
+    pub port: u16,
+    /// The model id reported by `/v1/models` and in replies.
+    pub name: String,
+    /// Rows (prompts × `n`) at most in one generation batch; a single request larger than
+    /// this still runs, alone.
+    pub max_batch: usize,
+    /// When set, every request must carry `Authorization: Bearer <key>`.
+    pub api_key: Option<String>,
+}
+
+/// The server could not start.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot listen on {address}: {message}")]
+pub struct ServeError {
+    /// The address asked for.
+    pub address: String,
+    /// Why.
+    pub message: String,
+}
+
+/// Serves `lm` until the process ends; `on_ready` learns the address once it listens.
+pub fn serve(
+    lm: LanguageModel,
+    options: &ServeOptions,
+    on_ready: impl FnOnce(SocketAddr),
+) -> Result<(), ServeError> {
+    let address = format!("{}:{}", options.host, options.port);
+    let server = Server::http(&address).map_err(|e| ServeError {
+        address: address.clone(),
+        message: e.to_string(),
+    })?;
+    let bound = server.server_addr().to_ip().ok_or_else(|| ServeError {
+        address: address.clone(),
+        message: "not an IP address".into(),
+    })?;
+    let context = Arc::new(Context {
+        name: options.name.clone(),
+        created: unix_time(),
+        api_key: options.api_key.clone(),
+        tokenizer: lm.tokenizer.clone(),
+        vocab: lm.model.lm_head().dims()[0],
+    });
+    let (jobs, queue) = mpsc::channel::<Job>();
+    let max_batch = options.max_batch.max(1);
+    std::thread::Builder::new()
+        .name("rlvr-serve-generate".into())
+        .spawn(move || run_batches(&lm, &queue, max_batch))
+        .map_err(|e| ServeError {
+            address: address.clone(),
+            message: format!("cannot start the generation thread: {e}"),
+        })?;
+    keep_connection_pool_moving(bound);
+    on_ready(bound);
+    for request in server.incoming_requests() {
+        let (context, jobs) = (context.clone(), jobs.clone());
+        std::thread::spawn(move || handle(request, &context, &jobs));
+    }
+    Ok(())
+}
+
+/// tiny_http 0.12 gives each connection a thread of its pool for as long as the client keeps
+/// it alive, and starts a new thread only when none is waiting. When several connections
+/// open at once, it can count a thread as waiting that has already been woken for another
+/// connection, and leave one connection queued until a busy thread is freed: until some
+/// client closes an idle connection, 90 s later for reqwest. A connection of our own every
+/// 100 ms, closed at once, makes the pool start a thread when every thread is busy, and that
+/// thread then takes the queued connection.
+fn keep_connection_pool_moving(bound: SocketAddr) {
+    let mut target = bound;
+    if target.ip().is_unspecified() {
+        target.set_ip(match target {
+            SocketAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
+            SocketAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
+        });
+    }
+    std::thread::spawn(move || loop {
+        std::thread::sleep(Duration::from_millis(100));
+        let _ = TcpStream::connect_timeout(&target, Duration::from_secs(1));
+    });
+}
+
+/// What every request thread needs.
+struct Context {
+    name: String,
+    created: u64,
+    api_key: Option<String>,
+    tokenizer: Tokenizer,
+    /// Rows of the embedding table: token ids must be below it.
+    vocab: usize,
+}
+
+/// One HTTP request's rows, sent to the generation thread; the results come back on
+/// `reply`.
+struct Job {
+    rows: Vec<(Vec<u32>, Sampling)>,
+    /// Texts that end a row once its decoded completion holds one.
+    stop: Vec<String>,
+    reply: Sender<Result<Vec<Completion>, String>>,
+}
+
+/// The generation thread: takes every job waiting (up to `max_batch` rows), runs them as
+/// one batch, answers each.
+fn run_batches(lm: &LanguageModel, queue: &Receiver<Job>, max_batch: usize) {
+    let adapters_on = lm.lora.is_some();
+    while let Ok(first) = queue.recv() {
+        let mut rows = first.rows.len();
+        let mut batch = vec![first];
+        while rows < max_batch {
+            let Ok(job) = queue.try_recv() else { break };
+            rows += job.rows.len();
+            batch.push(job);
+        }
+        let (ids, samplings): (Vec<Vec<u32>>, Vec<Sampling>) = batch
+            .iter()
+            .flat_map(|job| job.rows.iter().cloned())
+            .unzip();
+        let stops: Vec<&[String]> = batch
+            .iter()
+            .flat_map(|job| job.rows.iter().map(|_| job.stop.as_slice()))
+            .collect();
+        let mut holds_stop =
+            |row: usize, ids: &[u32]| ends_with_stop(&lm.tokenizer, ids, stops[row]);
+        let generated = generate_until(
+            &lm.model,
+            &ids,
+            &samplings,
+            adapters_on,
+            None,
+            &mut |_| true,
+            &mut holds_stop,
+        );
+        match generated {
+            Ok(mut completions) => {
+                for job in batch.iter().rev() {
+                    let mine = completions.split_off(completions.len() - job.rows.len());
+                    let _ = job.reply.send(Ok(mine));
+                }
+            }
+            Err(e) => {
+                // candle appends a backtrace to some errors; the first line says what failed
+                let message = e.to_string();
+                let message = message.lines().next().unwrap_or_default();
+                for job in &batch {
+                    let _ = job.reply.send(Err(message.to_string()));
+                }
+            }
+        }
+    }
+}
+
+/// Whether the text of `ids` now holds one of the `stop` texts. A stop text that was not
+/// there before ends in the newest token, and a text of `b` bytes spans at most `b` tokens
+/// (plus one cut across its start), so only the last tokens are decoded.
+fn ends_with_stop(tokenizer: &Tokenizer, ids: &[u32], stop: &[String]) -> bool {
+    let Some(longest) = stop.iter().map(String::len).max() else {
+        return false;
+    };
+    let tail = &ids[ids.len().saturating_sub(longest + 2)..];
+    tokenizer
+        .decode(tail)
+        .is_ok_and(|text| stop.iter().any(|s| text.contains(s.as_str())))
+}
+
+/// An HTTP answer: status and JSON body.
+type Answer = (u16, Value);
+
+fn handle(mut request: tiny_http::Request, context: &Context, jobs: &Sender<Job>) {
+    let started = Instant::now();
+    let method = request.method().clone();
+    let path = request.url().split('?').next().unwrap_or("").to_string();
+    let (status, body, note) = match answer(&mut request, &method, &path, context, jobs) {
+        Ok((status, body)) => {
+            let note = usage_note(&body);
+            (status, body, note)
+        }
+        Err((status, body)) => {
+            let note = body["error"]["message"].as_str().unwrap_or("").to_string();
+            (status, body, note)
+        }
+    };
+    eprintln!(
+        "{method} {path} {status} {:.2} s {note}",
+        started.elapsed().as_secs_f64()
+    );
+    let header = Header::from_bytes("Content-Type", "application/json").expect("a valid header");
+    let response = Response::from_string(body.to_string())
+        .with_status_code(status)
+        .with_header(header);
+    let _ = request.respond(response);
+}
+
+fn usage_note(body: &Value) -> String {
+    match body.get("usage") {
+        Some(u) => format!(
+            "({} choices, {} prompt + {} completion tokens)",
+            body["choices"].as_array().map_or(0, Vec::len),
+            u["prompt_tokens"],
+            u["completion_tokens"]
+        ),
+        None => String::new(),
+    }
+}
+
+fn answer(
+    request: &mut tiny_http::Request,
+    method: &Method,
+    path: &str,
+    context: &Context,
+    jobs: &Sender<Job>,
+) -> Result<Answer, Answer> {
+    if let Some(key) = &context.api_key {
+        let expected = format!("Bearer {key}");
+        let given = request
+            .headers()
+            .iter()
+            .find(|h| h.field.equiv("Authorization"))
+            .map(|h| h.value.as_str());
+        if given != Some(expected.as_str()) {
+            return Err(error(
+                401,
+                "authentication_error",
+                None,
+                "a valid `Authorization: Bearer` API key is required",
+            ));
+        }
+    }
+    let route = path.trim_end_matches('/');
+    match (method, route) {
+        (Method::Get, "/v1/models") => Ok((200, models(context))),
+        (Method::Get, "/health" | "/v1/health") => Ok((200, json!({"status": "ok"}))),
+        (Method::Post, "/v1/chat/completions" | "/v1/completions") => {
+            let body = read_json(request)?;
+            let chat = route == "/v1/chat/completions";
+            let parsed = if chat {
+                request::chat(&body)
+            } else {
+                request::completion(&body)
+            };
+            let parsed = parsed.map_err(|e| bad_request(&e))?;
+            complete(context, jobs, &parsed, chat)
+        }
+        (
+            _,
+            "/v1/models" | "/health" | "/v1/health" | "/v1/chat/completions" | "/v1/completions",
+        ) => Err(error(
+            405,
+            "invalid_request_error",
+            None,
+            &format!("{method} is not allowed on {route}"),
+        )),
+        _ => Err(error(
+            404,
+            "not_found_error",
+            None,
+            &format!(
+                "no route {method} {path}; routes: GET /v1/models, POST /v1/chat/completions, \
+                 POST /v1/completions"
+            ),
+        )),
+    }
+}
+
+fn models(context: &Context) -> Value {
+    json!({
+        "object": "list",
+        "data": [{
+            "id": context.name,
+            "object": "model",
+            "created": context.created,
+            "owned_by": "rlvr",
+        }],
+    })
+}
+
+fn read_json(request: &mut tiny_http::Request) -> Result<Value, Answer> {
+    let mut text = String::new();
+    let read = request
+        .as_reader()
+        .take(MAX_BODY + 1)
+        .read_to_string(&mut text);
+    if let Err(e) = read {
+        return Err(error(
+            400,
+            "invalid_request_error",
+            None,
+            &format!("cannot read the body: {e}"),
+        ));
+    }
+    if text.len() as u64 > MAX_BODY {
+        return Err(error(
+            413,
+            "invalid_request_error",
+            None,
+            &format!("the body is larger than {MAX_BODY} bytes"),
+        ));
+    }
+    serde_json::from_str(&text).map_err(|e| {
+        error(
+            400,
+            "invalid_request_error",
+            None,
+            &format!("the body is not valid JSON: {e}"),
+        )
+    })
+}
+
+/// Tokenizes the prompts, queues their rows for the generation thread, waits, and builds
+/// OpenAI's reply.
+fn complete(
+    context: &Context,
+    jobs: &Sender<Job>,
+    request: &GenerationRequest,
+    chat: bool,
+) -> Result<Answer, Answer> {
+    let tokenizer = &context.tokenizer;
+    let mut prompt_ids = Vec::with_capacity(request.prompts.len());
+    for (i, prompt) in request.prompts.iter().enumerate() {
+        let ids = match prompt {
+            Prompt::Chat(messages) => tokenizer
+                .chat(messages, true)
+                .and_then(|text| tokenizer.encode(&text))
+                .map_err(|e| bad_request(&BadRequest::field("messages", e.to_string())))?,
+            Prompt::Text(text) => tokenizer
+                .encode(text)
+                .map_err(|e| bad_request(&BadRequest::field("prompt", e.to_string())))?,
+            Prompt::Ids(ids) => ids.clone(),
+        };
+        let param = if request.prompts.len() > 1 {
+            format!("prompt[{i}]")
+        } else {
+            "prompt".to_string()
+        };
+        if ids.is_empty() {
+            return Err(bad_request(&BadRequest::field(&param, "has no tokens")));
+        }
+        if let Some(id) = ids.iter().find(|&&id| id as usize >= context.vocab) {
+            let message = format!(
+                "token id {id} is outside the vocabulary of {}",
+                context.vocab
+            );
+            return Err(bad_request(&BadRequest::field(&param, message)));
+        }
+        prompt_ids.push(ids);
+    }
+    let mut stop_ids = tokenizer.stop_ids();
+    // A stop text that is one token of its own stops generation at once; others are found
+    // in the decoded text.
+    stop_ids.extend(request.stop.iter().filter_map(|s| {
+        let id = tokenizer.token_id(s)?;
+        (tokenizer.decode(&[id]).ok()? == *s).then_some(id)
+    }));
+    let seed = request.seed.unwrap_or_else(rand::random);
+    let rows: Vec<(Vec<u32>, Sampling)> = prompt_ids
+        .iter()
+        .flat_map(|ids| {
+            (0..request.n).map(|j| {
+                let sampling = Sampling {
+                    stop_strings: vec![],
+                    max_tokens: request.max_tokens,
+                    temperature: request.temperature,
+                    top_k: request.top_k,
+                    top_p: request.top_p,
+                    min_p: request.min_p,
+                    seed: seed.wrapping_add(j as u64),
+                    stop_ids: stop_ids.clone(),
+                };
+                (ids.clone(), sampling)
+            })
+        })
+        .collect();
+    let (reply, results) = mpsc::channel();
+    let server_error = |message: String| error(500, "server_error", None, &message);
+    let stop = request.stop.clone();
+    jobs.send(Job { rows, stop, reply })
+        .map_err(|_| server_error("the generation thread has stopped".into()))?;
+    let completions = results
+        .recv()
+        .map_err(|_| server_error("the generation thread has stopped".into()))?
+        .map_err(|e| server_error(format!("generation failed: {e}")))?;
+    let mut choices = Vec::with_capacity(completions.len());
+    let mut completion_tokens = 0;
+    for (index, completion) in completions.iter().enumerate() {
+        let (text, finish, tokens) = finish_text(tokenizer, completion, &request.stop)
+            .map_err(|e| server_error(format!("decoding failed: {e}")))?;
+        completion_tokens += tokens;
+        choices.push(if chat {
+            json!({"index": index, "message": {"role": "assistant", "content": text},
+                   "finish_reason": finish, "logprobs": null})
+        } else {
+            json!({"index": index, "text": text, "finish_reason": finish, "logprobs": null})
+        });
+    }
+    let prompt_tokens: usize = prompt_ids.iter().map(Vec::len).sum();
+    let (id_prefix, object) = if chat {
+        ("chatcmpl", "chat.completion")
+    } else {
+        ("cmpl", "text_completion")
+    };
+    Ok((
+        200,
+        json!({
+            "id": format!("{id_prefix}-{:016x}", rand::random::<u64>()),
+            "object": object,
+            "created": unix_time(),
+            "model": context.name,
+            "choices": choices,
+            "usage": {
+                "prompt_tokens": prompt_tokens,
+                "completion_tokens": completion_tokens,
+                "total_tokens": prompt_tokens + completion_tokens,
+            },
+        }),
+    ))
+}
+
+/// A completion's text, finish reason and token count: the stop token left out of the
+/// text, the text cut before its first stop text (generation ended at the token that
+/// completed it).
+fn finish_text(
+    tokenizer: &Tokenizer,
+    completion: &Completion,
+    stop: &[String],
+) -> crate::model::Result<(String, &'static str, usize)> {
+    let tokens = completion.ids.len();
+    let (shown, finish) = match completion.finish {
+        Finish::Stop => (&completion.ids[..tokens - 1], "stop"),
+        Finish::Length | Finish::Cancelled => (&completion.ids[..], "length"),
+    };
+    let text = tokenizer.decode(shown)?;
+    Ok(
+        match stop.iter().filter_map(|s| text.find(s.as_str())).min() {
+            Some(cut) => (text[..cut].to_string(), "stop", tokens),
+            None => (text, finish, tokens),
+        },
+    )
+}
+
+fn bad_request(e: &BadRequest) -> Answer {
+    error(400, "invalid_request_error", e.param.as_deref(), &e.message)
+}
+
+/// OpenAI's error shape.
+fn error(status: u16, kind: &str, param: Option<&str>, message: &str) -> Answer {
+    (
+        status,
+        json!({"error": {"message": message, "type": kind, "param": param, "code": null}}),
+    )
+}
+
+fn unix_time() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}

@@ -1,0 +1,461 @@
+//! `rlvr serve` on the tiny Gemma 3 fixture (with the tiny tokenizer that fits its
+//! 512-token vocabulary), started as a child process on a free port of 127.0.0.1 and queried
+//! by the endpoint client and by raw HTTP: replies equal the local model's generation for
+//! the same seeds, `n` and seeds reproduce, stop texts cut, usage counts, OpenAI's errors,
+//! batched concurrent requests, adapters, API keys and the script surface.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+
+use candle_core::Device;
+use rlvr::endpoint::{
+    ChatRequest, CompletionRequest, Endpoint, EndpointError, EndpointOptions, RequestParams,
+};
+use rlvr::model::chat::Message;
+use rlvr::model::generate::Sampling;
+use rlvr::model::lm::LanguageModel;
+use rlvr::progress::Job;
+use serde_json::{json, Value};
+
+use crate::repo;
+
+const MODEL: &str = "tests/fixtures/tiny-gemma3";
+const TOKENIZER: &str = "tests/fixtures/tiny-tokenizer/tokenizer.json";
+
+/// A running `rlvr serve`, killed when dropped.
+struct Served {
+    child: Child,
+    /// `http://127.0.0.1:PORT/v1`
+    url: String,
+}
+
+impl Served {
+    /// `rlvr serve` on the tiny fixture.
+    fn start(extra: &[&str], envs: &[(&str, &str)]) -> Self {
+        Served::start_model(MODEL, extra, envs)
+    }
+
+    fn start_model(model: &str, extra: &[&str], envs: &[(&str, &str)]) -> Self {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_rlvr"));
+        command
+            .args([
+                "serve",
+                "--model",
+                model,
+                "--tokenizer",
+                TOKENIZER,
+                "--port",
+                "0",
+            ])
+            .args(["--served-model-name", "tiny"])
+            .args(extra)
+            .current_dir(repo(""))
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        for (k, v) in envs {
+            command.env(k, v);
+        }
+        let mut child = command.spawn().expect("rlvr serve starts");
+        let log = Arc::new(Mutex::new(String::new()));
+        let mut stderr = child.stderr.take().unwrap();
+        let sink = log.clone();
+        std::thread::spawn(move || {
+            let mut text = String::new();
+            let _ = stderr.read_to_string(&mut text);
+            sink.lock().unwrap().push_str(&text);
+        });
+        let mut first = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut first)
+            .unwrap();
+        let url = first
+            .strip_prefix("listening on ")
+            .and_then(|rest| rest.split_whitespace().next())
+            .unwrap_or_else(|| {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!(
+                    "rlvr serve did not start: {first:?} {}",
+                    log.lock().unwrap()
+                )
+            })
+            .to_string();
+        Served { child, url }
+    }
+
+    /// A client that does not retry and waits a minute at most for a reply, so that any
+    /// server error or stall fails the test.
+    fn client(&self) -> Endpoint {
+        let options = EndpointOptions {
+            retries: 0,
+            timeout: std::time::Duration::from_secs(60),
+            ..EndpointOptions::default()
+        };
+        Endpoint::new(&self.url, "tiny", options).unwrap()
+    }
+
+    /// A raw HTTP request: the status and the JSON body.
+    fn http(&self, method: &str, path: &str, body: &str, headers: &str) -> (u16, Value) {
+        let address = self
+            .url
+            .trim_start_matches("http://")
+            .trim_end_matches("/v1");
+        let mut stream = TcpStream::connect(address).unwrap();
+        write!(
+            stream,
+            "{method} {path} HTTP/1.1\r\nHost: {address}\r\nContent-Type: application/json\r\n\
+             Content-Length: {}\r\nConnection: close\r\n{headers}\r\n{body}",
+            body.len()
+        )
+        .unwrap();
+        let mut answer = String::new();
+        stream.read_to_string(&mut answer).unwrap();
+        let (head, body) = answer.split_once("\r\n\r\n").unwrap();
+        let status = head.split_whitespace().nth(1).unwrap().parse().unwrap();
+        (status, serde_json::from_str(body).unwrap())
+    }
+}
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn local() -> LanguageModel {
+    LanguageModel::load(&repo(MODEL), Some(&repo(TOKENIZER)), &Device::Cpu).unwrap()
+}
+
+fn params(max_tokens: usize, temperature: f64, n: usize, seed: u64) -> RequestParams {
+    RequestParams {
+        max_tokens,
+        temperature,
+        n,
+        seed: Some(seed),
+        ..RequestParams::default()
+    }
+}
+
+fn complete(ep: &Endpoint, prompt: &str, params: RequestParams) -> rlvr::endpoint::Reply {
+    let request = CompletionRequest {
+        prompt: prompt.into(),
+        params,
+    };
+    ep.complete(&[request], &Job::silent(), &mut |_, _| {})
+        .remove(0)
+        .unwrap()
+}
+
+#[test]
+fn replies_equal_the_local_model_for_the_same_seeds() {
+    let served = Served::start(&[], &[]);
+    let ep = served.client();
+    assert_eq!(ep.models().unwrap(), ["tiny"]);
+    let lm = local();
+
+    // /v1/completions with n = 3: sample j is the local model's prompt j of a batch seeded 5
+    let reply = complete(&ep, "The patient", params(8, 0.8, 3, 5));
+    let sampling = Sampling {
+        max_tokens: 8,
+        temperature: 0.8,
+        seed: 5,
+        ..Sampling::default()
+    };
+    let expected = lm
+        .generate(&vec!["The patient".to_string(); 3], &sampling, &mut |_| {
+            true
+        })
+        .unwrap();
+    let texts: Vec<&str> = expected.iter().map(|g| g.text.as_str()).collect();
+    assert_eq!(reply.texts, texts);
+    assert_eq!(
+        reply.prompt_tokens,
+        lm.tokenizer.encode("The patient").unwrap().len()
+    );
+    let generated: usize = expected.iter().map(|g| g.completion.ids.len()).sum();
+    assert_eq!(reply.completion_tokens, generated);
+    assert_eq!(reply.finish_reasons.len(), 3);
+
+    // /v1/chat/completions: the tokenizer's chat template, then greedy decoding
+    let messages = vec![Message::new("user", "What is 2 + 2?")];
+    let chat = ChatRequest {
+        messages: messages.clone(),
+        params: params(6, 0.0, 1, 0),
+    };
+    let reply = ep
+        .chat(&[chat], &Job::silent(), &mut |_, _| {})
+        .remove(0)
+        .unwrap();
+    let prompt = lm.tokenizer.chat(&messages, true).unwrap();
+    let greedy = Sampling {
+        max_tokens: 6,
+        temperature: 0.0,
+        ..Sampling::default()
+    };
+    let expected = lm
+        .generate(std::slice::from_ref(&prompt), &greedy, &mut |_| true)
+        .unwrap()
+        .remove(0);
+    assert_eq!(reply.texts, [expected.text]);
+    assert_eq!(
+        reply.prompt_tokens,
+        lm.tokenizer.encode(&prompt).unwrap().len()
+    );
+    let usage = ep.usage();
+    assert_eq!(
+        (usage.requests, usage.retries),
+        (3, 0),
+        "models, completions, chat"
+    );
+}
+
+#[test]
+fn seeds_reproduce_and_differ() {
+    let served = Served::start(&[], &[]);
+    let ep = served.client();
+    let a = complete(&ep, "An answer is", params(10, 1.0, 2, 11));
+    let b = complete(&ep, "An answer is", params(10, 1.0, 2, 11));
+    let c = complete(&ep, "An answer is", params(10, 1.0, 2, 12));
+    assert_eq!(a.texts, b.texts);
+    assert_ne!(
+        a.texts[0], a.texts[1],
+        "the two samples of a request differ"
+    );
+    assert_eq!(
+        a.texts[1], c.texts[0],
+        "sample 1 of seed 11 is sample 0 of seed 12"
+    );
+}
+
+#[test]
+fn stop_texts_cut_samples_and_their_token_counts() {
+    let served = Served::start(&[], &[]);
+    let ep = served.client();
+    let full = complete(&ep, "The patient", params(16, 0.0, 1, 0));
+    let text = &full.texts[0];
+    let chars: Vec<char> = text.chars().collect();
+    assert!(chars.len() >= 6, "{text:?}");
+    let stop: String = chars[chars.len() / 2..chars.len() / 2 + 2].iter().collect();
+    let cut = &text[..text.find(&stop).unwrap()];
+    let stopped = complete(
+        &ep,
+        "The patient",
+        RequestParams {
+            stop: vec![stop.clone(), "never appears ∅".into()],
+            ..params(16, 0.0, 1, 0)
+        },
+    );
+    assert_eq!(stopped.texts, [cut]);
+    assert_eq!(stopped.finish_reasons, ["stop"]);
+    // generation ended at the token that completed the stop text
+    let lm = local();
+    let greedy = Sampling {
+        max_tokens: 16,
+        temperature: 0.0,
+        ..Sampling::default()
+    };
+    let ids = lm
+        .generate(&["The patient".to_string()], &greedy, &mut |_| true)
+        .unwrap()[0]
+        .completion
+        .ids
+        .clone();
+    let through_stop = (1..=ids.len())
+        .find(|&k| lm.tokenizer.decode(&ids[..k]).unwrap().contains(&stop))
+        .unwrap();
+    assert_eq!(stopped.completion_tokens, through_stop);
+    assert!(stopped.completion_tokens < full.completion_tokens);
+}
+
+#[test]
+fn bad_requests_get_openai_errors_naming_the_field() {
+    let served = Served::start(&[], &[]);
+    let chat = |extra: &str| {
+        format!(r#"{{"model": "tiny", "messages": [{{"role": "user", "content": "Hi"}}]{extra}}}"#)
+    };
+    for (body, param) in [
+        (chat(r#", "temperature": -1"#), "temperature"),
+        (chat(r#", "n": 0"#), "n"),
+        (chat(r#", "max_tokens": "many""#), "max_tokens"),
+        (chat(r#", "stop": 5"#), "stop"),
+        (chat(r#", "stream": true"#), "stream"),
+        (r#"{"messages": "Hi"}"#.to_string(), "messages"),
+    ] {
+        let (status, reply) = served.http("POST", "/v1/chat/completions", &body, "");
+        assert_eq!(status, 400, "{body}: {reply}");
+        assert_eq!(reply["error"]["type"], "invalid_request_error");
+        assert_eq!(reply["error"]["param"], param, "{body}");
+        assert!(reply["error"]["message"].as_str().unwrap().contains(param));
+    }
+    let (status, reply) = served.http("POST", "/v1/completions", "{not json", "");
+    assert_eq!(status, 400);
+    assert!(reply["error"]["message"].as_str().unwrap().contains("JSON"));
+    let (status, reply) = served.http("POST", "/v1/completions", r#"{"prompt": [2, 99999]}"#, "");
+    assert_eq!(
+        (status, reply["error"]["param"].clone()),
+        (400, json!("prompt"))
+    );
+    let (status, _) = served.http("GET", "/v1/nothing", "", "");
+    assert_eq!(status, 404);
+    let (status, _) = served.http("GET", "/v1/chat/completions", "", "");
+    assert_eq!(status, 405);
+
+    // the client reports the server's message and does not retry a 400
+    let ep = served.client();
+    let request = CompletionRequest {
+        prompt: "x".into(),
+        params: params(4, -2.0, 1, 0),
+    };
+    let err = ep
+        .complete(&[request], &Job::silent(), &mut |_, _| {})
+        .remove(0)
+        .unwrap_err();
+    match err {
+        EndpointError::Http {
+            status: 400,
+            message,
+            attempts: 1,
+            ..
+        } => {
+            assert!(message.contains("temperature"), "{message}")
+        }
+        other => panic!("{other}"),
+    }
+}
+
+#[test]
+fn concurrent_requests_are_batched_and_each_gets_its_own_rows() {
+    let served = Served::start(&["--max-batch", "16"], &[]);
+    let ep = served.client();
+    let lm = local();
+    let prompts = [
+        "The patient",
+        "An answer is",
+        "Fever and",
+        "2 + 2 =",
+        "Q:",
+        "Hello",
+        "x",
+        "The",
+    ];
+    // request i asks for i + 1 greedy tokens, so a mix-up of rows shows in lengths and texts
+    let requests: Vec<CompletionRequest> = prompts
+        .iter()
+        .enumerate()
+        .map(|(i, p)| CompletionRequest {
+            prompt: p.to_string(),
+            params: params(i + 1, 0.0, 1, 0),
+        })
+        .collect();
+    let results = ep.complete(&requests, &Job::silent(), &mut |_, _| {});
+    for (i, (prompt, result)) in prompts.iter().zip(&results).enumerate() {
+        let greedy = Sampling {
+            max_tokens: i + 1,
+            temperature: 0.0,
+            ..Sampling::default()
+        };
+        let expected = lm
+            .generate(&[prompt.to_string()], &greedy, &mut |_| true)
+            .unwrap()
+            .remove(0);
+        let reply = result.as_ref().unwrap();
+        assert_eq!(reply.texts, [expected.text], "{prompt}");
+        assert_eq!(
+            reply.completion_tokens,
+            expected.completion.ids.len(),
+            "{prompt}"
+        );
+    }
+}
+
+#[test]
+fn an_adapter_changes_the_served_model() {
+    let adapter = "tests/fixtures/tiny-gemma3/adapter";
+    let served = Served::start(&["--adapter", adapter], &[]);
+    let ep = served.client();
+    let tuned = local().load_adapter(&repo(adapter)).unwrap();
+    let reply = complete(&ep, "The patient", params(12, 0.0, 1, 0));
+    let greedy = Sampling {
+        max_tokens: 12,
+        temperature: 0.0,
+        ..Sampling::default()
+    };
+    let expected = tuned
+        .generate(&["The patient".to_string()], &greedy, &mut |_| true)
+        .unwrap();
+    assert_eq!(reply.texts, [expected[0].text.clone()]);
+}
+
+#[test]
+fn scripts_use_a_server_with_an_api_key_that_is_never_shown() {
+    let key = "sk-test-3f9a1c";
+    let served = Served::start(
+        &["--api-key-env", "RLVR_TEST_SERVE_KEY"],
+        &[("RLVR_TEST_SERVE_KEY", key)],
+    );
+    let (status, reply) = served.http("GET", "/v1/models", "", "");
+    assert_eq!(
+        (status, reply["error"]["type"].clone()),
+        (401, json!("authentication_error"))
+    );
+    let (status, _) = served.http(
+        "GET",
+        "/v1/models",
+        "",
+        &format!("Authorization: Bearer {key}\r\n"),
+    );
+    assert_eq!(status, 200);
+
+    let url = format!("url={}", served.url);
+    let run = |key_value: &str| {
+        Command::new(env!("CARGO_BIN_EXE_rlvr"))
+            .args(["run", "tests/scripts/endpoint.rhai", "--set", &url])
+            .env("RLVR_TEST_SERVE_KEY", key_value)
+            .current_dir(repo(""))
+            .output()
+            .unwrap()
+    };
+    let out = run(key);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "stdout: {stdout}\nstderr: {stderr}");
+    assert!(stdout.contains("models: [\"tiny\"]"), "{stdout}");
+    assert!(stdout.contains("requests: 9"), "{stdout}");
+    assert!(!stdout.contains(key) && !stderr.contains(key));
+
+    let out = run("sk-wrong-key");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("HTTP 401") && stderr.contains("/v1/models"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("sk-wrong-key"), "{stderr}");
+}
+
+#[test]
+fn models_are_named_as_model_names_them() {
+    // an alias resolves in the model store of $RLVR_HOME: an empty store names the fetch
+    let home = std::env::temp_dir().join(format!("rlvr-serve-home-{}", std::process::id()));
+    std::fs::create_dir_all(&home).unwrap();
+    let home_var = home.to_str().unwrap();
+    let serve = |model: &str| {
+        let out = Command::new(env!("CARGO_BIN_EXE_rlvr"))
+            .args(["serve", "--model", model, "--port", "0"])
+            .env("RLVR_HOME", home_var)
+            .output()
+            .unwrap();
+        assert!(!out.status.success());
+        String::from_utf8_lossy(&out.stderr).to_string()
+    };
+    let stderr = serve("smollm2-135m-instruct");
+    assert!(
+        stderr.contains("rlvr models fetch smollm2-135m-instruct"),
+        "{stderr}"
+    );
+    let stderr = serve("no-such-model");
+    assert!(stderr.contains("no-such-model"), "{stderr}");
+}
