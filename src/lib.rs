@@ -6,6 +6,7 @@
 
 pub mod bench;
 pub mod data;
+pub mod eval;
 pub mod model;
 pub mod paths;
 pub mod progress;

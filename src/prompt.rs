@@ -83,7 +83,10 @@ mod tests {
         let m = PromptTemplate::study().messages(&q);
         assert_eq!(m.len(), 2);
         assert_eq!(m[1].content, study_question(&q));
-        assert_eq!(m[1].content, "Which drug?\nAnswer Choices: (A) Aspirin (B) Heparin ");
+        assert_eq!(
+            m[1].content,
+            "Which drug?\nAnswer Choices: (A) Aspirin (B) Heparin "
+        );
         let open = Question {
             question: "2+2?".into(),
             ..Question::default()

@@ -90,7 +90,9 @@ impl Builtin {
             Builtin::Format => study_format(s.completion),
             Builtin::XmlCount => xml_count(s.completion),
             Builtin::Binary => f64::from(u8::from(is_correct(s.completion, s.question))),
-            Builtin::Numeric => f64::from(u8::from(numeric_match(s.completion, &s.question.answer))),
+            Builtin::Numeric => {
+                f64::from(u8::from(numeric_match(s.completion, &s.question.answer)))
+            }
             Builtin::Length => overlong_penalty(s.tokens, s.max_tokens, s.max_tokens / 5),
         }
     }
@@ -374,7 +376,10 @@ mod tests {
         assert_eq!(r("B"), 0.0);
         // greedy: from the first <answer> to the last </answer>
         assert_eq!(r("<answer>B</answer> and <answer>B</answer>"), 0.0);
-        assert_eq!(answer_tag("<answer>B</answer>x</answer>"), Some("B</answer>x"));
+        assert_eq!(
+            answer_tag("<answer>B</answer>x</answer>"),
+            Some("B</answer>x")
+        );
         assert_eq!(answer_tag("</answer><answer>"), None);
     }
 
@@ -382,20 +387,29 @@ mod tests {
     fn format_follows_the_study_regexes() {
         assert_eq!(study_format("<think>a</think><answer>B</answer>"), 2.0);
         assert_eq!(study_format("<think>a</think>\n<answer>B</answer>\n"), 2.0);
-        assert_eq!(study_format("<think>a</think> <answer>B</answer> done"), 1.0);
+        assert_eq!(
+            study_format("<think>a</think> <answer>B</answer> done"),
+            1.0
+        );
         assert_eq!(study_format("<think>a</think>\n\n<answer>B</answer>"), 0.0);
         assert_eq!(study_format(" <think>a</think><answer>B</answer>"), 0.0);
         assert_eq!(study_format("<think></think><answer></answer>"), 2.0);
         assert_eq!(study_format("<think>a</think><answer>B</answer>\n\n"), 1.0);
         // the lazy think part may stretch over an earlier </think>
-        assert_eq!(study_format("<think>a</think>b</think><answer>B</answer>"), 2.0);
+        assert_eq!(
+            study_format("<think>a</think>b</think><answer>B</answer>"),
+            2.0
+        );
         assert_eq!(xml_count("<think>a</think><answer>B</answer>"), 1.0);
         assert_eq!(xml_count("<think><think></think>"), 0.25);
     }
 
     #[test]
     fn numbers_and_letters_are_extracted() {
-        assert_eq!(last_number("so 1,234.50 dollars, then 72."), Some("72".into()));
+        assert_eq!(
+            last_number("so 1,234.50 dollars, then 72."),
+            Some("72".into())
+        );
         assert_eq!(last_number("it costs $1,000"), Some("1000".into()));
         assert_eq!(last_number("-5 degrees"), Some("-5".into()));
         assert!(numeric_match("#### 1,000", "1000"));

@@ -7,10 +7,10 @@ pub mod error;
 mod generic;
 mod gsm8k;
 pub mod items;
-pub mod question;
 mod medqa;
 mod mmlu;
 mod mmlu_pro;
+pub mod question;
 pub mod records;
 pub mod table;
 

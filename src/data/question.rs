@@ -35,7 +35,9 @@ pub fn questions(df: &DataFrame) -> Result<Vec<Question>> {
     let text = |name: &str, required: bool| -> Result<Option<Vec<Option<String>>>> {
         match df.column(name) {
             Ok(c) => {
-                let s = c.cast(&DataType::String).map_err(|e| column_error(name, e))?;
+                let s = c
+                    .cast(&DataType::String)
+                    .map_err(|e| column_error(name, e))?;
                 let ca = s.str().map_err(|e| column_error(name, e))?;
                 Ok(Some(ca.iter().map(|v| v.map(str::to_string)).collect()))
             }
@@ -61,13 +63,12 @@ pub fn questions(df: &DataFrame) -> Result<Vec<Question>> {
         Err(_) => None,
     };
     let choices_col = df.column("choices").map_err(|_| missing(df, "choices"))?;
-    let choices_list = choices_col
-        .list()
-        .map_err(|e| column_error("choices", e))?;
+    let choices_list = choices_col.list().map_err(|e| column_error("choices", e))?;
     let mut choices = Vec::with_capacity(df.height());
-    for row in choices_list.into_iter() {
+    for row in choices_list.amortized_iter() {
         let options = match row {
             Some(series) => series
+                .as_ref()
                 .str()
                 .map_err(|e| column_error("choices", e))?
                 .iter()
@@ -78,9 +79,7 @@ pub fn questions(df: &DataFrame) -> Result<Vec<Question>> {
         choices.push(options);
     }
     let get = |col: &Option<Vec<Option<String>>>, i: usize| -> String {
-        col.as_ref()
-            .and_then(|c| c[i].clone())
-            .unwrap_or_default()
+        col.as_ref().and_then(|c| c[i].clone()).unwrap_or_default()
     };
     Ok((0..df.height())
         .zip(choices)

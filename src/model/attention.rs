@@ -148,8 +148,8 @@ impl KvCache {
     /// Keeps only the sequences at `rows` of the batch (finished ones dropped).
     pub fn select_rows(&mut self, rows: &Tensor) -> Result<()> {
         for (k, v) in self.layers.iter_mut().flatten() {
-            *k = k.index_select(rows, 0)?;
-            *v = v.index_select(rows, 0)?;
+            *k = k.contiguous()?.index_select(rows, 0)?;
+            *v = v.contiguous()?.index_select(rows, 0)?;
         }
         Ok(())
     }

@@ -74,6 +74,26 @@ pub fn generate(
     adapters_on: bool,
     on_step: &mut dyn FnMut(usize) -> bool,
 ) -> Result<Vec<Completion>> {
+    generate_until(
+        model,
+        prompts,
+        requests,
+        adapters_on,
+        &mut |_, _| false,
+        on_step,
+    )
+}
+
+/// [`generate`], where request `i` also ends (as [`Finish::Stop`]) as soon as
+/// `stop(i, ids_so_far)` is true, e.g. when a stop string appears in its text.
+pub fn generate_until(
+    model: &Model,
+    prompts: &[Vec<u32>],
+    requests: &[Sampling],
+    adapters_on: bool,
+    stop: &mut dyn FnMut(usize, &[u32]) -> bool,
+    on_step: &mut dyn FnMut(usize) -> bool,
+) -> Result<Vec<Completion>> {
     assert_eq!(prompts.len(), requests.len(), "one request per prompt");
     let device = model.device().clone();
     let mut done: Vec<Option<Completion>> = vec![None; prompts.len()];
@@ -139,7 +159,7 @@ pub fn generate(
             let c = &mut partial[i];
             c.ids.push(token);
             c.logprobs.push(logprob);
-            let stopped = request.stop_ids.contains(&token);
+            let stopped = request.stop_ids.contains(&token) || stop(i, &c.ids);
             if stopped || c.ids.len() >= request.max_tokens {
                 c.finish = if stopped {
                     Finish::Stop

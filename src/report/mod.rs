@@ -31,7 +31,10 @@ impl Plot {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir)?;
         }
-        if path.extension().is_some_and(|e| e.eq_ignore_ascii_case("svg")) {
+        if path
+            .extension()
+            .is_some_and(|e| e.eq_ignore_ascii_case("svg"))
+        {
             std::fs::write(path, &self.svg)
         } else {
             std::fs::write(path, &self.png)

@@ -5,6 +5,7 @@
 mod convert;
 mod data_api;
 pub mod doc;
+mod eval_api;
 mod model_api;
 mod output;
 
@@ -27,7 +28,12 @@ pub struct Area {
 }
 
 /// Every area of the script surface, in reference order.
-pub const AREAS: &[Area] = &[output::AREA, data_api::AREA, model_api::AREA];
+pub const AREAS: &[Area] = &[
+    output::AREA,
+    data_api::AREA,
+    model_api::AREA,
+    eval_api::AREA,
+];
 
 /// Builds the engine with every area registered; `print`, `debug` and `display` go to
 /// `output`.

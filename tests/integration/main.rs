@@ -2,6 +2,7 @@
 
 mod bad_input;
 mod cli;
+mod eval;
 mod generation;
 mod gguf;
 mod loaders;

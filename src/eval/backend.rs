@@ -1,0 +1,347 @@
+//! What evaluation needs from a model, as a small trait: complete prompts, and score
+//! continuations. The local candle model implements it here; an OpenAI-compatible endpoint
+//! (`rlvr::endpoint::Endpoint`: chat / completions with `logprobs` and `echo`) implements
+//! the same two calls in `endpoint_backend.rs` beside this file once that client exists.
+
+use sha2::{Digest, Sha256};
+
+use super::render::Prompt;
+use super::EvalError;
+use crate::model::generate::{generate_until, Finish, Sampling};
+use crate::model::lm::LanguageModel;
+use crate::model::{lora, Input, KvCache};
+use crate::progress::Job;
+
+/// How completions are sampled.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GenerateOptions {
+    /// New tokens at most.
+    pub max_tokens: usize,
+    /// Softmax temperature; 0 is greedy.
+    pub temperature: f64,
+    /// The completion ends before the first of these strings.
+    pub until: Vec<String>,
+    /// Seed of the first prompt's sampler (prompt `i` uses `seed + i`).
+    pub seed: u64,
+}
+
+/// One completion.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Completed {
+    /// The text, cut before the first stop string.
+    pub text: String,
+    /// Tokens of the prompt.
+    pub prompt_tokens: usize,
+    /// Tokens generated.
+    pub tokens: usize,
+}
+
+/// One multiple-choice scoring request: a context and the continuations to score.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Choices {
+    /// The prompt.
+    pub context: String,
+    /// What may follow it (` A`, ` B`, …).
+    pub continuations: Vec<String>,
+}
+
+/// The scores of one request.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Scored {
+    /// `log p(continuation | context)` for each continuation.
+    pub logprobs: Vec<f64>,
+    /// Tokens of the context.
+    pub prompt_tokens: usize,
+}
+
+/// A model evaluation can run on.
+pub trait Backend {
+    /// The model's name in Results and cache keys.
+    fn model_name(&self) -> String;
+    /// A fingerprint of the adapter (`None`: the model as loaded).
+    fn adapter(&self) -> Option<String>;
+    /// Completes every prompt (one batch).
+    fn complete(
+        &self,
+        prompts: &[Prompt],
+        options: &GenerateOptions,
+        job: &Job,
+    ) -> Result<Vec<Completed>, EvalError>;
+    /// Scores every request's continuations (one batch).
+    fn loglik(&self, requests: &[Choices], job: &Job) -> Result<Vec<Scored>, EvalError>;
+}
+
+fn model_error(e: impl std::fmt::Display) -> EvalError {
+    EvalError::Model(e.to_string())
+}
+
+impl Backend for LanguageModel {
+    fn model_name(&self) -> String {
+        self.name.clone()
+    }
+
+    fn adapter(&self) -> Option<String> {
+        self.lora.as_ref()?;
+        let mut model = self.model.clone();
+        let mut hasher = Sha256::new();
+        for (name, var) in lora::variables(&mut model) {
+            hasher.update(name.as_bytes());
+            let values = var
+                .as_tensor()
+                .flatten_all()
+                .and_then(|t| t.to_dtype(candle_core::DType::F32))
+                .and_then(|t| t.to_vec1::<f32>())
+                .unwrap_or_default();
+            for v in values {
+                hasher.update(v.to_le_bytes());
+            }
+        }
+        let digest = hasher.finalize();
+        Some(digest[..8].iter().map(|b| format!("{b:02x}")).collect())
+    }
+
+    fn complete(
+        &self,
+        prompts: &[Prompt],
+        options: &GenerateOptions,
+        job: &Job,
+    ) -> Result<Vec<Completed>, EvalError> {
+        let texts = prompts
+            .iter()
+            .map(|p| match p {
+                Prompt::Text(t) => Ok(t.clone()),
+                Prompt::Chat(messages) => self.tokenizer.chat(messages, true),
+            })
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(model_error)?;
+        let ids = texts
+            .iter()
+            .map(|t| self.tokenizer.encode(t))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(model_error)?;
+        let stop_ids = self.tokenizer.stop_ids();
+        let requests: Vec<Sampling> = (0..prompts.len())
+            .map(|i| Sampling {
+                max_tokens: options.max_tokens,
+                temperature: options.temperature,
+                seed: options.seed.wrapping_add(i as u64),
+                stop_ids: stop_ids.clone(),
+                ..Sampling::default()
+            })
+            .collect();
+        // a row stops once a stop string appears in the text of its last tokens
+        let longest = options.until.iter().map(String::len).max().unwrap_or(0);
+        let tokenizer = &self.tokenizer;
+        let mut hit_stop = |_: usize, ids: &[u32]| -> bool {
+            if longest == 0 {
+                return false;
+            }
+            let tail = &ids[ids.len().saturating_sub(longest + 1)..];
+            tokenizer
+                .decode(tail)
+                .is_ok_and(|t| options.until.iter().any(|u| t.contains(u.as_str())))
+        };
+        let completions = generate_until(
+            &self.model,
+            &ids,
+            &requests,
+            self.lora.is_some(),
+            &mut hit_stop,
+            &mut |_| !job.cancel.is_cancelled(),
+        )
+        .map_err(model_error)?;
+        completions
+            .into_iter()
+            .zip(&ids)
+            .map(|(c, prompt)| {
+                let shown = match c.finish {
+                    Finish::Stop if c.ids.last().is_some_and(|t| stop_ids.contains(t)) => {
+                        &c.ids[..c.ids.len() - 1]
+                    }
+                    _ => &c.ids[..],
+                };
+                let mut text = self.tokenizer.decode(shown).map_err(model_error)?;
+                cut_at_stop(&mut text, &options.until);
+                Ok(Completed {
+                    text,
+                    prompt_tokens: prompt.len(),
+                    tokens: c.ids.len(),
+                })
+            })
+            .collect()
+    }
+
+    fn loglik(&self, requests: &[Choices], job: &Job) -> Result<Vec<Scored>, EvalError> {
+        job.check()?;
+        let encoded = requests
+            .iter()
+            .map(|r| encode_pair(self, r))
+            .collect::<Result<Vec<_>, _>>()?;
+        let adapters_on = self.lora.is_some();
+        score_batch(&self.model, &encoded, adapters_on).map_err(model_error)
+    }
+}
+
+/// Cuts `text` before the first occurrence of any of `until` (lm-eval splits on each stop
+/// string in turn and keeps the first part).
+pub fn cut_at_stop(text: &mut String, until: &[String]) {
+    for stop in until.iter().filter(|s| !s.is_empty()) {
+        if let Some(at) = text.find(stop.as_str()) {
+            text.truncate(at);
+        }
+    }
+}
+
+/// A request as token ids, split as lm-eval's `_encode_pair` splits it: trailing spaces of
+/// the context move to the continuation, the context is tokenized alone (BOS added) and the
+/// continuation is what follows it in the tokenization of the whole text.
+struct Encoded {
+    context: Vec<u32>,
+    continuations: Vec<Vec<u32>>,
+}
+
+fn encode_pair(lm: &LanguageModel, request: &Choices) -> Result<Encoded, EvalError> {
+    let trimmed = request.context.trim_end();
+    let spaces = &request.context[trimmed.len()..];
+    let context = lm.tokenizer.encode(trimmed).map_err(model_error)?;
+    let continuations = request
+        .continuations
+        .iter()
+        .map(|c| {
+            let whole = lm
+                .tokenizer
+                .encode(&format!("{trimmed}{spaces}{c}"))
+                .map_err(model_error)?;
+            let tail = whole.get(context.len()..).unwrap_or_default().to_vec();
+            if tail.is_empty() {
+                return Err(EvalError::Model(format!(
+                    "the continuation `{c}` adds no token to the context"
+                )));
+            }
+            Ok(tail)
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    if context.is_empty() {
+        return Err(EvalError::Model("an empty context cannot be scored".into()));
+    }
+    Ok(Encoded {
+        context,
+        continuations,
+    })
+}
+
+/// Scores a batch: one forward of the left-padded contexts gives every continuation's first
+/// token; continuations of several tokens go on from a copy of the contexts' KV cache, one
+/// row per continuation.
+fn score_batch(
+    model: &crate::model::Model,
+    batch: &[Encoded],
+    adapters_on: bool,
+) -> crate::model::Result<Vec<Scored>> {
+    use crate::model::logprob::{gather_logprobs, logits_of};
+    use candle_core::{Tensor, D};
+    let device = model.device().clone();
+    let b = batch.len();
+    let width = batch.iter().map(|e| e.context.len()).max().unwrap_or(0);
+    let mut ids = Vec::with_capacity(b * width);
+    let mut positions = Vec::with_capacity(b * width);
+    let mut key_valid = Vec::with_capacity(b);
+    for e in batch {
+        let pad = width - e.context.len();
+        ids.extend(std::iter::repeat_n(0u32, pad).chain(e.context.iter().copied()));
+        positions.extend((0..width).map(|s| s.saturating_sub(pad) as u32));
+        key_valid.push((0..width).map(|s| s >= pad).collect::<Vec<bool>>());
+    }
+    let input = Input {
+        ids: Tensor::from_vec(ids, (b, width), &device)?,
+        positions: Tensor::from_vec(positions, (b, width), &device)?,
+        key_valid: key_valid.clone(),
+    };
+    let longer = batch
+        .iter()
+        .any(|e| e.continuations.iter().any(|c| c.len() > 1));
+    let mut cache = longer.then(|| KvCache::new(model.num_layers()));
+    let hidden = model.forward(&input, cache.as_mut(), adapters_on)?;
+    let last = hidden.narrow(1, width - 1, 1)?.squeeze(1)?; // [b, d]
+    let logits = logits_of(&last, model.lm_head(), model.logit_softcap())?;
+    let logprobs = candle_nn::ops::log_softmax(&logits, D::Minus1)?.to_vec2::<f32>()?;
+    let mut scores: Vec<Vec<f64>> = batch
+        .iter()
+        .zip(&logprobs)
+        .map(|(e, row)| {
+            e.continuations
+                .iter()
+                .map(|c| row[c[0] as usize] as f64)
+                .collect()
+        })
+        .collect();
+    if let Some(cache) = cache {
+        // rows: (request, continuation) pairs with more than one token
+        let rows: Vec<(usize, usize)> = batch
+            .iter()
+            .enumerate()
+            .flat_map(|(i, e)| {
+                e.continuations
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, c)| c.len() > 1)
+                    .map(move |(j, _)| (i, j))
+            })
+            .collect();
+        let steps = rows
+            .iter()
+            .map(|&(i, j)| batch[i].continuations[j].len() - 1)
+            .max()
+            .unwrap_or(0);
+        let mut cache = cache;
+        let index: Vec<u32> = rows.iter().map(|&(i, _)| i as u32).collect();
+        cache.select_rows(&Tensor::from_vec(index, rows.len(), &device)?)?;
+        let mut ids = Vec::with_capacity(rows.len() * steps);
+        let mut positions = Vec::with_capacity(rows.len() * steps);
+        let mut valid = Vec::with_capacity(rows.len());
+        let mut targets = Vec::new();
+        let mut picks = Vec::new(); // (row, step) whose state predicts a scored token
+        for (r, &(i, j)) in rows.iter().enumerate() {
+            let c = &batch[i].continuations[j];
+            let n = batch[i].context.len();
+            let mut v = key_valid[i].clone();
+            for s in 0..steps {
+                let real = s + 1 < c.len();
+                ids.push(if real { c[s] } else { 0 });
+                positions.push((n + s) as u32);
+                v.push(real);
+                if real {
+                    targets.push(c[s + 1]);
+                    picks.push((r * steps + s) as u32);
+                }
+            }
+            valid.push(v);
+        }
+        let input = Input {
+            ids: Tensor::from_vec(ids, (rows.len(), steps), &device)?,
+            positions: Tensor::from_vec(positions, (rows.len(), steps), &device)?,
+            key_valid: valid,
+        };
+        let hidden = model.forward(&input, Some(&mut cache), adapters_on)?;
+        let d = hidden.dim(2)?;
+        let flat = hidden.reshape((rows.len() * steps, d))?;
+        let picked = flat.index_select(&Tensor::new(picks.as_slice(), &device)?, 0)?;
+        let targets = Tensor::new(targets.as_slice(), &device)?;
+        let lp = gather_logprobs(&picked, model.lm_head(), &targets, model.logit_softcap())?
+            .to_vec1::<f32>()?;
+        let mut k = 0;
+        for &(i, j) in &rows {
+            let extra = batch[i].continuations[j].len() - 1;
+            scores[i][j] += lp[k..k + extra].iter().map(|&x| x as f64).sum::<f64>();
+            k += extra;
+        }
+    }
+    Ok(batch
+        .iter()
+        .zip(scores)
+        .map(|(e, logprobs)| Scored {
+            logprobs,
+            prompt_tokens: e.context.len(),
+        })
+        .collect())
+}
