@@ -71,6 +71,9 @@ pub trait Backend {
     fn loglik(&self, requests: &[Choices], job: &Job) -> Result<Vec<Scored>, EvalError>;
 }
 
+/// Rows × width² of one scoring forward at most (per attention head: 16 M scores, 64 MB).
+const ATTENTION_BUDGET: usize = 1 << 24;
+
 fn model_error(e: impl std::fmt::Display) -> EvalError {
     EvalError::Model(e.to_string())
 }
@@ -178,7 +181,27 @@ impl Backend for LanguageModel {
             .map(|r| encode_pair(self, r))
             .collect::<Result<Vec<_>, _>>()?;
         let adapters_on = self.lora.is_some();
-        score_batch(&self.model, &encoded, adapters_on).map_err(model_error)
+        // sub-batches whose attention blocks (rows × width²) stay within a budget
+        let mut scored = Vec::with_capacity(encoded.len());
+        let mut start = 0;
+        while start < encoded.len() {
+            let mut end = start + 1;
+            let mut width = encoded[start].context.len();
+            while end < encoded.len() {
+                let w = width.max(encoded[end].context.len());
+                if (end + 1 - start) * w * w > ATTENTION_BUDGET {
+                    break;
+                }
+                width = w;
+                end += 1;
+            }
+            job.check()?;
+            scored.extend(
+                score_batch(&self.model, &encoded[start..end], adapters_on).map_err(model_error)?,
+            );
+            start = end;
+        }
+        Ok(scored)
     }
 }
 

@@ -149,3 +149,17 @@ fn version_is_printed() {
         format!("rlvr {}", env!("CARGO_PKG_VERSION"))
     );
 }
+
+#[test]
+fn run_evaluates_a_base_and_an_adapted_model_from_a_script() {
+    let out = rlvr(&["run", "tests/scripts/eval.rhai"]);
+    let stdout = text(&out.stdout);
+    assert!(
+        out.status.success(),
+        "stdout: {stdout}\nstderr: {}",
+        text(&out.stderr)
+    );
+    for needle in ["ci_low", "medical (extended)", "mcnemar", "tuned", "macro"] {
+        assert!(stdout.contains(needle), "no {needle} in {stdout}");
+    }
+}
