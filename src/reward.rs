@@ -104,8 +104,11 @@ pub struct Reward<'a> {
     pub name: String,
     /// Its weight in the summed reward.
     pub weight: f64,
-    func: Box<dyn Fn(&Scored) -> Result<f64, String> + 'a>,
+    func: RewardFn<'a>,
 }
+
+/// A reward function's body: a completion's reward, or why it could not be scored.
+type RewardFn<'a> = Box<dyn Fn(&Scored) -> Result<f64, String> + 'a>;
 
 impl<'a> Reward<'a> {
     /// A built-in reward.

@@ -140,6 +140,8 @@ fn tables(results: Array) -> RhaiResult<Vec<DataFrame>> {
 }
 
 fn register(engine: &mut Engine, output: &Arc<dyn Output>) {
+    // `evaluate` over a local model; an endpoint handle gets the same two overloads over
+    // its own `Backend` implementation.
     let out = output.clone();
     FuncRegistration::new("evaluate")
         .in_global_namespace()
