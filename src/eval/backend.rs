@@ -263,6 +263,13 @@ fn score_batch(
 ) -> crate::model::Result<Vec<Scored>> {
     use crate::model::logprob::{gather_logprobs, logits_of};
     use candle_core::{Tensor, D};
+    let single = batch
+        .iter()
+        .all(|e| e.continuations.iter().all(|c| c.len() == 1));
+    let shared = shared_prefix(batch);
+    if batch.len() > 1 && single && shared >= MIN_SHARED_PREFIX {
+        return score_after_prefix(model, batch, shared, adapters_on);
+    }
     let device = model.device().clone();
     let b = batch.len();
     let width = batch.iter().map(|e| e.context.len()).max().unwrap_or(0);
@@ -364,6 +371,87 @@ fn score_batch(
         .zip(scores)
         .map(|(e, logprobs)| Scored {
             logprobs,
+            prompt_tokens: e.context.len(),
+        })
+        .collect())
+}
+
+/// Shared prefixes shorter than this are not worth a separate forward.
+const MIN_SHARED_PREFIX: usize = 16;
+
+/// The number of leading tokens every context of the batch shares, leaving each context
+/// at least one token of its own.
+fn shared_prefix(batch: &[Encoded]) -> usize {
+    let Some(first) = batch.first() else {
+        return 0;
+    };
+    let shortest = batch.iter().map(|e| e.context.len()).min().unwrap_or(0);
+    let mut n = 0;
+    while n + 1 < shortest && batch.iter().all(|e| e.context[n] == first.context[n]) {
+        n += 1;
+    }
+    n
+}
+
+/// Scores single-token continuations of contexts that share their first `shared` tokens
+/// (a few-shot prefix): the prefix is run once, its KV cache copied to every row, and only
+/// each context's own tokens follow, right-padded so that every real token sits right after
+/// the prefix (sliding windows count slots).
+fn score_after_prefix(
+    model: &crate::model::Model,
+    batch: &[Encoded],
+    shared: usize,
+    adapters_on: bool,
+) -> crate::model::Result<Vec<Scored>> {
+    use crate::model::logprob::logits_of;
+    use candle_core::{Tensor, D};
+    let device = model.device().clone();
+    let b = batch.len();
+    let mut cache = KvCache::new(model.num_layers());
+    let prefix = Input::unpadded(&[batch[0].context[..shared].to_vec()], 0, &device)?;
+    model.forward(&prefix, Some(&mut cache), adapters_on)?;
+    cache.select_rows(&Tensor::from_vec(vec![0u32; b], b, &device)?)?;
+    let width = batch
+        .iter()
+        .map(|e| e.context.len() - shared)
+        .max()
+        .unwrap_or(0);
+    let mut ids = Vec::with_capacity(b * width);
+    let mut positions = Vec::with_capacity(b * width);
+    let mut key_valid = Vec::with_capacity(b);
+    let mut last = Vec::with_capacity(b);
+    for (r, e) in batch.iter().enumerate() {
+        let own = &e.context[shared..];
+        let mut valid = vec![true; shared];
+        for s in 0..width {
+            ids.push(own.get(s).copied().unwrap_or(0));
+            positions.push((shared + s) as u32);
+            valid.push(s < own.len());
+        }
+        key_valid.push(valid);
+        last.push((r * width + own.len() - 1) as u32);
+    }
+    let input = Input {
+        ids: Tensor::from_vec(ids, (b, width), &device)?,
+        positions: Tensor::from_vec(positions, (b, width), &device)?,
+        key_valid,
+    };
+    let hidden = model.forward(&input, Some(&mut cache), adapters_on)?;
+    let d = hidden.dim(2)?;
+    let states = hidden
+        .reshape((b * width, d))?
+        .index_select(&Tensor::new(last.as_slice(), &device)?, 0)?;
+    let logits = logits_of(&states, model.lm_head(), model.logit_softcap())?;
+    let logprobs = candle_nn::ops::log_softmax(&logits, D::Minus1)?.to_vec2::<f32>()?;
+    Ok(batch
+        .iter()
+        .zip(logprobs)
+        .map(|(e, row)| Scored {
+            logprobs: e
+                .continuations
+                .iter()
+                .map(|c| row[c[0] as usize] as f64)
+                .collect(),
             prompt_tokens: e.context.len(),
         })
         .collect())

@@ -261,8 +261,16 @@ pub fn evaluate(
     let mut todo: Vec<usize> = (0..docs.len())
         .filter(|&i| cache.get(&docs[i].question.id, &hashes[i]).is_none())
         .collect();
-    // longest first, so batches hold prompts of similar length (less padding)
-    todo.sort_by_key(|&i| std::cmp::Reverse(prompts[i].text().len()));
+    // questions of one subject together (they share a few-shot prefix), longest first (less
+    // padding)
+    todo.sort_by_key(|&i| {
+        let q = &docs[i].question;
+        (
+            q.dataset.clone(),
+            q.subject.clone(),
+            std::cmp::Reverse(prompts[i].text().len()),
+        )
+    });
     let label = format!(
         "evaluate {} ({} of {} to do)",
         preset.name,

@@ -238,7 +238,25 @@ fn batched_shared_prefix_scores_equal_one_by_one_scores() {
             continuations: vec!["answer".into(), "reply here".into()],
         },
     ];
-    let scored = lm.loglik(&requests, &Job::silent()).unwrap();
+    // contexts sharing a few-shot prefix longer than the sliding window take the
+    // prefix-once path
+    let shots = "Question: 2 + 2?\nAnswer: 4\n\nQuestion: the patient has a fever.\nAnswer: B\n\n";
+    let letters = || vec![" A".to_string(), " B".to_string(), " C".to_string()];
+    let shared: Vec<Choices> = [
+        "Which?",
+        "Which drug for a fever and a cough?",
+        "Why?\nAnswer:",
+    ]
+    .iter()
+    .map(|q| Choices {
+        context: format!("{shots}Question: {q}\nAnswer:"),
+        continuations: letters(),
+    })
+    .collect();
+    let requests: Vec<Choices> = requests.into_iter().chain(shared.clone()).collect();
+    let mut scored = lm.loglik(&requests, &Job::silent()).unwrap();
+    scored.extend(lm.loglik(&shared, &Job::silent()).unwrap());
+    let requests: Vec<Choices> = requests.into_iter().chain(shared).collect();
     for (r, s) in requests.iter().zip(&scored) {
         for (c, &lp) in r.continuations.iter().zip(&s.logprobs) {
             // lm-eval's split: the context without its trailing spaces, then the rest
