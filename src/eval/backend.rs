@@ -1,5 +1,5 @@
 //! What evaluation needs from a model, as a small trait: complete prompts, and score
-//! continuations. The local candle model implements it here; an OpenAI-compatible endpoint
+//! continuations. The local candle model implements it here ([`LocalModel`]); an OpenAI-compatible endpoint
 //! (`rlvr::endpoint::Endpoint`: chat / completions with `logprobs` and `echo`) implements
 //! the same two calls in `endpoint_backend.rs` beside this file once that client exists.
 
@@ -78,29 +78,64 @@ fn model_error(e: impl std::fmt::Display) -> EvalError {
     EvalError::Model(e.to_string())
 }
 
-impl Backend for LanguageModel {
+/// The local model as an evaluation backend. Adapters are folded into the weights
+/// (`W + scale · B A`) once: inference needs no gradients, and candle records the graph of
+/// every operation that touches a trainable tensor, which would keep a whole batch's
+/// activations alive. The adapter's fingerprint is kept for Results and the cache.
+pub struct LocalModel {
+    lm: LanguageModel,
+    adapter: Option<String>,
+}
+
+impl LocalModel {
+    /// The backend for `lm` (its adapter, if any, merged into a copy of the weights).
+    pub fn new(lm: &LanguageModel) -> Result<Self, EvalError> {
+        let adapter = fingerprint(lm);
+        let mut merged = lm.clone();
+        if merged.lora.is_some() {
+            for (_, linear) in merged.model.linears_mut() {
+                if linear.lora.is_some() {
+                    linear.weight = linear.merged_weight().map_err(model_error)?.detach();
+                    linear.lora = None;
+                }
+            }
+            merged.lora = None;
+        }
+        Ok(LocalModel {
+            lm: merged,
+            adapter,
+        })
+    }
+}
+
+/// A short hash of the adapter's weights (`None` without one).
+fn fingerprint(lm: &LanguageModel) -> Option<String> {
+    lm.lora.as_ref()?;
+    let mut model = lm.model.clone();
+    let mut hasher = Sha256::new();
+    for (name, var) in lora::variables(&mut model) {
+        hasher.update(name.as_bytes());
+        let values = var
+            .as_tensor()
+            .flatten_all()
+            .and_then(|t| t.to_dtype(candle_core::DType::F32))
+            .and_then(|t| t.to_vec1::<f32>())
+            .unwrap_or_default();
+        for v in values {
+            hasher.update(v.to_le_bytes());
+        }
+    }
+    let digest = hasher.finalize();
+    Some(digest[..8].iter().map(|b| format!("{b:02x}")).collect())
+}
+
+impl Backend for LocalModel {
     fn model_name(&self) -> String {
-        self.name.clone()
+        self.lm.name.clone()
     }
 
     fn adapter(&self) -> Option<String> {
-        self.lora.as_ref()?;
-        let mut model = self.model.clone();
-        let mut hasher = Sha256::new();
-        for (name, var) in lora::variables(&mut model) {
-            hasher.update(name.as_bytes());
-            let values = var
-                .as_tensor()
-                .flatten_all()
-                .and_then(|t| t.to_dtype(candle_core::DType::F32))
-                .and_then(|t| t.to_vec1::<f32>())
-                .unwrap_or_default();
-            for v in values {
-                hasher.update(v.to_le_bytes());
-            }
-        }
-        let digest = hasher.finalize();
-        Some(digest[..8].iter().map(|b| format!("{b:02x}")).collect())
+        self.adapter.clone()
     }
 
     fn complete(
@@ -113,16 +148,16 @@ impl Backend for LanguageModel {
             .iter()
             .map(|p| match p {
                 Prompt::Text(t) => Ok(t.clone()),
-                Prompt::Chat(messages) => self.tokenizer.chat(messages, true),
+                Prompt::Chat(messages) => self.lm.tokenizer.chat(messages, true),
             })
             .collect::<Result<Vec<_>, _>>()
             .map_err(model_error)?;
         let ids = texts
             .iter()
-            .map(|t| self.tokenizer.encode(t))
+            .map(|t| self.lm.tokenizer.encode(t))
             .collect::<Result<Vec<_>, _>>()
             .map_err(model_error)?;
-        let stop_ids = self.tokenizer.stop_ids();
+        let stop_ids = self.lm.tokenizer.stop_ids();
         let requests: Vec<Sampling> = (0..prompts.len())
             .map(|i| Sampling {
                 max_tokens: options.max_tokens,
@@ -134,7 +169,7 @@ impl Backend for LanguageModel {
             .collect();
         // a row stops once a stop string appears in the text of its last tokens
         let longest = options.until.iter().map(String::len).max().unwrap_or(0);
-        let tokenizer = &self.tokenizer;
+        let tokenizer = &self.lm.tokenizer;
         let mut hit_stop = |_: usize, ids: &[u32]| -> bool {
             if longest == 0 {
                 return false;
@@ -145,10 +180,10 @@ impl Backend for LanguageModel {
                 .is_ok_and(|t| options.until.iter().any(|u| t.contains(u.as_str())))
         };
         let completions = generate_until(
-            &self.model,
+            &self.lm.model,
             &ids,
             &requests,
-            self.lora.is_some(),
+            false,
             &mut hit_stop,
             &mut |_| !job.cancel.is_cancelled(),
         )
@@ -163,7 +198,7 @@ impl Backend for LanguageModel {
                     }
                     _ => &c.ids[..],
                 };
-                let mut text = self.tokenizer.decode(shown).map_err(model_error)?;
+                let mut text = self.lm.tokenizer.decode(shown).map_err(model_error)?;
                 cut_at_stop(&mut text, &options.until);
                 Ok(Completed {
                     text,
@@ -178,9 +213,9 @@ impl Backend for LanguageModel {
         job.check()?;
         let encoded = requests
             .iter()
-            .map(|r| encode_pair(self, r))
+            .map(|r| encode_pair(&self.lm, r))
             .collect::<Result<Vec<_>, _>>()?;
-        let adapters_on = self.lora.is_some();
+        let adapters_on = false;
         // sub-batches whose attention blocks (rows × width²) stay within a budget
         let mut scored = Vec::with_capacity(encoded.len());
         let mut start = 0;
@@ -197,7 +232,8 @@ impl Backend for LanguageModel {
             }
             job.check()?;
             scored.extend(
-                score_batch(&self.model, &encoded[start..end], adapters_on).map_err(model_error)?,
+                score_batch(&self.lm.model, &encoded[start..end], adapters_on)
+                    .map_err(model_error)?,
             );
             start = end;
         }

@@ -23,7 +23,7 @@ use std::path::PathBuf;
 
 use polars::prelude::*;
 
-pub use backend::{Backend, Choices, Completed, GenerateOptions, Scored};
+pub use backend::{Backend, Choices, Completed, GenerateOptions, LocalModel, Scored};
 use cache::{Cache, Record};
 use preset::{Mode, Preset};
 use render::{row_of, Doc, Prompt, Renderer};

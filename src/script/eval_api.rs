@@ -9,7 +9,7 @@ use super::convert::{check_keys, count, error, text, RhaiResult};
 use super::model_api::ModelHandle;
 use super::{Area, Output};
 use crate::eval::preset::{Mode, Preset};
-use crate::eval::{self, Average, Backend, EvalOptions};
+use crate::eval::{self, Average, EvalOptions, LocalModel};
 use crate::progress::Job;
 
 /// The evaluation area of the reference.
@@ -108,9 +108,11 @@ fn run(
         progress: output.progress(),
         cancel: output.cancel(),
     };
-    let lm = model.0.read().unwrap_or_else(|e| e.into_inner());
-    let backend: &dyn Backend = &*lm;
-    eval::evaluate(backend, &items, &options, &job).map_err(error)
+    let backend = {
+        let lm = model.0.read().unwrap_or_else(|e| e.into_inner());
+        LocalModel::new(&lm).map_err(error)?
+    };
+    eval::evaluate(&backend, &items, &options, &job).map_err(error)
 }
 
 fn summary_options(opts: &Map) -> RhaiResult<(Average, String)> {

@@ -14,7 +14,7 @@ use rlvr::eval::extract::{apply, is_correct};
 use rlvr::eval::preset::Preset;
 use rlvr::eval::render::{Doc, Prompt, Renderer};
 use rlvr::eval::{
-    self, Backend, Choices, Completed, EvalError, EvalOptions, GenerateOptions, Scored,
+    self, Backend, Choices, Completed, EvalError, EvalOptions, GenerateOptions, LocalModel, Scored,
 };
 use rlvr::model::lm::LanguageModel;
 use rlvr::progress::{Cancel, Job, Silent};
@@ -178,7 +178,7 @@ fn tiny() -> LanguageModel {
 
 /// The local model, counting the questions it is asked.
 struct Counting {
-    lm: LanguageModel,
+    lm: LocalModel,
     asked: AtomicUsize,
 }
 
@@ -254,8 +254,9 @@ fn batched_shared_prefix_scores_equal_one_by_one_scores() {
     })
     .collect();
     let requests: Vec<Choices> = requests.into_iter().chain(shared.clone()).collect();
-    let mut scored = lm.loglik(&requests, &Job::silent()).unwrap();
-    scored.extend(lm.loglik(&shared, &Job::silent()).unwrap());
+    let backend = LocalModel::new(&lm).unwrap();
+    let mut scored = backend.loglik(&requests, &Job::silent()).unwrap();
+    scored.extend(backend.loglik(&shared, &Job::silent()).unwrap());
     let requests: Vec<Choices> = requests.into_iter().chain(shared).collect();
     for (r, s) in requests.iter().zip(&scored) {
         for (c, &lp) in r.continuations.iter().zip(&s.logprobs) {
@@ -283,7 +284,7 @@ fn evaluate_loglik_caches_and_resumes() {
     let items = mmlu_items(12);
     let dir = temp_dir("loglik");
     let backend = Counting {
-        lm: tiny(),
+        lm: LocalModel::new(&tiny()).unwrap(),
         asked: AtomicUsize::new(0),
     };
     let options = EvalOptions {
@@ -400,7 +401,7 @@ fn evaluate_loglik_caches_and_resumes() {
 fn cancelling_keeps_finished_batches_and_a_rerun_resumes() {
     let items = mmlu_items(9);
     let dir = temp_dir("cancel");
-    let lm = tiny();
+    let lm = LocalModel::new(&tiny()).unwrap();
     let options = EvalOptions {
         batch: 3,
         cache_dir: Some(dir.clone()),
@@ -452,7 +453,7 @@ fn cancelling_keeps_finished_batches_and_a_rerun_resumes() {
 fn generate_mode_extracts_and_scores() {
     let gsm = load("gsm8k", "test").head(Some(3));
     let train = load("gsm8k", "train");
-    let lm = tiny();
+    let lm = LocalModel::new(&tiny()).unwrap();
     let options = EvalOptions {
         max_tokens: Some(6),
         fewshot: Some(train),
@@ -508,4 +509,32 @@ fn generate_mode_extracts_and_scores() {
         .unwrap_err()
         .to_string();
     assert!(err.contains("loglik"), "{err}");
+}
+
+#[test]
+fn an_adapter_is_merged_for_evaluation_and_fingerprinted() {
+    let base = tiny();
+    let tuned = base
+        .load_adapter(&repo("tests/fixtures/tiny-gemma3/adapter"))
+        .unwrap();
+    let backend = LocalModel::new(&tuned).unwrap();
+    let fingerprint = backend.adapter().expect("an adapter is attached");
+    assert_eq!(LocalModel::new(&base).unwrap().adapter(), None);
+    let other = base.with_lora(&Default::default()).unwrap();
+    assert_ne!(
+        LocalModel::new(&other).unwrap().adapter(),
+        Some(fingerprint)
+    );
+    let request = Choices {
+        context: "Question: which one?\nAnswer:".into(),
+        continuations: vec![" A".into(), " the patient".into()],
+    };
+    let scored = backend.loglik(&[request.clone()], &Job::silent()).unwrap();
+    for (c, &lp) in request.continuations.iter().zip(&scored[0].logprobs) {
+        // the adapter applied as B A x beside the frozen weight
+        let unmerged = tuned.logprob(&request.context, c).unwrap() as f64;
+        let plain = base.logprob(&request.context, c).unwrap() as f64;
+        assert!((lp - unmerged).abs() < 1e-4, "{c:?}: {lp} vs {unmerged}");
+        assert!((lp - plain).abs() > 1e-4, "the adapter changes the scores");
+    }
 }
