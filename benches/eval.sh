@@ -11,6 +11,7 @@
 #   RLVR_BIN             rlvr binary (default: ${CARGO_TARGET_DIR:-target}/debug/rlvr)
 #   RLVR_REFERENCE_VENV  pinned reference venv with lm_eval (reference/setup.sh)
 #   RLVR_BENCH_BATCH     rlvr questions per batch (default 16); LM_EVAL_BATCH lm-eval's (default 1)
+#   RLVR_BENCH_SUBJECTS  how many subjects of the sample (default 20, 10 questions each)
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -21,7 +22,7 @@ PY="${RLVR_REFERENCE_VENV:-$HOME/.cache/rlvr/reference-venv}/bin/python"
 BATCH="${RLVR_BENCH_BATCH:-16}"
 LM_BATCH="${LM_EVAL_BATCH:-1}"
 DATA="$ROOT/data/samples/mmlu"
-SUBJECTS="$(ls "$DATA/test" | sed 's/_test\.csv$//' | head -20 | paste -sd, -)"
+SUBJECTS="$(ls "$DATA/test" | sed "s/_test\\.csv$//" | head -"${RLVR_BENCH_SUBJECTS:-20}" | paste -sd, -)"
 OUT="$(mktemp -d)"
 trap 'rm -rf "$OUT"' EXIT
 
