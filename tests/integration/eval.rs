@@ -529,7 +529,9 @@ fn an_adapter_is_merged_for_evaluation_and_fingerprinted() {
         context: "Question: which one?\nAnswer:".into(),
         continuations: vec![" A".into(), " the patient".into()],
     };
-    let scored = backend.loglik(&[request.clone()], &Job::silent()).unwrap();
+    let scored = backend
+        .loglik(std::slice::from_ref(&request), &Job::silent())
+        .unwrap();
     for (c, &lp) in request.continuations.iter().zip(&scored[0].logprobs) {
         // the adapter applied as B A x beside the frozen weight
         let unmerged = tuned.logprob(&request.context, c).unwrap() as f64;
