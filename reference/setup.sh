@@ -21,7 +21,7 @@ else
 fi
 "$venv/bin/python" - <<'PY'
 from importlib.metadata import version
-for name in ("torch", "transformers", "peft", "trl", "accelerate", "safetensors", "numpy", "gguf", "tokenizers"):
+for name in ("torch", "transformers", "peft", "trl", "accelerate", "safetensors", "numpy", "gguf", "tokenizers", "lm_eval"):
     print(f"{name}=={version(name)}")
 PY
 echo "activate with: source $venv/bin/activate"

@@ -7,6 +7,7 @@
 pub mod bench;
 pub mod data;
 pub mod endpoint;
+pub mod eval;
 pub mod grpo;
 pub mod judge;
 pub mod kernel;

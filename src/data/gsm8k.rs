@@ -11,10 +11,12 @@ use super::records::read_jsonl;
 use super::resolve_split_file;
 
 /// Loads GSM8K's `split` from `root`: a jsonl file, or a directory holding `<split>.jsonl`.
-/// `answer` is the normalised number after `####`; `rationale` the solution before it.
+/// `answer` is the normalised number after `####`; `rationale` the solution before it;
+/// `solution` the published answer text whole (lm-evaluation-harness's few-shot target).
 pub fn load(root: &Path, split: &str) -> Result<DataFrame> {
     let path = resolve_split_file(root, split, &[format!("{split}.jsonl")])?;
     let mut builder = ItemsBuilder::new();
+    let mut solutions = Vec::new();
     for (row, record) in read_jsonl(&path)?.into_iter().enumerate() {
         let question = record.text(&path, "question")?;
         let solution = record.text(&path, "answer")?;
@@ -49,6 +51,7 @@ pub fn load(root: &Path, split: &str) -> Result<DataFrame> {
             answer_text: &answer,
             rationale: Some(rationale.trim_end()),
         });
+        solutions.push(solution);
     }
-    builder.finish(vec![])
+    builder.finish(vec![Column::new("solution".into(), solutions)])
 }

@@ -7,6 +7,7 @@ mod convert;
 mod data_api;
 pub mod doc;
 mod endpoint_api;
+mod eval_api;
 mod model_api;
 mod notebook_api;
 mod output;
@@ -41,6 +42,7 @@ pub const AREAS: &[Area] = &[
     notebook_api::AREA,
     report_api::AREA,
     endpoint_api::AREA,
+    eval_api::AREA,
 ];
 
 /// Builds the engine with every area registered; `print`, `debug` and `display` go to

@@ -167,3 +167,19 @@ fn version_is_printed() {
         format!("rlvr {}", env!("CARGO_PKG_VERSION"))
     );
 }
+
+#[test]
+fn run_evaluates_a_base_and_an_adapted_model_from_a_script() {
+    let out = rlvr(&["run", "tests/scripts/eval.rhai"]);
+    let stdout = text(&out.stdout);
+    assert!(
+        out.status.success(),
+        "stdout: {stdout}\nstderr: {}",
+        text(&out.stderr)
+    );
+    assert!(
+        stdout.contains("evaluated 30 questions twice; 10 compared rows"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("gsm8k_cot"), "{stdout}");
+}

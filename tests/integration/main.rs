@@ -5,6 +5,7 @@ mod bf16;
 mod cli;
 mod downloads;
 mod endpoint;
+mod eval;
 mod export;
 mod generation;
 mod gguf;

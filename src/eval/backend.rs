@@ -1,0 +1,487 @@
+//! What evaluation needs from a model, as a small trait: complete prompts, and score
+//! continuations. The local candle model implements it here ([`LocalModel`]); an OpenAI-compatible endpoint
+//! (`rlvr::endpoint::Endpoint`: chat / completions with `logprobs` and `echo`) implements
+//! the same two calls in `endpoint_backend.rs` beside this file once that client exists.
+
+use sha2::{Digest, Sha256};
+
+use super::render::Prompt;
+use super::EvalError;
+use crate::model::generate::{generate, Sampling};
+use crate::model::lm::LanguageModel;
+use crate::model::{lora, Input, KvCache};
+use crate::progress::Job;
+
+/// How completions are sampled.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GenerateOptions {
+    /// New tokens at most.
+    pub max_tokens: usize,
+    /// Softmax temperature; 0 is greedy.
+    pub temperature: f64,
+    /// The completion ends before the first of these strings.
+    pub until: Vec<String>,
+    /// Seed of the first prompt's sampler (prompt `i` uses `seed + i`).
+    pub seed: u64,
+}
+
+/// One completion.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Completed {
+    /// The text, cut before the first stop string.
+    pub text: String,
+    /// Tokens of the prompt.
+    pub prompt_tokens: usize,
+    /// Tokens generated.
+    pub tokens: usize,
+}
+
+/// One multiple-choice scoring request: a context and the continuations to score.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Choices {
+    /// The prompt.
+    pub context: String,
+    /// What may follow it (` A`, ` B`, …).
+    pub continuations: Vec<String>,
+}
+
+/// The scores of one request.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Scored {
+    /// `log p(continuation | context)` for each continuation.
+    pub logprobs: Vec<f64>,
+    /// Tokens of the context.
+    pub prompt_tokens: usize,
+}
+
+/// A model evaluation can run on.
+pub trait Backend {
+    /// The model's name in Results and cache keys.
+    fn model_name(&self) -> String;
+    /// A fingerprint of the adapter (`None`: the model as loaded).
+    fn adapter(&self) -> Option<String>;
+    /// Completes every prompt (one batch).
+    fn complete(
+        &self,
+        prompts: &[Prompt],
+        options: &GenerateOptions,
+        job: &Job,
+    ) -> Result<Vec<Completed>, EvalError>;
+    /// Scores every request's continuations (one batch).
+    fn loglik(&self, requests: &[Choices], job: &Job) -> Result<Vec<Scored>, EvalError>;
+}
+
+/// Rows × width² of one scoring forward at most (per attention head: 16 M scores, 64 MB).
+const ATTENTION_BUDGET: usize = 1 << 24;
+
+fn model_error(e: impl std::fmt::Display) -> EvalError {
+    EvalError::Model(e.to_string())
+}
+
+/// The local model as an evaluation backend. Adapters are folded into the weights
+/// (`W + scale · B A`) once: inference needs no gradients, and candle records the graph of
+/// every operation that touches a trainable tensor, which would keep a whole batch's
+/// activations alive. The adapter's fingerprint is kept for Results and the cache.
+pub struct LocalModel {
+    lm: LanguageModel,
+    adapter: Option<String>,
+}
+
+impl LocalModel {
+    /// The backend for `lm` (its adapter, if any, merged into a copy of the weights).
+    pub fn new(lm: &LanguageModel) -> Result<Self, EvalError> {
+        let adapter = fingerprint(lm);
+        let mut merged = lm.clone();
+        if merged.lora.is_some() {
+            for (_, linear) in merged.model.linears_mut() {
+                if linear.lora.is_some() {
+                    linear.weight = linear.merged_weight().map_err(model_error)?.detach();
+                    linear.lora = None;
+                }
+            }
+            merged.lora = None;
+        }
+        Ok(LocalModel {
+            lm: merged,
+            adapter,
+        })
+    }
+}
+
+/// A short hash of the adapter's weights (`None` without one).
+fn fingerprint(lm: &LanguageModel) -> Option<String> {
+    lm.lora.as_ref()?;
+    let mut model = lm.model.clone();
+    let mut hasher = Sha256::new();
+    for (name, var) in lora::variables(&mut model) {
+        hasher.update(name.as_bytes());
+        let values = var
+            .as_tensor()
+            .flatten_all()
+            .and_then(|t| t.to_dtype(candle_core::DType::F32))
+            .and_then(|t| t.to_vec1::<f32>())
+            .unwrap_or_default();
+        for v in values {
+            hasher.update(v.to_le_bytes());
+        }
+    }
+    let digest = hasher.finalize();
+    Some(digest[..8].iter().map(|b| format!("{b:02x}")).collect())
+}
+
+impl Backend for LocalModel {
+    fn model_name(&self) -> String {
+        self.lm.name.clone()
+    }
+
+    fn adapter(&self) -> Option<String> {
+        self.adapter.clone()
+    }
+
+    fn complete(
+        &self,
+        prompts: &[Prompt],
+        options: &GenerateOptions,
+        job: &Job,
+    ) -> Result<Vec<Completed>, EvalError> {
+        let texts = prompts
+            .iter()
+            .map(|p| match p {
+                Prompt::Text(t) => Ok(t.clone()),
+                Prompt::Chat(messages) => self.lm.tokenizer.chat(messages, true),
+            })
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(model_error)?;
+        let ids = texts
+            .iter()
+            .map(|t| self.lm.tokenizer.encode(t))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(model_error)?;
+        let stop_ids = self.lm.tokenizer.stop_ids();
+        let requests: Vec<Sampling> = (0..prompts.len())
+            .map(|i| Sampling {
+                max_tokens: options.max_tokens,
+                temperature: options.temperature,
+                seed: options.seed.wrapping_add(i as u64),
+                stop_ids: stop_ids.clone(),
+                stop_strings: options.until.clone(),
+                ..Sampling::default()
+            })
+            .collect();
+        // a row stops at a stop token or once a stop string appears in its text
+        let decode = |ids: &[u32]| self.lm.tokenizer.decode(ids);
+        let completions = generate(
+            &self.lm.model,
+            &ids,
+            &requests,
+            self.lm.lora.is_some(),
+            Some(&decode),
+            &mut |_| !job.cancel.is_cancelled(),
+        )
+        .map_err(model_error)?;
+        completions
+            .into_iter()
+            .zip(&ids)
+            .map(|(c, prompt)| {
+                let text = self
+                    .lm
+                    .text_of(&c, &stop_ids, &options.until)
+                    .map_err(model_error)?;
+                Ok(Completed {
+                    text,
+                    prompt_tokens: prompt.len(),
+                    tokens: c.ids.len(),
+                })
+            })
+            .collect()
+    }
+
+    fn loglik(&self, requests: &[Choices], job: &Job) -> Result<Vec<Scored>, EvalError> {
+        job.check()?;
+        let encoded = requests
+            .iter()
+            .map(|r| encode_pair(&self.lm, r))
+            .collect::<Result<Vec<_>, _>>()?;
+        let adapters_on = false;
+        // sub-batches whose attention blocks (rows × width²) stay within a budget
+        let mut scored = Vec::with_capacity(encoded.len());
+        let mut start = 0;
+        while start < encoded.len() {
+            let mut end = start + 1;
+            let mut width = encoded[start].context.len();
+            while end < encoded.len() {
+                let w = width.max(encoded[end].context.len());
+                if (end + 1 - start) * w * w > ATTENTION_BUDGET {
+                    break;
+                }
+                width = w;
+                end += 1;
+            }
+            job.check()?;
+            scored.extend(
+                score_batch(&self.lm.model, &encoded[start..end], adapters_on)
+                    .map_err(model_error)?,
+            );
+            start = end;
+        }
+        Ok(scored)
+    }
+}
+
+/// Cuts `text` before the first occurrence of any of `until` (lm-eval splits on each stop
+/// string in turn and keeps the first part).
+pub fn cut_at_stop(text: &mut String, until: &[String]) {
+    for stop in until.iter().filter(|s| !s.is_empty()) {
+        if let Some(at) = text.find(stop.as_str()) {
+            text.truncate(at);
+        }
+    }
+}
+
+/// A request as token ids, split as lm-eval's `_encode_pair` splits it: trailing spaces of
+/// the context move to the continuation, the context is tokenized alone (BOS added) and the
+/// continuation is what follows it in the tokenization of the whole text.
+struct Encoded {
+    context: Vec<u32>,
+    continuations: Vec<Vec<u32>>,
+}
+
+fn encode_pair(lm: &LanguageModel, request: &Choices) -> Result<Encoded, EvalError> {
+    let trimmed = request.context.trim_end();
+    let spaces = &request.context[trimmed.len()..];
+    let context = lm.tokenizer.encode(trimmed).map_err(model_error)?;
+    let continuations = request
+        .continuations
+        .iter()
+        .map(|c| {
+            let whole = lm
+                .tokenizer
+                .encode(&format!("{trimmed}{spaces}{c}"))
+                .map_err(model_error)?;
+            let tail = whole.get(context.len()..).unwrap_or_default().to_vec();
+            if tail.is_empty() {
+                return Err(EvalError::Model(format!(
+                    "the continuation `{c}` adds no token to the context"
+                )));
+            }
+            Ok(tail)
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    if context.is_empty() {
+        return Err(EvalError::Model("an empty context cannot be scored".into()));
+    }
+    Ok(Encoded {
+        context,
+        continuations,
+    })
+}
+
+/// Scores a batch: one forward of the left-padded contexts gives every continuation's first
+/// token; continuations of several tokens go on from a copy of the contexts' KV cache, one
+/// row per continuation.
+fn score_batch(
+    model: &crate::model::Model,
+    batch: &[Encoded],
+    adapters_on: bool,
+) -> crate::model::Result<Vec<Scored>> {
+    use crate::model::logprob::{gather_logprobs, logits_of};
+    use candle_core::{Tensor, D};
+    let single = batch
+        .iter()
+        .all(|e| e.continuations.iter().all(|c| c.len() == 1));
+    let shared = shared_prefix(batch);
+    if batch.len() > 1 && single && shared >= MIN_SHARED_PREFIX {
+        return score_after_prefix(model, batch, shared, adapters_on);
+    }
+    let device = model.device().clone();
+    let b = batch.len();
+    let width = batch.iter().map(|e| e.context.len()).max().unwrap_or(0);
+    let mut ids = Vec::with_capacity(b * width);
+    let mut positions = Vec::with_capacity(b * width);
+    let mut key_valid = Vec::with_capacity(b);
+    for e in batch {
+        let pad = width - e.context.len();
+        ids.extend(std::iter::repeat_n(0u32, pad).chain(e.context.iter().copied()));
+        positions.extend((0..width).map(|s| s.saturating_sub(pad) as u32));
+        key_valid.push((0..width).map(|s| s >= pad).collect::<Vec<bool>>());
+    }
+    let input = Input {
+        ids: Tensor::from_vec(ids, (b, width), &device)?,
+        positions: Tensor::from_vec(positions, (b, width), &device)?,
+        key_valid: key_valid.clone(),
+    };
+    let longer = batch
+        .iter()
+        .any(|e| e.continuations.iter().any(|c| c.len() > 1));
+    let mut cache = longer.then(|| KvCache::new(model.num_layers()));
+    let hidden = model.forward(&input, cache.as_mut(), adapters_on)?;
+    let last = hidden.narrow(1, width - 1, 1)?.squeeze(1)?; // [b, d]
+    let logits = logits_of(&last, model.lm_head(), model.logit_softcap())?;
+    let logprobs = candle_nn::ops::log_softmax(&logits, D::Minus1)?.to_vec2::<f32>()?;
+    let mut scores: Vec<Vec<f64>> = batch
+        .iter()
+        .zip(&logprobs)
+        .map(|(e, row)| {
+            e.continuations
+                .iter()
+                .map(|c| row[c[0] as usize] as f64)
+                .collect()
+        })
+        .collect();
+    if let Some(cache) = cache {
+        // rows: (request, continuation) pairs with more than one token
+        let rows: Vec<(usize, usize)> = batch
+            .iter()
+            .enumerate()
+            .flat_map(|(i, e)| {
+                e.continuations
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, c)| c.len() > 1)
+                    .map(move |(j, _)| (i, j))
+            })
+            .collect();
+        let steps = rows
+            .iter()
+            .map(|&(i, j)| batch[i].continuations[j].len() - 1)
+            .max()
+            .unwrap_or(0);
+        let mut cache = cache;
+        let index: Vec<u32> = rows.iter().map(|&(i, _)| i as u32).collect();
+        cache.select_rows(&Tensor::from_vec(index, rows.len(), &device)?)?;
+        let mut ids = Vec::with_capacity(rows.len() * steps);
+        let mut positions = Vec::with_capacity(rows.len() * steps);
+        let mut valid = Vec::with_capacity(rows.len());
+        let mut targets = Vec::new();
+        let mut picks = Vec::new(); // (row, step) whose state predicts a scored token
+        for (r, &(i, j)) in rows.iter().enumerate() {
+            let c = &batch[i].continuations[j];
+            let n = batch[i].context.len();
+            let mut v = key_valid[i].clone();
+            for s in 0..steps {
+                let real = s + 1 < c.len();
+                ids.push(if real { c[s] } else { 0 });
+                positions.push((n + s) as u32);
+                v.push(real);
+                if real {
+                    targets.push(c[s + 1]);
+                    picks.push((r * steps + s) as u32);
+                }
+            }
+            valid.push(v);
+        }
+        let input = Input {
+            ids: Tensor::from_vec(ids, (rows.len(), steps), &device)?,
+            positions: Tensor::from_vec(positions, (rows.len(), steps), &device)?,
+            key_valid: valid,
+        };
+        let hidden = model.forward(&input, Some(&mut cache), adapters_on)?;
+        let d = hidden.dim(2)?;
+        let flat = hidden.reshape((rows.len() * steps, d))?;
+        let picked = flat.index_select(&Tensor::new(picks.as_slice(), &device)?, 0)?;
+        let targets = Tensor::new(targets.as_slice(), &device)?;
+        let lp = gather_logprobs(
+            &picked,
+            model.lm_head(),
+            &targets,
+            model.logit_softcap(),
+            1.0,
+        )?
+        .to_vec1::<f32>()?;
+        let mut k = 0;
+        for &(i, j) in &rows {
+            let extra = batch[i].continuations[j].len() - 1;
+            scores[i][j] += lp[k..k + extra].iter().map(|&x| x as f64).sum::<f64>();
+            k += extra;
+        }
+    }
+    Ok(batch
+        .iter()
+        .zip(scores)
+        .map(|(e, logprobs)| Scored {
+            logprobs,
+            prompt_tokens: e.context.len(),
+        })
+        .collect())
+}
+
+/// Shared prefixes shorter than this are not worth a separate forward.
+const MIN_SHARED_PREFIX: usize = 16;
+
+/// The number of leading tokens every context of the batch shares, leaving each context
+/// at least one token of its own.
+fn shared_prefix(batch: &[Encoded]) -> usize {
+    let Some(first) = batch.first() else {
+        return 0;
+    };
+    let shortest = batch.iter().map(|e| e.context.len()).min().unwrap_or(0);
+    let mut n = 0;
+    while n + 1 < shortest && batch.iter().all(|e| e.context[n] == first.context[n]) {
+        n += 1;
+    }
+    n
+}
+
+/// Scores single-token continuations of contexts that share their first `shared` tokens
+/// (a few-shot prefix): the prefix is run once, its KV cache copied to every row, and only
+/// each context's own tokens follow, right-padded so that every real token sits right after
+/// the prefix (sliding windows count slots).
+fn score_after_prefix(
+    model: &crate::model::Model,
+    batch: &[Encoded],
+    shared: usize,
+    adapters_on: bool,
+) -> crate::model::Result<Vec<Scored>> {
+    use crate::model::logprob::logits_of;
+    use candle_core::{Tensor, D};
+    let device = model.device().clone();
+    let b = batch.len();
+    let mut cache = KvCache::new(model.num_layers());
+    let prefix = Input::unpadded(&[batch[0].context[..shared].to_vec()], 0, &device)?;
+    model.forward(&prefix, Some(&mut cache), adapters_on)?;
+    cache.select_rows(&Tensor::from_vec(vec![0u32; b], b, &device)?)?;
+    let width = batch
+        .iter()
+        .map(|e| e.context.len() - shared)
+        .max()
+        .unwrap_or(0);
+    let mut ids = Vec::with_capacity(b * width);
+    let mut positions = Vec::with_capacity(b * width);
+    let mut key_valid = Vec::with_capacity(b);
+    let mut last = Vec::with_capacity(b);
+    for (r, e) in batch.iter().enumerate() {
+        let own = &e.context[shared..];
+        let mut valid = vec![true; shared];
+        for s in 0..width {
+            ids.push(own.get(s).copied().unwrap_or(0));
+            positions.push((shared + s) as u32);
+            valid.push(s < own.len());
+        }
+        key_valid.push(valid);
+        last.push((r * width + own.len() - 1) as u32);
+    }
+    let input = Input {
+        ids: Tensor::from_vec(ids, (b, width), &device)?,
+        positions: Tensor::from_vec(positions, (b, width), &device)?,
+        key_valid,
+    };
+    let hidden = model.forward(&input, Some(&mut cache), adapters_on)?;
+    let d = hidden.dim(2)?;
+    let states = hidden
+        .reshape((b * width, d))?
+        .index_select(&Tensor::new(last.as_slice(), &device)?, 0)?;
+    let logits = logits_of(&states, model.lm_head(), model.logit_softcap())?;
+    let logprobs = candle_nn::ops::log_softmax(&logits, D::Minus1)?.to_vec2::<f32>()?;
+    Ok(batch
+        .iter()
+        .zip(logprobs)
+        .map(|(e, row)| Scored {
+            logprobs: e
+                .continuations
+                .iter()
+                .map(|c| row[c[0] as usize] as f64)
+                .collect(),
+            prompt_tokens: e.context.len(),
+        })
+        .collect())
+}

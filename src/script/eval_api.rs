@@ -1,0 +1,256 @@
+//! Script bindings for benchmark evaluation: `evaluate`, `summary`, `compare`, `presets`.
+
+use std::sync::Arc;
+
+use polars::prelude::DataFrame;
+use rhai::{Array, Dynamic, Engine, FuncRegistration, Map};
+
+use super::convert::{check_keys, count, error, text, RhaiResult};
+use super::model_api::ModelHandle;
+use super::{Area, Output};
+use crate::eval::preset::{Mode, Preset};
+use crate::eval::{self, Average, EvalOptions, LocalModel};
+use crate::progress::Job;
+
+/// The evaluation area of the reference.
+pub const AREA: Area = Area {
+    title: "Evaluation",
+    intro: "`evaluate` scores a model on an Items table with a benchmark preset (the prompts \
+            and answer extraction of lm-evaluation-harness: `mmlu`, `cmmlu`, `mmlu_pro`, \
+            `gsm8k`, `gsm8k_cot`, `medqa`, or the study's `<answer>` format `study`) and \
+            returns the Results table (`id`, `dataset`, `subject`, `category`, `medical`, \
+            `model`, `adapter`, `preset`, `pred`, `correct`, `response`, `prompt_tokens`, \
+            `tokens`, …). Finished items are cached under `$RLVR_HOME/cache/eval`, so a \
+            rerun or an interrupted run resumes. `summary` and `compare` make tables with \
+            95 % intervals.",
+    register,
+};
+
+const EVALUATE_OPTIONS: [&str; 11] = [
+    "mode",
+    "preset",
+    "shots",
+    "fewshot",
+    "max_tokens",
+    "temperature",
+    "batch",
+    "seed",
+    "label",
+    "cache",
+    "limit",
+];
+
+fn int(map: &Map, key: &str) -> RhaiResult<Option<i64>> {
+    match map.get(key) {
+        None => Ok(None),
+        Some(v) => v
+            .as_int()
+            .map(Some)
+            .map_err(|t| error(format!("option `{key}` must be an integer, not {t}"))),
+    }
+}
+
+fn options(opts: &Map) -> RhaiResult<(EvalOptions, Option<usize>)> {
+    check_keys(opts, &EVALUATE_OPTIONS, "evaluate")?;
+    let mut o = EvalOptions::default();
+    if let Some(mode) = text(opts, "mode")? {
+        o.mode = Some(Mode::by_name(&mode).map_err(error)?);
+    }
+    o.preset = text(opts, "preset")?;
+    if let Some(n) = int(opts, "shots")? {
+        o.shots = Some(count(n, "shots")?);
+    }
+    if let Some(n) = int(opts, "max_tokens")? {
+        o.max_tokens = Some(count(n, "max_tokens")?);
+    }
+    if let Some(n) = int(opts, "batch")? {
+        o.batch = count(n, "batch")?.max(1);
+    }
+    if let Some(n) = int(opts, "seed")? {
+        o.seed = n as u64;
+    }
+    if let Some(v) = opts.get("temperature") {
+        o.temperature = v
+            .as_float()
+            .or_else(|_| v.as_int().map(|i| i as f64))
+            .map_err(|t| error(format!("option `temperature` must be a number, not {t}")))?;
+    }
+    if let Some(v) = opts.get("fewshot") {
+        o.fewshot = Some(v.clone().try_cast::<DataFrame>().ok_or_else(|| {
+            error("option `fewshot` must be an Items table, e.g. load(\"mmlu\", path, #{ split: \"dev\" })")
+        })?);
+    }
+    o.label = text(opts, "label")?;
+    if let Some(v) = opts.get("cache") {
+        if !v
+            .as_bool()
+            .map_err(|t| error(format!("option `cache` must be true or false, not {t}")))?
+        {
+            o.cache_dir = None;
+        }
+    }
+    let limit = int(opts, "limit")?.map(|n| count(n, "limit")).transpose()?;
+    Ok((o, limit))
+}
+
+fn run(
+    output: &Arc<dyn Output>,
+    model: &ModelHandle,
+    items: &DataFrame,
+    opts: &Map,
+) -> RhaiResult<DataFrame> {
+    let (options, limit) = options(opts)?;
+    let items = match limit {
+        Some(n) => items.head(Some(n)),
+        None => items.clone(),
+    };
+    let job = Job {
+        progress: output.progress(),
+        cancel: output.cancel(),
+    };
+    let backend = {
+        let lm = model.0.read().unwrap_or_else(|e| e.into_inner());
+        LocalModel::new(&lm).map_err(error)?
+    };
+    eval::evaluate(&backend, &items, &options, &job).map_err(error)
+}
+
+fn summary_options(opts: &Map) -> RhaiResult<(Average, String)> {
+    check_keys(opts, &["average", "column"], "summary")?;
+    let average = match text(opts, "average")? {
+        Some(a) => Average::by_name(&a).map_err(error)?,
+        None => Average::Micro,
+    };
+    Ok((
+        average,
+        text(opts, "column")?.unwrap_or_else(|| "correct".into()),
+    ))
+}
+
+fn tables(results: Array) -> RhaiResult<Vec<DataFrame>> {
+    results
+        .into_iter()
+        .map(|v| {
+            let name = v.type_name();
+            v.try_cast::<DataFrame>().ok_or_else(|| {
+                error(format!(
+                    "compare takes an array of Results tables, not {name}"
+                ))
+            })
+        })
+        .collect()
+}
+
+fn register(engine: &mut Engine, output: &Arc<dyn Output>) {
+    // `evaluate` over a local model; an endpoint handle gets the same two overloads over
+    // its own `Backend` implementation.
+    let out = output.clone();
+    FuncRegistration::new("evaluate")
+        .in_global_namespace()
+        .with_params_info([
+            "model: Model",
+            "items: DataFrame",
+            "options: Map",
+            "DataFrame",
+        ])
+        .with_comments([
+            "/// Scores `model` on `items` (an Items table) and returns the Results table. \
+             Options: `mode` (`loglik`: the option letters scored as continuations; \
+             `generate`: a chain of thought, then answer extraction), `preset` (`mmlu`, \
+             `cmmlu`, `mmlu_pro`, `gsm8k`, `gsm8k_cot`, `medqa`, `study`, or a `.json` \
+             preset file; default: the dataset's), `shots` (default: the preset's), \
+             `fewshot` (the Items table few-shot examples come from, e.g. MMLU's `dev` \
+             split), `max_tokens`, `temperature` (0.0: greedy), `batch` (8), `seed` (0), \
+             `label` (the `model` column), `cache` (true), `limit` (the first n items).",
+        ])
+        .register_into_engine(
+            engine,
+            move |model: ModelHandle, items: DataFrame, opts: Map| run(&out, &model, &items, &opts),
+        );
+    let out = output.clone();
+    FuncRegistration::new("evaluate")
+        .in_global_namespace()
+        .with_params_info(["model: Model", "items: DataFrame", "DataFrame"])
+        .with_comments(["/// Scores `model` on `items` with the dataset's default preset."])
+        .register_into_engine(engine, move |model: ModelHandle, items: DataFrame| {
+            run(&out, &model, &items, &Map::new())
+        });
+    FuncRegistration::new("summary")
+        .in_global_namespace()
+        .with_params_info(["results: DataFrame", "by: &str", "DataFrame"])
+        .with_comments([
+            "/// Accuracy per value of column `by` of a Results table (`\"\"`: overall \
+             only), then the rows `all`, `medical` and `medical (extended)`, per model: \
+             `model`, `<by>`, `n`, `n_correct`, `accuracy`, `ci_low`, `ci_high` (95 % \
+             Wilson), `average` (`micro`: every question weighs the same, as \
+             lm-evaluation-harness averages).",
+        ])
+        .register_into_engine(
+            engine,
+            |res: DataFrame, by: &str| -> RhaiResult<DataFrame> {
+                eval::summary(&res, by, Average::Micro, "correct").map_err(error)
+            },
+        );
+    FuncRegistration::new("summary")
+        .in_global_namespace()
+        .with_params_info([
+            "results: DataFrame",
+            "by: &str",
+            "options: Map",
+            "DataFrame",
+        ])
+        .with_comments([
+            "/// `summary` with options: `average` (`micro`, or `macro`: the mean of the \
+             subjects' accuracies, as CMMLU's own script and OpenCompass average), \
+             `column` (the true/false column scored, e.g. `correct_flexible` or \
+             `correct_official`).",
+        ])
+        .register_into_engine(
+            engine,
+            |res: DataFrame, by: &str, opts: Map| -> RhaiResult<DataFrame> {
+                let (average, column) = summary_options(&opts)?;
+                eval::summary(&res, by, average, &column).map_err(error)
+            },
+        );
+    FuncRegistration::new("compare")
+        .in_global_namespace()
+        .with_params_info(["results: Array", "by: &str", "DataFrame"])
+        .with_comments([
+            "/// Results tables side by side per value of `by` (then `all` and the medical \
+             subsets) on their shared questions: `model`, `runs` (seeds of one setting, \
+             shown as mean ± `sd`), `n`, `accuracy`, `ci_low`, `ci_high`, and against the \
+             first table's setting `diff`, `diff_low`, `diff_high`, `p_value` and `test` \
+             (McNemar's exact test, or a paired bootstrap when seeds are pooled).",
+        ])
+        .register_into_engine(
+            engine,
+            |results: Array, by: &str| -> RhaiResult<DataFrame> {
+                eval::compare(&tables(results)?, by, "correct").map_err(error)
+            },
+        );
+    FuncRegistration::new("compare")
+        .in_global_namespace()
+        .with_params_info(["results: Array", "by: &str", "options: Map", "DataFrame"])
+        .with_comments(["/// `compare` with options: `column` (the true/false column compared)."])
+        .register_into_engine(
+            engine,
+            |results: Array, by: &str, opts: Map| -> RhaiResult<DataFrame> {
+                check_keys(&opts, &["column"], "compare")?;
+                let column = text(&opts, "column")?.unwrap_or_else(|| "correct".into());
+                eval::compare(&tables(results)?, by, &column).map_err(error)
+            },
+        );
+    FuncRegistration::new("presets")
+        .in_global_namespace()
+        .with_params_info(["Map"])
+        .with_comments(["/// The built-in benchmark presets: name → what each reproduces."])
+        .register_into_engine(engine, || -> RhaiResult<Map> {
+            Preset::names()
+                .into_iter()
+                .map(|n| {
+                    let p = Preset::get(n).map_err(error)?;
+                    Ok((n.into(), Dynamic::from(p.about)))
+                })
+                .collect()
+        });
+}
