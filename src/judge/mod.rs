@@ -117,6 +117,51 @@ impl Responder for LanguageModel {
     }
 }
 
+impl Responder for crate::endpoint::Endpoint {
+    fn name(&self) -> String {
+        format!("{} at {}", self.model(), self.base_url())
+    }
+
+    fn respond(
+        &self,
+        conversations: &[Vec<Message>],
+        seeds: &[u64],
+        sampling: &Sampling,
+        job: &Job,
+    ) -> Result<Vec<String>, JudgeError> {
+        use crate::endpoint::{ChatRequest, RequestParams};
+        let requests: Vec<ChatRequest> = conversations
+            .iter()
+            .zip(seeds)
+            .map(|(messages, &seed)| ChatRequest {
+                messages: messages.clone(),
+                params: RequestParams {
+                    max_tokens: sampling.max_tokens,
+                    temperature: sampling.temperature,
+                    top_p: sampling.top_p,
+                    n: 1,
+                    seed: Some(seed),
+                    stop: sampling.stop_strings.clone(),
+                },
+            })
+            .collect();
+        self.chat(&requests, job, &mut |_, _| {})
+            .into_iter()
+            .map(|reply| match reply {
+                Ok(r) => r
+                    .texts
+                    .into_iter()
+                    .next()
+                    .ok_or_else(|| JudgeError::Setup("the server sent no text".into())),
+                Err(crate::endpoint::EndpointError::Cancelled) => {
+                    Err(JudgeError::Interrupted { done: 0, total: 0 })
+                }
+                Err(e) => Err(JudgeError::Setup(e.to_string())),
+            })
+            .collect()
+    }
+}
+
 /// How to judge.
 #[derive(Debug, Clone, PartialEq)]
 pub struct JudgeConfig {

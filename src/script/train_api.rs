@@ -71,6 +71,27 @@ fn register(engine: &mut Engine, output: &Arc<dyn Output>) {
             judge_with(&out, &model, &items, &Map::new())
         });
 
+    let out = output.clone();
+    FuncRegistration::new("judge")
+        .in_global_namespace()
+        .with_params_info([
+            "judge: Endpoint",
+            "items: DataFrame",
+            "options: Map",
+            "DataFrame",
+        ])
+        .with_comments([
+            "/// `judge` with an OpenAI-compatible server as the judge (see `endpoint`): the \
+             same prompt, options, table and cache; `batch` requests are in flight together.",
+        ])
+        .register_into_engine(
+            engine,
+            move |server: crate::endpoint::Endpoint, items: DataFrame, opts: Map| {
+                let config = judge_config(&opts)?;
+                judge::judge(&server, &items, &config, &job_of(&out)).map_err(error)
+            },
+        );
+
     FuncRegistration::new("select_by_difficulty")
         .in_global_namespace()
         .with_params_info(["judged: DataFrame", "options: Map", "DataFrame"])
@@ -244,12 +265,7 @@ fn apply_template(opts: &Map, t: &mut PromptTemplate) -> RhaiResult<()> {
     Ok(())
 }
 
-fn judge_with(
-    output: &Arc<dyn Output>,
-    model: &ModelHandle,
-    items: &DataFrame,
-    opts: &Map,
-) -> RhaiResult<DataFrame> {
+fn judge_config(opts: &Map) -> RhaiResult<JudgeConfig> {
     check_keys(
         opts,
         &[
@@ -278,6 +294,16 @@ fn judge_with(
     }
     apply_sampling(opts, &mut config.sampling)?;
     apply_template(opts, &mut config.template)?;
+    Ok(config)
+}
+
+fn judge_with(
+    output: &Arc<dyn Output>,
+    model: &ModelHandle,
+    items: &DataFrame,
+    opts: &Map,
+) -> RhaiResult<DataFrame> {
+    let config = judge_config(opts)?;
     let lm = model.read();
     judge::judge(&*lm, items, &config, &job_of(output)).map_err(error)
 }

@@ -213,3 +213,49 @@ fn run_evaluates_a_base_and_an_adapted_model_from_a_script() {
     );
     assert!(stdout.contains("gsm8k_cot"), "{stdout}");
 }
+
+#[test]
+fn the_quickstart_runs_end_to_end_on_the_tiny_model() {
+    // the tiny Gemma 3 fixture with the tiny tokenizer beside it, as a model folder
+    let dir = std::env::temp_dir().join(format!("rlvr-quickstart-{}", std::process::id()));
+    let model = dir.join("model");
+    std::fs::create_dir_all(&model).unwrap();
+    for f in [
+        "tests/fixtures/tiny-gemma3/config.json",
+        "tests/fixtures/tiny-gemma3/model.safetensors",
+        "tests/fixtures/tiny-tokenizer/tokenizer.json",
+        "tests/fixtures/tiny-tokenizer/tokenizer_config.json",
+    ] {
+        let from = repo(f);
+        std::fs::copy(&from, model.join(from.file_name().unwrap())).unwrap();
+    }
+    let out = dir.join("run");
+    let output = Command::new(env!("CARGO_BIN_EXE_rlvr"))
+        .current_dir(repo(""))
+        .env("RLVR_HOME", dir.join("home"))
+        .args(["run", "scripts/quickstart.rhai", "--quiet", "--out"])
+        .arg(&out)
+        .args(["--set", &format!("model={}", model.display())])
+        .args([
+            "--set",
+            "pool=4",
+            "--set",
+            "train=2",
+            "--set",
+            "steps=1",
+            "--set",
+            "held_out=4",
+        ])
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{}", text(&output.stderr));
+    let png = std::fs::read(out.join("accuracy.png")).unwrap();
+    assert!(png.starts_with(b"\x89PNG") && png.len() > 10_000);
+    assert!(out
+        .join("adapter-filtered/adapter_model.safetensors")
+        .is_file());
+    let csv = std::fs::read_to_string(out.join("accuracy.csv")).unwrap();
+    for label in ["base", "random", "filtered"] {
+        assert!(csv.contains(label), "{csv}");
+    }
+}
