@@ -135,11 +135,15 @@ impl KvCache {
         self.len() == 0
     }
 
-    /// Appends this step's keys and values of `layer` and returns all of them.
+    /// Appends this step's keys and values of `layer` and returns all of them. The cache
+    /// keeps values only, detached from the graph that computed them: with adapters on,
+    /// that graph would otherwise chain every decoding step's activations to the next and
+    /// hold them all until generation ends.
     pub fn append(&mut self, layer: usize, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
+        let (k, v) = (k.detach(), v.detach());
         let (k, v) = match &self.layers[layer] {
-            Some((pk, pv)) => (Tensor::cat(&[pk, k], 2)?, Tensor::cat(&[pv, v], 2)?),
-            None => (k.clone(), v.clone()),
+            Some((pk, pv)) => (Tensor::cat(&[pk, &k], 2)?, Tensor::cat(&[pv, &v], 2)?),
+            None => (k, v),
         };
         self.layers[layer] = Some((k.clone(), v.clone()));
         Ok((k, v))
@@ -165,4 +169,25 @@ pub fn rms_norm(x: &Tensor, scale: &Tensor, eps: f64) -> Result<Tensor> {
     normed
         .broadcast_mul(&scale.to_dtype(DType::F32)?)?
         .to_dtype(dtype)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_cache_keeps_values_without_their_graph() {
+        let device = Device::Cpu;
+        let w = candle_core::Var::ones((1, 1, 2, 3), DType::F32, &device).unwrap();
+        let k = (w.as_tensor() * 2.0).unwrap();
+        let mut cache = KvCache::new(1);
+        cache.append(0, &k, &k).unwrap();
+        let (all_k, _) = cache.append(0, &k, &k).unwrap();
+        assert_eq!(all_k.dims(), &[1, 1, 4, 3]);
+        let grads = all_k.sum_all().unwrap().backward().unwrap();
+        assert!(
+            grads.get(w.as_tensor()).is_none(),
+            "cached keys must not chain back to the adapters"
+        );
+    }
 }
