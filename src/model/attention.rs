@@ -98,12 +98,14 @@ pub fn attend(
     scale: f64,
     softcap: Option<f64>,
 ) -> Result<Tensor> {
-    let scores = (q.matmul(&k.t()?)? * scale)?.to_dtype(DType::F32)?;
-    let scores = match softcap {
-        Some(cap) => ((scores / cap)?.tanh()? * cap)?,
-        None => scores,
+    let scores = q.matmul(&k.t()?)?.to_dtype(DType::F32)?;
+    let probs = match softcap {
+        None => super::fused::masked_softmax(&scores, mask, scale)?,
+        Some(cap) => {
+            let scores = (((scores * scale)? / cap)?.tanh()? * cap)?;
+            candle_nn::ops::softmax(&scores.broadcast_add(mask)?, D::Minus1)?
+        }
     };
-    let probs = candle_nn::ops::softmax(&scores.broadcast_add(mask)?, D::Minus1)?;
     probs.to_dtype(v.dtype())?.matmul(v)
 }
 
@@ -162,13 +164,7 @@ impl KvCache {
 /// RMS normalisation over the last dimension in f32: `x / sqrt(mean(x²) + eps) · scale`.
 /// Gemma's `(1 + w)` is folded into `scale` at load time.
 pub fn rms_norm(x: &Tensor, scale: &Tensor, eps: f64) -> Result<Tensor> {
-    let dtype = x.dtype();
-    let x = x.to_dtype(DType::F32)?;
-    let mean = x.sqr()?.mean_keepdim(D::Minus1)?;
-    let normed = x.broadcast_div(&(mean + eps)?.sqrt()?)?;
-    normed
-        .broadcast_mul(&scale.to_dtype(DType::F32)?)?
-        .to_dtype(dtype)
+    super::fused::rms_norm(x, scale, eps)
 }
 
 #[cfg(test)]

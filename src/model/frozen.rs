@@ -3,31 +3,53 @@
 //! of Gemma's embedding matrix for every chunk of the output head). This op's backward
 //! returns the input's gradient only.
 
-use candle_core::{bail, CpuStorage, CustomOp1, DType, Device, Layout, Result, Shape, Tensor};
+use candle_core::backend::BackendStorage;
+use candle_core::{bail, CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor};
 
-struct FrozenMatmul {
-    /// `W`: `[out, in]`.
-    weight: Tensor,
-}
+/// `x Wᵀ` with the weight as the second argument, so the CPU kernel multiplies the two
+/// storages in place (no copy of the input or of the product) and backward returns no
+/// gradient for the weight.
+struct FrozenMatmul;
 
-impl CustomOp1 for FrozenMatmul {
+impl CustomOp2 for FrozenMatmul {
     fn name(&self) -> &'static str {
         "frozen-matmul"
     }
 
-    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        let (CpuStorage::F32(values), Some((start, end))) = (storage, layout.contiguous_offsets())
-        else {
-            bail!("frozen-matmul takes a contiguous f32 input");
-        };
-        let x = Tensor::from_slice(&values[start..end], layout.shape(), &Device::Cpu)?;
-        let y = x.broadcast_matmul(&self.weight.t()?)?;
-        let shape = y.shape().clone();
-        Ok((CpuStorage::F32(y.flatten_all()?.to_vec1::<f32>()?), shape))
+    fn cpu_fwd(
+        &self,
+        x: &CpuStorage,
+        x_layout: &Layout,
+        w: &CpuStorage,
+        w_layout: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        if !x_layout.is_contiguous() || w_layout.dims().len() != 2 {
+            bail!("frozen-matmul takes a contiguous input and a [out, in] weight");
+        }
+        let dims = x_layout.dims();
+        let k = *dims.last().unwrap_or(&0);
+        let m = x_layout.shape().elem_count() / k.max(1);
+        let (n, w_k) = (w_layout.dims()[0], w_layout.dims()[1]);
+        if w_k != k {
+            bail!("frozen-matmul: input width {k} but the weight is [{n}, {w_k}]");
+        }
+        let x2 = Layout::contiguous_with_offset((m, k), x_layout.start_offset());
+        let wt = w_layout.transpose(0, 1)?;
+        let y = x.matmul(w, (1, m, n, k), &x2, &wt)?;
+        let mut out = dims.to_vec();
+        out.pop();
+        out.push(n);
+        Ok((y, Shape::from(out)))
     }
 
-    fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
-        Ok(Some(grad_res.broadcast_matmul(&self.weight)?))
+    fn bwd(
+        &self,
+        _x: &Tensor,
+        w: &Tensor,
+        _res: &Tensor,
+        grad_res: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        Ok((Some(grad_res.contiguous()?.broadcast_matmul(w)?), None))
     }
 }
 
@@ -35,9 +57,7 @@ impl CustomOp1 for FrozenMatmul {
 /// Uses the custom op for f32 on the CPU, a plain matmul elsewhere.
 pub fn matmul_t(x: &Tensor, weight: &Tensor) -> Result<Tensor> {
     if x.device().is_cpu() && x.dtype() == DType::F32 && weight.dtype() == DType::F32 {
-        x.contiguous()?.apply_op1(FrozenMatmul {
-            weight: weight.clone(),
-        })
+        x.contiguous()?.apply_op2(weight, FrozenMatmul)
     } else {
         x.broadcast_matmul(&weight.t()?)
     }
@@ -46,6 +66,7 @@ pub fn matmul_t(x: &Tensor, weight: &Tensor) -> Result<Tensor> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use candle_core::Device;
 
     #[test]
     fn forward_and_input_gradient_equal_a_plain_matmul() {

@@ -6,6 +6,7 @@ pub mod attention;
 pub mod chat;
 pub mod config;
 pub mod frozen;
+pub mod fused;
 pub mod gemma3;
 pub mod generate;
 pub mod gguf;
