@@ -61,6 +61,36 @@ fn run_drives_a_model_from_a_script() {
 }
 
 #[test]
+fn run_trains_with_grpo_from_a_script() {
+    let scratch = std::env::temp_dir().join(format!("rlvr-cli-grpo-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&scratch);
+    let out_set = format!("out={}", scratch.join("out").display());
+    let out = Command::new(env!("CARGO_BIN_EXE_rlvr"))
+        .args(["run", "tests/scripts/grpo.rhai", "--set", &out_set])
+        .current_dir(repo(""))
+        .env("RLVR_HOME", scratch.join("home"))
+        .output()
+        .expect("the rlvr binary runs");
+    let stdout = text(&out.stdout);
+    assert!(
+        out.status.success(),
+        "stdout: {stdout}\nstderr: {}",
+        text(&out.stderr)
+    );
+    assert!(stdout.contains("completions: 16"), "{stdout}");
+    assert!(stdout.contains("reward_custom1"), "{stdout}");
+    let adapter = scratch.join("out/adapter");
+    assert!(adapter.join("adapter_model.safetensors").is_file());
+    let config: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(adapter.join("adapter_config.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(config["peft_type"], "LORA");
+    assert_eq!(config["r"], 4);
+    let _ = std::fs::remove_dir_all(&scratch);
+}
+
+#[test]
 fn script_errors_name_file_line_and_column_and_exit_non_zero() {
     let out = rlvr(&["run", "tests/scripts/error.rhai"]);
     let stderr = text(&out.stderr);

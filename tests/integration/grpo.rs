@@ -15,7 +15,7 @@ use rlvr::progress::{Cancel, Job, Progress};
 use rlvr::prompt::PromptTemplate;
 use rlvr::reward::Reward;
 
-use super::repo;
+use super::{max_abs_diff, repo};
 
 fn tiny_policy(seed: u64) -> LanguageModel {
     let base = LanguageModel::load(
@@ -187,4 +187,53 @@ fn a_resumed_run_equals_an_uninterrupted_one() {
         col(&uninterrupted.metrics, "loss")
     );
     assert_eq!(resumed.completions.height(), 4 * 8);
+}
+
+/// Where the adapter check keeps its files: `$RLVR_PEFT_CHECK_DIR` when set (for
+/// `reference/check_grpo_adapter.py`, which loads them in PEFT), else a scratch folder.
+fn peft_check_dir() -> PathBuf {
+    match std::env::var_os("RLVR_PEFT_CHECK_DIR") {
+        Some(dir) => PathBuf::from(dir),
+        None => scratch("peft-check"),
+    }
+}
+
+#[test]
+fn an_adapter_saved_after_grpo_reloads_with_equal_logits() {
+    let mut policy = tiny_policy(11);
+    let rewards = [Reward::custom("alnum", 1.0, |s| {
+        Ok(alphanumeric_share(s.completion))
+    })];
+    let config = toy_config(3, "peft-train");
+    grpo::train(&mut policy, &toy_items(), &rewards, &config, &Job::silent()).unwrap();
+
+    let dir = peft_check_dir();
+    policy.save_adapter(&dir.join("adapter")).unwrap();
+    let encode = |t: &str| policy.tokenizer.encode(t).unwrap();
+    let (a, b) = (
+        encode("The patient has a fever and a cough."),
+        encode("Which drug is given first for anaphylaxis?"),
+    );
+    let n = a.len().min(b.len());
+    let rows = vec![a[..n].to_vec(), b[..n].to_vec()];
+    let trained = policy.model.logits(&rows, true).unwrap();
+    let base = policy.model.logits(&rows, false).unwrap();
+    assert!(
+        max_abs_diff(&trained, &base) > 1e-3,
+        "three GRPO steps should move the logits"
+    );
+    let reloaded = policy.load_adapter(&dir.join("adapter")).unwrap();
+    let again = reloaded.model.logits(&rows, true).unwrap();
+    assert_eq!(max_abs_diff(&again, &trained), 0.0);
+
+    let ids: Vec<i64> = rows.iter().flatten().map(|&i| i64::from(i)).collect();
+    let tensors = std::collections::HashMap::from([
+        (
+            "input_ids".to_string(),
+            candle_core::Tensor::from_vec(ids, (2, n), &Device::Cpu).unwrap(),
+        ),
+        ("logits".to_string(), trained),
+        ("base_logits".to_string(), base),
+    ]);
+    candle_core::safetensors::save(&tensors, dir.join("logits.safetensors")).unwrap();
 }
