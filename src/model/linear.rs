@@ -75,21 +75,22 @@ impl Linear {
 
     /// `x: [..., in] → [..., out]`; the adapter is applied when `adapters_on`.
     pub fn forward(&self, x: &Tensor, adapters_on: bool) -> Result<Tensor> {
-        let y = super::frozen::matmul_t(x, &self.weight)?;
-        let y = match &self.bias {
-            Some(b) => y.broadcast_add(b)?,
-            None => y,
-        };
-        match (&self.lora, adapters_on) {
+        let y = match (&self.lora, adapters_on) {
             (Some(lora), true) => {
+                // the scale goes into B (rank × out) rather than onto the product
+                let b = (lora.b.as_tensor() * lora.scale)?;
                 let low = x
                     .to_dtype(DType::F32)?
                     .broadcast_matmul(&lora.a.as_tensor().t()?)?
-                    .broadcast_matmul(&lora.b.as_tensor().t()?)?;
-                let low = (low * lora.scale)?.to_dtype(y.dtype())?;
-                y + low
+                    .broadcast_matmul(&b.t()?)?
+                    .to_dtype(x.dtype())?;
+                super::frozen::matmul_t_add(x, &self.weight, &low)?
             }
-            _ => Ok(y),
+            _ => super::frozen::matmul_t(x, &self.weight)?,
+        };
+        match &self.bias {
+            Some(b) => y.broadcast_add(b),
+            None => Ok(y),
         }
     }
 
