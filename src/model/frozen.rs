@@ -4,7 +4,9 @@
 //! returns the input's gradient only.
 
 use candle_core::backend::BackendStorage;
-use candle_core::{bail, CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor};
+use candle_core::{
+    bail, CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Storage, Tensor,
+};
 
 /// `x Wᵀ` with the weight as the second argument, so the CPU kernel multiplies the two
 /// storages in place (no copy of the input or of the product) and backward returns no
@@ -53,53 +55,77 @@ impl CustomOp2 for FrozenMatmul {
     }
 }
 
-/// `x Wᵀ + low` in one op, `low` having the product's shape: the LoRA layer's output
-/// without a separate tensor for the frozen product (backward would keep it alive).
-struct FrozenMatmulAdd;
+/// A LoRA layer, `x Wᵀ + scale · (x Aᵀ) Bᵀ`, as one op over `(x, A, B)`: backward keeps
+/// the input and the adapter only (the low-rank product `x Aᵀ` is recomputed), where the
+/// same layer built from separate ops keeps two more tensors of the output's size.
+struct FrozenLora {
+    /// `W`: `[out, in]`.
+    weight: Tensor,
+    scale: f64,
+}
 
-impl CustomOp3 for FrozenMatmulAdd {
+impl CustomOp3 for FrozenLora {
     fn name(&self) -> &'static str {
-        "frozen-matmul-add"
+        "frozen-lora"
     }
 
     fn cpu_fwd(
         &self,
         x: &CpuStorage,
         x_layout: &Layout,
-        w: &CpuStorage,
-        w_layout: &Layout,
-        low: &CpuStorage,
-        low_layout: &Layout,
+        a: &CpuStorage,
+        a_layout: &Layout,
+        b: &CpuStorage,
+        b_layout: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (y, shape) = FrozenMatmul.cpu_fwd(x, x_layout, w, w_layout)?;
-        let (CpuStorage::F32(mut y), CpuStorage::F32(low), Some((start, end))) =
-            (y, low, low_layout.contiguous_offsets())
-        else {
-            bail!("frozen-matmul-add takes a contiguous f32 addend");
+        let (w_storage, w_layout) = self.weight.storage_and_layout();
+        let Storage::Cpu(w) = &*w_storage else {
+            bail!("frozen-lora: the weight is not on the CPU");
         };
-        if low_layout.shape() != &shape {
+        let (y, shape) = FrozenMatmul.cpu_fwd(x, x_layout, w, w_layout)?;
+        let (rank, k) = a_layout.shape().dims2()?;
+        let (n, b_rank) = b_layout.shape().dims2()?;
+        let m = x_layout.shape().elem_count() / k.max(1);
+        if b_rank != rank || shape.dims().last() != Some(&n) {
             bail!(
-                "frozen-matmul-add: product {:?} but addend {:?}",
-                shape.dims(),
-                low_layout.dims()
+                "frozen-lora: A {:?} and B {:?} do not fit",
+                a_layout.dims(),
+                b_layout.dims()
             );
         }
-        y.iter_mut()
-            .zip(&low[start..end])
-            .for_each(|(y, l)| *y += l);
+        let x2 = Layout::contiguous_with_offset((m, k), x_layout.start_offset());
+        let xa = x.matmul(a, (1, m, rank, k), &x2, &a_layout.transpose(0, 1)?)?;
+        let low = xa.matmul(
+            b,
+            (1, m, n, rank),
+            &Layout::contiguous((m, rank)),
+            &b_layout.transpose(0, 1)?,
+        )?;
+        let (CpuStorage::F32(mut y), CpuStorage::F32(low)) = (y, low) else {
+            bail!("frozen-lora takes f32 tensors");
+        };
+        let scale = self.scale as f32;
+        y.iter_mut().zip(&low).for_each(|(y, l)| *y += scale * l);
         Ok((CpuStorage::F32(y), shape))
     }
 
     fn bwd(
         &self,
-        _x: &Tensor,
-        w: &Tensor,
-        _low: &Tensor,
+        x: &Tensor,
+        a: &Tensor,
+        b: &Tensor,
         _res: &Tensor,
-        grad_res: &Tensor,
+        grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let grad_x = grad_res.contiguous()?.broadcast_matmul(w)?;
-        Ok((Some(grad_x), None, Some(grad_res.clone())))
+        let (a, b) = (a.detach(), b.detach());
+        let k = a.dim(1)?;
+        let x2 = x.detach().reshape(((), k))?;
+        let g = grad.contiguous()?.reshape(((), b.dim(0)?))?;
+        let gb = g.matmul(&b)?; // [m, rank]
+        let grad_x = (g.matmul(&self.weight)? + (gb.matmul(&a)? * self.scale)?)?;
+        let grad_a = (gb.t()?.matmul(&x2)? * self.scale)?;
+        let grad_b = (g.t()?.matmul(&x2.matmul(&a.t()?)?)? * self.scale)?;
+        Ok((Some(grad_x.reshape(x.shape())?), Some(grad_a), Some(grad_b)))
     }
 }
 
@@ -113,18 +139,39 @@ pub fn matmul_t(x: &Tensor, weight: &Tensor) -> Result<Tensor> {
     }
 }
 
-/// `x Wᵀ + low` (`low: [..., out]`), with no gradient for the weight; one op on the CPU.
-pub fn matmul_t_add(x: &Tensor, weight: &Tensor, low: &Tensor) -> Result<Tensor> {
-    if x.device().is_cpu()
-        && x.dtype() == DType::F32
-        && weight.dtype() == DType::F32
-        && low.dtype() == DType::F32
-    {
-        x.contiguous()?
-            .apply_op3(weight, &low.contiguous()?, FrozenMatmulAdd)
-    } else {
-        matmul_t(x, weight)? + low
+/// `x Wᵀ + scale · (x Aᵀ) Bᵀ` for a frozen `W: [out, in]` and adapter `A: [rank, in]`,
+/// `B: [out, rank]`; `track` records the op for backward (gradients for `x`, `A` and `B`).
+/// One op for f32 on the CPU, separate ops elsewhere.
+pub fn lora_matmul_t(
+    x: &Tensor,
+    weight: &Tensor,
+    (a, b, scale): (&Tensor, &Tensor, f64),
+    track: bool,
+) -> Result<Tensor> {
+    let all_f32 = [x, weight, a, b].iter().all(|t| t.dtype() == DType::F32);
+    if x.device().is_cpu() && all_f32 {
+        let op = FrozenLora {
+            weight: weight.clone(),
+            scale,
+        };
+        let x = x.contiguous()?;
+        return if track {
+            x.apply_op3(a, b, op)
+        } else {
+            x.apply_op3_no_bwd(a, b, &op)
+        };
     }
+    let (a, b) = if track {
+        (a.clone(), b.clone())
+    } else {
+        (a.detach(), b.detach())
+    };
+    let low = x
+        .to_dtype(DType::F32)?
+        .broadcast_matmul(&a.t()?)?
+        .broadcast_matmul(&(b * scale)?.t()?)?
+        .to_dtype(x.dtype())?;
+    matmul_t(x, weight)? + low
 }
 
 #[cfg(test)]
@@ -159,15 +206,22 @@ mod tests {
     }
 
     #[test]
-    fn the_fused_add_equals_a_matmul_plus_the_addend_in_value_and_gradients() {
+    fn the_lora_op_equals_separate_ops_in_value_and_gradients() {
         let device = Device::Cpu;
         let w = Tensor::randn(0f32, 1.0, (5, 3), &device).unwrap();
         let x = candle_core::Var::randn(0f32, 1.0, (2, 4, 3), &device).unwrap();
-        let low = candle_core::Var::randn(0f32, 1.0, (2, 4, 5), &device).unwrap();
+        let a = candle_core::Var::randn(0f32, 1.0, (2, 3), &device).unwrap();
+        let b = candle_core::Var::randn(0f32, 1.0, (5, 2), &device).unwrap();
         let weights = Tensor::randn(0f32, 1.0, (2, 4, 5), &device).unwrap();
-        let plain =
-            (x.as_tensor().broadcast_matmul(&w.t().unwrap()).unwrap() + low.as_tensor()).unwrap();
-        let fused = matmul_t_add(x.as_tensor(), &w, low.as_tensor()).unwrap();
+        let (xt, at, bt) = (x.as_tensor(), a.as_tensor(), b.as_tensor());
+        let low = xt
+            .broadcast_matmul(&at.t().unwrap())
+            .unwrap()
+            .broadcast_matmul(&bt.t().unwrap())
+            .unwrap();
+        let plain = (xt.broadcast_matmul(&w.t().unwrap()).unwrap() + (low * 1.5).unwrap()).unwrap();
+        let fused = lora_matmul_t(xt, &w, (at, bt, 1.5), true).unwrap();
+        let untracked = lora_matmul_t(xt, &w, (at, bt, 1.5), false).unwrap();
         let max = |t: Tensor| {
             t.abs()
                 .unwrap()
@@ -177,6 +231,7 @@ mod tests {
                 .unwrap()
         };
         assert!(max((&plain - &fused).unwrap()) < 1e-5);
+        assert_eq!(max((&fused - &untracked).unwrap()), 0.0);
         let g_plain = (plain * &weights)
             .unwrap()
             .sum_all()
@@ -189,10 +244,17 @@ mod tests {
             .unwrap()
             .backward()
             .unwrap();
-        for v in [&x, &low] {
-            let (a, b) = (g_plain.get(v).unwrap(), g_fused.get(v).unwrap());
-            assert!(max((a - b).unwrap()) < 1e-5);
+        for v in [&x, &a, &b] {
+            let (p, f) = (g_plain.get(v).unwrap(), g_fused.get(v).unwrap());
+            assert!(max((p - f).unwrap()) < 1e-4);
         }
         assert!(g_fused.get(&w).is_none());
+        let none = (untracked * &weights)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        assert!(none.get(&a).is_none() && none.get(&b).is_none());
     }
 }

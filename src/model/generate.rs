@@ -74,6 +74,16 @@ pub fn generate(
     adapters_on: bool,
     on_step: &mut dyn FnMut(usize) -> bool,
 ) -> Result<Vec<Completion>> {
+    super::linear::no_grad(|| generate_batch(model, prompts, requests, adapters_on, on_step))
+}
+
+fn generate_batch(
+    model: &Model,
+    prompts: &[Vec<u32>],
+    requests: &[Sampling],
+    adapters_on: bool,
+    on_step: &mut dyn FnMut(usize) -> bool,
+) -> Result<Vec<Completion>> {
     assert_eq!(prompts.len(), requests.len(), "one request per prompt");
     let device = model.device().clone();
     let mut done: Vec<Option<Completion>> = vec![None; prompts.len()];
