@@ -77,19 +77,11 @@ pub fn mask(
     Tensor::from_vec(values, (batch, 1, queries, keys), device)
 }
 
-/// Repeats key/value heads for grouped-query attention: `[b, kv, s, hd] → [b, kv·n, s, hd]`.
-pub fn repeat_kv(x: Tensor, n: usize) -> Result<Tensor> {
-    if n == 1 {
-        return Ok(x);
-    }
-    let (b, kv, s, hd) = x.dims4()?;
-    x.unsqueeze(2)?
-        .expand((b, kv, n, s, hd))?
-        .reshape((b, kv * n, s, hd))
-}
-
-/// Scaled dot-product attention with an additive mask, softmax in f32:
-/// `q: [b, h, s, hd]`, `k, v: [b, h, t, hd]`, `mask: [b, 1, s, t]` → `[b, h, s, hd]`.
+/// Scaled dot-product attention with an additive mask, softmax in f32, grouped-query:
+/// `q: [b, h, s, hd]`, `k, v: [b, kv, t, hd]` with `h` a multiple of `kv` (query head `i`
+/// uses key/value head `i / (h / kv)`), `mask: [b, 1, s, t]` → `[b, h, s, hd]`. The query
+/// heads of one key/value head are stacked into one matrix instead of copying the keys and
+/// values once per query head.
 pub fn attend(
     q: &Tensor,
     k: &Tensor,
@@ -98,7 +90,14 @@ pub fn attend(
     scale: f64,
     softcap: Option<f64>,
 ) -> Result<Tensor> {
-    let scores = q.matmul(&k.t()?)?.to_dtype(DType::F32)?;
+    let (b, h, s, hd) = q.dims4()?;
+    let (kv, t) = (k.dim(1)?, k.dim(2)?);
+    // [b, h, s, hd] → [b, kv, groups · s, hd]: heads of a group are adjacent
+    let q = q.contiguous()?.reshape((b, kv, (h / kv) * s, hd))?;
+    let scores = q
+        .matmul(&k.contiguous()?.t()?)?
+        .reshape((b, h, s, t))?
+        .to_dtype(DType::F32)?;
     let probs = match softcap {
         None => super::fused::masked_softmax(&scores, mask, scale)?,
         Some(cap) => {
@@ -106,7 +105,11 @@ pub fn attend(
             candle_nn::ops::softmax(&scores.broadcast_add(mask)?, D::Minus1)?
         }
     };
-    probs.to_dtype(v.dtype())?.matmul(v)
+    probs
+        .to_dtype(v.dtype())?
+        .reshape((b, kv, (h / kv) * s, t))?
+        .matmul(&v.contiguous()?)?
+        .reshape((b, h, s, hd))
 }
 
 /// The keys and values seen so far, one entry per layer; owned by the caller, so a batch of

@@ -8,7 +8,7 @@
 use candle_core::{Device, Result, Tensor};
 use serde_json::Value;
 
-use super::attention::{apply_rope, attend, mask, repeat_kv, rms_norm, KvCache, Rope};
+use super::attention::{apply_rope, attend, mask, rms_norm, KvCache, Rope};
 use super::config::{self, ConfigError};
 use super::linear::{block_linears, Linear};
 use super::weights::Weights;
@@ -156,10 +156,7 @@ impl Attention {
             Some((cache, layer)) => cache.append(layer, &k, &v)?,
             None => (k, v),
         };
-        let groups = self.heads / self.kv_heads;
-        let k = repeat_kv(k, groups)?.contiguous()?;
-        let v = repeat_kv(v, groups)?.contiguous()?;
-        let out = attend(&q.contiguous()?, &k, &v, mask, self.scale, self.softcap)?;
+        let out = attend(&q, &k, &v, mask, self.scale, self.softcap)?;
         let out = out
             .transpose(1, 2)?
             .reshape((b, s, self.heads * self.head_dim))?;
