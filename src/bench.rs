@@ -187,3 +187,180 @@ pub fn model(
         peak_rss_mib: peak_rss_mib(),
     })
 }
+
+/// What `rlvr bench grpo` runs: GRPO steps on the first `prompts` MedQA questions of `data`.
+#[derive(Debug, Clone)]
+pub struct GrpoBench {
+    /// The model: a Hugging Face directory or a .gguf file.
+    pub model: std::path::PathBuf,
+    /// Its `tokenizer.json`, when not beside the model.
+    pub tokenizer: Option<std::path::PathBuf>,
+    /// A MedQA folder (its `test` split is used).
+    pub data: std::path::PathBuf,
+    /// Completions per prompt (G).
+    pub group: usize,
+    /// Prompts per step.
+    pub prompts: usize,
+    /// New tokens at most per completion.
+    pub max_tokens: usize,
+    /// LoRA rank (alpha is twice the rank, every linear layer adapted).
+    pub rank: usize,
+    /// Steps to run.
+    pub steps: usize,
+}
+
+/// The time of one GRPO step and its parts.
+#[derive(Debug, Serialize)]
+pub struct StepTimes {
+    /// Wall time of the whole step, seconds.
+    pub step_s: f64,
+    /// Sampling the completions.
+    pub gen_s: f64,
+    /// Scoring them.
+    pub reward_s: f64,
+    /// Log-probabilities, loss, backward and the optimizer update.
+    pub train_s: f64,
+    /// Mean completion length in tokens.
+    pub completion_len: f64,
+}
+
+/// Figures of the GRPO benchmark.
+#[derive(Debug, Serialize)]
+pub struct GrpoReport {
+    /// What was measured.
+    #[serde(rename = "impl")]
+    pub implementation: String,
+    /// Completions per prompt.
+    pub group: usize,
+    /// Prompts per step.
+    pub prompts: usize,
+    /// New tokens at most per completion.
+    pub max_tokens: usize,
+    /// LoRA rank.
+    pub rank: usize,
+    /// Steps run.
+    pub steps: usize,
+    /// Prompt length in tokens, per prompt.
+    pub prompt_tokens: Vec<usize>,
+    /// Seconds to load the model and attach the adapters.
+    pub load_s: f64,
+    /// Mean over the steps of the whole step's time.
+    pub step_s: f64,
+    /// Mean generation time per step.
+    pub gen_s: f64,
+    /// Mean scoring time per step.
+    pub reward_s: f64,
+    /// Mean training time per step (log-probs, loss, backward, update).
+    pub train_s: f64,
+    /// Each step's times.
+    pub per_step: Vec<StepTimes>,
+    /// Peak resident memory of the process, MiB.
+    pub peak_rss_mib: f64,
+    /// Threads candle computes with.
+    pub threads: usize,
+}
+
+/// Runs `settings.steps` GRPO steps with the study's prompt and rewards (accuracy, format,
+/// xmlcount) and TRL's default loss settings (the `default` preset: dapo, β 0, temperature 1),
+/// one micro-batch per prompt group, and reports where the time went. The run's files go to
+/// a scratch folder that is removed afterwards; nothing is resumed.
+pub fn grpo(settings: &GrpoBench) -> anyhow::Result<GrpoReport> {
+    use crate::grpo::{self as trainer, GrpoConfig};
+    use crate::model::lm::LanguageModel;
+    use crate::model::lora::LoraConfig;
+    use crate::progress::Job;
+    use crate::reward::{Reward, STUDY_REWARDS};
+    use candle_core::Device;
+
+    let items = data::load(
+        "medqa",
+        &settings.data,
+        &LoadOptions {
+            split: Some("test".into()),
+            ..LoadOptions::default()
+        },
+    )?;
+    let questions = data::question::questions(&items.head(Some(settings.prompts)))?;
+    anyhow::ensure!(
+        questions.len() == settings.prompts,
+        "{} has {} questions, fewer than --prompts {}",
+        settings.data.display(),
+        questions.len(),
+        settings.prompts
+    );
+    let started = Instant::now();
+    let base = LanguageModel::load(&settings.model, settings.tokenizer.as_deref(), &Device::Cpu)?;
+    let mut policy = base.with_lora(&LoraConfig {
+        rank: settings.rank,
+        alpha: 2.0 * settings.rank as f64,
+        ..LoraConfig::default()
+    })?;
+    drop(base);
+    let load_s = started.elapsed().as_secs_f64();
+
+    let scratch = std::env::temp_dir().join(format!("rlvr-bench-grpo-{}", std::process::id()));
+    let mut config = GrpoConfig {
+        group: settings.group,
+        batch: settings.group,
+        grad_accum: settings.prompts,
+        steps: settings.steps,
+        resume: false,
+        checkpoint_every: settings.steps.max(1),
+        cache_dir: scratch.clone(),
+        ..GrpoConfig::default()
+    };
+    config.sampling.max_tokens = settings.max_tokens;
+    let prompt_tokens = questions
+        .iter()
+        .map(|q| {
+            let text = policy.tokenizer.chat(&config.template.messages(q), true)?;
+            Ok(policy.tokenizer.encode(&text)?.len())
+        })
+        .collect::<crate::model::Result<Vec<usize>>>()?;
+    let rewards = Reward::named(&STUDY_REWARDS).map_err(anyhow::Error::msg)?;
+    let run = trainer::train(&mut policy, &questions, &rewards, &config, &Job::silent());
+    let _ = std::fs::remove_dir_all(&scratch);
+    let run = run?;
+
+    let column = |name: &str| -> anyhow::Result<Vec<f64>> {
+        Ok(run
+            .metrics
+            .column(name)?
+            .f64()?
+            .into_no_null_iter()
+            .collect())
+    };
+    let (step_s, gen_s, reward_s, train_s, lens) = (
+        column("step_s")?,
+        column("gen_s")?,
+        column("reward_s")?,
+        column("train_s")?,
+        column("completion_len")?,
+    );
+    let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len().max(1) as f64;
+    Ok(GrpoReport {
+        implementation: format!("rlvr {}", env!("CARGO_PKG_VERSION")),
+        group: settings.group,
+        prompts: settings.prompts,
+        max_tokens: settings.max_tokens,
+        rank: settings.rank,
+        steps: settings.steps,
+        prompt_tokens,
+        load_s,
+        step_s: mean(&step_s),
+        gen_s: mean(&gen_s),
+        reward_s: mean(&reward_s),
+        train_s: mean(&train_s),
+        per_step: (0..step_s.len())
+            .map(|i| StepTimes {
+                step_s: step_s[i],
+                gen_s: gen_s[i],
+                reward_s: reward_s[i],
+                train_s: train_s[i],
+                completion_len: lens[i],
+            })
+            .collect(),
+        peak_rss_mib: peak_rss_mib(),
+        threads: candle_core::utils::get_num_threads(),
+    })
+}

@@ -179,6 +179,34 @@ enum Bench {
         #[arg(long)]
         dtype: Option<String>,
     },
+    /// Time GRPO steps on MedQA sample questions with the study's prompt and rewards: the
+    /// step split into generation, scoring and training, and the peak memory.
+    Grpo {
+        /// The model: a Hugging Face directory or a .gguf file.
+        #[arg(long)]
+        model: PathBuf,
+        /// Its tokenizer.json (default: beside the model).
+        #[arg(long)]
+        tokenizer: Option<PathBuf>,
+        /// A MedQA folder; the first --prompts questions of its test split are used.
+        #[arg(long, default_value = "data/samples/medqa")]
+        data: PathBuf,
+        /// Completions per prompt (G).
+        #[arg(long, default_value_t = 4)]
+        group: usize,
+        /// Prompts per step.
+        #[arg(long, default_value_t = 2)]
+        prompts: usize,
+        /// New tokens at most per completion.
+        #[arg(long, default_value_t = 64)]
+        max_tokens: usize,
+        /// LoRA rank (alpha = 2 × rank, on every linear layer).
+        #[arg(long, default_value_t = 16)]
+        rank: usize,
+        /// Steps to time.
+        #[arg(long, default_value_t = 1)]
+        steps: usize,
+    },
 }
 
 fn main() -> ExitCode {
@@ -294,6 +322,32 @@ fn dispatch(command: Command, quiet: bool) -> Result<ExitCode> {
                 .map_err(anyhow::Error::msg)?;
             let path = Store::default().resolve(&model, &Hub::default(), &download_job()?)?;
             let report = rlvr::bench::model(&path, &ids, task, batch, tokens, &placement)?;
+            println!("{}", serde_json::to_string(&report)?);
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Bench {
+            which:
+                Bench::Grpo {
+                    model,
+                    tokenizer,
+                    data,
+                    group,
+                    prompts,
+                    max_tokens,
+                    rank,
+                    steps,
+                },
+        } => {
+            let report = rlvr::bench::grpo(&rlvr::bench::GrpoBench {
+                model,
+                tokenizer,
+                data,
+                group,
+                prompts,
+                max_tokens,
+                rank,
+                steps,
+            })?;
             println!("{}", serde_json::to_string(&report)?);
             Ok(ExitCode::SUCCESS)
         }

@@ -368,14 +368,13 @@ fn one_step(
             Tensor::from_vec(data, (rows.len(), t), &device)
         };
     let no_grad = |rows: &[usize], adapters_on: bool| -> Result<Tensor, GrpoError> {
-        Ok(policy
-            .model
-            .pair_logprobs(
+        Ok(crate::model::linear::no_grad(|| {
+            policy.model.pair_logprobs(
                 &pairs_of(rows),
                 adapters_on,
                 config.sampling.temperature.max(1e-6),
-            )?
-            .detach())
+            )
+        })?)
     };
     let old: Option<Vec<Tensor>> = if config.num_iterations > 1 {
         Some(

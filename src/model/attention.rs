@@ -77,19 +77,11 @@ pub fn mask(
     Tensor::from_vec(values, (batch, 1, queries, keys), device)
 }
 
-/// Repeats key/value heads for grouped-query attention: `[b, kv, s, hd] → [b, kv·n, s, hd]`.
-pub fn repeat_kv(x: Tensor, n: usize) -> Result<Tensor> {
-    if n == 1 {
-        return Ok(x);
-    }
-    let (b, kv, s, hd) = x.dims4()?;
-    x.unsqueeze(2)?
-        .expand((b, kv, n, s, hd))?
-        .reshape((b, kv * n, s, hd))
-}
-
-/// Scaled dot-product attention with an additive mask, softmax in f32:
-/// `q: [b, h, s, hd]`, `k, v: [b, h, t, hd]`, `mask: [b, 1, s, t]` → `[b, h, s, hd]`.
+/// Scaled dot-product attention with an additive mask, softmax in f32, grouped-query:
+/// `q: [b, h, s, hd]`, `k, v: [b, kv, t, hd]` with `h` a multiple of `kv` (query head `i`
+/// uses key/value head `i / (h / kv)`), `mask: [b, 1, s, t]` → `[b, h, s, hd]`. The query
+/// heads of one key/value head are stacked into one matrix instead of copying the keys and
+/// values once per query head.
 pub fn attend(
     q: &Tensor,
     k: &Tensor,
@@ -98,13 +90,26 @@ pub fn attend(
     scale: f64,
     softcap: Option<f64>,
 ) -> Result<Tensor> {
-    let scores = (q.matmul(&k.t()?)? * scale)?.to_dtype(DType::F32)?;
-    let scores = match softcap {
-        Some(cap) => ((scores / cap)?.tanh()? * cap)?,
-        None => scores,
+    let (b, h, s, hd) = q.dims4()?;
+    let (kv, t) = (k.dim(1)?, k.dim(2)?);
+    // [b, h, s, hd] → [b, kv, groups · s, hd]: heads of a group are adjacent
+    let q = q.contiguous()?.reshape((b, kv, (h / kv) * s, hd))?;
+    let scores = q
+        .matmul(&k.contiguous()?.t()?)?
+        .reshape((b, h, s, t))?
+        .to_dtype(DType::F32)?;
+    let probs = match softcap {
+        None => super::fused::masked_softmax(&scores, mask, scale)?,
+        Some(cap) => {
+            let scores = (((scores * scale)? / cap)?.tanh()? * cap)?;
+            candle_nn::ops::softmax(&scores.broadcast_add(mask)?, D::Minus1)?
+        }
     };
-    let probs = candle_nn::ops::softmax(&scores.broadcast_add(mask)?, D::Minus1)?;
-    probs.to_dtype(v.dtype())?.matmul(v)
+    probs
+        .to_dtype(v.dtype())?
+        .reshape((b, kv, (h / kv) * s, t))?
+        .matmul(&v.contiguous()?)?
+        .reshape((b, h, s, hd))
 }
 
 /// The keys and values seen so far, one entry per layer; owned by the caller, so a batch of
@@ -135,11 +140,15 @@ impl KvCache {
         self.len() == 0
     }
 
-    /// Appends this step's keys and values of `layer` and returns all of them.
+    /// Appends this step's keys and values of `layer` and returns all of them. The cache
+    /// keeps values only, detached from the graph that computed them: with adapters on,
+    /// that graph would otherwise chain every decoding step's activations to the next and
+    /// hold them all until generation ends.
     pub fn append(&mut self, layer: usize, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
+        let (k, v) = (k.detach(), v.detach());
         let (k, v) = match &self.layers[layer] {
-            Some((pk, pv)) => (Tensor::cat(&[pk, k], 2)?, Tensor::cat(&[pv, v], 2)?),
-            None => (k.clone(), v.clone()),
+            Some((pk, pv)) => (Tensor::cat(&[pk, &k], 2)?, Tensor::cat(&[pv, &v], 2)?),
+            None => (k, v),
         };
         self.layers[layer] = Some((k.clone(), v.clone()));
         Ok((k, v))
@@ -159,11 +168,26 @@ impl KvCache {
 /// RMS normalisation over the last dimension in f32: `x / sqrt(mean(x²) + eps) · scale`.
 /// Gemma's `(1 + w)` is folded into `scale` at load time.
 pub fn rms_norm(x: &Tensor, scale: &Tensor, eps: f64) -> Result<Tensor> {
-    let dtype = x.dtype();
-    let x = x.to_dtype(DType::F32)?;
-    let mean = x.sqr()?.mean_keepdim(D::Minus1)?;
-    let normed = x.broadcast_div(&(mean + eps)?.sqrt()?)?;
-    normed
-        .broadcast_mul(&scale.to_dtype(DType::F32)?)?
-        .to_dtype(dtype)
+    super::fused::rms_norm(x, scale, eps)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_cache_keeps_values_without_their_graph() {
+        let device = Device::Cpu;
+        let w = candle_core::Var::ones((1, 1, 2, 3), DType::F32, &device).unwrap();
+        let k = (w.as_tensor() * 2.0).unwrap();
+        let mut cache = KvCache::new(1);
+        cache.append(0, &k, &k).unwrap();
+        let (all_k, _) = cache.append(0, &k, &k).unwrap();
+        assert_eq!(all_k.dims(), &[1, 1, 4, 3]);
+        let grads = all_k.sum_all().unwrap().backward().unwrap();
+        assert!(
+            grads.get(w.as_tensor()).is_none(),
+            "cached keys must not chain back to the adapters"
+        );
+    }
 }

@@ -4,10 +4,14 @@
 //! returns the input's gradient only.
 
 use candle_core::backend::BackendStorage;
-use candle_core::{bail, CpuStorage, CudaStorage, CustomOp2, Layout, Result, Shape, Tensor};
+use candle_core::{
+    bail, CpuStorage, CudaStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Storage,
+    Tensor,
+};
 
 /// `x Wᵀ` as one custom op on the CPU and on CUDA (the same storage-level matmul candle's
-/// own uses), with a backward pass for `x` only.
+/// own uses, on the two storages in place: no copy of the input or of the product), with a
+/// backward pass for `x` only.
 struct FrozenMatmul;
 
 impl CustomOp2 for FrozenMatmul {
@@ -42,7 +46,81 @@ impl CustomOp2 for FrozenMatmul {
         _res: &Tensor,
         grad_res: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        Ok((Some(grad_res.broadcast_matmul(w)?), None))
+        Ok((Some(grad_res.contiguous()?.broadcast_matmul(w)?), None))
+    }
+}
+
+/// A LoRA layer, `x Wᵀ + scale · (x Aᵀ) Bᵀ`, as one op over `(x, A, B)`: backward keeps
+/// the input and the adapter only (the low-rank product `x Aᵀ` is recomputed), where the
+/// same layer built from separate ops keeps two more tensors of the output's size.
+struct FrozenLora {
+    /// `W`: `[out, in]`.
+    weight: Tensor,
+    scale: f64,
+}
+
+impl CustomOp3 for FrozenLora {
+    fn name(&self) -> &'static str {
+        "frozen-lora"
+    }
+
+    fn cpu_fwd(
+        &self,
+        x: &CpuStorage,
+        x_layout: &Layout,
+        a: &CpuStorage,
+        a_layout: &Layout,
+        b: &CpuStorage,
+        b_layout: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (w_storage, w_layout) = self.weight.storage_and_layout();
+        let Storage::Cpu(w) = &*w_storage else {
+            bail!("frozen-lora: the weight is not on the CPU");
+        };
+        let (y, shape) = FrozenMatmul.cpu_fwd(x, x_layout, w, w_layout)?;
+        let (rank, k) = a_layout.shape().dims2()?;
+        let (n, b_rank) = b_layout.shape().dims2()?;
+        let m = x_layout.shape().elem_count() / k.max(1);
+        if b_rank != rank || shape.dims().last() != Some(&n) {
+            bail!(
+                "frozen-lora: A {:?} and B {:?} do not fit",
+                a_layout.dims(),
+                b_layout.dims()
+            );
+        }
+        let x2 = Layout::contiguous_with_offset((m, k), x_layout.start_offset());
+        let xa = x.matmul(a, (1, m, rank, k), &x2, &a_layout.transpose(0, 1)?)?;
+        let low = xa.matmul(
+            b,
+            (1, m, n, rank),
+            &Layout::contiguous((m, rank)),
+            &b_layout.transpose(0, 1)?,
+        )?;
+        let (CpuStorage::F32(mut y), CpuStorage::F32(low)) = (y, low) else {
+            bail!("frozen-lora takes f32 tensors");
+        };
+        let scale = self.scale as f32;
+        y.iter_mut().zip(&low).for_each(|(y, l)| *y += scale * l);
+        Ok((CpuStorage::F32(y), shape))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        a: &Tensor,
+        b: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (a, b) = (a.detach(), b.detach());
+        let k = a.dim(1)?;
+        let x2 = x.detach().reshape(((), k))?;
+        let g = grad.contiguous()?.reshape(((), b.dim(0)?))?;
+        let gb = g.matmul(&b)?; // [m, rank]
+        let grad_x = (g.matmul(&self.weight)? + (gb.matmul(&a)? * self.scale)?)?;
+        let grad_a = (gb.t()?.matmul(&x2)? * self.scale)?;
+        let grad_b = (g.t()?.matmul(&x2.matmul(&a.t()?)?)? * self.scale)?;
+        Ok((Some(grad_x.reshape(x.shape())?), Some(grad_a), Some(grad_b)))
     }
 }
 
@@ -84,6 +162,41 @@ pub fn matmul_t(x: &Tensor, weight: &Tensor) -> Result<Tensor> {
     }
 }
 
+/// `x Wᵀ + scale · (x Aᵀ) Bᵀ` for a frozen `W: [out, in]` and adapter `A: [rank, in]`,
+/// `B: [out, rank]`; `track` records the op for backward (gradients for `x`, `A` and `B`).
+/// One op for f32 on the CPU, separate ops elsewhere.
+pub fn lora_matmul_t(
+    x: &Tensor,
+    weight: &Tensor,
+    (a, b, scale): (&Tensor, &Tensor, f64),
+    track: bool,
+) -> Result<Tensor> {
+    let all_f32 = [x, weight, a, b].iter().all(|t| t.dtype() == DType::F32);
+    if x.device().is_cpu() && all_f32 {
+        let op = FrozenLora {
+            weight: weight.contiguous()?,
+            scale,
+        };
+        let x = x.contiguous()?;
+        return if track {
+            x.apply_op3(a, b, op)
+        } else {
+            x.apply_op3_no_bwd(a, b, &op)
+        };
+    }
+    let (a, b) = if track {
+        (a.clone(), b.clone())
+    } else {
+        (a.detach(), b.detach())
+    };
+    let low = x
+        .to_dtype(DType::F32)?
+        .broadcast_matmul(&a.t()?)?
+        .broadcast_matmul(&(b * scale)?.t()?)?
+        .to_dtype(x.dtype())?;
+    matmul_t(x, weight)? + low
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -113,5 +226,58 @@ mod tests {
             g_frozen.get(&w).is_none(),
             "no gradient for the frozen weight"
         );
+    }
+
+    #[test]
+    fn the_lora_op_equals_separate_ops_in_value_and_gradients() {
+        let device = Device::Cpu;
+        let w = Tensor::randn(0f32, 1.0, (5, 3), &device).unwrap();
+        let x = candle_core::Var::randn(0f32, 1.0, (2, 4, 3), &device).unwrap();
+        let a = candle_core::Var::randn(0f32, 1.0, (2, 3), &device).unwrap();
+        let b = candle_core::Var::randn(0f32, 1.0, (5, 2), &device).unwrap();
+        let weights = Tensor::randn(0f32, 1.0, (2, 4, 5), &device).unwrap();
+        let (xt, at, bt) = (x.as_tensor(), a.as_tensor(), b.as_tensor());
+        let low = xt
+            .broadcast_matmul(&at.t().unwrap())
+            .unwrap()
+            .broadcast_matmul(&bt.t().unwrap())
+            .unwrap();
+        let plain = (xt.broadcast_matmul(&w.t().unwrap()).unwrap() + (low * 1.5).unwrap()).unwrap();
+        let fused = lora_matmul_t(xt, &w, (at, bt, 1.5), true).unwrap();
+        let untracked = lora_matmul_t(xt, &w, (at, bt, 1.5), false).unwrap();
+        let max = |t: Tensor| {
+            t.abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap()
+        };
+        assert!(max((&plain - &fused).unwrap()) < 1e-5);
+        assert_eq!(max((&fused - &untracked).unwrap()), 0.0);
+        let g_plain = (plain * &weights)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let g_fused = (fused * &weights)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        for v in [&x, &a, &b] {
+            let (p, f) = (g_plain.get(v).unwrap(), g_fused.get(v).unwrap());
+            assert!(max((p - f).unwrap()) < 1e-4);
+        }
+        assert!(g_fused.get(&w).is_none());
+        let none = (untracked * &weights)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        assert!(none.get(&a).is_none() && none.get(&b).is_none());
     }
 }

@@ -8,7 +8,7 @@
 use candle_core::{Device, Result, Tensor};
 use serde_json::Value;
 
-use super::attention::{apply_rope, attend, mask, repeat_kv, rms_norm, KvCache, Rope};
+use super::attention::{apply_rope, attend, mask, rms_norm, KvCache, Rope};
 use super::config::{self, ConfigError};
 use super::linear::{block_linears, Linear};
 use super::weights::Weights;
@@ -143,21 +143,20 @@ impl Attention {
     ) -> Result<Tensor> {
         // x: [b, s, d]; q: [b, h, s, hd]; k, v: [b, kv, s, hd]
         let (b, s, _) = x.dims3()?;
-        let split =
-            |y: Tensor, heads: usize| y.reshape((b, s, heads, self.head_dim))?.transpose(1, 2);
-        let q = split(self.q_proj.forward(x, adapters_on)?, self.heads)?;
-        let k = split(self.k_proj.forward(x, adapters_on)?, self.kv_heads)?;
-        let v = split(self.v_proj.forward(x, adapters_on)?, self.kv_heads)?;
-        let q = apply_rope(&rms_norm(&q, &self.q_norm, self.eps)?, cos, sin)?;
-        let k = apply_rope(&rms_norm(&k, &self.k_norm, self.eps)?, cos, sin)?;
+        let heads = |y: Tensor, n: usize| y.reshape((b, s, n, self.head_dim));
+        // the q/k norms act on each head's vector, before the heads move to dim 1
+        let q = heads(self.q_proj.forward(x, adapters_on)?, self.heads)?;
+        let k = heads(self.k_proj.forward(x, adapters_on)?, self.kv_heads)?;
+        let v = heads(self.v_proj.forward(x, adapters_on)?, self.kv_heads)?.transpose(1, 2)?;
+        let q = rms_norm(&q, &self.q_norm, self.eps)?.transpose(1, 2)?;
+        let k = rms_norm(&k, &self.k_norm, self.eps)?.transpose(1, 2)?;
+        let q = apply_rope(&q, cos, sin)?;
+        let k = apply_rope(&k, cos, sin)?;
         let (k, v) = match cache {
             Some((cache, layer)) => cache.append(layer, &k, &v)?,
             None => (k, v),
         };
-        let groups = self.heads / self.kv_heads;
-        let k = repeat_kv(k, groups)?.contiguous()?;
-        let v = repeat_kv(v, groups)?.contiguous()?;
-        let out = attend(&q.contiguous()?, &k, &v, mask, self.scale, self.softcap)?;
+        let out = attend(&q, &k, &v, mask, self.scale, self.softcap)?;
         let out = out
             .transpose(1, 2)?
             .reshape((b, s, self.heads * self.head_dim))?;

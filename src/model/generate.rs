@@ -97,8 +97,23 @@ pub fn generate(
 
 /// [`generate`], where `ends(i, ids)` also runs after each new token of request `i` (its
 /// tokens so far) and returning true ends that completion there, as [`Finish::Cancelled`]:
-/// how a server stops a row once its text holds a stop string.
+/// how a server stops a row once its text holds a stop string. The adapters are read as
+/// constants: no graph is recorded.
 pub fn generate_until(
+    model: &Model,
+    prompts: &[Vec<u32>],
+    requests: &[Sampling],
+    adapters_on: bool,
+    decode: Option<Decode>,
+    on_step: &mut dyn FnMut(usize) -> bool,
+    ends: &mut dyn FnMut(usize, &[u32]) -> bool,
+) -> Result<Vec<Completion>> {
+    super::linear::no_grad(|| {
+        generate_batch(model, prompts, requests, adapters_on, decode, on_step, ends)
+    })
+}
+
+fn generate_batch(
     model: &Model,
     prompts: &[Vec<u32>],
     requests: &[Sampling],
@@ -289,26 +304,30 @@ fn argmax(values: &[f32]) -> usize {
     best
 }
 
-/// Samples from the tempered distribution truncated by top-k, top-p and min-p.
+/// Samples from the tempered distribution truncated by top-k, top-p and min-p: walks the
+/// tokens from the most likely down, subtracting their probabilities from a uniform draw.
+/// Only as much of the vocabulary is sorted as the walk reaches (Gemma has 262,144 tokens;
+/// a full sort per token and row cost more than the model's decoding step).
 fn draw(logits: &[f32], request: &Sampling, rng: &mut ChaCha8Rng) -> usize {
     let t = request.temperature;
-    let mut order: Vec<usize> = (0..logits.len()).collect();
-    order.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]).then(a.cmp(&b)));
-    if request.top_k > 0 {
-        order.truncate(request.top_k);
-    }
-    let top = logits[order[0]] as f64 / t;
-    let mut probs: Vec<f64> = order
-        .iter()
-        .map(|&i| (logits[i] as f64 / t - top).exp())
-        .collect();
-    let total: f64 = probs.iter().sum();
-    probs.iter_mut().for_each(|p| *p /= total);
-    let mut keep = probs.len();
+    let mut order = TopOrder::new(logits);
+    let candidates = match request.top_k {
+        0 => logits.len(),
+        k => k.min(logits.len()),
+    };
+    let top = logits[order.get(0)] as f64 / t;
+    let weight = |i: usize| (logits[i] as f64 / t - top).exp();
+    let total: f64 = if candidates == logits.len() {
+        logits.iter().map(|&l| (l as f64 / t - top).exp()).sum()
+    } else {
+        (0..candidates).map(|n| weight(order.get(n))).sum()
+    };
+    let prob = |order: &mut TopOrder, n: usize| weight(order.get(n)) / total;
+    let mut keep = candidates;
     if request.top_p < 1.0 {
         let mut cumulative = 0.0;
-        for (n, p) in probs.iter().enumerate() {
-            cumulative += p;
+        for n in 0..candidates {
+            cumulative += prob(&mut order, n);
             if cumulative >= request.top_p {
                 keep = n + 1;
                 break;
@@ -316,16 +335,81 @@ fn draw(logits: &[f32], request: &Sampling, rng: &mut ChaCha8Rng) -> usize {
         }
     }
     if request.min_p > 0.0 {
-        let floor = request.min_p * probs[0];
-        keep = keep.min(probs.iter().take_while(|&&p| p >= floor).count().max(1));
+        let floor = request.min_p * prob(&mut order, 0);
+        let above = (0..keep)
+            .take_while(|&n| prob(&mut order, n) >= floor)
+            .count();
+        keep = keep.min(above.max(1));
     }
-    let kept: f64 = probs[..keep].iter().sum();
+    let kept: f64 = if keep == logits.len() {
+        1.0
+    } else {
+        (0..keep).map(|n| prob(&mut order, n)).sum()
+    };
     let mut u = rng.random::<f64>() * kept;
-    for (n, p) in probs[..keep].iter().enumerate() {
-        u -= p;
+    for n in 0..keep {
+        u -= prob(&mut order, n);
         if u <= 0.0 {
-            return order[n];
+            return order.get(n);
         }
     }
-    order[keep - 1]
+    order.get(keep - 1)
+}
+
+/// The token ids by falling logit (ties by id), sorted lazily: the first `n` are put in
+/// order only when rank `n - 1` is asked for, in growing blocks.
+struct TopOrder<'a> {
+    logits: &'a [f32],
+    ids: Vec<usize>,
+    sorted: usize,
+}
+
+impl<'a> TopOrder<'a> {
+    fn new(logits: &'a [f32]) -> Self {
+        TopOrder {
+            logits,
+            ids: (0..logits.len()).collect(),
+            sorted: 0,
+        }
+    }
+
+    /// The id at rank `n` (0 is the most likely).
+    fn get(&mut self, n: usize) -> usize {
+        if n >= self.sorted {
+            let logits = self.logits;
+            let by_logit = |a: &usize, b: &usize| logits[*b].total_cmp(&logits[*a]).then(a.cmp(b));
+            let want = (n + 1).max(2 * self.sorted).max(256).min(self.ids.len());
+            let rest = &mut self.ids[self.sorted..];
+            let k = want - self.sorted;
+            if k < rest.len() {
+                rest.select_nth_unstable_by(k - 1, by_logit);
+            }
+            rest[..k].sort_by(by_logit);
+            self.sorted = want;
+        }
+        self.ids[n]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn untruncated_sampling_follows_the_tempered_distribution() {
+        // p ∝ exp(l / t): at t = 0.5 the logits 0, ln 3 / 2, -inf give 1/4, 3/4, 0
+        let logits = [0.0, 3f32.ln() / 2.0, f32::NEG_INFINITY];
+        let request = Sampling {
+            temperature: 0.5,
+            ..Sampling::default()
+        };
+        let mut rng = ChaCha8Rng::seed_from_u64(1);
+        let mut counts = [0usize; 3];
+        for _ in 0..8000 {
+            counts[draw(&logits, &request, &mut rng)] += 1;
+        }
+        assert_eq!(counts[2], 0);
+        let share = counts[1] as f64 / 8000.0;
+        assert!((share - 0.75).abs() < 0.02, "{counts:?}");
+    }
 }

@@ -1,9 +1,28 @@
 //! The one linear layer of every model: `y = x Wᵀ + b`, plus an optional low-rank adapter
 //! `(alpha / r) · x Aᵀ Bᵀ` whose `A` and `B` are the only trainable variables of a model.
 
+use std::cell::Cell;
+
 use candle_core::{DType, Device, Result, Tensor, Var};
 use rand::Rng;
 use rand_chacha::ChaCha8Rng;
+
+thread_local! {
+    static NO_GRAD: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Runs `f` with every adapter read as a constant, so no operation inside records the graph
+/// that backward would need (and keep alive): for generation and scoring without training.
+pub fn no_grad<T>(f: impl FnOnce() -> T) -> T {
+    struct Restore(bool);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            NO_GRAD.set(self.0);
+        }
+    }
+    let _restore = Restore(NO_GRAD.replace(true));
+    f()
+}
 
 /// A low-rank adapter on one linear layer (PEFT's LoRA).
 #[derive(Debug, Clone)]
@@ -75,21 +94,18 @@ impl Linear {
 
     /// `x: [..., in] → [..., out]`; the adapter is applied when `adapters_on`.
     pub fn forward(&self, x: &Tensor, adapters_on: bool) -> Result<Tensor> {
-        let y = super::frozen::matmul_t(x, &self.weight)?;
-        let y = match &self.bias {
-            Some(b) => y.broadcast_add(b)?,
-            None => y,
+        let y = match (&self.lora, adapters_on) {
+            (Some(lora), true) => super::frozen::lora_matmul_t(
+                x,
+                &self.weight,
+                (lora.a.as_tensor(), lora.b.as_tensor(), lora.scale),
+                !NO_GRAD.get(),
+            )?,
+            _ => super::frozen::matmul_t(x, &self.weight)?,
         };
-        match (&self.lora, adapters_on) {
-            (Some(lora), true) => {
-                let low = x
-                    .to_dtype(DType::F32)?
-                    .broadcast_matmul(&lora.a.as_tensor().t()?)?
-                    .broadcast_matmul(&lora.b.as_tensor().t()?)?;
-                let low = (low * lora.scale)?.to_dtype(y.dtype())?;
-                y + low
-            }
-            _ => Ok(y),
+        match &self.bias {
+            Some(b) => y.broadcast_add(b),
+            None => Ok(y),
         }
     }
 
@@ -133,4 +149,36 @@ pub fn block_linears<'a>(
         (format!("{prefix}.mlp.up_proj"), up),
         (format!("{prefix}.mlp.down_proj"), down),
     ]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn no_grad_records_no_graph_and_changes_no_value() {
+        let device = Device::Cpu;
+        let mut rng = <ChaCha8Rng as rand::SeedableRng>::seed_from_u64(0);
+        let mut layer = Linear::new(Tensor::randn(0f32, 1.0, (5, 3), &device).unwrap(), None);
+        let lora = Lora::new(3, 5, 2, 2.0, &mut rng, &device).unwrap();
+        lora.b
+            .set(&Tensor::randn(0f32, 1.0, (5, 2), &device).unwrap())
+            .unwrap();
+        layer.lora = Some(lora.clone());
+        let x = Tensor::randn(0f32, 1.0, (4, 3), &device).unwrap();
+        let tracked = layer.forward(&x, true).unwrap();
+        let constant = no_grad(|| layer.forward(&x, true).unwrap());
+        let diff = (&tracked - &constant)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap();
+        assert_eq!(diff.to_scalar::<f32>().unwrap(), 0.0);
+        let grads = tracked.sum_all().unwrap().backward().unwrap();
+        assert!(grads.get(lora.b.as_tensor()).is_some());
+        let grads = constant.sum_all().unwrap().backward().unwrap();
+        assert!(grads.get(lora.b.as_tensor()).is_none());
+        assert!(grads.get(lora.a.as_tensor()).is_none());
+    }
 }

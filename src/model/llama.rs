@@ -6,7 +6,7 @@
 use candle_core::{Device, Result, Tensor};
 use serde_json::Value;
 
-use super::attention::{apply_rope, attend, mask, repeat_kv, rms_norm, KvCache, Rope};
+use super::attention::{apply_rope, attend, mask, rms_norm, KvCache, Rope};
 use super::config::{self, ConfigError};
 use super::linear::{block_linears, Linear};
 use super::weights::Weights;
@@ -273,11 +273,8 @@ impl Llama {
                 Some(cache) => cache.append(i, &k, &v)?,
                 None => (k, v),
             };
-            let groups = a.heads / a.kv_heads;
-            let k = repeat_kv(k, groups)?.contiguous()?;
-            let v = repeat_kv(v, groups)?.contiguous()?;
             let scale = (a.head_dim as f64).powf(-0.5);
-            let out = attend(&q.contiguous()?, &k, &v, &mask, scale, None)?;
+            let out = attend(&q, &k, &v, &mask, scale, None)?;
             let out = out.transpose(1, 2)?.reshape((b, s, a.heads * a.head_dim))?;
             x = (x + a.o_proj.forward(&out, adapters_on)?)?;
             let h = rms_norm(&x, &layer.post_attention_layernorm, eps)?;

@@ -142,7 +142,8 @@ impl LanguageModel {
         let p = self.tokenizer.encode(prompt)?;
         let c = self.tokenizer.encode_plain(completion)?;
         let adapters_on = self.lora.is_some();
-        let per_token = self.model.completion_logprobs(&p, &c, adapters_on)?;
+        let per_token =
+            super::linear::no_grad(|| self.model.completion_logprobs(&p, &c, adapters_on))?;
         Ok(per_token.sum_all()?.to_scalar::<f32>()?)
     }
 

@@ -1,8 +1,11 @@
 //! Log-probabilities of chosen tokens from hidden states, through the output projection in
 //! chunks of rows, so a `[rows, vocab]` block is the largest thing ever held (never
-//! `[batch, seq, vocab]`: Gemma's vocabulary has 262,144 entries).
+//! `[batch, seq, vocab]`: Gemma's vocabulary has 262,144 entries). On the CPU one op takes
+//! a chunk from hidden states to log-probabilities and recomputes the logits in backward, so
+//! no `[rows, vocab]` block outlives its chunk.
 
-use candle_core::{DType, Result, Tensor, D};
+use candle_core::backend::BackendStorage;
+use candle_core::{bail, CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor, D};
 
 /// Rows of hidden state pushed through the output projection at once.
 pub const CHUNK_ROWS: usize = 64;
@@ -12,7 +15,8 @@ pub const CHUNK_ROWS: usize = 64;
 /// divided by `temperature` (1 for the model's own distribution).
 ///
 /// Differentiable with respect to `hidden` (the head is frozen) without keeping any
-/// `[rows, vocab]` block for the backward pass: each chunk's gradient with respect to its
+/// `[rows, vocab]` block for the backward pass: on the CPU in f32 without a soft cap, one
+/// op per chunk that recomputes its logits in backward; elsewhere each chunk's gradient with respect to its
 /// hidden rows, `Σ_v (1[v = target] − p_v) · ∂logit_v · W_v`, is computed while the chunk's
 /// probabilities are at hand and folded into a surrogate `Σ_d h · g` whose value is removed
 /// again, so the graph holds only `[rows, d]` per chunk.
@@ -30,6 +34,13 @@ pub fn gather_logprobs(
         let len = CHUNK_ROWS.min(n - start);
         let h = hidden.narrow(0, start, len)?;
         let t = targets.narrow(0, start, len)?.contiguous()?;
+        if fusable(&h, head, softcap) {
+            parts.push(
+                h.contiguous()?
+                    .apply_op3(head, &t, ChosenLogprob { temperature })?,
+            );
+            continue;
+        }
         let raw = logits_of(&h.detach(), head, None)?;
         let capped = match softcap {
             Some(cap) => ((&raw / cap)?.tanh()? * cap)?,
@@ -67,6 +78,85 @@ pub fn gather_logprobs(
     Tensor::cat(&parts, 0)
 }
 
+/// Whether the fused CPU op computes a chunk (f32 on the CPU, no soft cap).
+fn fusable(hidden: &Tensor, head: &Tensor, softcap: Option<f64>) -> bool {
+    hidden.device().is_cpu()
+        && hidden.dtype() == DType::F32
+        && head.dtype() == DType::F32
+        && softcap.is_none()
+}
+
+/// `log softmax(h Wᵀ / T)[target]` per row of `h: [n, d]`, for `W: [vocab, d]` and u32
+/// `targets: [n]`. The logits live only inside the forward and the backward call.
+struct ChosenLogprob {
+    temperature: f64,
+}
+
+impl CustomOp3 for ChosenLogprob {
+    fn name(&self) -> &'static str {
+        "chosen-logprob"
+    }
+
+    fn cpu_fwd(
+        &self,
+        h: &CpuStorage,
+        h_layout: &Layout,
+        w: &CpuStorage,
+        w_layout: &Layout,
+        targets: &CpuStorage,
+        targets_layout: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (n, d) = h_layout.shape().dims2()?;
+        let (vocab, w_d) = w_layout.shape().dims2()?;
+        let (CpuStorage::U32(ids), Some((start, end))) =
+            (targets, targets_layout.contiguous_offsets())
+        else {
+            bail!("chosen-logprob takes contiguous u32 targets");
+        };
+        let ids = &ids[start..end];
+        if !h_layout.is_contiguous() || w_d != d || ids.len() != n {
+            bail!(
+                "chosen-logprob: hidden [{n}, {d}], head [{vocab}, {w_d}], {} targets",
+                ids.len()
+            );
+        }
+        let logits = h.matmul(w, (1, n, vocab, d), h_layout, &w_layout.transpose(0, 1)?)?;
+        let CpuStorage::F32(logits) = logits else {
+            bail!("chosen-logprob takes f32 hidden states");
+        };
+        let inv_t = 1.0 / self.temperature;
+        let out = logits
+            .chunks_exact(vocab)
+            .zip(ids)
+            .map(|(row, &id)| {
+                let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64 * inv_t;
+                let sum: f64 = row.iter().map(|&l| (l as f64 * inv_t - max).exp()).sum();
+                (row[id as usize] as f64 * inv_t - max - sum.ln()) as f32
+            })
+            .collect();
+        Ok((CpuStorage::F32(out), Shape::from(n)))
+    }
+
+    fn bwd(
+        &self,
+        h: &Tensor,
+        w: &Tensor,
+        targets: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        // d/dlogits = g · (onehot − softmax) / T
+        let logits = (super::frozen::matmul_t(&h.detach(), w)? / self.temperature)?;
+        let probs = candle_nn::ops::softmax_last_dim(&logits)?;
+        let g = (grad.unsqueeze(1)? / self.temperature)?;
+        let d_logits =
+            probs
+                .broadcast_mul(&g.neg()?)?
+                .scatter_add(&targets.unsqueeze(1)?, &g, 1)?;
+        Ok((Some(d_logits.matmul(w)?), None, None))
+    }
+}
+
 /// Logits `[n, vocab]` in f32 for `hidden: [n, d]`.
 pub fn logits_of(hidden: &Tensor, head: &Tensor, softcap: Option<f64>) -> Result<Tensor> {
     let logits = super::frozen::matmul_t(hidden, head)?.to_dtype(DType::F32)?;
@@ -81,4 +171,45 @@ fn logsumexp(x: &Tensor) -> Result<Tensor> {
     let max = x.max_keepdim(D::Minus1)?.detach();
     let sum = x.broadcast_sub(&max)?.exp()?.sum_keepdim(D::Minus1)?;
     (sum.log()? + max)?.squeeze(D::Minus1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    #[test]
+    fn the_fused_chunk_equals_the_composite_in_value_and_gradient() {
+        let device = Device::Cpu;
+        let head = Tensor::randn(0f32, 1.0, (50, 8), &device).unwrap();
+        let h = Var::randn(0f32, 1.0, (7, 8), &device).unwrap();
+        let targets = Tensor::new(&[3u32, 0, 49, 7, 7, 12, 30], &device).unwrap();
+        let weights = Tensor::randn(0f32, 1.0, 7, &device).unwrap();
+        let fused = gather_logprobs(h.as_tensor(), &head, &targets, None, 0.7).unwrap();
+        // the composite path: a soft cap too large to change anything
+        let composite = gather_logprobs(h.as_tensor(), &head, &targets, Some(1e9), 0.7).unwrap();
+        let max = |t: Tensor| {
+            t.abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap()
+        };
+        assert!(max((&fused - &composite).unwrap()) < 1e-5);
+        let g_fused = (fused * &weights)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let g_comp = (composite * &weights)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let (a, b) = (g_fused.get(&h).unwrap(), g_comp.get(&h).unwrap());
+        assert!(max((a - b).unwrap()) < 1e-4);
+    }
 }

@@ -7,6 +7,7 @@ pub mod chat;
 pub mod config;
 pub mod export;
 pub mod frozen;
+pub mod fused;
 pub mod gemma3;
 pub mod generate;
 pub mod gguf;

@@ -1,0 +1,254 @@
+//! Fused CPU ops with their own backward, for the training path: RMS normalisation and the
+//! masked, scaled softmax of attention. Built from elementwise candle ops, each keeps three
+//! or four full-size tensors alive for backward; fused, each keeps its input and output only,
+//! and makes one pass over the data instead of five. Their backward computes the input's
+//! gradient only (norm scales and masks are never trained).
+
+use candle_core::{bail, CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor, D};
+
+/// The rows of a contiguous f32 storage.
+fn f32_rows<'a>(storage: &'a CpuStorage, layout: &Layout, what: &str) -> Result<&'a [f32]> {
+    match (storage, layout.contiguous_offsets()) {
+        (CpuStorage::F32(values), Some((start, end))) => Ok(&values[start..end]),
+        _ => bail!("{what} takes contiguous f32 tensors"),
+    }
+}
+
+/// `x / sqrt(mean(x²) + eps) · scale` over the last dimension.
+struct RmsNorm {
+    eps: f64,
+}
+
+impl CustomOp2 for RmsNorm {
+    fn name(&self) -> &'static str {
+        "fused-rms-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        x: &CpuStorage,
+        x_layout: &Layout,
+        scale: &CpuStorage,
+        scale_layout: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let xs = f32_rows(x, x_layout, "rms-norm")?;
+        let w = f32_rows(scale, scale_layout, "rms-norm")?;
+        let d = w.len();
+        if x_layout.dims().last() != Some(&d) {
+            bail!("rms-norm: width {:?} but {d} scales", x_layout.dims());
+        }
+        let mut out = Vec::with_capacity(xs.len());
+        for row in xs.chunks_exact(d) {
+            let mean = row.iter().map(|&v| v * v).sum::<f32>() / d as f32;
+            let inv = 1.0 / (mean + self.eps as f32).sqrt();
+            out.extend(row.iter().zip(w).map(|(&v, &s)| v * inv * s));
+        }
+        Ok((CpuStorage::F32(out), x_layout.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        scale: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        // y = x̂ ⊙ w with x̂ = x / rms: dx = (g ⊙ w − x̂ · mean(g ⊙ w ⊙ x̂)) / rms
+        let rms = (x.sqr()?.mean_keepdim(D::Minus1)? + self.eps)?.sqrt()?;
+        let x_hat = x.broadcast_div(&rms)?;
+        let gw = grad.broadcast_mul(scale)?;
+        let dot = (&gw * &x_hat)?.mean_keepdim(D::Minus1)?;
+        let dx = (gw - x_hat.broadcast_mul(&dot)?)?.broadcast_div(&rms)?;
+        Ok((Some(dx), None))
+    }
+}
+
+/// RMS normalisation over the last dimension: `x / sqrt(mean(x²) + eps) · scale`, in f32.
+/// Fused on the CPU for f32; built from elementwise ops elsewhere.
+pub fn rms_norm(x: &Tensor, scale: &Tensor, eps: f64) -> Result<Tensor> {
+    if x.device().is_cpu() && x.dtype() == DType::F32 && scale.dtype() == DType::F32 {
+        return x
+            .contiguous()?
+            .apply_op2(&scale.contiguous()?, RmsNorm { eps });
+    }
+    let dtype = x.dtype();
+    let x = x.to_dtype(DType::F32)?;
+    let mean = x.sqr()?.mean_keepdim(D::Minus1)?;
+    let normed = x.broadcast_div(&(mean + eps)?.sqrt()?)?;
+    normed
+        .broadcast_mul(&scale.to_dtype(DType::F32)?)?
+        .to_dtype(dtype)
+}
+
+/// `softmax(scores · scale + mask)` over the last dimension, for `scores: [b, h, s, t]` and an
+/// additive `mask: [b, 1, s, t]` shared by the heads.
+struct MaskedSoftmax {
+    scale: f64,
+}
+
+impl CustomOp2 for MaskedSoftmax {
+    fn name(&self) -> &'static str {
+        "fused-masked-softmax"
+    }
+
+    fn cpu_fwd(
+        &self,
+        scores: &CpuStorage,
+        scores_layout: &Layout,
+        mask: &CpuStorage,
+        mask_layout: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let xs = f32_rows(scores, scores_layout, "masked-softmax")?;
+        let ms = f32_rows(mask, mask_layout, "masked-softmax")?;
+        let (b, h, s, t) = scores_layout.shape().dims4()?;
+        if mask_layout.shape().dims4()? != (b, 1, s, t) {
+            bail!(
+                "masked-softmax: scores {:?} but mask {:?}",
+                scores_layout.dims(),
+                mask_layout.dims()
+            );
+        }
+        let scale = self.scale as f32;
+        let mut out = vec![0f32; xs.len()];
+        for (r, (row, dst)) in xs.chunks_exact(t).zip(out.chunks_exact_mut(t)).enumerate() {
+            let (bi, si) = (r / (h * s), r % s);
+            let m = &ms[(bi * s + si) * t..(bi * s + si + 1) * t];
+            let mut max = f32::NEG_INFINITY;
+            for ((d, &x), &mk) in dst.iter_mut().zip(row).zip(m) {
+                *d = x * scale + mk;
+                max = max.max(*d);
+            }
+            let mut sum = 0f32;
+            for d in dst.iter_mut() {
+                *d = (*d - max).exp();
+                sum += *d;
+            }
+            let inv = 1.0 / sum;
+            dst.iter_mut().for_each(|d| *d *= inv);
+        }
+        Ok((CpuStorage::F32(out), scores_layout.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        _scores: &Tensor,
+        _mask: &Tensor,
+        probs: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        // dx = scale · p ⊙ (g − Σ g ⊙ p)
+        let dot = (grad * probs)?.sum_keepdim(D::Minus1)?;
+        let dx = ((grad.broadcast_sub(&dot)? * probs)? * self.scale)?;
+        Ok((Some(dx), None))
+    }
+}
+
+/// `softmax(scores · scale + mask)` over the last dimension in f32, `scores: [b, h, s, t]`,
+/// `mask: [b, 1, s, t]`. Fused on the CPU for f32; built from elementwise ops elsewhere.
+pub fn masked_softmax(scores: &Tensor, mask: &Tensor, scale: f64) -> Result<Tensor> {
+    if scores.device().is_cpu() && scores.dtype() == DType::F32 && mask.dtype() == DType::F32 {
+        return scores
+            .contiguous()?
+            .apply_op2(&mask.contiguous()?, MaskedSoftmax { scale });
+    }
+    let scores = (scores * scale)?.to_dtype(DType::F32)?;
+    candle_nn::ops::softmax(&scores.broadcast_add(mask)?, D::Minus1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar()
+            .unwrap()
+    }
+
+    /// The value and input gradient of `f` and of `reference` for the same random input,
+    /// the loss weighting each output element differently.
+    fn compare(
+        shape: (usize, usize, usize, usize),
+        f: impl Fn(&Tensor) -> Tensor,
+        reference: impl Fn(&Tensor) -> Tensor,
+    ) -> (f32, f32) {
+        let device = Device::Cpu;
+        let x = Var::randn(0f32, 1.0, shape, &device).unwrap();
+        let weights = Tensor::randn(0f32, 1.0, shape, &device).unwrap();
+        let (a, b) = (f(x.as_tensor()), reference(x.as_tensor()));
+        let ga = (&a * &weights)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let gb = (&b * &weights)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        (
+            max_diff(&a, &b),
+            max_diff(ga.get(&x).unwrap(), gb.get(&x).unwrap()),
+        )
+    }
+
+    #[test]
+    fn fused_rms_norm_equals_the_composite_in_value_and_gradient() {
+        let scale = Tensor::randn(0f32, 1.0, 8, &Device::Cpu).unwrap();
+        let composite = |x: &Tensor| {
+            let mean = x.sqr().unwrap().mean_keepdim(D::Minus1).unwrap();
+            let normed = x
+                .broadcast_div(&(mean + 1e-6).unwrap().sqrt().unwrap())
+                .unwrap();
+            normed.broadcast_mul(&scale).unwrap()
+        };
+        let (value, grad) = compare(
+            (2, 3, 5, 8),
+            |x| rms_norm(x, &scale, 1e-6).unwrap(),
+            composite,
+        );
+        assert!(
+            value < 1e-5 && grad < 1e-4,
+            "value {value}, gradient {grad}"
+        );
+    }
+
+    #[test]
+    fn fused_masked_softmax_equals_the_composite_in_value_and_gradient() {
+        let device = Device::Cpu;
+        let (b, h, s, t) = (2, 3, 4, 6);
+        let mask: Vec<f32> = (0..b * s * t)
+            .map(|i| {
+                if (i % t) > (i / t) % s + 1 {
+                    f32::MIN
+                } else {
+                    0.0
+                }
+            })
+            .collect();
+        let mask = Tensor::from_vec(mask, (b, 1, s, t), &device).unwrap();
+        let composite = |x: &Tensor| {
+            let scaled = (x * 0.3).unwrap().broadcast_add(&mask).unwrap();
+            candle_nn::ops::softmax(&scaled, D::Minus1).unwrap()
+        };
+        let (value, grad) = compare(
+            (b, h, s, t),
+            |x| masked_softmax(x, &mask, 0.3).unwrap(),
+            composite,
+        );
+        assert!(
+            value < 1e-6 && grad < 1e-5,
+            "value {value}, gradient {grad}"
+        );
+    }
+}
