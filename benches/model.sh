@@ -97,61 +97,28 @@ for t in $TASKS; do
     esac
 done
 
-# ---- llama.cpp, if installed (not built here) ----
-THREADS="$("$PY" -c 'import os; print(len(os.sched_getaffinity(0)))')"
-if command -v llama-bench >/dev/null 2>&1; then
-    echo "# llama-bench: pp256 / tg128, $THREADS threads, 3 repetitions (random token ids)" >&2
-    if llama-bench -m "$GGUF" -p 256 -n 128 -t "$THREADS" -r 3 -o json >"$RESULTS/llama.out" 2>"$RESULTS/llama.err"; then
-        "$PY" - "$RESULTS/llama.out" "$RESULTS" <<'EOF' || echo "# could not parse llama-bench output" >&2
-import json
-import sys
-
-rows = json.load(open(sys.argv[1]))
-for r in rows:
-    name = "prefill" if r.get("n_prompt") and not r.get("n_gen") else "decode1"
-    n = r["n_prompt"] if name == "prefill" else r["n_gen"]
-    line = {"impl": f"llama.cpp {r.get('build_commit', '?')} (llama-bench, {r.get('model_type', '')})",
-            "task": name, "tokens": n, "seconds": n / r["avg_ts"], "tokens_per_s": r["avg_ts"],
-            "threads": r.get("n_threads")}
-    print(json.dumps(line))
-    open(f"{sys.argv[2]}/{name}.llama.json", "w").write(json.dumps(line) + "\n")
-EOF
-    else
-        echo "# llama-bench failed:" >&2
-        tail -n 5 "$RESULTS/llama.err" >&2
-    fi
-elif command -v llama-cli >/dev/null 2>&1; then
-    echo "# llama-cli: prompt file + 128 new tokens, greedy, no EOS stop, $THREADS threads" >&2
-    if llama-cli -m "$GGUF" -f "$RESULTS/prompt.txt" -n 128 --ignore-eos --temp 0 -no-cnv -t "$THREADS" \
-        </dev/null >"$RESULTS/llama.out" 2>"$RESULTS/llama.err"; then
-        "$PY" - "$RESULTS/llama.err" "$RESULTS" <<'EOF' || echo "# could not parse llama-cli timings" >&2
-import json
-import re
-import sys
-
-text = open(sys.argv[1], errors="replace").read()
-found = 0
-# llama_perf_context_print: prompt eval time = 812.3 ms / 256 tokens (...)
-# llama_perf_context_print:        eval time = 4021.0 ms / 127 runs   (...)
-for pat, name in ((r"prompt eval time\s*=\s*([\d.]+) ms\s*/\s*(\d+) tokens", "prefill"),
-                  (r"(?<!prompt )eval time\s*=\s*([\d.]+) ms\s*/\s*(\d+) (?:runs|tokens)", "decode1")):
-    m = re.findall(pat, text)
-    if not m:
-        continue
-    ms, n = float(m[-1][0]), int(m[-1][1])
-    line = {"impl": "llama.cpp (llama-cli)", "task": name, "tokens": n, "seconds": ms / 1000,
-            "tokens_per_s": n / (ms / 1000)}
-    print(json.dumps(line))
-    open(f"{sys.argv[2]}/{name}.llama.json", "w").write(json.dumps(line) + "\n")
-    found += 1
-sys.exit(0 if found else 1)
-EOF
-    else
-        echo "# llama-cli failed:" >&2
-        tail -n 5 "$RESULTS/llama.err" >&2
-    fi
+# ---- llama.cpp: llama-cpp-python's low-level API (benches/model_llamacpp.py) ----
+# Installed by benches/llamacpp_server.sh (the PyPI sdist compiles llama.cpp, 10-20 minutes).
+LLAMA_PY="${RLVR_LLAMACPP_VENV:-$HOME/.cache/rlvr/llamacpp-venv}/bin/python"
+if [[ -x "$LLAMA_PY" ]] && "$LLAMA_PY" -c 'import llama_cpp, numpy' 2>/dev/null; then
+    for t in $TASKS; do
+        case "$t" in
+            prefill) args=(--task prefill) ;;
+            decode1) args=(--task decode --batch 1 --tokens 128) ;;
+            decode8) args=(--task decode --batch 8 --tokens 128) ;;
+            *) continue ;;
+        esac
+        echo "# llama.cpp $t (load average before: $(cut -d' ' -f1-3 /proc/loadavg))" >&2
+        if "$LLAMA_PY" benches/model_llamacpp.py --model "$GGUF" --ids "$IDS" "${args[@]}" \
+            >"$RESULTS/out" 2>"$RESULTS/err"; then
+            tail -n 1 "$RESULTS/out" | tee "$RESULTS/$t.llama.json"
+        else
+            echo "# model_llamacpp.py $t failed:" >&2
+            tail -n 5 "$RESULTS/err" >&2
+        fi
+    done
 else
-    echo "# llama.cpp was not available (no llama-bench or llama-cli on PATH); skipped" >&2
+    echo "# llama.cpp: no llama-cpp-python at $LLAMA_PY (benches/llamacpp_server.sh installs it); skipped" >&2
 fi
 
 # ---- summary table ----
@@ -192,10 +159,12 @@ for t in tasks:
 print()
 print("ratio = how many times faster rlvr is (rlvr tokens/s / transformers tokens/s; lora: "
       "transformers seconds / rlvr seconds).")
-for t in ("prefill", "decode1"):
-    x = load(t, "llama")
+for t in ("prefill", "decode1", "decode8"):
+    x, r = load(t, "llama"), load(t, "rlvr")
     if x:
-        print(f"llama.cpp {label[t]}: {x['tokens_per_s']:.1f} tokens/s ({x['tokens']} tokens, {x['impl']})")
+        vs = f", rlvr / llama.cpp {r['tokens_per_s'] / x['tokens_per_s']:.2f}x" if r else ""
+        print(f"llama.cpp {label[t]}: {x['tokens_per_s']:.1f} tokens/s, peak RSS "
+              f"{x['peak_rss_mib']:.0f} MiB ({x['impl']}){vs}")
 for impl, threads in impls.items():
     print(f"- {impl}" + (f" ({threads} threads)" if threads else ""))
 EOF

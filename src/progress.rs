@@ -13,6 +13,11 @@ pub use terminal::Terminal;
 pub trait Progress: Send + Sync {
     /// A task named `label` of `total` units starts (0 when the total is unknown).
     fn start(&self, label: &str, total: u64);
+    /// A task counted in bytes (a download) starts; where units are told apart it shows as
+    /// `12.3 MiB/241.5 MiB` and `4.1 MiB/s`, elsewhere as [`Progress::start`].
+    fn start_bytes(&self, label: &str, total: u64) {
+        self.start(label, total)
+    }
     /// `done` units of the current task are finished; `message` is a short status such as
     /// the mean reward.
     fn update(&self, done: u64, message: &str);

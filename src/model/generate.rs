@@ -154,20 +154,39 @@ fn generate_batch(
         return Ok(done.into_iter().map(|c| c.expect("all done")).collect());
     }
 
-    // Prefill: left-pad to the longest prompt; positions count real tokens only.
-    let width = active.iter().map(|&i| prompts[i].len()).max().unwrap_or(0);
-    let mut key_valid = Vec::with_capacity(active.len());
-    let mut ids = Vec::with_capacity(active.len() * width);
-    let mut positions = Vec::with_capacity(active.len() * width);
-    let mut next_position = Vec::with_capacity(active.len());
-    for &i in &active {
-        let pad = width - prompts[i].len();
+    // Prefill each distinct prompt once (GRPO samples a group of completions per prompt),
+    // left-padded to the longest; positions count real tokens only. After the first step
+    // the keys, values and logits are copied out to every request's row.
+    let mut distinct: Vec<&[u32]> = Vec::new();
+    let source: Vec<u32> = active
+        .iter()
+        .map(|&i| {
+            let prompt = prompts[i].as_slice();
+            let at = distinct
+                .iter()
+                .position(|p| *p == prompt)
+                .unwrap_or_else(|| {
+                    distinct.push(prompt);
+                    distinct.len() - 1
+                });
+            at as u32
+        })
+        .collect();
+    let width = distinct.iter().map(|p| p.len()).max().unwrap_or(0);
+    let mut key_valid = Vec::with_capacity(distinct.len());
+    let mut ids = Vec::with_capacity(distinct.len() * width);
+    let mut positions = Vec::with_capacity(distinct.len() * width);
+    for prompt in &distinct {
+        let pad = width - prompt.len();
         key_valid.push((0..width).map(|s| s >= pad).collect::<Vec<bool>>());
-        ids.extend(std::iter::repeat_n(0u32, pad).chain(prompts[i].iter().copied()));
+        ids.extend(std::iter::repeat_n(0u32, pad).chain(prompt.iter().copied()));
         positions.extend((0..width).map(|s| s.saturating_sub(pad) as u32));
-        next_position.push(prompts[i].len() as u32);
     }
-    let b = active.len();
+    let mut next_position: Vec<u32> = active.iter().map(|&i| prompts[i].len() as u32).collect();
+    let mut expand = (distinct.len() < active.len())
+        .then(|| Tensor::from_vec(source.clone(), source.len(), &device))
+        .transpose()?;
+    let b = distinct.len();
     let mut input = Input {
         ids: Tensor::from_vec(ids, (b, width), &device)?,
         positions: Tensor::from_vec(positions, (b, width), &device)?,
@@ -179,7 +198,15 @@ fn generate_batch(
         let hidden = model.forward(&input, Some(&mut cache), adapters_on)?;
         let s = hidden.dim(1)?;
         let last = hidden.narrow(1, s - 1, 1)?.squeeze(1)?; // [b, d]
-        let logits = logits_of(&last, model.lm_head(), model.logit_softcap())?;
+        let mut logits = logits_of(&last, model.lm_head(), model.logit_softcap())?;
+        if let Some(rows) = expand.take() {
+            logits = logits.index_select(&rows, 0)?;
+            cache.select_rows(&rows)?;
+            input.key_valid = source
+                .iter()
+                .map(|&u| input.key_valid[u as usize].clone())
+                .collect();
+        }
         let rows: Vec<Vec<f32>> = logits.to_vec2()?;
         steps += 1;
         let mut keep = Vec::with_capacity(active.len());

@@ -1,8 +1,11 @@
 //! Log-probabilities of chosen tokens from hidden states, through the output projection in
 //! chunks of rows, so a `[rows, vocab]` block is the largest thing ever held (never
-//! `[batch, seq, vocab]`: Gemma's vocabulary has 262,144 entries). On the CPU one op takes
-//! a chunk from hidden states to log-probabilities and recomputes the logits in backward, so
-//! no `[rows, vocab]` block outlives its chunk.
+//! `[batch, seq, vocab]`: Gemma's vocabulary has 262,144 entries). Each chunk's gradient
+//! with respect to its hidden rows is formed while its probabilities are at hand (on the
+//! CPU inside one op, in parallel over rows), so no `[rows, vocab]` block outlives its chunk
+//! and backward computes no logits.
+
+use std::sync::Mutex;
 
 use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor, D};
@@ -15,11 +18,11 @@ pub const CHUNK_ROWS: usize = 64;
 /// divided by `temperature` (1 for the model's own distribution).
 ///
 /// Differentiable with respect to `hidden` (the head is frozen) without keeping any
-/// `[rows, vocab]` block for the backward pass: on the CPU in f32 without a soft cap, one
-/// op per chunk that recomputes its logits in backward; elsewhere each chunk's gradient with respect to its
+/// `[rows, vocab]` block for the backward pass: each chunk's gradient with respect to its
 /// hidden rows, `Σ_v (1[v = target] − p_v) · ∂logit_v · W_v`, is computed while the chunk's
-/// probabilities are at hand and folded into a surrogate `Σ_d h · g` whose value is removed
-/// again, so the graph holds only `[rows, d]` per chunk.
+/// probabilities are at hand, and only that `[rows, d]` block is kept: on the CPU in f32
+/// without a soft cap by one op per chunk, elsewhere folded into a surrogate `Σ_d h · g`
+/// whose value is removed again.
 pub fn gather_logprobs(
     hidden: &Tensor,
     head: &Tensor,
@@ -35,10 +38,15 @@ pub fn gather_logprobs(
         let h = hidden.narrow(0, start, len)?;
         let t = targets.narrow(0, start, len)?.contiguous()?;
         if fusable(&h, head, softcap) {
-            parts.push(
-                h.contiguous()?
-                    .apply_op3(head, &t, ChosenLogprob { temperature })?,
-            );
+            let op = ChosenLogprob {
+                temperature,
+                row_grads: track.then(|| Mutex::new(None)),
+            };
+            let h = h.contiguous()?;
+            parts.push(match track {
+                true => h.apply_op3(head, &t, op)?,
+                false => h.apply_op3_no_bwd(head, &t, &op)?,
+            });
             continue;
         }
         let raw = logits_of(&h.detach(), head, None)?;
@@ -87,9 +95,15 @@ fn fusable(hidden: &Tensor, head: &Tensor, softcap: Option<f64>) -> bool {
 }
 
 /// `log softmax(h Wᵀ / T)[target]` per row of `h: [n, d]`, for `W: [vocab, d]` and u32
-/// `targets: [n]`. The logits live only inside the forward and the backward call.
+/// `targets: [n]`. The logits live only inside the forward call: when a backward pass will
+/// follow, the forward also forms each row's gradient `∂ logprob / ∂ h = ((onehot − p) / T) W`
+/// from the probabilities at hand and keeps it (`[n, d]`) for backward, which scales it by
+/// the incoming gradient; nothing of vocabulary size outlives the call and no logit is
+/// computed twice.
 struct ChosenLogprob {
     temperature: f64,
+    /// `Some` when backward will run: filled with the rows' gradients by the forward pass.
+    row_grads: Option<Mutex<Option<Tensor>>>,
 }
 
 impl CustomOp3 for ChosenLogprob {
@@ -120,41 +134,88 @@ impl CustomOp3 for ChosenLogprob {
                 ids.len()
             );
         }
+        if let Some(&bad) = ids.iter().find(|&&id| id as usize >= vocab) {
+            bail!("chosen-logprob: target {bad} outside the vocabulary of {vocab}");
+        }
         let logits = h.matmul(w, (1, n, vocab, d), h_layout, &w_layout.transpose(0, 1)?)?;
-        let CpuStorage::F32(logits) = logits else {
+        let CpuStorage::F32(mut logits) = logits else {
             bail!("chosen-logprob takes f32 hidden states");
         };
-        let inv_t = 1.0 / self.temperature;
-        let out = logits
-            .chunks_exact(vocab)
-            .zip(ids)
-            .map(|(row, &id)| {
-                let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64 * inv_t;
-                let sum: f64 = row.iter().map(|&l| (l as f64 * inv_t - max).exp()).sum();
-                (row[id as usize] as f64 * inv_t - max - sum.ln()) as f32
-            })
-            .collect();
+        let inv_t = (1.0 / self.temperature) as f32;
+        let keep_grads = self.row_grads.is_some();
+        let mut out = vec![0f32; n];
+        // rows in parallel: each turns its logits into its log-prob and, for backward, into
+        // `(onehot − p) / T` in place
+        let threads = candle_core::utils::get_num_threads().clamp(1, n.max(1));
+        let rows_per = n.div_ceil(threads).max(1);
+        std::thread::scope(|scope| {
+            for ((rows, outs), ids) in logits
+                .chunks_mut(rows_per * vocab)
+                .zip(out.chunks_mut(rows_per))
+                .zip(ids.chunks(rows_per))
+            {
+                scope.spawn(move || {
+                    for ((row, out), &id) in rows.chunks_exact_mut(vocab).zip(outs).zip(ids) {
+                        *out = row_logprob(row, id as usize, inv_t, keep_grads);
+                    }
+                });
+            }
+        });
+        if let Some(slot) = &self.row_grads {
+            let weights = CpuStorage::F32(logits);
+            let grads = weights.matmul(
+                w,
+                (1, n, d, vocab),
+                &Layout::contiguous((n, vocab)),
+                w_layout,
+            )?;
+            let CpuStorage::F32(grads) = grads else {
+                bail!("chosen-logprob: the gradient is not f32");
+            };
+            let grads = Tensor::from_vec(grads, (n, d), &candle_core::Device::Cpu)?;
+            *slot.lock().unwrap_or_else(|e| e.into_inner()) = Some(grads);
+        }
         Ok((CpuStorage::F32(out), Shape::from(n)))
     }
 
     fn bwd(
         &self,
-        h: &Tensor,
-        w: &Tensor,
-        targets: &Tensor,
+        _h: &Tensor,
+        _w: &Tensor,
+        _targets: &Tensor,
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        // d/dlogits = g · (onehot − softmax) / T
-        let logits = (super::frozen::matmul_t(&h.detach(), w)? / self.temperature)?;
-        let probs = candle_nn::ops::softmax_last_dim(&logits)?;
-        let g = (grad.unsqueeze(1)? / self.temperature)?;
-        let d_logits =
-            probs
-                .broadcast_mul(&g.neg()?)?
-                .scatter_add(&targets.unsqueeze(1)?, &g, 1)?;
-        Ok((Some(d_logits.matmul(w)?), None, None))
+        let Some(slot) = &self.row_grads else {
+            bail!("chosen-logprob: backward through a chunk recorded without gradients");
+        };
+        let row_grads = slot.lock().unwrap_or_else(|e| e.into_inner()).take();
+        let Some(row_grads) = row_grads else {
+            bail!("chosen-logprob: the chunk's gradient was already used");
+        };
+        Ok((
+            Some(row_grads.broadcast_mul(&grad.unsqueeze(1)?)?),
+            None,
+            None,
+        ))
     }
+}
+
+/// `log softmax(row / T)[target]` of one row of logits; with `into_weights` the row is
+/// overwritten with `(onehot(target) − softmax(row / T)) / T`, the log-prob's gradient with
+/// respect to the logits.
+fn row_logprob(row: &mut [f32], target: usize, inv_t: f32, into_weights: bool) -> f32 {
+    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max) * inv_t;
+    let sum: f64 = row.iter().map(|&l| (l * inv_t - max).exp() as f64).sum();
+    let log_z = max + sum.ln() as f32;
+    let logprob = row[target] * inv_t - log_z;
+    if into_weights {
+        for l in row.iter_mut() {
+            *l = -(*l * inv_t - log_z).exp() * inv_t;
+        }
+        row[target] += inv_t;
+    }
+    logprob
 }
 
 /// Logits `[n, vocab]` in f32 for `hidden: [n, d]`.

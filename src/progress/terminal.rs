@@ -5,7 +5,7 @@ use std::io::{IsTerminal, Write};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use indicatif::{ProgressBar, ProgressDrawTarget, ProgressState, ProgressStyle};
+use indicatif::{BinaryBytes, ProgressBar, ProgressDrawTarget, ProgressState, ProgressStyle};
 
 use super::Progress;
 
@@ -33,6 +33,8 @@ struct State {
     label: String,
     total: u64,
     done: u64,
+    /// The units are bytes.
+    bytes: bool,
     started: Option<Instant>,
     last_line: Option<Instant>,
 }
@@ -90,11 +92,12 @@ impl Terminal {
     }
 }
 
-fn bar_style(total: u64) -> ProgressStyle {
-    let template = if total > 0 {
-        "{prefix:.bold} {wide_bar:.cyan/blue} {pos}/{len} [{elapsed_precise} < {eta_precise}, {rate}] {msg}"
-    } else {
-        "{spinner} {prefix:.bold} {pos} [{elapsed_precise}, {rate}] {msg}"
+fn bar_style(total: u64, bytes: bool) -> ProgressStyle {
+    let template = match (total > 0, bytes) {
+        (true, false) => "{prefix:.bold} {wide_bar:.cyan/blue} {pos}/{len} [{elapsed_precise} < {eta_precise}, {rate}] {msg}",
+        (false, false) => "{spinner} {prefix:.bold} {pos} [{elapsed_precise}, {rate}] {msg}",
+        (true, true) => "{prefix:.bold} {wide_bar:.cyan/blue} {binary_bytes}/{binary_total_bytes} [{elapsed_precise} < {eta_precise}, {binary_bytes_per_sec}] {msg}",
+        (false, true) => "{spinner} {prefix:.bold} {binary_bytes} [{elapsed_precise}, {binary_bytes_per_sec}] {msg}",
     };
     ProgressStyle::with_template(template)
         .expect("the bar template is valid")
@@ -107,8 +110,8 @@ fn bar_style(total: u64) -> ProgressStyle {
         .progress_chars("█▉▊▋▌▍▎▏ ")
 }
 
-impl Progress for Terminal {
-    fn start(&self, label: &str, total: u64) {
+impl Terminal {
+    fn begin(&self, label: &str, total: u64, bytes: bool) {
         let mut state = self.lock();
         if let Some(old) = state.bar.take() {
             old.abandon();
@@ -116,6 +119,7 @@ impl Progress for Terminal {
         *state = State {
             label: label.to_string(),
             total,
+            bytes,
             started: Some(Instant::now()),
             last_line: Some(Instant::now()),
             ..State::default()
@@ -126,7 +130,7 @@ impl Progress for Terminal {
                     (total > 0).then_some(total),
                     ProgressDrawTarget::stderr(),
                 );
-                bar.set_style(bar_style(total));
+                bar.set_style(bar_style(total, bytes));
                 bar.set_prefix(label.to_string());
                 if total == 0 {
                     bar.enable_steady_tick(Duration::from_millis(200));
@@ -137,11 +141,21 @@ impl Progress for Terminal {
                 drop(state);
                 let line = match total {
                     0 => format!("{label}: started"),
-                    n => format!("{label}: started, {n} to do"),
+                    n => format!("{label}: started, {} to do", amount(n, bytes)),
                 };
                 self.write_line(&line);
             }
         }
+    }
+}
+
+impl Progress for Terminal {
+    fn start(&self, label: &str, total: u64) {
+        self.begin(label, total, false)
+    }
+
+    fn start_bytes(&self, label: &str, total: u64) {
+        self.begin(label, total, true)
     }
 
     fn update(&self, done: u64, message: &str) {
@@ -167,7 +181,12 @@ impl Progress for Terminal {
                     .started
                     .map(|t| now.duration_since(t))
                     .unwrap_or_default();
-                let line = progress_line(&state.label, done, state.total, elapsed, message);
+                let line = progress_line(
+                    &state.label,
+                    (done, state.total, state.bytes),
+                    elapsed,
+                    message,
+                );
                 drop(state);
                 self.write_line(&line);
             }
@@ -187,7 +206,7 @@ impl Progress for Terminal {
                 let mut line = format!(
                     "{}: finished {} in {}",
                     state.label,
-                    count(state.done, state.total),
+                    count(state.done, state.total, state.bytes),
                     duration(elapsed)
                 );
                 if !message.is_empty() {
@@ -200,29 +219,41 @@ impl Progress for Terminal {
     }
 }
 
-fn count(done: u64, total: u64) -> String {
-    match total {
-        0 => done.to_string(),
-        t => format!("{done}/{t}"),
+/// An amount of units: a count, or bytes as `12.3 MiB`.
+fn amount(n: u64, bytes: bool) -> String {
+    match bytes {
+        true => BinaryBytes(n).to_string(),
+        false => n.to_string(),
     }
 }
 
-/// One plain progress line: `judge: 120/500 (24%), 3.2/s, ETA 1m 59s — reward 0.41`.
+fn count(done: u64, total: u64, bytes: bool) -> String {
+    match total {
+        0 => amount(done, bytes),
+        t => format!("{}/{}", amount(done, bytes), amount(t, bytes)),
+    }
+}
+
+/// One plain progress line: `judge: 120/500 (24%), 3.2/s, ETA 1m 59s — reward 0.41`, or
+/// for bytes `download: 12.0 MiB/48.0 MiB (25%), 4.0 MiB/s, ETA 9.0s`. `(done, total,
+/// bytes)` counts the work.
 pub fn progress_line(
     label: &str,
-    done: u64,
-    total: u64,
+    (done, total, bytes): (u64, u64, bool),
     elapsed: Duration,
     message: &str,
 ) -> String {
-    let mut line = format!("{label}: {}", count(done, total));
+    let mut line = format!("{label}: {}", count(done, total, bytes));
     if let Some(percent) = (done * 100).checked_div(total) {
         line.push_str(&format!(" ({percent}%)"));
     }
     let seconds = elapsed.as_secs_f64();
     if seconds > 0.0 && done > 0 {
         let per_second = done as f64 / seconds;
-        line.push_str(&format!(", {}", rate(per_second)));
+        match bytes {
+            true => line.push_str(&format!(", {}/s", BinaryBytes(per_second as u64))),
+            false => line.push_str(&format!(", {}", rate(per_second))),
+        }
         if total > done {
             let left = Duration::from_secs_f64((total - done) as f64 / per_second);
             line.push_str(&format!(", ETA {}", duration(left)));
@@ -274,10 +305,11 @@ mod tests {
 
     #[test]
     fn bar_templates_parse_and_a_hidden_bar_follows_updates() {
-        let _ = bar_style(0);
-        let _ = bar_style(10);
+        for (total, bytes) in [(0, false), (10, false), (0, true), (10, true)] {
+            let _ = bar_style(total, bytes);
+        }
         let bar = ProgressBar::with_draw_target(Some(10), ProgressDrawTarget::hidden());
-        bar.set_style(bar_style(10));
+        bar.set_style(bar_style(10, false));
         bar.set_position(4);
         bar.set_message("reward 0.5");
         assert_eq!((bar.position(), bar.message().as_ref()), (4, "reward 0.5"));
@@ -285,16 +317,50 @@ mod tests {
 
     #[test]
     fn a_line_has_count_share_rate_eta_and_message() {
-        let line = progress_line("judge", 120, 500, Duration::from_secs(40), "reward 0.41");
+        let line = progress_line(
+            "judge",
+            (120, 500, false),
+            Duration::from_secs(40),
+            "reward 0.41",
+        );
         assert_eq!(
             line,
             "judge: 120/500 (24%), 3.0/s, ETA 2m 06s — reward 0.41"
         );
-        let slow = progress_line("grpo", 2, 100, Duration::from_secs(50), "");
+        let slow = progress_line("grpo", (2, 100, false), Duration::from_secs(50), "");
         assert_eq!(slow, "grpo: 2/100 (2%), 25.0s each, ETA 40m 50s");
         assert_eq!(
-            progress_line("download", 0, 0, Duration::ZERO, ""),
+            progress_line("download", (0, 0, false), Duration::ZERO, ""),
             "download: 0"
+        );
+    }
+
+    #[test]
+    fn a_download_counts_bytes() {
+        let mib = 1024 * 1024;
+        let line = progress_line(
+            "gemma.gguf",
+            (12 * mib, 48 * mib, true),
+            Duration::from_secs(3),
+            "",
+        );
+        assert_eq!(
+            line,
+            "gemma.gguf: 12.00 MiB/48.00 MiB (25%), 4.00 MiB/s, ETA 9.0s"
+        );
+        let out = Shared::default();
+        let lines = Terminal::lines(Box::new(out.clone()), Duration::ZERO);
+        lines.start_bytes("part 1", 3 * mib);
+        lines.update(mib, "");
+        lines.finish("");
+        let text = String::from_utf8(out.0.lock().unwrap().clone()).unwrap();
+        assert!(
+            text.starts_with("part 1: started, 3.00 MiB to do\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("part 1: finished 1.00 MiB/3.00 MiB in"),
+            "{text}"
         );
     }
 

@@ -249,3 +249,46 @@ fn a_caller_can_end_one_row_by_its_tokens() {
         assert_eq!(c.ids, model.greedy(prompt, 10, false).unwrap());
     }
 }
+
+#[test]
+fn a_group_of_one_prompt_prefills_it_once_and_equals_each_row_alone() {
+    // GRPO's layout: each prompt repeated for its group, interleaved with another prompt;
+    // every row is seeded on its own, so each completion equals that request run alone
+    let model = tiny();
+    let p = prompts();
+    let rows = vec![
+        p[0].clone(),
+        p[0].clone(),
+        p[2].clone(),
+        p[0].clone(),
+        p[2].clone(),
+    ];
+    let requests: Vec<Sampling> = (0..rows.len() as u64)
+        .map(|seed| Sampling {
+            max_tokens: 6,
+            temperature: 1.0,
+            seed,
+            ..Sampling::default()
+        })
+        .collect();
+    let batch = generate(&model, &rows, &requests, false, None, &mut |_| true).unwrap();
+    for ((prompt, request), c) in rows.iter().zip(&requests).zip(&batch) {
+        let alone = generate(
+            &model,
+            std::slice::from_ref(prompt),
+            std::slice::from_ref(request),
+            false,
+            None,
+            &mut |_| true,
+        )
+        .unwrap();
+        assert_eq!(c.ids, alone[0].ids, "seed {}", request.seed);
+        for (a, b) in c.logprobs.iter().zip(&alone[0].logprobs) {
+            assert!((a - b).abs() < 1e-4, "{a} vs {b}");
+        }
+    }
+    assert_ne!(
+        batch[0].ids, batch[1].ids,
+        "the group's rows are sampled apart"
+    );
+}

@@ -93,7 +93,7 @@ fn mean_reward_rises_on_a_toy_task() {
     let rewards = [Reward::custom("alnum", 1.0, |s| {
         Ok(alphanumeric_share(s.completion))
     })];
-    let config = toy_config(24, "learn");
+    let config = toy_config(40, "learn");
     let run = grpo::train(&mut policy, &items, &rewards, &config, &Job::silent()).unwrap();
     let reward: Vec<f64> = run
         .metrics
@@ -103,14 +103,14 @@ fn mean_reward_rises_on_a_toy_task() {
         .unwrap()
         .into_no_null_iter()
         .collect();
-    assert_eq!(reward.len(), 24);
-    let first = reward[..6].iter().sum::<f64>() / 6.0;
-    let last = reward[18..].iter().sum::<f64>() / 6.0;
+    assert_eq!(reward.len(), 40);
+    let first = reward[..8].iter().sum::<f64>() / 8.0;
+    let last = reward[32..].iter().sum::<f64>() / 8.0;
     assert!(
         last > first + 0.2,
-        "mean reward should rise: first 6 steps {first:.3}, last 6 steps {last:.3}"
+        "mean reward should rise: first 8 steps {first:.3}, last 8 steps {last:.3}: {reward:.3?}"
     );
-    assert_eq!(run.completions.height(), 24 * 8);
+    assert_eq!(run.completions.height(), 40 * 8);
     assert!(run.metrics.column("reward_alnum").is_ok());
 }
 
