@@ -25,7 +25,7 @@ use jupyter_zmq_client::{
 use tokio::sync::{mpsc, oneshot};
 
 use super::display::{bundle, plain_text};
-use super::history::{Entry, History, Query};
+use super::history::{Entry, History, Query, SESSION};
 use super::output::{absorb, new_id, Iopub, KernelOutput, Outgoing};
 use crate::script::{shown, Completeness, Kind, ScriptError, Session};
 
@@ -348,7 +348,7 @@ impl Shell {
                 )
             }
             JupyterMessageContent::HistoryRequest(req) => {
-                let query: Query = serde_json::from_value(serde_json::to_value(req)?)?;
+                let query = Query::of(req)?;
                 let entries = self
                     .history
                     .query(&query)
@@ -356,12 +356,12 @@ impl Shell {
                     .map(|e| {
                         if query.output {
                             HistoryEntry::InputOutput(
-                                1,
+                                SESSION,
                                 e.count,
                                 (e.input.clone(), e.output.clone()),
                             )
                         } else {
-                            HistoryEntry::Input(1, e.count, e.input.clone())
+                            HistoryEntry::Input(SESSION, e.count, e.input.clone())
                         }
                     })
                     .collect();

@@ -54,13 +54,14 @@ class RhaiKernelTests(ProtocolChecks, jkt.KernelTests):
         {"code": "6*7", "result": "42"},
         {"code": "[1, 2, 3].map(|x| x * x)", "result": "[1, 4, 9]"},
     ]
-    # history_request "tail" (consoles use it for up-arrow). "range" is left out, as in
-    # upstream's own ipykernel suite. "search" is left out too: jupyter_client sends a search
-    # request without `n` and `unique` unless given, and jupyter-protocol 2, which reads the
-    # kernel's messages, requires both, so such a request is dropped unanswered (a search
-    # that names both is answered; the kernel's unit tests cover the search itself).
+    # history_request: "tail" (consoles use it for up-arrow) and "range" through upstream's
+    # test_history; "search" through test_extra_history_search, whose requests name `n` and
+    # `unique`. Upstream's search sends neither, and jupyter-protocol 2, which reads the
+    # kernel's messages, requires both (and `stop` for range), so such a request is dropped
+    # unanswered before the kernel sees it; the kernel's unit tests (kernel::history) cover
+    # what it would answer: every match without `n`, unique off without `unique`.
     code_history_pattern = "6*"
-    supported_history_operations = ("tail",)
+    supported_history_operations = ("tail", "range")
 
     # complete_request: only the reply's shape is checked here; its contents and cursor
     # positions are checked by completion_includes below.
