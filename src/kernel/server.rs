@@ -512,7 +512,7 @@ fn evaluate(
     expressions: HashMap<String, String>,
 ) -> CellResult {
     let result = match catch_unwind(AssertUnwindSafe(|| session.eval(source, code))) {
-        Ok(result) => result.map(|value| bundle(shown(&value))),
+        Ok(result) => result.map(|value| bundle(shown(&session.described(value)))),
         Err(panic) => Err(ScriptError {
             source: source.to_string(),
             line: None,
@@ -527,7 +527,7 @@ fn evaluate(
         for (name, expression) in expressions {
             let value = match session.eval("<expression>", &expression) {
                 Ok(value) => ExpressionResult::Ok {
-                    data: bundle(shown(&value))
+                    data: bundle(shown(&session.described(value)))
                         .unwrap_or_else(|| Media::new(vec![MediaType::Plain("()".into())])),
                     metadata: Default::default(),
                 },

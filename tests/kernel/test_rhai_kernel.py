@@ -108,6 +108,12 @@ class RhaiKernelTests(ProtocolChecks, jkt.KernelTests):
     rich_output_samples = [
         {"code": f"load({SCORES_CSV}).head(3)", "mime": "text/html", "contains": "<table"},
         {"code": f"load({SCORES_CSV}).head(3)", "mime": "text/plain", "contains": "shape: (3, 3)"},
+        # A value of the surface's own types shows as its own text, not as a Rust type name
+        # (`endpoint` sends nothing until asked).
+        {"code": 'endpoint("http://127.0.0.1:9/v1", "tiny")', "mime": "text/plain",
+         "contains": "Endpoint(tiny at http://127.0.0.1:9/v1)"},
+        {"code": 'display([endpoint("http://127.0.0.1:9/v1", "tiny")])', "mime": "text/plain",
+         "contains": "[Endpoint(tiny at http://127.0.0.1:9/v1)]"},
     ]
     # help(name) pages a function's signatures and doc (execute_reply payload, source "page").
     code_page_something = 'help("load")'
