@@ -18,6 +18,7 @@ HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 ROOT="$(cd "$HERE/../.." && pwd)"
 VENV="${KERNEL_TEST_VENV:-$HOME/.cache/rlvr/kernel-venv}"
 RLVR="${RLVR_BIN:-${CARGO_TARGET_DIR:-$ROOT/target}/debug/rlvr}"
+REAL_RLVR_HOME="${RLVR_HOME:-$HOME/.cache/rlvr}"
 ARTIFACTS="$HERE/artifacts"
 STEPS=("$@")
 [ ${#STEPS[@]} -gt 0 ] || STEPS=(conformance notebooks browser)
@@ -59,12 +60,32 @@ for step in "${STEPS[@]}"; do
         --tb=short -p no:cacheprovider --timeout="${KERNEL_TEST_PER_TEST_TIMEOUT:-120}" \
         test_rhai_kernel.py </dev/null) || failed=1 ;;
     notebooks)
+      # A fresh $RLVR_HOME, so that every run really evaluates and trains (no cache of an
+      # earlier run) and the user's caches stay as they were; fetched models are shared.
+      home="$SCRATCH/rlvr-home"
+      mkdir -p "$home" && ln -sfn "$REAL_RLVR_HOME/models" "$home/models"
       for nb in "$ROOT"/examples/*.ipynb; do
         name="$(basename "$nb" .ipynb)"
         echo "== notebook $name"
-        "$VENV/bin/python" "$HERE/check_notebook.py" "$nb" --kernel rhai \
+        RLVR_HOME="$home" "$VENV/bin/python" "$HERE/check_notebook.py" "$nb" --kernel rhai \
           --output "$ARTIFACTS/$name.ipynb" --save-images "$ARTIFACTS/$name" </dev/null || failed=1
-      done ;;
+      done
+      # The check itself: it must fail the cells that do not show what they must.
+      echo "== notebook check on unmet expectations (must fail cells 1, 2 and 3, pass cell 4)"
+      out="$("$VENV/bin/python" "$HERE/check_notebook.py" "$HERE/data/unmet_expectations.ipynb" \
+        --output "$SCRATCH/unmet_expectations.ipynb" \
+        --kernel rhai </dev/null)" && status=0 || status=$?
+      printf '%s\n' "$out" | sed 's/^/    /'
+      if [ "$status" -eq 1 ] && [ "$(grep -c '^FAIL' <<<"$out")" -eq 3 ] \
+        && grep -q '^FAIL  cell 1 shows html-table' <<<"$out" \
+        && grep -q '^FAIL  cell 2 shows png' <<<"$out" \
+        && grep -q '^FAIL  cell 3 shows stdout' <<<"$out" \
+        && grep -q '^PASS  cell 4 shows html-table' <<<"$out"; then
+        echo "PASS  check_notebook.py fails exactly the cells that miss their expectations"
+      else
+        echo "FAIL  check_notebook.py did not fail exactly cells 1, 2 and 3 (exit status $status)"
+        failed=1
+      fi ;;
     browser)
       echo "== JupyterLab in headless Chromium"
       if ! command -v chromium >/dev/null; then
