@@ -38,6 +38,10 @@ export XDG_DATA_HOME="$SCRATCH/data" JUPYTER_CONFIG_DIR="$SCRATCH/config" \
   JUPYTER_RUNTIME_DIR="$SCRATCH/runtime" IPYTHONDIR="$SCRATCH/ipython"
 unset JUPYTER_DATA_DIR JUPYTER_PATH
 export PATH="$VENV/bin:$PATH"
+# A fresh $RLVR_HOME, so that the notebooks really evaluate and train (no cache of an earlier
+# run) and the user's caches stay as they were; the fetched models are shared.
+export RLVR_HOME="$SCRATCH/rlvr-home"
+mkdir -p "$RLVR_HOME" && ln -s "$REAL_RLVR_HOME/models" "$RLVR_HOME/models"
 "$RLVR" kernel install --user
 "$VENV/bin/python" - <<'EOF'
 import json, subprocess, sys
@@ -60,14 +64,10 @@ for step in "${STEPS[@]}"; do
         --tb=short -p no:cacheprovider --timeout="${KERNEL_TEST_PER_TEST_TIMEOUT:-120}" \
         test_rhai_kernel.py </dev/null) || failed=1 ;;
     notebooks)
-      # A fresh $RLVR_HOME, so that every run really evaluates and trains (no cache of an
-      # earlier run) and the user's caches stay as they were; fetched models are shared.
-      home="$SCRATCH/rlvr-home"
-      mkdir -p "$home" && ln -sfn "$REAL_RLVR_HOME/models" "$home/models"
       for nb in "$ROOT"/examples/*.ipynb; do
         name="$(basename "$nb" .ipynb)"
         echo "== notebook $name"
-        RLVR_HOME="$home" "$VENV/bin/python" "$HERE/check_notebook.py" "$nb" --kernel rhai \
+        "$VENV/bin/python" "$HERE/check_notebook.py" "$nb" --kernel rhai \
           --output "$ARTIFACTS/$name.ipynb" --save-images "$ARTIFACTS/$name" </dev/null || failed=1
       done
       # The check itself: it must fail the cells that do not show what they must.
@@ -94,7 +94,10 @@ for step in "${STEPS[@]}"; do
       fi
       "$VENV/bin/python" "$HERE/browser_check.py" --root "$ROOT" \
         --notebook examples/explore_datasets.ipynb --screenshot "$ARTIFACTS/jupyterlab.png" \
-        </dev/null || failed=1 ;;
+        </dev/null || failed=1
+      "$VENV/bin/python" "$HERE/browser_check.py" --root "$ROOT" \
+        --notebook examples/per_category_accuracy.ipynb --images \
+        --screenshot "$ARTIFACTS/jupyterlab-plots.png" </dev/null || failed=1 ;;
     *) echo "unknown step $step" >&2; exit 2 ;;
   esac
 done
