@@ -544,7 +544,9 @@ fn repl(quiet: bool) -> Result<ExitCode> {
         cell += 1;
         output.cancel.reset();
         match session.eval(&format!("<repl {cell}>"), &buffer) {
-            Ok(value) if !value.is_unit() => println!("{}", render_text(&value)),
+            Ok(value) if !value.is_unit() => {
+                println!("{}", render_text(&session.described(value)))
+            }
             Ok(_) => {}
             Err(err) => eprintln!("error: {err}"),
         }

@@ -1,7 +1,12 @@
 //! The cells run in this kernel session, for `history_request`: the last `n` (`tail`, a
-//! console's up-arrow), a range of execution counts, or a glob search.
+//! console's up-arrow), a range of execution counts, or a glob search, read as IPython reads
+//! them (an `n` left out or negative means no limit; `unique` keeps the latest of equal
+//! inputs; `range` names a session, 0 or [`SESSION`] being this one).
 
 use serde::Deserialize;
+
+/// The session number history entries carry: the kernel keeps one session, from its start.
+pub const SESSION: usize = 1;
 
 /// One history entry: the execution count, the cell's code, the text of its result.
 #[derive(Debug, Clone, PartialEq)]
@@ -25,15 +30,18 @@ pub struct History {
 pub struct Query {
     /// `tail`, `range` or `search`.
     pub hist_access_type: String,
-    /// How many entries (tail, search).
+    /// How many entries, the latest (tail, search); left out or negative: all.
     #[serde(default)]
-    pub n: Option<usize>,
+    pub n: Option<i64>,
+    /// The session (range): 0 or [`SESSION`] is this one, earlier ones have no entries.
+    #[serde(default)]
+    pub session: Option<i64>,
     /// First execution count (range).
     #[serde(default)]
-    pub start: Option<usize>,
-    /// One past the last execution count (range).
+    pub start: Option<i64>,
+    /// One past the last execution count (range); left out: to the latest.
     #[serde(default)]
-    pub stop: Option<usize>,
+    pub stop: Option<i64>,
     /// Glob pattern (search): `*` any text, `?` one character.
     #[serde(default)]
     pub pattern: Option<String>,
@@ -43,6 +51,13 @@ pub struct Query {
     /// Include outputs.
     #[serde(default)]
     pub output: bool,
+}
+
+impl Query {
+    /// The query of a request as the protocol crate read it.
+    pub fn of(request: &jupyter_protocol::HistoryRequest) -> serde_json::Result<Query> {
+        serde_json::from_value(serde_json::to_value(request)?)
+    }
 }
 
 impl History {
@@ -55,12 +70,13 @@ impl History {
     pub fn query(&self, query: &Query) -> Vec<&Entry> {
         match query.hist_access_type.as_str() {
             "tail" => last(self.entries.iter().collect(), query.n),
+            "range" if !this_session(query.session) => Vec::new(),
             "range" => {
                 let start = query.start.unwrap_or(0);
-                let stop = query.stop.unwrap_or(usize::MAX);
+                let stop = query.stop.unwrap_or(i64::MAX);
                 self.entries
                     .iter()
-                    .filter(|e| e.count >= start && e.count < stop)
+                    .filter(|e| (start..stop).contains(&(e.count as i64)))
                     .collect()
             }
             "search" => {
@@ -83,8 +99,15 @@ impl History {
     }
 }
 
-fn last(mut entries: Vec<&Entry>, n: Option<usize>) -> Vec<&Entry> {
-    if let Some(n) = n {
+/// Whether a range request's `session` is this kernel's: 0 (IPython's "the current one"),
+/// left out, or [`SESSION`].
+fn this_session(session: Option<i64>) -> bool {
+    matches!(session, None | Some(0)) || session == Some(SESSION as i64)
+}
+
+/// The last `n` of `entries`; all of them when `n` is left out or negative.
+fn last(mut entries: Vec<&Entry>, n: Option<i64>) -> Vec<&Entry> {
+    if let Some(n) = n.and_then(|n| usize::try_from(n).ok()) {
         let skip = entries.len().saturating_sub(n);
         entries.drain(..skip);
     }
@@ -125,33 +148,115 @@ mod tests {
         entries.iter().map(|e| e.input.as_str()).collect()
     }
 
+    const CELLS: [&str; 6] = ["6*7", "[1].len()", "6*7", "let x = 6;", "6*7", "x"];
+
     #[test]
-    fn tail_range_and_search() {
-        let h = history(&["6*7", "[1].len()", "6*7", "let x = 6;", "6*7"]);
-        let tail = h.query(&query(
-            serde_json::json!({"hist_access_type": "tail", "n": 2}),
-        ));
-        assert_eq!(inputs(tail), ["let x = 6;", "6*7"]);
-        let range = h.query(&query(
-            serde_json::json!({"hist_access_type": "range", "start": 2, "stop": 4}),
-        ));
-        assert_eq!(inputs(range), ["[1].len()", "6*7"]);
-        let all = h.query(&query(
-            serde_json::json!({"hist_access_type": "search", "pattern": "6*"}),
-        ));
-        assert_eq!(all.len(), 3);
-        let unique = h.query(&query(
+    fn tail_is_the_latest_n_and_all_without_n() {
+        let h = history(&CELLS);
+        let tail = |json| inputs(h.query(&query(json)));
+        assert_eq!(
+            tail(serde_json::json!({"hist_access_type": "tail", "n": 2})),
+            ["6*7", "x"]
+        );
+        assert_eq!(
+            tail(serde_json::json!({"hist_access_type": "tail", "n": 0})),
+            Vec::<&str>::new()
+        );
+        assert_eq!(
+            tail(serde_json::json!({"hist_access_type": "tail", "n": 99})),
+            CELLS
+        );
+        assert_eq!(tail(serde_json::json!({"hist_access_type": "tail"})), CELLS);
+        assert_eq!(
+            tail(serde_json::json!({"hist_access_type": "tail", "n": -1})),
+            CELLS
+        );
+    }
+
+    #[test]
+    fn range_is_by_execution_count_in_this_session() {
+        let h = history(&CELLS);
+        let range = |json| inputs(h.query(&query(json)));
+        let two = ["[1].len()", "6*7"];
+        assert_eq!(
+            range(serde_json::json!({"hist_access_type": "range", "start": 2, "stop": 4})),
+            two
+        );
+        for session in [0, SESSION as i64] {
+            assert_eq!(
+                range(
+                    serde_json::json!({"hist_access_type": "range", "session": session, "start": 2, "stop": 4})
+                ),
+                two
+            );
+        }
+        for other in [-1, 2] {
+            assert!(range(
+                serde_json::json!({"hist_access_type": "range", "session": other, "start": 2, "stop": 4})
+            )
+            .is_empty());
+        }
+        assert_eq!(
+            range(serde_json::json!({"hist_access_type": "range", "session": 0, "start": 5})),
+            ["6*7", "x"]
+        );
+    }
+
+    #[test]
+    fn search_matches_globs_keeps_the_latest_unique_and_all_without_n() {
+        let h = history(&CELLS);
+        let search = |json| h.query(&query(json));
+        let all = search(serde_json::json!({"hist_access_type": "search", "pattern": "6*"}));
+        assert_eq!(all.iter().map(|e| e.count).collect::<Vec<_>>(), [1, 3, 5]);
+        let unique = search(
             serde_json::json!({"hist_access_type": "search", "pattern": "6*", "unique": true}),
-        ));
-        assert_eq!(unique.len(), 1);
-        assert_eq!(unique[0].count, 5);
-        let two = h.query(&query(
-            serde_json::json!({"hist_access_type": "search", "pattern": "*6*", "n": 2}),
-        ));
+        );
+        assert_eq!(unique.iter().map(|e| e.count).collect::<Vec<_>>(), [5]);
+        let unique_all = search(
+            serde_json::json!({"hist_access_type": "search", "pattern": "*", "unique": true}),
+        );
+        assert_eq!(inputs(unique_all), ["[1].len()", "let x = 6;", "6*7", "x"]);
+        let unique_two = search(
+            serde_json::json!({"hist_access_type": "search", "pattern": "*", "unique": true, "n": 2}),
+        );
+        assert_eq!(inputs(unique_two), ["6*7", "x"]);
+        let two =
+            search(serde_json::json!({"hist_access_type": "search", "pattern": "*6*", "n": 2}));
         assert_eq!(inputs(two), ["let x = 6;", "6*7"]);
-        let one_char = h.query(&query(
-            serde_json::json!({"hist_access_type": "search", "pattern": "?*?"}),
-        ));
-        assert_eq!(one_char.len(), 5);
+        let at_least_two =
+            search(serde_json::json!({"hist_access_type": "search", "pattern": "?*?"}));
+        assert_eq!(at_least_two.len(), 5);
+        let exact = search(serde_json::json!({"hist_access_type": "search", "pattern": "x"}));
+        assert_eq!(inputs(exact), ["x"]);
+    }
+
+    #[test]
+    fn requests_as_the_protocol_crate_reads_them() {
+        use jupyter_protocol::HistoryRequest;
+        let h = history(&CELLS);
+        let search = HistoryRequest::Search {
+            pattern: "6*".into(),
+            unique: false,
+            output: false,
+            raw: true,
+            n: -1,
+        };
+        assert_eq!(h.query(&Query::of(&search).unwrap()).len(), 3);
+        let tail = HistoryRequest::Tail {
+            n: 1,
+            output: true,
+            raw: true,
+        };
+        let query = Query::of(&tail).unwrap();
+        assert!(query.output);
+        assert_eq!(inputs(h.query(&query)), ["x"]);
+        let range = HistoryRequest::Range {
+            session: Some(-1),
+            start: 1,
+            stop: 3,
+            output: false,
+            raw: true,
+        };
+        assert!(h.query(&Query::of(&range).unwrap()).is_empty());
     }
 }

@@ -25,7 +25,7 @@ use jupyter_zmq_client::{
 use tokio::sync::{mpsc, oneshot};
 
 use super::display::{bundle, plain_text};
-use super::history::{Entry, History, Query};
+use super::history::{Entry, History, Query, SESSION};
 use super::output::{absorb, new_id, Iopub, KernelOutput, Outgoing};
 use crate::script::{shown, Completeness, Kind, ScriptError, Session};
 
@@ -348,7 +348,7 @@ impl Shell {
                 )
             }
             JupyterMessageContent::HistoryRequest(req) => {
-                let query: Query = serde_json::from_value(serde_json::to_value(req)?)?;
+                let query = Query::of(req)?;
                 let entries = self
                     .history
                     .query(&query)
@@ -356,12 +356,12 @@ impl Shell {
                     .map(|e| {
                         if query.output {
                             HistoryEntry::InputOutput(
-                                1,
+                                SESSION,
                                 e.count,
                                 (e.input.clone(), e.output.clone()),
                             )
                         } else {
-                            HistoryEntry::Input(1, e.count, e.input.clone())
+                            HistoryEntry::Input(SESSION, e.count, e.input.clone())
                         }
                     })
                     .collect();
@@ -512,7 +512,7 @@ fn evaluate(
     expressions: HashMap<String, String>,
 ) -> CellResult {
     let result = match catch_unwind(AssertUnwindSafe(|| session.eval(source, code))) {
-        Ok(result) => result.map(|value| bundle(shown(&value))),
+        Ok(result) => result.map(|value| bundle(shown(&session.described(value)))),
         Err(panic) => Err(ScriptError {
             source: source.to_string(),
             line: None,
@@ -527,7 +527,7 @@ fn evaluate(
         for (name, expression) in expressions {
             let value = match session.eval("<expression>", &expression) {
                 Ok(value) => ExpressionResult::Ok {
-                    data: bundle(shown(&value))
+                    data: bundle(shown(&session.described(value)))
                         .unwrap_or_else(|| Media::new(vec![MediaType::Plain("()".into())])),
                     metadata: Default::default(),
                 },

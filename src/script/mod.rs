@@ -237,6 +237,16 @@ impl Session {
             .map_err(|e| ScriptError::from_eval(source, code, *e))
     }
 
+    /// `value` ready to show, with the text its type's `to_debug` gives where only the
+    /// engine knows it (see [`described`](output::described)).
+    pub fn described(&self, value: Dynamic) -> Dynamic {
+        output::described(value, |v| {
+            let to_debug = rhai::FnPtr::new("to_debug").ok()?;
+            let text = to_debug.call::<rhai::ImmutableString>(&self.engine, &AST::empty(), (v,));
+            text.ok().map(|t| t.to_string())
+        })
+    }
+
     /// Runs the script file at `path`.
     pub fn run_file(&mut self, path: &Path) -> Result<Dynamic, ScriptError> {
         let name = path.display().to_string();
@@ -258,6 +268,61 @@ mod tests {
 
     fn session() -> Session {
         Session::new(Arc::new(StdOutput::default()), Map::new())
+    }
+
+    /// Keeps the text of every displayed value.
+    #[derive(Default)]
+    struct Shows(std::sync::Mutex<Vec<String>>);
+
+    impl Output for Shows {
+        fn print(&self, _text: &str) {}
+        fn display(&self, value: &Dynamic) {
+            self.0.lock().unwrap().push(render_text(value));
+        }
+        fn cancel(&self) -> crate::progress::Cancel {
+            crate::progress::Cancel::new()
+        }
+    }
+
+    #[test]
+    fn values_of_the_surfaces_own_types_show_as_their_own_text() {
+        let out = Arc::new(Shows::default());
+        let mut s = Session::new(out.clone(), Map::new());
+        let ep = "Endpoint(tiny at http://127.0.0.1:9/v1)";
+        let value = s
+            .eval(
+                "<1>",
+                r#"let ep = endpoint("http://127.0.0.1:9/v1", "tiny"); ep"#,
+            )
+            .unwrap();
+        assert_eq!(
+            render_text(&value),
+            "rlvr::endpoint::Endpoint",
+            "Rhai's own text"
+        );
+        assert!(matches!(shown(&s.described(value)), Shown::Text(t) if t == ep));
+        let bar = s.eval("<2>", r#"progress(2, "bar")"#).unwrap();
+        assert_eq!(render_text(&s.described(bar)), "ProgressBar");
+        let nested = s.eval("<3>", "[ep, #{ a: 1 }]").unwrap();
+        assert_eq!(
+            render_text(&s.described(nested)),
+            format!(r#"[{ep}, #{{"a": 1}}]"#)
+        );
+        for plain in ["[1, 2]", r#"#{ a: [1], b: "x" }"#, "42", r#""text""#] {
+            let value = s.eval("<3>", plain).unwrap();
+            assert_eq!(
+                render_text(&s.described(value.clone())),
+                render_text(&value)
+            );
+        }
+        let _ = s
+            .eval(
+                "<4>",
+                r#"display(ep); display([ep]); display("text"); display(1.5)"#,
+            )
+            .unwrap();
+        let shows = out.0.lock().unwrap().clone();
+        assert_eq!(shows, [ep, &format!("[{ep}]"), "text", "1.5"]);
     }
 
     #[test]

@@ -5,7 +5,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use polars::prelude::DataFrame;
-use rhai::{Dynamic, Engine, FuncRegistration};
+use rhai::{Dynamic, Engine, FuncRegistration, ImmutableString, NativeCallContext};
 
 use super::Area;
 use crate::progress::{Cancel, Progress, Silent, Terminal};
@@ -113,6 +113,28 @@ pub enum Shown {
     Text(String),
 }
 
+/// The text a value's type gives through its `to_debug`, kept for [`shown`] and
+/// [`render_text`] to show as it is.
+#[derive(Debug, Clone)]
+pub struct Described(pub String);
+
+/// `value` ready to show: a value of one of the script surface's own types other than a
+/// table or a plot (a model, a training run, an endpoint, …), or an array or map that may
+/// hold one, becomes [`Described`] by the `to_debug` of its type, which only the engine
+/// knows (`to_debug` is given the value and answers its text); any other value is
+/// returned as it is.
+pub fn described(value: Dynamic, to_debug: impl FnOnce(Dynamic) -> Option<String>) -> Dynamic {
+    let own_type = value.is_variant()
+        && !value.is::<DataFrame>()
+        && !value.is::<Plot>()
+        && !value.is::<Described>();
+    let needs_engine = own_type || value.is_array() || value.is_map();
+    match needs_engine.then(|| to_debug(value.clone())).flatten() {
+        Some(text) => Dynamic::from(Described(text)),
+        None => value,
+    }
+}
+
 /// Sorts a script value into what a front end shows.
 pub fn shown(value: &Dynamic) -> Shown {
     if value.is_unit() {
@@ -121,6 +143,8 @@ pub fn shown(value: &Dynamic) -> Shown {
         Shown::Table(df)
     } else if let Some(plot) = value.clone().try_cast::<Plot>() {
         Shown::Plot(plot)
+    } else if let Some(Described(text)) = value.clone().try_cast::<Described>() {
+        Shown::Text(text)
     } else if value.is_string() {
         Shown::Text(format!("{value:?}"))
     } else {
@@ -137,6 +161,9 @@ pub fn render_text(value: &Dynamic) -> String {
     if let Some(plot) = value.clone().try_cast::<Plot>() {
         let (w, h) = plot.dimensions();
         return format!("<plot {w}×{h} px; plot.save(\"name.png\") or .svg writes it>");
+    }
+    if let Some(Described(text)) = value.clone().try_cast::<Described>() {
+        return text;
     }
     value.to_string()
 }
@@ -158,5 +185,10 @@ fn register(engine: &mut Engine, output: &Arc<dyn Output>) {
             "/// Shows a value: a DataFrame as a table, a plot as a picture, \
                          anything else as text.",
         ])
-        .register_into_engine(engine, move |value: Dynamic| out.display(&value));
+        .register_into_engine(engine, move |ctx: NativeCallContext, value: Dynamic| {
+            out.display(&described(value, |v| {
+                let text = ctx.call_native_fn::<ImmutableString>("to_debug", (v,));
+                text.ok().map(|t| t.to_string())
+            }))
+        });
 }

@@ -1,12 +1,13 @@
 #!/usr/bin/env python3
 """Opens a notebook in JupyterLab with headless Chromium, runs all its cells with the Rhai
-kernel, and checks that the page shows a rendered table.
+kernel, and checks that the page shows a rendered table (and with --images, pictures).
 
     python browser_check.py --root REPO --notebook examples/x.ipynb --screenshot out.png
-                            [--chromium /usr/bin/chromium] [--timeout SECONDS]
+                            [--images] [--chromium /usr/bin/chromium] [--timeout SECONDS]
 
-JupyterLab serves a scratch copy of the repository's examples/ (with data/ linked beside it),
-so running the notebook in the browser never writes to the repository. Playwright drives
+JupyterLab serves a scratch copy of the repository's examples/ (with data/ and
+tests/fixtures/ linked beside it), so running the notebook in the browser never writes to
+the repository. Playwright drives
 Debian's Chromium (its own browser downloads are not used). The kernelspec "rhai" must be
 installed where Jupyter finds it. Every wait is bounded; a screenshot is saved in any case.
 Prints PASS/FAIL lines and ends with "N passed, N failed"; exit 0 only when nothing failed.
@@ -57,12 +58,15 @@ def main() -> int:
     ap.add_argument("--screenshot", type=Path, required=True)
     ap.add_argument("--chromium", default=shutil.which("chromium") or "/usr/bin/chromium")
     ap.add_argument("--timeout", type=float, default=120, help="seconds for each wait")
+    ap.add_argument("--images", action="store_true", help="the page must show loaded pictures too")
     args = ap.parse_args()
 
     results: list[tuple[str, bool, str]] = []
     scratch = Path(tempfile.mkdtemp(prefix="rlvr-lab-browser-"))
     shutil.copytree(args.root / "examples", scratch / "examples")
     (scratch / "data").symlink_to((args.root / "data").resolve())
+    (scratch / "tests").mkdir()
+    (scratch / "tests" / "fixtures").symlink_to((args.root / "tests" / "fixtures").resolve())
     port, token = free_port(), secrets.token_hex(16)
     log = open(scratch / "jupyterlab.log", "w")
     server = subprocess.Popen(
@@ -110,6 +114,25 @@ def main() -> int:
                 rows = first.evaluate("t => t.querySelectorAll('tbody tr').length")
                 header = first.evaluate("t => t.querySelector('thead').innerText")
                 results.append(("the first table has rows", rows > 0, f"{rows} rows, {header.split()[:6]}"))
+                if args.images:
+                    # Plots arrive as PNG and SVG; JupyterLab renders the one it ranks first as
+                    # an <img>, which must have loaded (a broken picture has no natural width).
+                    page.wait_for_function(
+                        "() => [...document.querySelectorAll('.jp-OutputArea-output img')]"
+                        ".every(i => i.complete)"
+                    )
+                    pictures = page.locator(".jp-OutputArea-output img")
+                    sizes = pictures.evaluate_all(
+                        "imgs => imgs.map(i => [i.naturalWidth, i.naturalHeight])"
+                    )
+                    if pictures.count():
+                        pictures.first.scroll_into_view_if_needed()  # into the screenshot
+                    loaded = [s for s in sizes if s[0] > 0 and s[1] > 0]
+                    results.append((
+                        "rendered pictures in the page",
+                        bool(loaded) and len(loaded) == len(sizes),
+                        f"{len(loaded)} of {len(sizes)} loaded: {sizes}",
+                    ))
                 errors = page.locator(".jp-OutputArea-output[data-mime-type='application/vnd.jupyter.stderr']").count()
                 results.append(("no error output", errors == 0, f"{errors} error outputs"))
             except PlaywrightTimeout as err:

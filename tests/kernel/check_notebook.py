@@ -12,7 +12,9 @@ WHAT is one of:
   svg         some output has an <svg> in image/svg+xml
   stdout      some cell printed to stdout
 Without --expect, the notebook's metadata `rlvr.expect` (a list of the names above) says what
-to expect, and without that html-table and image are expected. Every cell must run without an error.
+to expect, and without that html-table and image are expected. A code cell's own metadata
+`rlvr.expect` says what that cell must show (a table here, a PNG there), whatever --expect
+says. Every cell must run without an error.
 
 The kernel runs with the notebook's folder as its working directory (or --cwd DIR), so the
 notebook can read files beside it. Every wait is bounded: the kernel start (--startup-timeout,
@@ -62,6 +64,13 @@ def png_bytes(value) -> bytes | None:
     return raw if raw.startswith(PNG_MAGIC) else None
 
 
+def cell_expectations(cell: nbformat.NotebookNode) -> list[str]:
+    """What a code cell's metadata `rlvr.expect` says it must show."""
+    if cell.get("cell_type") != "code":
+        return []
+    return list(cell.get("metadata", {}).get("rlvr", {}).get("expect", []))
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("notebook", type=Path)
@@ -75,7 +84,7 @@ def main() -> int:
     args = ap.parse_args()
     nb = nbformat.read(args.notebook, as_version=4)
     expect = args.expect or nb.metadata.get("rlvr", {}).get("expect") or ["html-table", "image"]
-    unknown = set(expect) - set(CHECKS)
+    unknown = set(expect).union(*(cell_expectations(c) for c in nb.cells)) - set(CHECKS)
     if unknown:
         print(f"FAIL  {args.notebook}: unknown expectations {sorted(unknown)}")
         return 2
@@ -91,10 +100,15 @@ def main() -> int:
     try:
         client.execute()
         results.append(("cells run without error", True, f"{len(nb.cells)} cells"))
-    except (CellExecutionError, CellTimeoutError) as err:
+    except CellExecutionError as err:
+        # The error's name and message; its traceback is in the executed notebook.
+        message = ANSI.sub("", f"{err.ename}: {err.evalue}").strip()
+        failed_cell = next((ci for ci, c in enumerate(nb.cells) if any(
+            o.get("output_type") == "error" for o in c.get("outputs", []))), "?")
+        results.append(("cells run without error", False, f"cell {failed_cell}: {message}"))
+    except CellTimeoutError as err:
         text = ANSI.sub("", str(err)).strip()
-        first_line = text.splitlines()[-1] if text else type(err).__name__
-        results.append(("cells run without error", False, first_line))
+        results.append(("cells run without error", False, text.splitlines()[0] if text else "timeout"))
     except Exception as err:  # kernel missing, failed to start, timed out starting, or died
         # nbclient's exit-time cleanup would trip over the kernel that never started.
         atexit.unregister(client._cleanup_kernel)
@@ -106,31 +120,33 @@ def main() -> int:
     output = args.output or Path(tempfile.mkstemp(suffix=".ipynb")[1])
     nbformat.write(nb, output)
 
-    found = {name: [] for name in CHECKS}
+    shown = [set() for _ in nb.cells]  # per cell: the CHECKS its outputs meet
     for ci, oi, data in rich_outputs(nb):
         if "<table" in as_text(data.get("text/html", "")).lower():
-            found["html-table"].append(f"cell {ci}")
+            shown[ci].add("html-table")
         if "image/png" in data and (raw := png_bytes(data["image/png"])):
-            found["png"].append(f"cell {ci}")
-            found["image"].append(f"cell {ci} png")
+            shown[ci].update(("png", "image"))
             if args.save_images:
                 args.save_images.mkdir(parents=True, exist_ok=True)
                 (args.save_images / f"cell{ci}_{oi}.png").write_bytes(raw)
         svg = as_text(data.get("image/svg+xml", ""))
         if "<svg" in svg:
-            found["svg"].append(f"cell {ci}")
-            found["image"].append(f"cell {ci} svg")
+            shown[ci].update(("svg", "image"))
             if args.save_images:
                 args.save_images.mkdir(parents=True, exist_ok=True)
                 (args.save_images / f"cell{ci}_{oi}.svg").write_text(svg)
     for ci, cell in enumerate(nb.cells):
         for out in cell.get("outputs", []):
             if out.get("output_type") == "stream" and out.get("name") == "stdout":
-                found["stdout"].append(f"cell {ci}")
+                shown[ci].add("stdout")
 
     for name in expect:
-        where = found[name]
+        where = [f"cell {ci}" for ci in range(len(nb.cells)) if name in shown[ci]]
         results.append((f"output has {name}", bool(where), ", ".join(where) or "none"))
+    for ci, cell in enumerate(nb.cells):
+        for name in cell_expectations(cell):
+            detail = ", ".join(sorted(shown[ci])) or "nothing checkable"
+            results.append((f"cell {ci} shows {name}", name in shown[ci], f"it shows {detail}"))
 
     for name, ok, detail in results:
         print(f"{'PASS' if ok else 'FAIL'}  {name}: {detail}")

@@ -18,6 +18,7 @@ HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 ROOT="$(cd "$HERE/../.." && pwd)"
 VENV="${KERNEL_TEST_VENV:-$HOME/.cache/rlvr/kernel-venv}"
 RLVR="${RLVR_BIN:-${CARGO_TARGET_DIR:-$ROOT/target}/debug/rlvr}"
+REAL_RLVR_HOME="${RLVR_HOME:-$HOME/.cache/rlvr}"
 ARTIFACTS="$HERE/artifacts"
 STEPS=("$@")
 [ ${#STEPS[@]} -gt 0 ] || STEPS=(conformance notebooks browser)
@@ -37,6 +38,10 @@ export XDG_DATA_HOME="$SCRATCH/data" JUPYTER_CONFIG_DIR="$SCRATCH/config" \
   JUPYTER_RUNTIME_DIR="$SCRATCH/runtime" IPYTHONDIR="$SCRATCH/ipython"
 unset JUPYTER_DATA_DIR JUPYTER_PATH
 export PATH="$VENV/bin:$PATH"
+# A fresh $RLVR_HOME, so that the notebooks really evaluate and train (no cache of an earlier
+# run) and the user's caches stay as they were; the fetched models are shared.
+export RLVR_HOME="$SCRATCH/rlvr-home"
+mkdir -p "$RLVR_HOME" && ln -s "$REAL_RLVR_HOME/models" "$RLVR_HOME/models"
 "$RLVR" kernel install --user
 "$VENV/bin/python" - <<'EOF'
 import json, subprocess, sys
@@ -64,7 +69,23 @@ for step in "${STEPS[@]}"; do
         echo "== notebook $name"
         "$VENV/bin/python" "$HERE/check_notebook.py" "$nb" --kernel rhai \
           --output "$ARTIFACTS/$name.ipynb" --save-images "$ARTIFACTS/$name" </dev/null || failed=1
-      done ;;
+      done
+      # The check itself: it must fail the cells that do not show what they must.
+      echo "== notebook check on unmet expectations (must fail cells 1, 2 and 3, pass cell 4)"
+      out="$("$VENV/bin/python" "$HERE/check_notebook.py" "$HERE/data/unmet_expectations.ipynb" \
+        --output "$SCRATCH/unmet_expectations.ipynb" \
+        --kernel rhai </dev/null)" && status=0 || status=$?
+      printf '%s\n' "$out" | sed 's/^/    /'
+      if [ "$status" -eq 1 ] && [ "$(grep -c '^FAIL' <<<"$out")" -eq 3 ] \
+        && grep -q '^FAIL  cell 1 shows html-table' <<<"$out" \
+        && grep -q '^FAIL  cell 2 shows png' <<<"$out" \
+        && grep -q '^FAIL  cell 3 shows stdout' <<<"$out" \
+        && grep -q '^PASS  cell 4 shows html-table' <<<"$out"; then
+        echo "PASS  check_notebook.py fails exactly the cells that miss their expectations"
+      else
+        echo "FAIL  check_notebook.py did not fail exactly cells 1, 2 and 3 (exit status $status)"
+        failed=1
+      fi ;;
     browser)
       echo "== JupyterLab in headless Chromium"
       if ! command -v chromium >/dev/null; then
@@ -73,7 +94,10 @@ for step in "${STEPS[@]}"; do
       fi
       "$VENV/bin/python" "$HERE/browser_check.py" --root "$ROOT" \
         --notebook examples/explore_datasets.ipynb --screenshot "$ARTIFACTS/jupyterlab.png" \
-        </dev/null || failed=1 ;;
+        </dev/null || failed=1
+      "$VENV/bin/python" "$HERE/browser_check.py" --root "$ROOT" \
+        --notebook examples/per_category_accuracy.ipynb --images \
+        --screenshot "$ARTIFACTS/jupyterlab-plots.png" </dev/null || failed=1 ;;
     *) echo "unknown step $step" >&2; exit 2 ;;
   esac
 done

@@ -15,8 +15,9 @@ The kernel is the kernelspec named by $KERNEL_NAME (run.sh sets it), "rhai" by d
 Samples come in three kinds:
 - plain Rhai: must hold for any Rhai kernel;
 - KERNEL DESIGN: a choice the kernel makes (marked where used);
-- PROJECT SURFACE: functions of the project's script surface (`load`, `display`, `help`,
-  `clear_output`, `progress`), grouped at the end of the class.
+- PROJECT SURFACE: functions of the project's script surface (`load`, `display`,
+  `plot_bars`, `endpoint`, `help`, `clear_output`, `progress`), grouped at the end of the
+  class.
 """
 
 import json
@@ -54,13 +55,14 @@ class RhaiKernelTests(ProtocolChecks, jkt.KernelTests):
         {"code": "6*7", "result": "42"},
         {"code": "[1, 2, 3].map(|x| x * x)", "result": "[1, 4, 9]"},
     ]
-    # history_request "tail" (consoles use it for up-arrow). "range" is left out, as in
-    # upstream's own ipykernel suite. "search" is left out too: jupyter_client sends a search
-    # request without `n` and `unique` unless given, and jupyter-protocol 2, which reads the
-    # kernel's messages, requires both, so such a request is dropped unanswered (a search
-    # that names both is answered; the kernel's unit tests cover the search itself).
+    # history_request: "tail" (consoles use it for up-arrow) and "range" through upstream's
+    # test_history; "search" through test_extra_history_search, whose requests name `n` and
+    # `unique`. Upstream's search sends neither, and jupyter-protocol 2, which reads the
+    # kernel's messages, requires both (and `stop` for range), so such a request is dropped
+    # unanswered before the kernel sees it; the kernel's unit tests (kernel::history) cover
+    # what it would answer: every match without `n`, unique off without `unique`.
     code_history_pattern = "6*"
-    supported_history_operations = ("tail",)
+    supported_history_operations = ("tail", "range")
 
     # complete_request: only the reply's shape is checked here; its contents and cursor
     # positions are checked by completion_includes below.
@@ -96,10 +98,9 @@ class RhaiKernelTests(ProtocolChecks, jkt.KernelTests):
 
     # ---- PROJECT SURFACE ---------------------------------------------------------------
     # `load(path)` reads a table file as it is (a DataFrame); `display(x)` sends display_data;
-    # a DataFrame's bundle has text/html with a <table> and text/plain. Plots (image/png and
-    # image/svg+xml) are shown by the same display path; the charting functions that make
-    # them from a script are not part of the surface yet, so the Rust tests of the kernel
-    # (kernel::display, kernel::output) check that path with a plot drawn by plotters.
+    # a DataFrame's bundle has text/html with a <table> and text/plain; a plot's has
+    # image/png (base64, so it starts "iVBORw0KGgo") and image/svg+xml. The example
+    # notebooks check the charts cell by cell (check_notebook.py).
     code_display_data = [
         {"code": f"display(load({SCORES_CSV}))", "mime": "text/html"},
         {"code": f"display(load({SCORES_CSV}))", "mime": "text/plain"},
@@ -107,6 +108,16 @@ class RhaiKernelTests(ProtocolChecks, jkt.KernelTests):
     rich_output_samples = [
         {"code": f"load({SCORES_CSV}).head(3)", "mime": "text/html", "contains": "<table"},
         {"code": f"load({SCORES_CSV}).head(3)", "mime": "text/plain", "contains": "shape: (3, 3)"},
+        {"code": f'plot_bars(load({SCORES_CSV}), "category", "accuracy")', "mime": "image/png",
+         "contains": "iVBORw0KGgo"},
+        {"code": f'display(plot_bars(load({SCORES_CSV}), "category", "accuracy"))',
+         "mime": "image/svg+xml", "contains": "<svg"},
+        # A value of the surface's own types shows as its own text, not as a Rust type name
+        # (`endpoint` sends nothing until asked).
+        {"code": 'endpoint("http://127.0.0.1:9/v1", "tiny")', "mime": "text/plain",
+         "contains": "Endpoint(tiny at http://127.0.0.1:9/v1)"},
+        {"code": 'display([endpoint("http://127.0.0.1:9/v1", "tiny")])', "mime": "text/plain",
+         "contains": "[Endpoint(tiny at http://127.0.0.1:9/v1)]"},
     ]
     # help(name) pages a function's signatures and doc (execute_reply payload, source "page").
     code_page_something = 'help("load")'
