@@ -136,6 +136,9 @@ pub struct PromptLogprobs {
     pub logprobs: Vec<Option<f64>>,
 }
 
+/// The result of one scoring request: each of its prompts echoed with log-probabilities.
+pub type Scored = Result<Vec<PromptLogprobs>, EndpointError>;
+
 /// What an endpoint has sent and received since it was made.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Usage {
@@ -354,8 +357,8 @@ impl Endpoint {
         &self,
         requests: &[Vec<String>],
         job: &Job,
-        on_done: &mut dyn FnMut(usize, &Result<Vec<PromptLogprobs>, EndpointError>),
-    ) -> Vec<Result<Vec<PromptLogprobs>, EndpointError>> {
+        on_done: &mut dyn FnMut(usize, &Scored),
+    ) -> Vec<Scored> {
         self.run(requests.to_vec(), job, on_done, |shared, prompts| {
             Box::pin(async move { shared.score(&prompts).await })
         })

@@ -26,7 +26,7 @@ const TOKENIZER: &str = "tests/fixtures/tiny-tokenizer/tokenizer.json";
 
 /// A running `rlvr serve`, killed when dropped.
 pub(crate) struct Served {
-    child: Child,
+    pub(crate) child: Child,
     /// `http://127.0.0.1:PORT/v1`
     pub(crate) url: String,
 }

@@ -704,3 +704,18 @@ fn a_script_evaluating_through_a_server_killed_and_rerun_resumes() {
         std::fs::read_to_string(whole.join("results.json")).unwrap()
     );
 }
+
+#[test]
+fn rlvr_serve_ends_on_sigterm() {
+    let mut served = Served::start(&[], &[]);
+    let pid = served.child.id().to_string();
+    assert!(Command::new("kill").arg(&pid).status().unwrap().success());
+    for _ in 0..600 {
+        if let Some(status) = served.child.try_wait().unwrap() {
+            assert!(status.success(), "{status}");
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    panic!("rlvr serve still runs 30 s after SIGTERM");
+}
