@@ -356,7 +356,11 @@ fn dispatch(command: Command, quiet: bool) -> Result<ExitCode> {
 }
 
 fn serve(args: ServeArgs) -> Result<ExitCode> {
-    let path = model_path(&args.model)?;
+    // Ctrl-C (or SIGTERM) stops a download of the model, and once serving ends the server.
+    // The model argument resolves as `model(…)` resolves it in scripts: an existing path, a
+    // fetched alias (`rlvr models list`) or a hub id.
+    let job = download_job()?;
+    let path = Store::default().resolve(&args.model, &Hub::default(), &job)?;
     let mut lm = LanguageModel::load(&path, args.tokenizer.as_deref(), &Device::Cpu)
         .with_context(|| format!("loading the model {}", path.display()))?;
     if let Some(dir) = &args.adapter {
@@ -381,17 +385,17 @@ fn serve(args: ServeArgs) -> Result<ExitCode> {
         api_key,
     };
     let name = options.name.clone();
+    std::thread::spawn(move || {
+        while !job.cancel.is_cancelled() {
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        std::process::exit(0);
+    });
     rlvr::serve::serve(lm, &options, |address| {
         println!("listening on http://{address}/v1 (model `{name}`)");
         let _ = std::io::Write::flush(&mut std::io::stdout());
     })?;
     Ok(ExitCode::SUCCESS)
-}
-
-/// A model argument as a path: an existing path, a fetched alias (`rlvr models list`) or a
-/// hub id, as `model(…)` in scripts resolves it.
-fn model_path(arg: &str) -> Result<PathBuf> {
-    Ok(Store::default().resolve(arg, &Hub::default(), &download_job()?)?)
 }
 
 /// Runs a script inside a run record: the folder and its `manifest.json` are written

@@ -1,10 +1,11 @@
 //! A client for OpenAI-compatible servers (vLLM, SGLang, llama.cpp, `rlvr serve`, OpenAI):
 //! `/chat/completions`, `/completions` and `/models`, with bounded concurrency, per-request
 //! timeouts, retries with backoff, and `n` samples per request whether or not the server
-//! supports `n`.
+//! supports `n`; prompts scored token by token through `/completions` with `echo` and
+//! `logprobs`.
 //!
-//! The API is blocking: [`Endpoint::chat`] and [`Endpoint::complete`] take a list of
-//! requests, run them on the endpoint's own async runtime, and report each result to the
+//! The API is blocking: [`Endpoint::chat`], [`Endpoint::complete`] and [`Endpoint::score`]
+//! take a list of requests, run them on the endpoint's own async runtime, and report each result to the
 //! caller's thread as it finishes, so a caller can persist results as they come and lose
 //! nothing when the server dies halfway.
 
@@ -13,6 +14,7 @@ mod retry;
 mod wire;
 
 use std::future::Future;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -122,6 +124,20 @@ pub struct Reply {
     /// Tokens of all samples together.
     pub completion_tokens: usize,
 }
+
+/// An echoed prompt: its tokens as the server splits it, each with its log-probability after
+/// the tokens before it.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct PromptLogprobs {
+    /// Each token's text, as the server gives it.
+    pub tokens: Vec<String>,
+    /// Each token's log-probability; `None` where the server gives none (the first token,
+    /// which has no context).
+    pub logprobs: Vec<Option<f64>>,
+}
+
+/// The result of one scoring request: each of its prompts echoed with log-probabilities.
+pub type Scored = Result<Vec<PromptLogprobs>, EndpointError>;
 
 /// What an endpoint has sent and received since it was made.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -313,7 +329,7 @@ impl Endpoint {
             .iter()
             .map(|r| (Input::Messages(r.messages.clone()), r.params.clone()))
             .collect();
-        self.run(inputs, job, on_done)
+        self.run(inputs, job, on_done, sample)
     }
 
     /// Sends every completion request (plain text, no chat template), as [`Endpoint::chat`]
@@ -328,15 +344,35 @@ impl Endpoint {
             .iter()
             .map(|r| (Input::Prompt(r.prompt.clone()), r.params.clone()))
             .collect();
-        self.run(inputs, job, on_done)
+        self.run(inputs, job, on_done, sample)
     }
 
-    fn run(
+    /// Scores prompts token by token: each request is a list of prompts sent together to
+    /// `/completions` with `echo: true, logprobs: 1, max_tokens: 0` (as lm-eval's
+    /// `local-completions` scores), and its result holds each prompt's tokens with their
+    /// log-probabilities, in order. Requests run as [`Endpoint::chat`] runs them. A server
+    /// that ignores `echo` or `logprobs`, or generates after the prompt, gives
+    /// [`EndpointError::Response`] saying so.
+    pub fn score(
         &self,
-        inputs: Vec<(Input, RequestParams)>,
+        requests: &[Vec<String>],
         job: &Job,
-        on_done: &mut dyn FnMut(usize, &Result<Reply, EndpointError>),
-    ) -> Vec<Result<Reply, EndpointError>> {
+        on_done: &mut dyn FnMut(usize, &Scored),
+    ) -> Vec<Scored> {
+        self.run(requests.to_vec(), job, on_done, |shared, prompts| {
+            Box::pin(async move { shared.score(&prompts).await })
+        })
+    }
+
+    /// Runs `work` on every input, at most `concurrency` at a time, reporting each result
+    /// to `on_done` on this thread as it finishes.
+    fn run<Q: Send + 'static, R: Send + 'static>(
+        &self,
+        inputs: Vec<Q>,
+        job: &Job,
+        on_done: &mut dyn FnMut(usize, &Result<R, EndpointError>),
+        work: fn(Arc<Shared>, Q) -> Task<R>,
+    ) -> Vec<Result<R, EndpointError>> {
         let total = inputs.len();
         job.progress.start(
             &format!("{} at {}", self.shared.model, self.shared.base),
@@ -347,7 +383,7 @@ impl Endpoint {
         let cancel = job.cancel.clone();
         self.runtime.handle().spawn(async move {
             let slots = Arc::new(Semaphore::new(shared.options.concurrency));
-            for (i, (input, params)) in inputs.into_iter().enumerate() {
+            for (i, input) in inputs.into_iter().enumerate() {
                 let slot = slots.clone().acquire_owned().await.expect("never closed");
                 if cancel.is_cancelled() {
                     let _ = sender.send((i, Err(EndpointError::Cancelled)));
@@ -356,7 +392,7 @@ impl Endpoint {
                 let (sender, shared, cancel) = (sender.clone(), shared.clone(), cancel.clone());
                 tokio::spawn(async move {
                     let result = tokio::select! {
-                        result = shared.sample(&input, &params) => result,
+                        result = work(shared, input) => result,
                         _ = cancelled(&cancel) => Err(EndpointError::Cancelled),
                     };
                     drop(slot);
@@ -364,7 +400,7 @@ impl Endpoint {
                 });
             }
         });
-        let mut results: Vec<Option<Result<Reply, EndpointError>>> = vec![None; total];
+        let mut results: Vec<Option<Result<R, EndpointError>>> = (0..total).map(|_| None).collect();
         let (mut finished, mut failed) = (0, 0);
         while finished < total {
             let Ok((i, result)) = receiver.recv() else {
@@ -405,6 +441,14 @@ impl Endpoint {
         });
         receiver.recv().expect("the endpoint's task finished")
     }
+}
+
+/// One request's work on the endpoint's runtime.
+type Task<R> = Pin<Box<dyn Future<Output = Result<R, EndpointError>> + Send>>;
+
+/// The samples of one chat or completion request.
+fn sample(shared: Arc<Shared>, (input, params): (Input, RequestParams)) -> Task<Reply> {
+    Box::pin(async move { shared.sample(&input, &params).await })
 }
 
 /// The base URL without a trailing slash or route; `/v1` added to a bare host.
@@ -535,6 +579,20 @@ impl Shared {
             all = merge(all, reply);
         }
         Ok(all)
+    }
+
+    /// One scoring call (the prompts echoed with their log-probabilities), with retries.
+    async fn score(&self, prompts: &[String]) -> Result<Vec<PromptLogprobs>, EndpointError> {
+        let url = format!("{}{}", self.base, Route::Completion.path());
+        let value = self
+            .send(&url, Some(&wire::score_body(&self.model, prompts)))
+            .await?;
+        let scored = wire::parse_scores(&value, prompts)
+            .map_err(|message| EndpointError::Response { url, message })?;
+        let tokens: usize = scored.iter().map(|p| p.tokens.len()).sum();
+        self.prompt_tokens
+            .fetch_add(tokens as u64, Ordering::Relaxed);
+        Ok(scored)
     }
 
     /// One generation call, with retries, read as a [`Reply`].

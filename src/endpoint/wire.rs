@@ -3,7 +3,7 @@
 
 use serde_json::{json, Map, Value};
 
-use super::{Reply, RequestParams};
+use super::{PromptLogprobs, Reply, RequestParams};
 use crate::model::chat::Message;
 
 /// The two generation routes.
@@ -76,6 +76,105 @@ pub fn body(
         body.insert("stop".into(), json!(params.stop));
     }
     Value::Object(body)
+}
+
+/// The body that asks for the log-probabilities of every token of `prompts` and nothing
+/// more: OpenAI's legacy `echo` with `logprobs` and `max_tokens: 0` (lm-eval's
+/// `local-completions` sends `logprobs: 1` too).
+pub fn score_body(model: &str, prompts: &[String]) -> Value {
+    json!({
+        "model": model,
+        "prompt": prompts,
+        "max_tokens": 0,
+        "echo": true,
+        "logprobs": 1,
+        "temperature": 0,
+    })
+}
+
+/// Why a reply to [`score_body`] holds no prompt log-probabilities, for the server that
+/// ignores `echo` or `logprobs`.
+pub const NO_PROMPT_LOGPROBS: &str = "the reply holds no log-probabilities of the prompt's \
+     tokens: the server does not honour `echo` with `logprobs` on /completions";
+
+/// The echoed prompts of a reply to [`score_body`], its choices in `index` order: each
+/// token's text and log-probability (`None` where the server gives none, as for the first
+/// token).
+pub fn parse_scores(reply: &Value, prompts: &[String]) -> Result<Vec<PromptLogprobs>, String> {
+    let choices = reply
+        .get("choices")
+        .and_then(Value::as_array)
+        .ok_or("no `choices` array")?;
+    let mut indexed = Vec::with_capacity(choices.len());
+    for (position, choice) in choices.iter().enumerate() {
+        let index = choice
+            .get("index")
+            .and_then(Value::as_u64)
+            .map_or(position, |i| i as usize);
+        let logprobs = choice.get("logprobs").filter(|v| !v.is_null());
+        let field = |name: &str| {
+            logprobs
+                .and_then(|l| l.get(name))
+                .and_then(Value::as_array)
+                .filter(|a| !a.is_empty())
+        };
+        let (Some(tokens), Some(values)) = (field("tokens"), field("token_logprobs")) else {
+            return Err(format!("choices[{position}]: {NO_PROMPT_LOGPROBS}"));
+        };
+        if tokens.len() != values.len() {
+            return Err(format!(
+                "choices[{position}]: {} tokens but {} token_logprobs",
+                tokens.len(),
+                values.len()
+            ));
+        }
+        let tokens = tokens
+            .iter()
+            .map(|t| t.as_str().map(str::to_string))
+            .collect::<Option<Vec<_>>>()
+            .ok_or(format!(
+                "choices[{position}].logprobs.tokens are not all text"
+            ))?;
+        let logprobs = values
+            .iter()
+            .map(|v| match v {
+                Value::Null => Ok(None),
+                v => v.as_f64().map(Some).ok_or(format!(
+                    "choices[{position}].logprobs.token_logprobs holds {v}"
+                )),
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        indexed.push((
+            index,
+            choice.get("text"),
+            PromptLogprobs { tokens, logprobs },
+        ));
+    }
+    if indexed.len() != prompts.len() {
+        return Err(format!(
+            "{} choices for {} prompts (the server does not take a list of prompts)",
+            indexed.len(),
+            prompts.len()
+        ));
+    }
+    indexed.sort_by_key(|(index, ..)| *index);
+    indexed
+        .into_iter()
+        .zip(prompts)
+        .enumerate()
+        .map(|(i, ((_, text, scored), prompt))| {
+            // `max_tokens: 0` must return the prompt alone: a server that generated after it
+            // would have its tokens counted as the prompt's
+            match text.and_then(Value::as_str) {
+                Some(text) if text != prompt => Err(format!(
+                    "choice {i} is not the prompt alone (the server ignored `max_tokens: 0` \
+                     or `echo`): {}",
+                    cut(text, 80)
+                )),
+                _ => Ok(scored),
+            }
+        })
+        .collect()
 }
 
 /// The texts, finish reasons and token counts of a reply, its choices in `index` order.
@@ -252,6 +351,51 @@ mod tests {
         );
         let err = parse_reply(Route::Completion, &json!({"choices": [{"message": {}}]}));
         assert_eq!(err.unwrap_err(), "choices[0] has no `text`");
+    }
+
+    #[test]
+    fn echoed_prompts_are_read_in_index_order() {
+        let prompts = ["Answer: A".to_string(), "Answer:".to_string()];
+        let body = score_body("m", &prompts);
+        assert_eq!(
+            (&body["echo"], &body["max_tokens"], &body["logprobs"]),
+            (&json!(true), &json!(0), &json!(1))
+        );
+        let choice = |index: usize, tokens: &[&str], values: Value| {
+            json!({"index": index, "text": prompts[index], "finish_reason": "length",
+                   "logprobs": {"tokens": tokens, "token_logprobs": values,
+                                "top_logprobs": null, "text_offset": null}})
+        };
+        let reply = json!({"choices": [
+            choice(1, &["<bos>", "Answer", ":"], json!([null, -2.5, -0.5])),
+            choice(0, &["<bos>", "Answer", ":", " A"], json!([null, -2.5, -0.5, -1.25])),
+        ]});
+        let scored = parse_scores(&reply, &prompts).unwrap();
+        assert_eq!(scored[0].tokens, ["<bos>", "Answer", ":", " A"]);
+        assert_eq!(
+            scored[0].logprobs,
+            [None, Some(-2.5), Some(-0.5), Some(-1.25)]
+        );
+        assert_eq!(scored[1].logprobs.len(), 3);
+    }
+
+    #[test]
+    fn servers_that_do_not_score_prompts_are_named() {
+        let prompts = ["x".to_string()];
+        // llama.cpp-like: `echo` and `logprobs` ignored
+        let ignored = json!({"choices": [{"index": 0, "text": "", "logprobs": null}]});
+        let err = parse_scores(&ignored, &prompts).unwrap_err();
+        assert!(
+            err.contains("does not honour `echo` with `logprobs`"),
+            "{err}"
+        );
+        // generated although asked for nothing
+        let generated = json!({"choices": [{"index": 0, "text": "x and more",
+            "logprobs": {"tokens": ["x", " and"], "token_logprobs": [null, -1.0]}}]});
+        let err = parse_scores(&generated, &prompts).unwrap_err();
+        assert!(err.contains("`max_tokens: 0`"), "{err}");
+        let err = parse_scores(&json!({"choices": []}), &prompts).unwrap_err();
+        assert!(err.starts_with("0 choices for 1 prompts"), "{err}");
     }
 
     #[test]

@@ -1,7 +1,7 @@
 //! What evaluation needs from a model, as a small trait: complete prompts, and score
-//! continuations. The local candle model implements it here ([`LocalModel`]); an OpenAI-compatible endpoint
-//! (`rlvr::endpoint::Endpoint`: chat / completions with `logprobs` and `echo`) implements
-//! the same two calls in `endpoint_backend.rs` beside this file once that client exists.
+//! continuations. The local candle model implements it here ([`LocalModel`]); an
+//! OpenAI-compatible endpoint (`rlvr::endpoint::Endpoint`: chat and completions, with `echo`
+//! and `logprobs` for scoring) implements it in `endpoint_backend.rs` beside this file.
 
 use sha2::{Digest, Sha256};
 
@@ -60,6 +60,16 @@ pub trait Backend {
     fn model_name(&self) -> String;
     /// A fingerprint of the adapter (`None`: the model as loaded).
     fn adapter(&self) -> Option<String>;
+    /// The `model` column's value when the options name none: the model file's stem, with
+    /// the adapter's fingerprint.
+    fn label(&self) -> String {
+        super::default_label(&self.model_name(), self.adapter().as_deref())
+    }
+    /// Whether a server answers (its cache is kept apart from a local model's of the same
+    /// name).
+    fn served(&self) -> bool {
+        false
+    }
     /// Completes every prompt (one batch).
     fn complete(
         &self,

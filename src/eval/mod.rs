@@ -11,6 +11,7 @@
 
 pub mod backend;
 pub mod cache;
+pub mod endpoint_backend;
 pub mod extract;
 pub mod preset;
 pub mod pyrandom;
@@ -246,13 +247,17 @@ pub fn evaluate(
     };
     let model_name = backend.model_name();
     let adapter = backend.adapter();
-    let setting = serde_json::json!({
+    let mut setting = serde_json::json!({
         "model": model_name, "adapter": adapter, "preset": preset.name,
         "mode": preset.mode.name(), "shots": shots,
         "max_tokens": generation.max_tokens, "temperature": generation.temperature,
         "seed": if generation.temperature > 0.0 { options.seed } else { 0 },
-    })
-    .to_string();
+    });
+    if backend.served() {
+        // a server's answers are kept by its model name, whatever its address
+        setting["served"] = serde_json::json!(true);
+    }
+    let setting = setting.to_string();
     let mut cache = match &options.cache_dir {
         Some(dir) => Cache::open(dir, &setting)?,
         None => Cache::disabled(),
@@ -331,15 +336,9 @@ pub fn evaluate(
         done += chunk.len();
         job.progress.update(done as u64, "");
     }
+    let label = options.label.clone().unwrap_or_else(|| backend.label());
     let table = results(
-        &docs,
-        &hashes,
-        &cache,
-        &preset,
-        shots,
-        options,
-        &model_name,
-        adapter,
+        &docs, &hashes, &cache, &preset, shots, options, &label, adapter,
     )?;
     let accuracy = table
         .column("correct")
@@ -352,7 +351,7 @@ pub fn evaluate(
 }
 
 /// The default `model` label: the model file's stem, with the adapter's fingerprint.
-fn default_label(model_name: &str, adapter: Option<&str>) -> String {
+pub(crate) fn default_label(model_name: &str, adapter: Option<&str>) -> String {
     let path = std::path::Path::new(model_name.trim_end_matches('/'));
     let stem = path.file_stem().map_or_else(
         || model_name.to_string(),
@@ -418,14 +417,10 @@ fn results(
     preset: &Preset,
     shots: usize,
     options: &EvalOptions,
-    model_name: &str,
+    label: &str,
     adapter: Option<String>,
 ) -> Result<DataFrame, EvalError> {
     let n = docs.len();
-    let label = options
-        .label
-        .clone()
-        .unwrap_or_else(|| default_label(model_name, adapter.as_deref()));
     let mut cols: HashMap<&str, Vec<Option<String>>> = HashMap::new();
     let mut correct = Vec::with_capacity(n);
     let mut medical = Vec::with_capacity(n);
@@ -478,7 +473,7 @@ fn results(
         columns.push(Column::new("medical_ext".into(), ext));
     }
     columns.extend([
-        constant("model", Some(label)),
+        constant("model", Some(label.to_string())),
         constant("adapter", adapter),
         constant("preset", Some(preset.name.clone())),
         constant("mode", Some(preset.mode.name().into())),

@@ -145,7 +145,12 @@ impl Responder for crate::endpoint::Endpoint {
                 },
             })
             .collect();
-        self.chat(&requests, job, &mut |_, _| {})
+        // the judge reports per batch; the endpoint's own report would restart its bar
+        let quiet = Job {
+            progress: std::sync::Arc::new(crate::progress::Silent),
+            cancel: job.cancel.clone(),
+        };
+        self.chat(&requests, &quiet, &mut |_, _| {})
             .into_iter()
             .map(|reply| match reply {
                 Ok(r) => r

@@ -8,8 +8,9 @@ use rhai::{Array, Dynamic, Engine, FuncRegistration, Map};
 use super::convert::{check_keys, count, error, text, RhaiResult};
 use super::model_api::ModelHandle;
 use super::{Area, Output};
+use crate::endpoint::Endpoint;
 use crate::eval::preset::{Mode, Preset};
-use crate::eval::{self, Average, EvalOptions, LocalModel};
+use crate::eval::{self, Average, Backend, EvalOptions, LocalModel};
 use crate::progress::Job;
 
 /// The evaluation area of the reference.
@@ -21,8 +22,9 @@ pub const AREA: Area = Area {
             returns the Results table (`id`, `dataset`, `subject`, `category`, `medical`, \
             `model`, `adapter`, `preset`, `pred`, `correct`, `response`, `prompt_tokens`, \
             `tokens`, …). Finished items are cached under `$RLVR_HOME/cache/eval`, so a \
-            rerun or an interrupted run resumes. `summary` and `compare` make tables with \
-            95 % intervals.",
+            rerun or an interrupted run resumes. The model may be an `endpoint` (an \
+            OpenAI-compatible server), cached by its model name. `summary` and `compare` make \
+            tables with 95 % intervals.",
     register,
 };
 
@@ -100,6 +102,35 @@ fn run(
     opts: &Map,
 ) -> RhaiResult<DataFrame> {
     let (options, limit) = options(opts)?;
+    let backend = {
+        let lm = model.0.read().unwrap_or_else(|e| e.into_inner());
+        LocalModel::new(&lm).map_err(error)?
+    };
+    run_on(output, &backend, items, &options, limit)
+}
+
+/// `evaluate` on an endpoint: `batch` defaults to the endpoint's concurrency (at least 8),
+/// so that a batch keeps every request slot busy.
+fn run_endpoint(
+    output: &Arc<dyn Output>,
+    endpoint: &Endpoint,
+    items: &DataFrame,
+    opts: &Map,
+) -> RhaiResult<DataFrame> {
+    let (mut options, limit) = options(opts)?;
+    if !opts.contains_key("batch") {
+        options.batch = options.batch.max(endpoint.options().concurrency);
+    }
+    run_on(output, endpoint, items, &options, limit)
+}
+
+fn run_on(
+    output: &Arc<dyn Output>,
+    backend: &dyn Backend,
+    items: &DataFrame,
+    options: &EvalOptions,
+    limit: Option<usize>,
+) -> RhaiResult<DataFrame> {
     let items = match limit {
         Some(n) => items.head(Some(n)),
         None => items.clone(),
@@ -108,11 +139,7 @@ fn run(
         progress: output.progress(),
         cancel: output.cancel(),
     };
-    let backend = {
-        let lm = model.0.read().unwrap_or_else(|e| e.into_inner());
-        LocalModel::new(&lm).map_err(error)?
-    };
-    eval::evaluate(&backend, &items, &options, &job).map_err(error)
+    eval::evaluate(backend, &items, options, &job).map_err(error)
 }
 
 fn summary_options(opts: &Map) -> RhaiResult<(Average, String)> {
@@ -142,8 +169,7 @@ fn tables(results: Array) -> RhaiResult<Vec<DataFrame>> {
 }
 
 fn register(engine: &mut Engine, output: &Arc<dyn Output>) {
-    // `evaluate` over a local model; an endpoint handle gets the same two overloads over
-    // its own `Backend` implementation.
+    // `evaluate` over a local model, and the same two overloads over an endpoint
     let out = output.clone();
     FuncRegistration::new("evaluate")
         .in_global_namespace()
@@ -174,6 +200,43 @@ fn register(engine: &mut Engine, output: &Arc<dyn Output>) {
         .with_comments(["/// Scores `model` on `items` with the dataset's default preset."])
         .register_into_engine(engine, move |model: ModelHandle, items: DataFrame| {
             run(&out, &model, &items, &Map::new())
+        });
+    let out = output.clone();
+    FuncRegistration::new("evaluate")
+        .in_global_namespace()
+        .with_params_info([
+            "endpoint: Endpoint",
+            "items: DataFrame",
+            "options: Map",
+            "DataFrame",
+        ])
+        .with_comments([
+            "/// Scores the model of an OpenAI-compatible server on `items`, with the options \
+             of `evaluate` on a local model; the `model` column is the endpoint's model name, \
+             which also keys the cache (a restarted server at another address resumes). \
+             `generate` sends text prompts to `/completions` and conversations to \
+             `/chat/completions`, `concurrency` requests at a time (`batch` defaults to the \
+             endpoint's `concurrency`, at least 8). `loglik` scores each question as \
+             lm-eval's `local-completions` does, with one `/completions` request listing the \
+             context alone and with each option, `echo: true, logprobs: 1, max_tokens: 0` \
+             (vLLM, SGLang, `rlvr serve`; not llama.cpp's server).",
+        ])
+        .register_into_engine(
+            engine,
+            move |endpoint: Endpoint, items: DataFrame, opts: Map| {
+                run_endpoint(&out, &endpoint, &items, &opts)
+            },
+        );
+    let out = output.clone();
+    FuncRegistration::new("evaluate")
+        .in_global_namespace()
+        .with_params_info(["endpoint: Endpoint", "items: DataFrame", "DataFrame"])
+        .with_comments([
+            "/// Scores the model of an OpenAI-compatible server on `items` with the dataset's \
+             default preset.",
+        ])
+        .register_into_engine(engine, move |endpoint: Endpoint, items: DataFrame| {
+            run_endpoint(&out, &endpoint, &items, &Map::new())
         });
     FuncRegistration::new("summary")
         .in_global_namespace()

@@ -3,7 +3,9 @@
 //! [`crate::endpoint::Endpoint`]) can use it.
 //!
 //! Routes: `GET /v1/models`, `POST /v1/chat/completions` (the chat template applied by the
-//! model's tokenizer), `POST /v1/completions` (text or token ids), `GET /health`.
+//! model's tokenizer), `POST /v1/completions` (text or token ids; `echo` and `logprobs` in
+//! OpenAI's legacy format, so lm-eval's `local-completions` can score continuations),
+//! `GET /health`.
 //!
 //! Each HTTP request is read and tokenized on its own thread; one generation thread owns
 //! the model. Requests that are waiting when it becomes free are run together as one batch
@@ -12,6 +14,7 @@
 //! concurrent clients share decoding steps: on the CPU a batch of 8 rows decodes at more than
 //! twice the tokens per second of one row. A request arriving during a batch waits for it.
 
+pub mod logprobs;
 pub mod request;
 
 use std::io::Read;
@@ -26,6 +29,7 @@ use tiny_http::{Header, Method, Response, Server};
 use crate::model::generate::{generate_until, Completion, Finish, Sampling};
 use crate::model::lm::LanguageModel;
 use crate::model::tokenizer::Tokenizer;
+use logprobs::{Entry, TokenScore};
 use request::{BadRequest, GenerationRequest, Prompt};
 
 /// The largest request body read, in bytes.
@@ -134,13 +138,30 @@ struct Job {
     rows: Vec<(Vec<u32>, Sampling)>,
     /// Texts that end a row once its decoded completion holds one.
     stop: Vec<String>,
-    reply: Sender<Result<Vec<Completion>, String>>,
+    /// Which tokens to score, when the request asks for log-probabilities.
+    scoring: Option<Scoring>,
+    reply: Sender<Result<Vec<Row>, String>>,
+}
+
+/// What a request wants scored.
+#[derive(Debug, Clone, Copy)]
+struct Scoring {
+    /// The prompt's tokens too (`echo`), not only the sample's.
+    prompt: bool,
+    /// Alternatives listed at each position.
+    top: usize,
+}
+
+/// One row's result: its completion (empty for `max_tokens: 0`) and, when asked for, the
+/// scores of the prompt's tokens after the first (with `echo`) and of the completion's.
+struct Row {
+    completion: Completion,
+    scores: Vec<TokenScore>,
 }
 
 /// The generation thread: takes every job waiting (up to `max_batch` rows), runs them as
-/// one batch, answers each.
+/// one batch, scores the rows of jobs that ask for log-probabilities, answers each.
 fn run_batches(lm: &LanguageModel, queue: &Receiver<Job>, max_batch: usize) {
-    let adapters_on = lm.lora.is_some();
     while let Ok(first) = queue.recv() {
         let mut rows = first.rows.len();
         let mut batch = vec![first];
@@ -149,29 +170,10 @@ fn run_batches(lm: &LanguageModel, queue: &Receiver<Job>, max_batch: usize) {
             rows += job.rows.len();
             batch.push(job);
         }
-        let (ids, samplings): (Vec<Vec<u32>>, Vec<Sampling>) = batch
-            .iter()
-            .flat_map(|job| job.rows.iter().cloned())
-            .unzip();
-        let stops: Vec<&[String]> = batch
-            .iter()
-            .flat_map(|job| job.rows.iter().map(|_| job.stop.as_slice()))
-            .collect();
-        let mut holds_stop =
-            |row: usize, ids: &[u32]| ends_with_stop(&lm.tokenizer, ids, stops[row]);
-        let generated = generate_until(
-            &lm.model,
-            &ids,
-            &samplings,
-            adapters_on,
-            None,
-            &mut |_| true,
-            &mut holds_stop,
-        );
-        match generated {
-            Ok(mut completions) => {
+        match run_batch(lm, &batch) {
+            Ok(mut results) => {
                 for job in batch.iter().rev() {
-                    let mine = completions.split_off(completions.len() - job.rows.len());
+                    let mine = results.split_off(results.len() - job.rows.len());
                     let _ = job.reply.send(Ok(mine));
                 }
             }
@@ -185,6 +187,55 @@ fn run_batches(lm: &LanguageModel, queue: &Receiver<Job>, max_batch: usize) {
             }
         }
     }
+}
+
+/// Every row of `batch`, in order: the rows with a token budget generated as one batch
+/// (`max_tokens: 0` rows only echo their prompt), then the scores asked for.
+fn run_batch(lm: &LanguageModel, batch: &[Job]) -> crate::model::Result<Vec<Row>> {
+    let adapters_on = lm.lora.is_some();
+    let rows: Vec<(&Job, &(Vec<u32>, Sampling))> = batch
+        .iter()
+        .flat_map(|job| job.rows.iter().map(move |row| (job, row)))
+        .collect();
+    let generating: Vec<usize> = (0..rows.len())
+        .filter(|&r| rows[r].1 .1.max_tokens > 0)
+        .collect();
+    let (ids, samplings): (Vec<Vec<u32>>, Vec<Sampling>) =
+        generating.iter().map(|&r| rows[r].1.clone()).unzip();
+    let mut holds_stop =
+        |row: usize, ids: &[u32]| ends_with_stop(&lm.tokenizer, ids, &rows[generating[row]].0.stop);
+    let mut generated = generate_until(
+        &lm.model,
+        &ids,
+        &samplings,
+        adapters_on,
+        None,
+        &mut |_| true,
+        &mut holds_stop,
+    )?
+    .into_iter();
+    let mut results = Vec::with_capacity(rows.len());
+    for (job, (prompt, sampling)) in rows {
+        let completion = if sampling.max_tokens > 0 {
+            generated.next().expect("one completion per generating row")
+        } else {
+            Completion {
+                ids: vec![],
+                logprobs: vec![],
+                finish: Finish::Length,
+            }
+        };
+        let scores = match job.scoring {
+            Some(scoring) => {
+                let whole: Vec<u32> = prompt.iter().chain(&completion.ids).copied().collect();
+                let from = if scoring.prompt { 1 } else { prompt.len() };
+                logprobs::score(&lm.model, &whole, from, scoring.top, adapters_on)?
+            }
+            None => vec![],
+        };
+        results.push(Row { completion, scores });
+    }
+    Ok(results)
 }
 
 /// Whether the text of `ids` now holds one of the `stop` texts. A stop text that was not
@@ -410,24 +461,53 @@ fn complete(
     let (reply, results) = mpsc::channel();
     let server_error = |message: String| error(500, "server_error", None, &message);
     let stop = request.stop.clone();
-    jobs.send(Job { rows, stop, reply })
-        .map_err(|_| server_error("the generation thread has stopped".into()))?;
-    let completions = results
+    let scoring = request.logprobs.map(|top| Scoring {
+        prompt: request.echo,
+        top,
+    });
+    jobs.send(Job {
+        rows,
+        stop,
+        scoring,
+        reply,
+    })
+    .map_err(|_| server_error("the generation thread has stopped".into()))?;
+    let results = results
         .recv()
         .map_err(|_| server_error("the generation thread has stopped".into()))?
         .map_err(|e| server_error(format!("generation failed: {e}")))?;
-    let mut choices = Vec::with_capacity(completions.len());
+    let mut choices = Vec::with_capacity(results.len());
     let mut completion_tokens = 0;
-    for (index, completion) in completions.iter().enumerate() {
-        let (text, finish, tokens) = finish_text(tokenizer, completion, &request.stop)
-            .map_err(|e| server_error(format!("decoding failed: {e}")))?;
+    for (index, row) in results.iter().enumerate() {
+        let decoding = |e: crate::model::ModelError| server_error(format!("decoding failed: {e}"));
+        let (text, finish, tokens, shown) =
+            finish_text(tokenizer, &row.completion, &request.stop).map_err(decoding)?;
         completion_tokens += tokens;
-        choices.push(if chat {
-            json!({"index": index, "message": {"role": "assistant", "content": text},
-                   "finish_reason": finish, "logprobs": null})
+        if chat {
+            choices.push(
+                json!({"index": index, "message": {"role": "assistant", "content": text},
+                   "finish_reason": finish, "logprobs": null}),
+            );
+            continue;
+        }
+        let prompt = &prompt_ids[index / request.n];
+        let logprobs = match request.logprobs {
+            Some(_) => choice_logprobs(tokenizer, prompt, shown, &text, &row.scores, request.echo)
+                .map_err(decoding)?,
+            None => Value::Null,
+        };
+        let text = if request.echo {
+            let echoed = match &request.prompts[index / request.n] {
+                Prompt::Text(prompt) => prompt.clone(),
+                _ => tokenizer.decode(prompt).map_err(decoding)?,
+            };
+            echoed + text.as_str()
         } else {
-            json!({"index": index, "text": text, "finish_reason": finish, "logprobs": null})
-        });
+            text
+        };
+        choices.push(
+            json!({"index": index, "text": text, "finish_reason": finish, "logprobs": logprobs}),
+        );
     }
     let prompt_tokens: usize = prompt_ids.iter().map(Vec::len).sum();
     let (id_prefix, object) = if chat {
@@ -452,14 +532,14 @@ fn complete(
     ))
 }
 
-/// A completion's text, finish reason and token count: the stop token left out of the
-/// text, the text cut before its first stop text (generation ended at the token that
-/// completed it).
-fn finish_text(
+/// A completion's text, finish reason, token count and the tokens its text comes from:
+/// the stop token left out of the text, the text cut before its first stop text
+/// (generation ended at the token that completed it).
+fn finish_text<'a>(
     tokenizer: &Tokenizer,
-    completion: &Completion,
+    completion: &'a Completion,
     stop: &[String],
-) -> crate::model::Result<(String, &'static str, usize)> {
+) -> crate::model::Result<(String, &'static str, usize, &'a [u32])> {
     let tokens = completion.ids.len();
     let (shown, finish) = match completion.finish {
         Finish::Stop => (&completion.ids[..tokens - 1], "stop"),
@@ -468,10 +548,55 @@ fn finish_text(
     let text = tokenizer.decode(shown)?;
     Ok(
         match stop.iter().filter_map(|s| text.find(s.as_str())).min() {
-            Some(cut) => (text[..cut].to_string(), "stop", tokens),
-            None => (text, finish, tokens),
+            Some(cut) => (text[..cut].to_string(), "stop", tokens, shown),
+            None => (text, finish, tokens, shown),
         },
     )
+}
+
+/// The `logprobs` of one `/v1/completions` choice: with `echo` the prompt's tokens (the
+/// first without a score), then the tokens of the sample's text (those that start before a
+/// stop text cut it). `scores` covers the prompt's tokens after the first when `echo`, then
+/// the completion's.
+fn choice_logprobs(
+    tokenizer: &Tokenizer,
+    prompt: &[u32],
+    shown: &[u32],
+    text: &str,
+    scores: &[TokenScore],
+    echo: bool,
+) -> crate::model::Result<Value> {
+    let mut entries = Vec::new();
+    if echo {
+        for (i, (id, piece)) in prompt
+            .iter()
+            .zip(logprobs::pieces(tokenizer, prompt)?)
+            .enumerate()
+        {
+            let score = i.checked_sub(1).map(|s| &scores[s]);
+            entries.push(Entry {
+                id: *id,
+                piece,
+                score,
+            });
+        }
+    }
+    let first = if echo { prompt.len() - 1 } else { 0 };
+    let pieces = logprobs::pieces(tokenizer, shown)?;
+    let cut = pieces.iter().map(String::len).sum::<usize>() > text.len();
+    let mut start = 0;
+    for (t, (id, piece)) in shown.iter().zip(pieces).enumerate() {
+        if cut && start >= text.len() {
+            break;
+        }
+        start += piece.len();
+        entries.push(Entry {
+            id: *id,
+            piece,
+            score: Some(&scores[first + t]),
+        });
+    }
+    logprobs::legacy(tokenizer, &entries)
 }
 
 fn bad_request(e: &BadRequest) -> Answer {

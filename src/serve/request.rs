@@ -11,6 +11,9 @@ pub const DEFAULT_MAX_TOKENS: usize = 256;
 /// The most samples one request may ask for.
 pub const MAX_N: usize = 128;
 
+/// The most alternatives `logprobs` may ask for at each position (vLLM's default limit).
+pub const MAX_LOGPROBS: usize = 20;
+
 /// A request the server refuses (HTTP 400), naming the field at fault.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 #[error("{message}")]
@@ -63,6 +66,12 @@ pub struct GenerationRequest {
     pub seed: Option<u64>,
     /// Texts that end a sample.
     pub stop: Vec<String>,
+    /// `/v1/completions`: the prompt is returned before each sample (and with `max_tokens:
+    /// 0` alone, scored but not continued).
+    pub echo: bool,
+    /// `/v1/completions`: log-probabilities are returned, with this many most likely
+    /// alternatives at each position (`None`: no log-probabilities).
+    pub logprobs: Option<usize>,
 }
 
 /// Reads a `/v1/chat/completions` body.
@@ -89,10 +98,13 @@ pub fn chat(body: &Value) -> Result<GenerationRequest, BadRequest> {
     {
         return Err(BadRequest::field(
             "logprobs",
-            format!("{v} asked for; log-probabilities are not returned"),
+            format!(
+                "{v} asked for; log-probabilities are returned by /v1/completions \
+                 (`logprobs`, with `echo` for the prompt's), not by chat"
+            ),
         ));
     }
-    sampling(fields, vec![Prompt::Chat(messages)])
+    sampling(fields, vec![Prompt::Chat(messages)], 1)
 }
 
 /// Reads a `/v1/completions` body: `prompt` is text, a list of texts, token ids, or a list
@@ -127,22 +139,28 @@ pub fn completion(body: &Value) -> Result<GenerationRequest, BadRequest> {
         }
         None => return Err(BadRequest::field("prompt", "is required")),
     };
-    if fields.get("echo").and_then(Value::as_bool) == Some(true) {
-        return Err(BadRequest::field(
-            "echo",
-            "echoing the prompt is not supported",
-        ));
-    }
-    if let Some(v) = fields.get("logprobs").filter(|v| !v.is_null()) {
-        return Err(BadRequest::field(
-            "logprobs",
-            format!("{v} asked for; log-probabilities are not returned"),
-        ));
-    }
+    let echo = match fields.get("echo") {
+        None | Some(Value::Null) => false,
+        Some(Value::Bool(b)) => *b,
+        Some(v) => {
+            return Err(BadRequest::field(
+                "echo",
+                format!("{v} is not true or false"),
+            ))
+        }
+    };
+    let logprobs = match fields.get("logprobs") {
+        None | Some(Value::Null) => None,
+        Some(v) => Some(count(v, "logprobs", 0, MAX_LOGPROBS)?),
+    };
     if fields.get("suffix").is_some_and(|v| !v.is_null()) {
         return Err(BadRequest::field("suffix", "is not supported"));
     }
-    sampling(fields, prompts)
+    // OpenAI's legacy convention: `max_tokens: 0` with `echo` scores the prompt alone
+    let mut request = sampling(fields, prompts, if echo { 0 } else { 1 })?;
+    request.echo = echo;
+    request.logprobs = logprobs;
+    Ok(request)
 }
 
 fn object(body: &Value) -> Result<&Map<String, Value>, BadRequest> {
@@ -201,10 +219,11 @@ fn token_ids(items: &[Value], param: &str) -> Result<Vec<u32>, BadRequest> {
         .collect()
 }
 
-/// The sampling fields shared by both routes.
+/// The sampling fields shared by both routes; `max_tokens` must be at least `min_tokens`.
 fn sampling(
     fields: &Map<String, Value>,
     prompts: Vec<Prompt>,
+    min_tokens: usize,
 ) -> Result<GenerationRequest, BadRequest> {
     if fields.get("stream").and_then(Value::as_bool) == Some(true) {
         return Err(BadRequest::field(
@@ -214,8 +233,8 @@ fn sampling(
     }
     let present = |key: &str| fields.get(key).filter(|v| !v.is_null());
     let max_tokens = match (present("max_tokens"), present("max_completion_tokens")) {
-        (Some(v), _) => count(v, "max_tokens", 1, usize::MAX)?,
-        (None, Some(v)) => count(v, "max_completion_tokens", 1, usize::MAX)?,
+        (Some(v), _) => count(v, "max_tokens", min_tokens, usize::MAX)?,
+        (None, Some(v)) => count(v, "max_completion_tokens", min_tokens, usize::MAX)?,
         (None, None) => DEFAULT_MAX_TOKENS,
     };
     let temperature = number(
@@ -294,6 +313,8 @@ fn sampling(
         n,
         seed,
         stop: stop.into_iter().filter(|s| !s.is_empty()).collect(),
+        echo: false,
+        logprobs: None,
     })
 }
 
@@ -417,16 +438,40 @@ mod tests {
         );
         assert_eq!(param_of(completion(&json!({"prompt": [2, -1]}))), "prompt");
         assert_eq!(
-            param_of(completion(&json!({"prompt": "x", "echo": true}))),
+            param_of(completion(&json!({"prompt": "x", "echo": "yes"}))),
             "echo"
         );
         assert_eq!(
-            param_of(completion(&json!({"prompt": "x", "logprobs": 1}))),
+            param_of(completion(&json!({"prompt": "x", "logprobs": 21}))),
             "logprobs"
+        );
+        assert_eq!(
+            param_of(completion(&json!({"prompt": "x", "logprobs": true}))),
+            "logprobs"
+        );
+        assert_eq!(
+            param_of(completion(&json!({"prompt": "x", "max_tokens": 0}))),
+            "max_tokens"
         );
         let err = chat(&json!({"messages": m, "temperature": "hot"})).unwrap_err();
         assert_eq!(err.message, "`temperature`: \"hot\" is not a number");
         assert!(chat(&json!([1])).unwrap_err().param.is_none());
+    }
+
+    #[test]
+    fn lm_eval_scoring_payloads_are_read() {
+        // as lm-eval's local-completions sends a log-likelihood request
+        let body = json!({"model": "m", "prompt": [[2, 17, 301]], "temperature": 0,
+                          "max_tokens": 1, "logprobs": 1, "seed": 1234, "echo": true});
+        let r = completion(&body).unwrap();
+        assert_eq!(r.prompts, [Prompt::Ids(vec![2, 17, 301])]);
+        assert_eq!((r.echo, r.logprobs, r.max_tokens), (true, Some(1), 1));
+        // OpenAI's score-only form: the prompt echoed, nothing generated
+        let r = completion(&json!({"prompt": "x", "echo": true, "logprobs": 0, "max_tokens": 0}))
+            .unwrap();
+        assert_eq!((r.echo, r.logprobs, r.max_tokens), (true, Some(0), 0));
+        let r = completion(&json!({"prompt": "x", "echo": false, "logprobs": null})).unwrap();
+        assert_eq!((r.echo, r.logprobs), (false, None));
     }
 
     #[test]

@@ -17,7 +17,7 @@ use rlvr::progress::Job;
 use serde_json::{json, Value};
 
 /// What the fault server does with one request.
-enum Action {
+pub(crate) enum Action {
     /// Answer with a status, extra headers and a body.
     Reply(u16, Vec<(&'static str, String)>, String),
     /// Answer 200 with OpenAI's reply holding these texts.
@@ -32,23 +32,23 @@ enum Action {
 
 /// One request as the fault server saw it.
 #[derive(Debug, Clone)]
-struct Seen {
-    path: String,
+pub(crate) struct Seen {
+    pub(crate) path: String,
     authorization: Option<String>,
-    body: Value,
+    pub(crate) body: Value,
 }
 
 type Script = dyn Fn(usize, &Seen) -> Action + Send + Sync;
 
 /// An HTTP/1.1 server on a free port of 127.0.0.1 whose `script` decides, for the `i`-th
 /// request received (from 0), what happens.
-struct FaultServer {
-    url: String,
+pub(crate) struct FaultServer {
+    pub(crate) url: String,
     seen: Arc<Mutex<Vec<Seen>>>,
 }
 
 impl FaultServer {
-    fn start(script: impl Fn(usize, &Seen) -> Action + Send + Sync + 'static) -> Self {
+    pub(crate) fn start(script: impl Fn(usize, &Seen) -> Action + Send + Sync + 'static) -> Self {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         listener.set_nonblocking(true).unwrap();
         let url = format!("http://{}/v1", listener.local_addr().unwrap());
@@ -71,7 +71,7 @@ impl FaultServer {
         FaultServer { url, seen }
     }
 
-    fn seen(&self) -> Vec<Seen> {
+    pub(crate) fn seen(&self) -> Vec<Seen> {
         self.seen.lock().unwrap().clone()
     }
 }

@@ -25,15 +25,15 @@ const MODEL: &str = "tests/fixtures/tiny-gemma3";
 const TOKENIZER: &str = "tests/fixtures/tiny-tokenizer/tokenizer.json";
 
 /// A running `rlvr serve`, killed when dropped.
-struct Served {
-    child: Child,
+pub(crate) struct Served {
+    pub(crate) child: Child,
     /// `http://127.0.0.1:PORT/v1`
-    url: String,
+    pub(crate) url: String,
 }
 
 impl Served {
     /// `rlvr serve` on the tiny fixture.
-    fn start(extra: &[&str], envs: &[(&str, &str)]) -> Self {
+    pub(crate) fn start(extra: &[&str], envs: &[(&str, &str)]) -> Self {
         Served::start_model(MODEL, extra, envs)
     }
 
@@ -87,7 +87,7 @@ impl Served {
 
     /// A client that does not retry and waits a minute at most for a reply, so that any
     /// server error or stall fails the test.
-    fn client(&self) -> Endpoint {
+    pub(crate) fn client(&self) -> Endpoint {
         let options = EndpointOptions {
             retries: 0,
             timeout: std::time::Duration::from_secs(60),
@@ -97,7 +97,7 @@ impl Served {
     }
 
     /// A raw HTTP request: the status and the JSON body.
-    fn http(&self, method: &str, path: &str, body: &str, headers: &str) -> (u16, Value) {
+    pub(crate) fn http(&self, method: &str, path: &str, body: &str, headers: &str) -> (u16, Value) {
         let address = self
             .url
             .trim_start_matches("http://")
@@ -125,7 +125,7 @@ impl Drop for Served {
     }
 }
 
-fn local() -> LanguageModel {
+pub(crate) fn local() -> LanguageModel {
     LanguageModel::load(&repo(MODEL), Some(&repo(TOKENIZER)), &Device::Cpu).unwrap()
 }
 
