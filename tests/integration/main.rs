@@ -19,6 +19,7 @@ mod plots;
 mod real_models;
 mod run_records;
 mod serve;
+mod study;
 mod tokenizer;
 
 use std::path::PathBuf;
