@@ -188,9 +188,11 @@ fn decode_png(bytes: &[u8]) -> Result<Image, String> {
                 channels = match (depth, color, interlace) {
                     (8, 2, 0) => 3,
                     (8, 6, 0) => 4,
-                    _ => return Err(format!(
+                    _ => {
+                        return Err(format!(
                         "unsupported: depth {depth}, colour type {color}, interlace {interlace}"
-                    )),
+                    ))
+                    }
                 };
             }
             b"IDAT" => data.extend_from_slice(body),
