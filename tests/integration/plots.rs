@@ -534,6 +534,23 @@ fn curves_draw_raw_and_smoothed_lines() {
 }
 
 #[test]
+fn a_short_run_has_a_tick_per_step_and_none_between() {
+    let metrics = df!("step" => [1i64, 2, 3], "reward" => [10.0, 20.0, 30.0]).unwrap();
+    let plot = report::curves(&metrics, &["reward".to_string()], &CurveOptions::default()).unwrap();
+    let written = texts(plot.svg());
+    for step in ["1", "2", "3"] {
+        assert!(
+            written.iter().any(|t| t == step),
+            "{step} missing from {written:?}"
+        );
+    }
+    assert!(
+        !written.iter().any(|t| t.contains('.')),
+        "no fractional ticks: {written:?}"
+    );
+}
+
+#[test]
 fn histogram_bars_count_the_values_in_each_bin() {
     let rates = df!("pass_rate" => [0.0, 0.25, 0.25, 0.5, 0.75, 1.0, 1.0, 1.0, 0.0, 0.5]).unwrap();
     let plot = report::hist(
