@@ -294,12 +294,15 @@ fn picture(path: &Path) -> Image {
     image
 }
 
+/// An SVG `<rect>`: x, y, width, height.
+type Rect = (f64, f64, f64, f64);
+
 fn hex(c: &plotters::style::RGBColor) -> String {
     format!("#{:02X}{:02X}{:02X}", c.0, c.1, c.2)
 }
 
 /// `(x, y, width, height)` of every `<rect>` filled with `color`, in drawing order.
-fn rects(svg: &str, color: &str) -> Vec<(f64, f64, f64, f64)> {
+fn rects(svg: &str, color: &str) -> Vec<Rect> {
     svg.split("<rect")
         .skip(1)
         .filter(|r| r.contains(&format!("fill=\"{color}\"")))
@@ -317,7 +320,7 @@ fn rects(svg: &str, color: &str) -> Vec<(f64, f64, f64, f64)> {
 
 /// The bars of a grouped vertical bar chart, per group (palette colour `i` for group `i`),
 /// without the legend's swatch when there is a legend.
-fn bars_of(svg: &str, groups: usize, legend: bool) -> Vec<Vec<(f64, f64, f64, f64)>> {
+fn bars_of(svg: &str, groups: usize, legend: bool) -> Vec<Vec<Rect>> {
     (0..groups)
         .map(|g| {
             let all = rects(svg, &hex(&PALETTE[g]));
@@ -328,7 +331,7 @@ fn bars_of(svg: &str, groups: usize, legend: bool) -> Vec<Vec<(f64, f64, f64, f6
 
 /// Whether vertical bars stand for `values` (per group, in drawing order): one bar per
 /// value, all on one baseline, each as tall as its value on one scale (within 1.5 px).
-fn bars_follow(bars: &[Vec<(f64, f64, f64, f64)>], values: &[Vec<f64>]) -> Result<(), String> {
+fn bars_follow(bars: &[Vec<Rect>], values: &[Vec<f64>]) -> Result<(), String> {
     if bars.len() != values.len() {
         return Err(format!(
             "{} groups of bars for {} groups of values",
@@ -336,7 +339,7 @@ fn bars_follow(bars: &[Vec<(f64, f64, f64, f64)>], values: &[Vec<f64>]) -> Resul
             values.len()
         ));
     }
-    let all: Vec<(&(f64, f64, f64, f64), f64)> = bars
+    let all: Vec<(&Rect, f64)> = bars
         .iter()
         .zip(values)
         .flat_map(|(b, v)| b.iter().zip(v.iter().copied()))
@@ -380,7 +383,7 @@ fn bars_follow(bars: &[Vec<(f64, f64, f64, f64)>], values: &[Vec<f64>]) -> Resul
 
 /// Each SVG bar measured in the PNG: in a column a sixth into the bar (clear of the
 /// whisker), the run of the bar's colour up from its baseline is as tall as the SVG rect.
-fn png_bars_match(image: &Image, bars: &[Vec<(f64, f64, f64, f64)>]) {
+fn png_bars_match(image: &Image, bars: &[Vec<Rect>]) {
     for (g, group) in bars.iter().enumerate() {
         let colour = [PALETTE[g].0, PALETTE[g].1, PALETTE[g].2];
         for &(x, y, w, h) in group {
