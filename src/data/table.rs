@@ -110,7 +110,11 @@ fn take(df: &DataFrame, rows: &[usize]) -> Result<DataFrame> {
 
 /// Rows whose `column` holds one of `values`.
 pub fn filter_in(df: &DataFrame, column: &str, values: &[String]) -> Result<DataFrame> {
-    let wanted = Series::new("wanted".into(), values);
+    // `is_in` takes the values as one list (a one-row list column applies to every row)
+    let wanted = Series::new("wanted".into(), values)
+        .implode()
+        .map_err(|e| DataError::polars(format!("filtering `{column}`"), e))?
+        .into_series();
     let mask = df
         .column(column)
         .and_then(|c| is_in(c.as_materialized_series(), &wanted, false))
@@ -132,6 +136,52 @@ pub fn sql(df: &DataFrame, query: &str) -> Result<DataFrame> {
 pub fn concat(tables: &[DataFrame]) -> Result<DataFrame> {
     polars::functions::concat_df_diagonal(tables)
         .map_err(|e| DataError::polars("concatenating tables", e))
+}
+
+/// A table from rows given as JSON objects (e.g. script maps): one column per key, in
+/// `columns`' order when given (keys outside it are dropped, a column no row has is an
+/// error), else in the order the keys first appear. Column types are inferred from the
+/// values (whole numbers mixed with fractions become floats; a missing key is null).
+pub fn from_rows(
+    rows: &[serde_json::Map<String, serde_json::Value>],
+    columns: Option<&[String]>,
+) -> Result<DataFrame> {
+    if rows.is_empty() {
+        return Err(DataError::Option(
+            "a table needs at least one row".to_string(),
+        ));
+    }
+    let mut order: Vec<String> = Vec::new();
+    for row in rows {
+        for key in row.keys() {
+            if !order.contains(key) {
+                order.push(key.clone());
+            }
+        }
+    }
+    if let Some(wanted) = columns {
+        if let Some(missing) = wanted.iter().find(|c| !order.contains(c)) {
+            return Err(DataError::Option(format!(
+                "no row has the column `{missing}`; the rows have {}",
+                order.join(", ")
+            )));
+        }
+        order = wanted.to_vec();
+    }
+    let text = serde_json::Value::Array(
+        rows.iter()
+            .map(|row| serde_json::Value::Object(row.clone()))
+            .collect(),
+    )
+    .to_string();
+    let schema_rows = rows.len();
+    let df = JsonReader::new(Cursor::new(text.into_bytes()))
+        .with_json_format(JsonFormat::Json)
+        .infer_schema_len(std::num::NonZeroUsize::new(schema_rows))
+        .finish()
+        .map_err(|e| DataError::polars("building a table from rows", e))?;
+    df.select(order)
+        .map_err(|e| DataError::polars("ordering the table's columns", e))
 }
 
 /// Writes `df` to `path` as parquet, csv, json (an array of row objects) or jsonl (one
@@ -228,6 +278,39 @@ fn lists_as_json_text(df: &DataFrame) -> Result<DataFrame> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn object(v: serde_json::Value) -> serde_json::Map<String, serde_json::Value> {
+        v.as_object().unwrap().clone()
+    }
+
+    #[test]
+    fn rows_become_columns_with_inferred_types() {
+        let rows = [
+            object(serde_json::json!({"q": "2+2", "a": 4, "ok": true})),
+            object(serde_json::json!({"q": "3+5", "a": 8.5})),
+        ];
+        let df = from_rows(&rows, None).unwrap();
+        assert_eq!(df.shape(), (2, 3));
+        let a: Vec<Option<f64>> = df.column("a").unwrap().f64().unwrap().to_vec();
+        assert_eq!(a, [Some(4.0), Some(8.5)]);
+        let ok: Vec<Option<bool>> = df.column("ok").unwrap().bool().unwrap().iter().collect();
+        assert_eq!(ok, [Some(true), None]);
+        let chosen = from_rows(&rows, Some(&["q".to_string(), "a".to_string()])).unwrap();
+        assert_eq!(chosen.get_column_names(), ["q", "a"]);
+        let err = from_rows(&rows, Some(&["b".to_string()])).unwrap_err();
+        assert!(err.to_string().contains("`b`"), "{err}");
+        assert!(from_rows(&[], None).is_err());
+    }
+
+    #[test]
+    fn filter_in_keeps_the_rows_holding_a_listed_value() {
+        let df = numbers(10);
+        let kept = filter_in(&df, "g", &["a".to_string()]).unwrap();
+        assert_eq!(xs(&kept), [0, 4, 8]);
+        let both = filter_in(&df, "g", &["a".to_string(), "b".to_string()]).unwrap();
+        assert_eq!(both.height(), 10);
+        assert_eq!(filter_in(&df, "g", &["c".to_string()]).unwrap().height(), 0);
+    }
 
     fn numbers(n: usize) -> DataFrame {
         let groups: Vec<&str> = (0..n).map(|i| if i % 4 == 0 { "a" } else { "b" }).collect();

@@ -33,6 +33,23 @@ pub struct GeneratedText {
     pub completion: Completion,
 }
 
+/// One candidate for the next token (see [`LanguageModel::next_tokens`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct NextToken {
+    /// The token id.
+    pub id: u32,
+    /// Its text.
+    pub text: String,
+    /// Its log-probability under the model (temperature 1, nothing cut).
+    pub logprob: f64,
+    /// Its probability at the asked temperature.
+    pub prob: f64,
+    /// The probability of this token and every more likely one, at that temperature.
+    pub cumulative: f64,
+    /// Whether top-p sampling keeps it: the more likely tokens sum to less than `top_p`.
+    pub kept: bool,
+}
+
 impl LanguageModel {
     /// Loads a Hugging Face model directory or a `.gguf` file; the tokenizer is `tokenizer`
     /// when given, else the `tokenizer.json` in the directory (beside the GGUF file). Fails
@@ -145,6 +162,62 @@ impl LanguageModel {
         let per_token =
             super::linear::no_grad(|| self.model.completion_logprobs(&p, &c, adapters_on))?;
         Ok(per_token.sum_all()?.to_scalar::<f32>()?)
+    }
+
+    /// The `k` most likely next tokens after `prompt` (tokenized as [`Tokenizer::encode`]),
+    /// most likely first, with their probabilities as the sampler sees them at
+    /// `temperature` and whether nucleus sampling with `top_p` keeps them.
+    pub fn next_tokens(
+        &self,
+        prompt: &str,
+        k: usize,
+        temperature: f64,
+        top_p: f64,
+    ) -> Result<Vec<NextToken>> {
+        let ids = self.tokenizer.encode(prompt)?;
+        let adapters_on = self.lora.is_some();
+        let logits: Vec<f32> =
+            super::linear::no_grad(|| self.model.next_logits(&ids, adapters_on))?.to_vec1()?;
+        let mut order: Vec<usize> = (0..logits.len()).collect();
+        order.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]).then(a.cmp(&b)));
+        let max = logits[order[0]] as f64;
+        let log_z = max
+            + logits
+                .iter()
+                .map(|&l| (l as f64 - max).exp())
+                .sum::<f64>()
+                .ln();
+        // the tempered distribution the sampler draws from (greedy: all mass on the top)
+        let tempered: Vec<f64> = if temperature <= 0.0 {
+            (0..order.len())
+                .map(|n| if n == 0 { 1.0 } else { 0.0 })
+                .collect()
+        } else {
+            let top = max / temperature;
+            let total: f64 = logits
+                .iter()
+                .map(|&l| (l as f64 / temperature - top).exp())
+                .sum();
+            order
+                .iter()
+                .map(|&i| (logits[i] as f64 / temperature - top).exp() / total)
+                .collect()
+        };
+        let mut cumulative = 0.0;
+        let mut out = Vec::with_capacity(k.min(order.len()));
+        for (rank, &id) in order.iter().enumerate().take(k) {
+            let before = cumulative;
+            cumulative += tempered[rank];
+            out.push(NextToken {
+                id: id as u32,
+                text: self.tokenizer.decode(&[id as u32])?,
+                logprob: logits[id] as f64 - log_z,
+                prob: tempered[rank],
+                cumulative,
+                kept: rank == 0 || top_p >= 1.0 || before < top_p,
+            });
+        }
+        Ok(out)
     }
 
     /// A copy sharing the base weights, with fresh adapters of shape `config`.

@@ -247,6 +247,15 @@ impl Model {
         Ok(logits.reshape((b, s, ()))?)
     }
 
+    /// The logits `[vocab]` (f32) of the token after `ids`: the output head runs on the last
+    /// position only.
+    pub fn next_logits(&self, ids: &[u32], adapters_on: bool) -> Result<Tensor> {
+        let input = Input::unpadded(&[ids.to_vec()], 0, self.device())?;
+        let hidden = self.forward(&input, None, adapters_on)?.squeeze(0)?;
+        let last = hidden.narrow(0, ids.len() - 1, 1)?;
+        Ok(logprob::logits_of(&last, self.lm_head(), self.logit_softcap())?.squeeze(0)?)
+    }
+
     /// `log p(completion_t | prompt, completion_<t)` for each completion token, `[n]` f32.
     /// Differentiable with respect to the adapters.
     pub fn completion_logprobs(

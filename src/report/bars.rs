@@ -81,6 +81,8 @@ struct BarChart {
     bars: Vec<Bar>,
     horizontal: bool,
     range: (f64, f64),
+    /// The range was given, so it has no headroom for the written values.
+    fixed_range: bool,
     values: bool,
     digits: usize,
     title: Option<String>,
@@ -184,6 +186,7 @@ impl BarChart {
             bars,
             horizontal,
             range,
+            fixed_range: opts.range.is_some(),
             values: opts.values,
             digits,
             size,
@@ -384,7 +387,25 @@ impl Figure for BarChart {
         } else {
             (0.0..n, self.range.0..self.range.1)
         };
-        let body = root.margin(top, MARGIN, MARGIN, MARGIN + 8);
+        // A given range leaves no headroom inside the plot for the values written past the
+        // bars' ends: they get room outside it instead (above, or right of, the plot).
+        let (value_top, value_right) = if self.values && self.fixed_range {
+            let font = style::font("0", VALUE_SIZE);
+            if self.horizontal {
+                let widest = self
+                    .bars
+                    .iter()
+                    .map(|b| style::measure(&format!("{:.*}", self.digits, b.value), &font).0)
+                    .max()
+                    .unwrap_or(0);
+                (0, widest + 4)
+            } else {
+                (style::measure("0", &font).1 + 4, 0)
+            }
+        } else {
+            (0, 0)
+        };
+        let body = root.margin(top + value_top, MARGIN, MARGIN, MARGIN + 8 + value_right);
         let mut chart = ChartBuilder::on(&body)
             .x_label_area_size(bottom)
             .y_label_area_size(left)

@@ -260,14 +260,29 @@ impl CurveChart {
         }
         let mut chart = builder.build_cartesian_2d(x0..x1, y0..y1)?;
         let span = y1 - y0;
-        let x_fmt = |v: &f64| style::tick(*v);
+        // steps are whole numbers: a short run gets a tick per step, none between them
+        let whole = series
+            .iter()
+            .all(|s| s.points.iter().all(|(x, _)| x.fract() == 0.0));
+        let x_ticks = if whole {
+            ((x1 - x0).round() as usize + 1).clamp(2, 6)
+        } else {
+            6
+        };
+        let x_fmt = move |v: &f64| {
+            if whole && (v - v.round()).abs() > 1e-9 {
+                String::new()
+            } else {
+                style::tick(*v)
+            }
+        };
         let y_fmt = move |v: &f64| tick_text(*v, span);
         let mut mesh = chart.configure_mesh();
         mesh.axis_style(AXIS)
             .bold_line_style(GRID)
             .light_line_style(TRANSPARENT)
             .label_style(style::text_style("0", TICK_SIZE, &MUTED))
-            .x_labels(6)
+            .x_labels(x_ticks)
             .y_labels(6)
             .x_label_formatter(&x_fmt)
             .y_label_formatter(&y_fmt)

@@ -91,3 +91,24 @@ pub fn from_json(value: serde_json::Value) -> Dynamic {
         ),
     }
 }
+
+/// A Rhai value as JSON (maps, arrays, strings, numbers, booleans; anything else as text).
+pub fn to_json(value: &Dynamic) -> serde_json::Value {
+    if value.is_unit() {
+        serde_json::Value::Null
+    } else if let Ok(b) = value.as_bool() {
+        b.into()
+    } else if let Ok(i) = value.as_int() {
+        i.into()
+    } else if let Ok(f) = value.as_float() {
+        serde_json::Number::from_f64(f).map_or(serde_json::Value::Null, serde_json::Value::Number)
+    } else if let Some(items) = value.clone().try_cast::<Array>() {
+        items.iter().map(to_json).collect()
+    } else if let Some(map) = value.clone().try_cast::<Map>() {
+        map.iter()
+            .map(|(k, v)| (k.to_string(), to_json(v)))
+            .collect()
+    } else {
+        value.to_string().into()
+    }
+}

@@ -8,7 +8,9 @@ use polars::prelude::DataFrame;
 use rhai::plugin::*;
 use rhai::{Array, Map};
 
-use super::convert::{check_keys, count, error, from_json, strings, text, text_list, RhaiResult};
+use super::convert::{
+    check_keys, count, error, from_json, strings, text, text_list, to_json, RhaiResult,
+};
 use super::{Area, Output};
 use crate::data::{self, ColumnMapping, LoadOptions};
 
@@ -73,6 +75,20 @@ fn load_options(opts: &Map) -> RhaiResult<LoadOptions> {
     })
 }
 
+/// The rows of `table(...)` as JSON objects, failing on anything but maps.
+fn row_objects(rows: Array) -> RhaiResult<Vec<serde_json::Map<String, serde_json::Value>>> {
+    rows.into_iter()
+        .enumerate()
+        .map(|(i, row)| match to_json(&row) {
+            serde_json::Value::Object(fields) if row.is_map() => Ok(fields),
+            _ => Err(error(format!(
+                "table: row {i} is {}, not a map #{{ column: value, … }}",
+                row.type_name()
+            ))),
+        })
+        .collect()
+}
+
 #[export_module]
 mod data_functions {
     use super::*;
@@ -101,6 +117,22 @@ mod data_functions {
     #[rhai_fn(name = "load", return_raw)]
     pub fn load_table(path: &str) -> RhaiResult<DataFrame> {
         data::table::read(Path::new(path)).map_err(error)
+    }
+
+    /// A table from an array of maps, one row each: one column per key, in the order the
+    /// keys first appear (maps list their keys alphabetically), types inferred from the
+    /// values, e.g. `table([#{ q: "2+2", a: 4 }, #{ q: "3+5", a: 8 }])`.
+    #[rhai_fn(name = "table", return_raw)]
+    pub fn table_of(rows: Array) -> RhaiResult<DataFrame> {
+        data::table::from_rows(&row_objects(rows)?, None).map_err(|e| error(format!("table: {e}")))
+    }
+
+    /// A table from an array of maps with the columns `columns`, in that order.
+    #[rhai_fn(name = "table", return_raw)]
+    pub fn table_with(rows: Array, columns: Array) -> RhaiResult<DataFrame> {
+        let columns = strings(columns, "columns")?;
+        data::table::from_rows(&row_objects(rows)?, Some(&columns))
+            .map_err(|e| error(format!("table: {e}")))
     }
 
     /// The number of rows.

@@ -4,6 +4,7 @@
 use std::path::Path;
 use std::sync::{Arc, RwLock};
 
+use polars::prelude::DataFrame;
 use rhai::plugin::*;
 use rhai::{Array, Map};
 
@@ -135,6 +136,41 @@ fn messages_of(items: Array) -> RhaiResult<Vec<Message>> {
         .collect()
 }
 
+/// `next_tokens` as a table.
+fn next_token_table(handle: &ModelHandle, prompt: &str, opts: &Map) -> RhaiResult<DataFrame> {
+    check_keys(opts, &["k", "temperature", "top_p"], "next_tokens")?;
+    let k = match opts.get("k") {
+        None => 10,
+        Some(v) => count(v.as_int().map_err(|t| error(format!("k: not {t}")))?, "k")?,
+    };
+    let number = |key: &str, default: f64| -> RhaiResult<f64> {
+        opts.get(key).map_or(Ok(default), |v| {
+            v.as_float()
+                .or_else(|_| v.as_int().map(|i| i as f64))
+                .map_err(|t| error(format!("{key}: expected a number, not {t}")))
+        })
+    };
+    let temperature = number("temperature", 1.0)?;
+    let top_p = number("top_p", 1.0)?;
+    if !(top_p > 0.0 && top_p <= 1.0) {
+        return Err(error(format!("top_p must be in (0, 1], not {top_p}")));
+    }
+    let tokens = handle
+        .read()
+        .next_tokens(prompt, k, temperature, top_p)
+        .map_err(error)?;
+    polars::df!(
+        "rank" => (1..=tokens.len() as i64).collect::<Vec<_>>(),
+        "id" => tokens.iter().map(|t| t.id as i64).collect::<Vec<_>>(),
+        "token" => tokens.iter().map(|t| t.text.clone()).collect::<Vec<_>>(),
+        "logprob" => tokens.iter().map(|t| t.logprob).collect::<Vec<_>>(),
+        "prob" => tokens.iter().map(|t| t.prob).collect::<Vec<_>>(),
+        "cum_prob" => tokens.iter().map(|t| t.cumulative).collect::<Vec<_>>(),
+        "kept" => tokens.iter().map(|t| t.kept).collect::<Vec<_>>(),
+    )
+    .map_err(error)
+}
+
 #[export_module]
 mod model_functions {
     use super::*;
@@ -238,6 +274,27 @@ mod model_functions {
     #[rhai_fn(pure, return_raw)]
     pub fn logprob(model: &mut ModelHandle, prompt: &str, completion: &str) -> RhaiResult<f64> {
         Ok(model.read().logprob(prompt, completion).map_err(error)? as f64)
+    }
+
+    /// The 10 most likely next tokens after `prompt`: `rank`, `id`, `token`, `logprob`,
+    /// `prob`, `cum_prob`, `kept` (see the form with options).
+    #[rhai_fn(name = "next_tokens", pure, return_raw)]
+    pub fn next_tokens_default(model: &mut ModelHandle, prompt: &str) -> RhaiResult<DataFrame> {
+        next_token_table(model, prompt, &Map::new())
+    }
+
+    /// The most likely next tokens after `prompt`, most likely first, as a table: `rank`
+    /// (1 = most likely), `id`, `token` (its text), `logprob` (under the model, temperature
+    /// 1), `prob` and `cum_prob` (its probability, and that of it and every likelier token,
+    /// at `temperature`: what `generate` samples from) and `kept` (whether `top_p` keeps
+    /// it). Options: `k` (10 rows), `temperature` (1.0; 0.0 is greedy), `top_p` (1.0).
+    #[rhai_fn(name = "next_tokens", pure, return_raw)]
+    pub fn next_tokens_with(
+        model: &mut ModelHandle,
+        prompt: &str,
+        options: Map,
+    ) -> RhaiResult<DataFrame> {
+        next_token_table(model, prompt, &options)
     }
 
     /// A new model over the same base weights with fresh LoRA adapters: options `rank` (16),

@@ -8,7 +8,7 @@ use polars::prelude::DataFrame;
 use rhai::plugin::*;
 use rhai::{Array, Map};
 
-use super::convert::{check_keys, error, strings, text, RhaiResult};
+use super::convert::{check_keys, error, strings, text, to_json, RhaiResult};
 use super::{Area, Output};
 use crate::report::{
     self, BarOptions, CurveLayout, CurveOptions, Frame, Group, HistOptions, Plot, RadarOptions,
@@ -233,27 +233,6 @@ fn columns(value: Dynamic) -> RhaiResult<Vec<String>> {
             "columns must be a column name or an array of names, not {}",
             value.type_name()
         ))),
-    }
-}
-
-/// A Rhai value as JSON (maps, arrays, strings, numbers, booleans; anything else as text).
-fn to_json(value: &Dynamic) -> serde_json::Value {
-    if value.is_unit() {
-        serde_json::Value::Null
-    } else if let Ok(b) = value.as_bool() {
-        b.into()
-    } else if let Ok(i) = value.as_int() {
-        i.into()
-    } else if let Ok(f) = value.as_float() {
-        serde_json::Number::from_f64(f).map_or(serde_json::Value::Null, serde_json::Value::Number)
-    } else if let Some(items) = value.clone().try_cast::<Array>() {
-        items.iter().map(to_json).collect()
-    } else if let Some(map) = value.clone().try_cast::<Map>() {
-        map.iter()
-            .map(|(k, v)| (k.to_string(), to_json(v)))
-            .collect()
-    } else {
-        value.to_string().into()
     }
 }
 

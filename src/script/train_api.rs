@@ -159,6 +159,41 @@ fn register(engine: &mut Engine, output: &Arc<dyn Output>) {
             },
         );
 
+    FuncRegistration::new("reward")
+        .in_global_namespace()
+        .with_params_info(["name: String", "completion: String", "item: Map", "float"])
+        .with_comments([
+            "/// Scores one completion with a built-in reward, as `grpo` does: `name` is \
+             `accuracy`, `format`, `xmlcount` (the study's three), `binary` or `numeric`; \
+             `item` is the question as a map with at least `answer` (e.g. `items.row(0)`; \
+             `answer_text` and `choices` are read when present), e.g. \
+             `reward(\"accuracy\", \"<think>…</think><answer>B</answer>\", item)` is 2.0 \
+             when B is right.",
+        ])
+        .register_into_engine(
+            engine,
+            |name: &str, completion: &str, item: Map| -> RhaiResult<f64> {
+                let builtin = Builtin::by_name(name)
+                    .filter(|b| *b != Builtin::Length)
+                    .ok_or_else(|| {
+                        error(format!(
+                            "reward: unknown reward `{name}`; use accuracy, format, xmlcount, \
+                             binary or numeric (`length` depends on the token budget of \
+                             training: use it in grpo)"
+                        ))
+                    })?;
+                let question = question_of(&item)?;
+                let scored = crate::reward::Scored {
+                    completion,
+                    question: &question,
+                    tokens: 0,
+                    max_tokens: 0,
+                    truncated: false,
+                };
+                Ok(builtin.score(&scored))
+            },
+        );
+
     FuncRegistration::new("metrics")
         .in_global_namespace()
         .with_params_info(["run: TrainingRun", "DataFrame"])
@@ -423,6 +458,50 @@ fn grpo_config(opts: &Map) -> RhaiResult<GrpoConfig> {
     apply_sampling(opts, &mut c.sampling)?;
     apply_template(opts, &mut c.template)?;
     Ok(c)
+}
+
+/// A question from a map such as `row()` gives or a reward closure receives: `answer`
+/// is required; `id`, `question`, `answer_text` (default: the answer), `subject`,
+/// `category` and `choices` are read when present.
+fn question_of(item: &Map) -> RhaiResult<Question> {
+    let field = |key: &str| -> RhaiResult<Option<String>> {
+        match item.get(key) {
+            None => Ok(None),
+            Some(v) if v.is_unit() => Ok(None),
+            Some(v) if v.is_string() => Ok(Some(v.clone().into_string().map_err(error)?)),
+            Some(v) if v.is_int() || v.is_float() => Ok(Some(v.to_string())),
+            Some(v) => Err(error(format!(
+                "reward: the item's `{key}` must be text, not {}",
+                v.type_name()
+            ))),
+        }
+    };
+    let answer = field("answer")?.ok_or_else(|| {
+        error("reward: the item has no `answer`; pass a row of an Items table, e.g. items.row(0)")
+    })?;
+    let choices = match item.get("choices") {
+        None => vec![],
+        Some(v) if v.is_unit() => vec![],
+        Some(v) => match v.clone().try_cast::<Array>() {
+            Some(list) => super::convert::strings(list, "choices")?,
+            None => {
+                return Err(error(format!(
+                    "reward: the item's `choices` must be an array of texts, not {}",
+                    v.type_name()
+                )))
+            }
+        },
+    };
+    Ok(Question {
+        id: field("id")?.unwrap_or_default(),
+        question: field("question")?.unwrap_or_default(),
+        subject: field("subject")?.unwrap_or_default(),
+        category: field("category")?.unwrap_or_default(),
+        answer_text: field("answer_text")?.unwrap_or_else(|| answer.clone()),
+        choices,
+        answer,
+        ..Question::default()
+    })
 }
 
 /// An item as the map a reward closure receives.

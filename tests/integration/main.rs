@@ -20,6 +20,7 @@ mod real_models;
 mod run_records;
 mod serve;
 mod serving;
+mod study;
 mod tokenizer;
 
 use std::path::PathBuf;

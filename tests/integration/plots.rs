@@ -281,6 +281,55 @@ fn bar_heights_follow_the_values() {
 }
 
 #[test]
+fn values_at_the_top_of_a_given_range_are_written_clear_of_the_legend() {
+    let table = df!(
+        "category" => ["a", "b", "a", "b"],
+        "model" => ["x", "x", "y", "y"],
+        "accuracy" => [1.0, 0.5, 1.0, 0.25],
+    )
+    .unwrap();
+    let opts = BarOptions {
+        range: Some((0.0, 1.0)),
+        digits: Some(2),
+        ..BarOptions::default()
+    };
+    let plot = report::bars(&table, "category", "accuracy", &opts).unwrap();
+    let svg = plot.svg();
+    let legend_bottom = [BLUE, ORANGE]
+        .iter()
+        .map(|c| {
+            let swatch = rects(svg, c)[0];
+            swatch.1 + swatch.3
+        })
+        .fold(0.0, f64::max);
+    let number = |t: &str, name: &str| -> f64 {
+        let start = t.find(&format!(" {name}=\"")).unwrap() + name.len() + 3;
+        t[start..start + t[start..].find('"').unwrap()]
+            .parse()
+            .unwrap()
+    };
+    let tops: Vec<&str> = svg
+        .split("<text")
+        .skip(1)
+        .filter(|t| {
+            t[t.find('>').unwrap() + 1..]
+                .trim_start()
+                .starts_with("1.00")
+        })
+        .collect();
+    assert_eq!(tops.len(), 2, "both values at the top are written");
+    for t in tops {
+        // bottom-anchored: the glyphs lie above y, at most a font size tall
+        let top = number(t, "y") - number(t, "font-size");
+        assert!(
+            top > legend_bottom,
+            "a value's text reaches {top}, the legend ends at {legend_bottom}"
+        );
+    }
+    keep(&plot, "bars_fixed_range");
+}
+
+#[test]
 fn whiskers_span_the_intervals() {
     let plot = report::bars(&summary(), "category", "accuracy", &BarOptions::default()).unwrap();
     let whiskers = polylines(plot.svg(), INK);
@@ -482,6 +531,23 @@ fn curves_draw_raw_and_smoothed_lines() {
     )
     .unwrap_err();
     assert!(err.to_string().contains("smooth"), "{err}");
+}
+
+#[test]
+fn a_short_run_has_a_tick_per_step_and_none_between() {
+    let metrics = df!("step" => [1i64, 2, 3], "reward" => [10.0, 20.0, 30.0]).unwrap();
+    let plot = report::curves(&metrics, &["reward".to_string()], &CurveOptions::default()).unwrap();
+    let written = texts(plot.svg());
+    for step in ["1", "2", "3"] {
+        assert!(
+            written.iter().any(|t| t == step),
+            "{step} missing from {written:?}"
+        );
+    }
+    assert!(
+        !written.iter().any(|t| t.contains('.')),
+        "no fractional ticks: {written:?}"
+    );
 }
 
 #[test]
