@@ -39,4 +39,17 @@ mkdir -p gpu/bin
 strip -o gpu/bin/rlvr "$CARGO_TARGET_DIR/debug/rlvr"
 cp "$CUDA_ROOT/lib/libcudart.so.13" gpu/bin/
 gzip -6 -c gpu/bin/rlvr > gpu/bin/rlvr.gz
-ls -l gpu/bin
+
+# Gemma 3's tokenizer, for the random-weight models scripts/gpu-check.sh makes there
+# (`rlvr models fetch gemma-3-270m` installs it here; gzipped, 5.6 MB instead of 34 MB)
+TOKENIZER_DIR="${GEMMA_TOKENIZER_DIR:-${RLVR_HOME:-$HOME/.cache/rlvr}/models/gemma-3-270m}"
+if [ -f "$TOKENIZER_DIR/tokenizer.json" ]; then
+  mkdir -p gpu/tokenizer
+  for f in tokenizer.json tokenizer_config.json; do
+    gzip -6 -c "$TOKENIZER_DIR/$f" > "gpu/tokenizer/$f.gz"
+  done
+else
+  echo "note: no Gemma tokenizer in $TOKENIZER_DIR (rlvr models fetch gemma-3-270m);" \
+    "the GPU check's models will use the 512-token test tokenizer" >&2
+fi
+ls -l gpu/bin gpu/tokenizer
