@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Builds the rlvr binary for NVIDIA GPUs (H100/H200, compute capability 9.0) on a machine
 # without a GPU, and writes it with libcudart into gpu/bin/ (git-ignored), gzipped for
-# carrying. CUDA 13.0's nvcc comes from PyPI; cudarc loads the driver, cuBLAS and cuRAND at
+# carrying, and Gemma 3's tokenizer into gpu/tokenizer/ (carry gpu/bin/rlvr.gz,
+# gpu/bin/libcudart.so.13 and gpu/tokenizer/: 59 MiB, under the 64 MiB a carry allows). CUDA 13.0's nvcc comes from PyPI; cudarc loads the driver, cuBLAS and cuRAND at
 # run time (a patched copy of candle-core switches it from dynamic linking to dynamic
 # loading, for this build only). Its own target dir keeps the default build untouched.
 set -euo pipefail

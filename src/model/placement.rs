@@ -102,8 +102,13 @@ fn cuda_device(ordinal: usize) -> Result<Device, String> {
     if let Some(device) = devices.get(&ordinal) {
         return Ok(device.clone());
     }
-    // cudarc panics when it cannot load the driver library: turn that into an error
-    let created = std::panic::catch_unwind(|| Device::new_cuda(ordinal))
+    // cudarc panics when it cannot load the driver library: turn that into an error, with
+    // the panic hook silenced meanwhile so that the error is reported once, without a trace
+    let hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(|_| {}));
+    let created = std::panic::catch_unwind(|| Device::new_cuda(ordinal));
+    std::panic::set_hook(hook);
+    let created = created
         .map_err(|panic| {
             let why = panic
                 .downcast_ref::<String>()
