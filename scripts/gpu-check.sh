@@ -24,8 +24,8 @@
 # STEPS (GRPO steps per run, default 2: the first includes the kernels' warm-up), TRL (0: leave
 # TRL out), MODEL_DIR (default gpu/models), QUICK=1 (a smoke run of every stage but grpo12b
 # on the 270m config: 64 new tokens, 1 step, batch 1 decode, no TRL). DEVICE and DTYPE
-# (default cuda:0, bf16) place the grpo and grpo12b runs: DEVICE=cpu DTYPE=f32 with
-# GRPO_MODELS=tiny checks those stages on a CPU.
+# (default cuda:0, bf16) place the grpo and grpo12b runs and where models are made:
+# DEVICE=cpu DTYPE=f32 GRPO_MODELS=tiny checks the grpo stage on a CPU.
 # A command that fails leaves a {"failed": …} line in its file; the script goes on and exits 1.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -67,7 +67,7 @@ record() {
     status=1
   fi
 }
-models() { "${CHECK[@]}" models --out "$MODEL_DIR" --names "$@" || status=1; }
+models() { "${CHECK[@]}" models --out "$MODEL_DIR" --device "$DEVICE" --names "$@" || status=1; }
 
 for stage in $STAGES; do
   case "$stage" in
