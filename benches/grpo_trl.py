@@ -32,6 +32,10 @@ clipping and the optimizer step). Generation is the time inside GRPOTrainer's
 inside `_calculate_rewards`; training is the rest of the step. TRL's own `step_time` metric
 (which leaves out the optimizer step) is reported as `trl_step_time`. peak_rss_mib is
 ru_maxrss of the whole process (interpreter, imports, loading included).
+
+On a GPU (scripts/gpu-check.sh): --model a Hugging Face directory, --device cuda --dtype bf16
+(the weights loaded in bf16, TRL's bf16 mixed precision on); peak_gpu is torch's
+max_memory_allocated / max_memory_reserved.
 """
 
 from __future__ import annotations
@@ -150,7 +154,7 @@ format_.__name__ = "format"
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", required=True, type=Path, help="the .gguf file")
+    ap.add_argument("--model", required=True, type=Path, help="the .gguf file, or a Hugging Face directory")
     ap.add_argument("--tokenizer", type=Path, help="tokenizer.json (default: beside the model)")
     ap.add_argument("--data", type=Path, default=Path("data/samples/medqa"), help="a MedQA folder")
     ap.add_argument("--group", type=int, default=4)
@@ -158,6 +162,8 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--steps", type=int, default=1)
+    ap.add_argument("--device", default="cpu", help="cpu or cuda")
+    ap.add_argument("--dtype", default="f32", choices=["f32", "bf16"], help="of the weights (a directory's)")
     ap.add_argument("--gradient-checkpointing", action="store_true", help="TRL's default; off here by default")
     args = ap.parse_args()
 
@@ -168,19 +174,25 @@ def main() -> None:
 
     torch.manual_seed(0)
     gguf = args.model.resolve()
-    tok_dir = (args.tokenizer.resolve().parent if args.tokenizer else gguf.parent)
+    model_dir = gguf if gguf.is_dir() else gguf.parent
+    tok_dir = (args.tokenizer.resolve().parent if args.tokenizer else model_dir)
     rows = medqa_rows(args.data, args.prompts)
+    cuda = args.device.startswith("cuda")
 
     t0 = time.perf_counter()
-    model = AutoModelForCausalLM.from_pretrained(
-        str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32, attn_implementation="sdpa"
-    )
-    # transformers marks a GGUF-loaded model as quantized (method "gguf") although every weight
-    # is a dequantized float32 tensor, and the Trainer refuses to train such a model: it is a
-    # plain float32 model, so drop the mark.
-    assert all(p.dtype == torch.float32 for p in model.parameters())
-    if getattr(model, "hf_quantizer", None) is not None:
-        model.hf_quantizer.remove_quantization_config(model)
+    if gguf.is_dir():
+        dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
+        model = AutoModelForCausalLM.from_pretrained(str(gguf), dtype=dtype, attn_implementation="sdpa")
+    else:
+        model = AutoModelForCausalLM.from_pretrained(
+            str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32, attn_implementation="sdpa"
+        )
+        # transformers marks a GGUF-loaded model as quantized (method "gguf") although every
+        # weight is a dequantized float32 tensor, and the Trainer refuses to train such a
+        # model: it is a plain float32 model, so drop the mark.
+        assert all(p.dtype == torch.float32 for p in model.parameters())
+        if getattr(model, "hf_quantizer", None) is not None:
+            model.hf_quantizer.remove_quantization_config(model)
     tokenizer = AutoTokenizer.from_pretrained(str(tok_dir))
     load_s = time.perf_counter() - t0
 
@@ -193,8 +205,8 @@ def main() -> None:
         max_completion_length=args.max_tokens,
         max_steps=args.steps,
         learning_rate=1e-5,
-        bf16=False,
-        use_cpu=True,
+        bf16=args.dtype == "bf16",
+        use_cpu=not cuda,
         gradient_checkpointing=args.gradient_checkpointing,
         logging_steps=1,
         report_to="none",
@@ -250,6 +262,8 @@ def main() -> None:
             current["start"] = time.perf_counter()
 
         def on_step_end(self, *_, **__):
+            if cuda:
+                torch.cuda.synchronize()
             step_s = time.perf_counter() - current.pop("start")
             gen_s, reward_s = current.get("gen_s", 0.0), current.get("reward_s", 0.0)
             steps.append(
@@ -295,6 +309,14 @@ def main() -> None:
         "per_step": [{k: v for k, v in s.items() if k != "prompt_tokens"} for s in steps],
         "trl_step_time": trl_step_time,
         "peak_rss_mib": round(peak_rss_mib(), 1),
+        "device": args.device,
+        "dtype": args.dtype,
+        "peak_gpu": {
+            "used_mib": torch.cuda.max_memory_allocated() / 2**20,
+            "reserved_mib": torch.cuda.max_memory_reserved() / 2**20,
+        }
+        if cuda
+        else None,
         "threads": torch.get_num_threads(),
         "gradient_checkpointing": args.gradient_checkpointing,
     }

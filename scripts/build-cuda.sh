@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Builds the rlvr binary for NVIDIA GPUs (H100/H200, compute capability 9.0) on a machine
 # without a GPU, and writes it with libcudart into gpu/bin/ (git-ignored), gzipped for
-# carrying. CUDA 13.0's nvcc comes from PyPI; cudarc loads the driver, cuBLAS and cuRAND at
+# carrying, and Gemma 3's tokenizer into gpu/tokenizer/ (carry gpu/bin/rlvr.gz,
+# gpu/bin/libcudart.so.13 and gpu/tokenizer/: 59 MiB, under the 64 MiB a carry allows). CUDA 13.0's nvcc comes from PyPI; cudarc loads the driver, cuBLAS and cuRAND at
 # run time (a patched copy of candle-core switches it from dynamic linking to dynamic
 # loading, for this build only). Its own target dir keeps the default build untouched.
 set -euo pipefail
@@ -39,4 +40,17 @@ mkdir -p gpu/bin
 strip -o gpu/bin/rlvr "$CARGO_TARGET_DIR/debug/rlvr"
 cp "$CUDA_ROOT/lib/libcudart.so.13" gpu/bin/
 gzip -6 -c gpu/bin/rlvr > gpu/bin/rlvr.gz
-ls -l gpu/bin
+
+# Gemma 3's tokenizer, for the random-weight models scripts/gpu-check.sh makes there
+# (`rlvr models fetch gemma-3-270m` installs it here; gzipped, 5.6 MB instead of 34 MB)
+TOKENIZER_DIR="${GEMMA_TOKENIZER_DIR:-${RLVR_HOME:-$HOME/.cache/rlvr}/models/gemma-3-270m}"
+if [ -f "$TOKENIZER_DIR/tokenizer.json" ]; then
+  mkdir -p gpu/tokenizer
+  for f in tokenizer.json tokenizer_config.json; do
+    gzip -6 -c "$TOKENIZER_DIR/$f" > "gpu/tokenizer/$f.gz"
+  done
+else
+  echo "note: no Gemma tokenizer in $TOKENIZER_DIR (rlvr models fetch gemma-3-270m);" \
+    "the GPU check's models will use the 512-token test tokenizer" >&2
+fi
+ls -l gpu/bin gpu/tokenizer

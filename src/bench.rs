@@ -8,6 +8,8 @@ use std::time::Instant;
 use serde::Serialize;
 
 use crate::data::{self, LoadOptions, Result};
+use crate::model::placement::{gpu_peak, GpuPeak};
+use crate::model::Placement;
 
 /// Figures of the loading benchmark.
 #[derive(Debug, Serialize)]
@@ -85,6 +87,8 @@ pub struct ModelReport {
     pub tokens_per_s: f64,
     /// Peak resident memory of the process, MiB.
     pub peak_rss_mib: f64,
+    /// Peak GPU memory of the tensors (on a CUDA device; null on the CPU).
+    pub peak_gpu: Option<GpuPeak>,
 }
 
 /// Runs one model benchmark on `model` with the token ids of `ids` (a JSON file with
@@ -95,7 +99,7 @@ pub fn model(
     task: ModelTask,
     batch: usize,
     new_tokens: usize,
-    placement: &crate::model::Placement,
+    placement: &Placement,
 ) -> anyhow::Result<ModelReport> {
     use crate::model::generate::{generate, Sampling};
     use crate::model::{logprob, lora, Input, Model};
@@ -185,12 +189,18 @@ pub fn model(
         seconds,
         tokens_per_s: (batch * tokens) as f64 / seconds,
         peak_rss_mib: peak_rss_mib(),
+        peak_gpu: gpu_peak(&device),
     })
 }
 
 /// What `rlvr bench grpo` runs: GRPO steps on the first `prompts` MedQA questions of `data`.
 #[derive(Debug, Clone)]
 pub struct GrpoBench {
+    /// The preset the loss and sampling settings come from (`default`, `open-medical-r1`);
+    /// the sizes below replace the preset's.
+    pub preset: String,
+    /// Where the model runs and in which dtype.
+    pub placement: Placement,
     /// The model: a Hugging Face directory or a .gguf file.
     pub model: std::path::PathBuf,
     /// Its `tokenizer.json`, when not beside the model.
@@ -230,6 +240,12 @@ pub struct GrpoReport {
     /// What was measured.
     #[serde(rename = "impl")]
     pub implementation: String,
+    /// The preset of the loss and sampling settings.
+    pub preset: String,
+    /// Where the model ran (`cpu`, `cuda:N`).
+    pub device: String,
+    /// The dtype of the frozen weights and activations.
+    pub dtype: String,
     /// Completions per prompt.
     pub group: usize,
     /// Prompts per step.
@@ -256,13 +272,16 @@ pub struct GrpoReport {
     pub per_step: Vec<StepTimes>,
     /// Peak resident memory of the process, MiB.
     pub peak_rss_mib: f64,
+    /// Peak GPU memory of the tensors (on a CUDA device; null on the CPU).
+    pub peak_gpu: Option<GpuPeak>,
     /// Threads candle computes with.
     pub threads: usize,
 }
 
 /// Runs `settings.steps` GRPO steps with the study's prompt and rewards (accuracy, format,
-/// xmlcount) and TRL's default loss settings (the `default` preset: dapo, β 0, temperature 1),
-/// one micro-batch per prompt group, and reports where the time went. The run's files go to
+/// xmlcount) and the loss and sampling settings of `settings.preset` (`default`: TRL's, dapo,
+/// β 0, temperature 1; `open-medical-r1`: the study's, with β 0.04 a reference pass with the
+/// adapters off), one micro-batch per prompt group, and reports where the time went. The run's files go to
 /// a scratch folder that is removed afterwards; nothing is resumed.
 pub fn grpo(settings: &GrpoBench) -> anyhow::Result<GrpoReport> {
     use crate::grpo::{self as trainer, GrpoConfig};
@@ -270,7 +289,6 @@ pub fn grpo(settings: &GrpoBench) -> anyhow::Result<GrpoReport> {
     use crate::model::lora::LoraConfig;
     use crate::progress::Job;
     use crate::reward::{Reward, STUDY_REWARDS};
-    use candle_core::Device;
 
     let items = data::load(
         "medqa",
@@ -288,8 +306,19 @@ pub fn grpo(settings: &GrpoBench) -> anyhow::Result<GrpoReport> {
         questions.len(),
         settings.prompts
     );
+    let preset = GrpoConfig::preset(&settings.preset).ok_or_else(|| {
+        anyhow::anyhow!(
+            "preset `{}` is not known; use one of: {}",
+            settings.preset,
+            trainer::config::PRESETS.join(", ")
+        )
+    })?;
     let started = Instant::now();
-    let base = LanguageModel::load(&settings.model, settings.tokenizer.as_deref(), &Device::Cpu)?;
+    let base = LanguageModel::load_on(
+        &settings.model,
+        settings.tokenizer.as_deref(),
+        &settings.placement,
+    )?;
     let mut policy = base.with_lora(&LoraConfig {
         rank: settings.rank,
         alpha: 2.0 * settings.rank as f64,
@@ -307,7 +336,7 @@ pub fn grpo(settings: &GrpoBench) -> anyhow::Result<GrpoReport> {
         resume: false,
         checkpoint_every: settings.steps.max(1),
         cache_dir: scratch.clone(),
-        ..GrpoConfig::default()
+        ..preset
     };
     config.sampling.max_tokens = settings.max_tokens;
     let prompt_tokens = questions
@@ -338,8 +367,15 @@ pub fn grpo(settings: &GrpoBench) -> anyhow::Result<GrpoReport> {
         column("completion_len")?,
     );
     let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len().max(1) as f64;
+    let device = &settings.placement.device;
     Ok(GrpoReport {
         implementation: format!("rlvr {}", env!("CARGO_PKG_VERSION")),
+        preset: settings.preset.clone(),
+        device: match device.location() {
+            candle_core::DeviceLocation::Cuda { gpu_id } => format!("cuda:{gpu_id}"),
+            _ => "cpu".into(),
+        },
+        dtype: settings.placement.dtype.as_str().into(),
         group: settings.group,
         prompts: settings.prompts,
         max_tokens: settings.max_tokens,
@@ -361,6 +397,7 @@ pub fn grpo(settings: &GrpoBench) -> anyhow::Result<GrpoReport> {
             })
             .collect(),
         peak_rss_mib: peak_rss_mib(),
+        peak_gpu: gpu_peak(device),
         threads: candle_core::utils::get_num_threads(),
     })
 }

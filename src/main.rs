@@ -206,6 +206,16 @@ enum Bench {
         /// Steps to time.
         #[arg(long, default_value_t = 1)]
         steps: usize,
+        /// The preset of the loss and sampling settings: `default` (TRL's) or
+        /// `open-medical-r1` (the study's); the sizes above replace the preset's.
+        #[arg(long, default_value = "default")]
+        preset: String,
+        /// `cpu`, `cuda` or `cuda:N`.
+        #[arg(long, default_value = "cpu")]
+        device: String,
+        /// `f32` or `bf16` (default f32 on the CPU, bf16 on a GPU).
+        #[arg(long)]
+        dtype: Option<String>,
     },
 }
 
@@ -337,9 +347,16 @@ fn dispatch(command: Command, quiet: bool) -> Result<ExitCode> {
                     max_tokens,
                     rank,
                     steps,
+                    preset,
+                    device,
+                    dtype,
                 },
         } => {
+            let placement = rlvr::model::Placement::parse(&device, dtype.as_deref())
+                .map_err(anyhow::Error::msg)?;
             let report = rlvr::bench::grpo(&rlvr::bench::GrpoBench {
+                preset,
+                placement,
                 model,
                 tokenizer,
                 data,

@@ -102,8 +102,13 @@ fn cuda_device(ordinal: usize) -> Result<Device, String> {
     if let Some(device) = devices.get(&ordinal) {
         return Ok(device.clone());
     }
-    // cudarc panics when it cannot load the driver library: turn that into an error
-    let created = std::panic::catch_unwind(|| Device::new_cuda(ordinal))
+    // cudarc panics when it cannot load the driver library: turn that into an error, with
+    // the panic hook silenced meanwhile so that the error is reported once, without a trace
+    let hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(|_| {}));
+    let created = std::panic::catch_unwind(|| Device::new_cuda(ordinal));
+    std::panic::set_hook(hook);
+    let created = created
         .map_err(|panic| {
             let why = panic
                 .downcast_ref::<String>()
@@ -115,6 +120,63 @@ fn cuda_device(ordinal: usize) -> Result<Device, String> {
         .map_err(|e| format!("device `cuda:{ordinal}`: {e}"))?;
     devices.insert(ordinal, created.clone());
     Ok(created)
+}
+
+/// The most memory a CUDA device's tensors took at once since the device was created, in
+/// MiB, as its driver memory pool (from which candle allocates) recorded it: in use by
+/// tensors at once, and held by the pool at once. Neither counts the CUDA context or
+/// cuBLAS's workspace.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
+pub struct GpuPeak {
+    /// Peak bytes in use by tensors, MiB (as torch's `max_memory_allocated`).
+    pub used_mib: f64,
+    /// Peak bytes the pool held, MiB (as torch's `max_memory_reserved`).
+    pub reserved_mib: f64,
+}
+
+/// The peak memory of `device` (after waiting for its queued work); `None` on the CPU, in a
+/// build without CUDA, or where the driver allocates without a memory pool.
+pub fn gpu_peak(device: &Device) -> Option<GpuPeak> {
+    #[cfg(feature = "cuda")]
+    {
+        cuda_pool_peak(device)
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = device;
+        None
+    }
+}
+
+/// The high-water marks of the default memory pool of `device`'s GPU: cudarc allocates
+/// with `cuMemAllocAsync` (from that pool) where the device supports pools.
+#[cfg(feature = "cuda")]
+fn cuda_pool_peak(device: &Device) -> Option<GpuPeak> {
+    use candle_core::cuda_backend::cudarc::driver::{result, sys};
+    let Device::Cuda(cuda) = device else {
+        return None;
+    };
+    device.synchronize().ok()?;
+    let stream = cuda.cuda_stream();
+    let context = stream.context();
+    if !context.has_async_alloc() {
+        return None;
+    }
+    context.bind_to_thread().ok()?;
+    // SAFETY: the device handle belongs to a live context, and each attribute read is a u64
+    let pool = unsafe { result::device::get_default_mem_pool(context.cu_device()) }.ok()?;
+    let read = |attribute: sys::CUmemPool_attribute| -> Option<f64> {
+        let mut bytes: u64 = 0;
+        unsafe {
+            result::mem_pool::get_attribute(pool, attribute, (&mut bytes as *mut u64).cast())
+        }
+        .ok()?;
+        Some(bytes as f64 / (1024.0 * 1024.0))
+    };
+    Some(GpuPeak {
+        used_mib: read(sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH)?,
+        reserved_mib: read(sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RESERVED_MEM_HIGH)?,
+    })
 }
 
 #[cfg(test)]
@@ -136,6 +198,11 @@ mod tests {
         assert!(err.contains("`tpu`") && err.contains("cuda:N"), "{err}");
         let err = Placement::parse("cuda:x", None).unwrap_err();
         assert!(err.contains("`cuda:x`"), "{err}");
+    }
+
+    #[test]
+    fn the_cpu_has_no_gpu_peak() {
+        assert_eq!(gpu_peak(&Device::Cpu), None);
     }
 
     #[cfg(not(feature = "cuda"))]

@@ -1,6 +1,7 @@
 //! The integration tests, in one binary so they link once.
 
 mod bad_input;
+mod bench;
 mod bf16;
 mod cli;
 mod downloads;
