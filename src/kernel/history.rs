@@ -53,6 +53,38 @@ pub struct Query {
     pub output: bool,
 }
 
+/// Fills in what a `history_request`'s content may leave out, as IPython reads it, so that
+/// the protocol crate (which requires every field) reads it: `n` -1 (every entry),
+/// `unique` false, a range's `start` 0 and `stop` past the latest, `output` false, `raw`
+/// true.
+pub fn complete(content: &mut serde_json::Value) {
+    let Some(fields) = content.as_object_mut() else {
+        return;
+    };
+    let kind = fields
+        .get("hist_access_type")
+        .and_then(|k| k.as_str())
+        .unwrap_or("");
+    let defaults: &[(&str, serde_json::Value)] = match kind {
+        "tail" => &[("n", (-1).into())],
+        "search" => &[
+            ("n", (-1).into()),
+            ("unique", false.into()),
+            ("pattern", "*".into()),
+        ],
+        "range" => &[("start", 0.into()), ("stop", i32::MAX.into())],
+        _ => &[],
+    };
+    for (key, value) in defaults
+        .iter()
+        .chain(&[("output", false.into()), ("raw", true.into())])
+    {
+        if fields.get(*key).is_none_or(|v| v.is_null()) {
+            fields.insert(key.to_string(), value.clone());
+        }
+    }
+}
+
 impl Query {
     /// The query of a request as the protocol crate read it.
     pub fn of(request: &jupyter_protocol::HistoryRequest) -> serde_json::Result<Query> {
@@ -146,6 +178,43 @@ mod tests {
 
     fn inputs(entries: Vec<&Entry>) -> Vec<&str> {
         entries.iter().map(|e| e.input.as_str()).collect()
+    }
+
+    #[test]
+    fn a_search_without_n_or_unique_is_completed_and_then_parses() {
+        let mut content = serde_json::json!({
+            "hist_access_type": "search", "pattern": "6*", "output": false, "raw": true
+        });
+        complete(&mut content);
+        assert_eq!(content["n"], -1);
+        assert_eq!(content["unique"], false);
+        assert_eq!(content["pattern"], "6*", "what the client sent is kept");
+        let parsed = jupyter_protocol::JupyterMessageContent::from_type_and_content(
+            "history_request",
+            content,
+        )
+        .unwrap();
+        let jupyter_protocol::JupyterMessageContent::HistoryRequest(request) = parsed else {
+            panic!("not a history request: {parsed:?}");
+        };
+        let h = history(&CELLS);
+        assert_eq!(
+            inputs(h.query(&Query::of(&request).unwrap())),
+            ["6*7", "6*7", "6*7"]
+        );
+        let mut tail = serde_json::json!({ "hist_access_type": "tail" });
+        complete(&mut tail);
+        assert_eq!(
+            (tail["n"].clone(), tail["raw"].clone()),
+            (serde_json::json!(-1), serde_json::json!(true))
+        );
+        let mut range =
+            serde_json::json!({ "hist_access_type": "range", "session": 0, "start": 2 });
+        complete(&mut range);
+        assert_eq!(
+            (range["start"].clone(), range["stop"].clone()),
+            (serde_json::json!(2), serde_json::json!(i32::MAX))
+        );
     }
 
     const CELLS: [&str; 6] = ["6*7", "[1].len()", "6*7", "let x = 6;", "6*7", "x"];

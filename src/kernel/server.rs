@@ -12,20 +12,21 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use jupyter_protocol::{
     CodeMirrorMode, CommInfoReply, CompleteReply, ConnectionInfo, ErrorOutput, ExecuteInput,
-    ExecuteReply, ExecuteRequest, ExecuteResult, ExecutionCount, ExpressionResult, HelpLink,
-    HistoryEntry, HistoryReply, InspectReply, InterruptReply, IsCompleteReply, JupyterMessage,
-    JupyterMessageContent, KernelInfoReply, LanguageInfo, Media, MediaType, Payload, ReplyError,
-    ReplyStatus, ShutdownReply, Status, Transient,
+    ExecuteReply, ExecuteRequest, ExecuteResult, ExecutionCount, ExpressionResult, Header,
+    HelpLink, HistoryEntry, HistoryReply, InspectReply, InterruptReply, IsCompleteReply,
+    JupyterMessage, JupyterMessageContent, KernelInfoReply, LanguageInfo, Media, MediaType,
+    Payload, ReplyError, ReplyStatus, ShutdownReply, Status, Transient,
 };
 use jupyter_zmq_client::{
     create_kernel_control_connection, create_kernel_heartbeat_connection,
     create_kernel_iopub_connection, create_kernel_shell_connection, create_kernel_stdin_connection,
-    RouterSendConnection,
+    RawMessage, RouterSendConnection,
 };
 use tokio::sync::{mpsc, oneshot};
+use zeromq::SocketRecv;
 
 use super::display::{bundle, plain_text};
-use super::history::{Entry, History, Query, SESSION};
+use super::history::{complete, Entry, History, Query, SESSION};
 use super::output::{absorb, new_id, Iopub, KernelOutput, Outgoing};
 use crate::script::{shown, Completeness, Kind, ScriptError, Session};
 
@@ -101,7 +102,13 @@ pub async fn serve(info: ConnectionInfo) -> Result<()> {
     let (requests, mut queue) = mpsc::unbounded_channel();
     tokio::spawn(async move {
         loop {
-            match shell_recv.read().await {
+            let message = match shell_recv.socket.recv().await {
+                Ok(parts) => RawMessage::from_multipart(parts, &shell_recv.mac)
+                    .map_err(anyhow::Error::from)
+                    .and_then(shell_message),
+                Err(err) => Err(err.into()),
+            };
+            match message {
                 Ok(message) => {
                     if requests.send((message, Instant::now())).is_err() {
                         break;
@@ -167,6 +174,30 @@ pub async fn serve(info: ConnectionInfo) -> Result<()> {
             ),
         }
     }
+}
+
+/// A signed shell message read as jupyter-zmq-client reads one, except that a
+/// `history_request` may leave out what IPython lets a client leave out ([`complete`]).
+fn shell_message(raw: RawMessage) -> Result<JupyterMessage> {
+    if raw.jparts.len() < 4 {
+        bail!("a message of {} parts", raw.jparts.len());
+    }
+    let header: Header = serde_json::from_slice(&raw.jparts[0])?;
+    let mut content: serde_json::Value = serde_json::from_slice(&raw.jparts[3])?;
+    if header.msg_type == "history_request" {
+        complete(&mut content);
+    }
+    let content = JupyterMessageContent::from_type_and_content(&header.msg_type, content)
+        .with_context(|| format!("reading a `{}`", header.msg_type))?;
+    Ok(JupyterMessage {
+        zmq_identities: raw.zmq_identities,
+        header,
+        parent_header: serde_json::from_slice(&raw.jparts[1]).ok(),
+        metadata: serde_json::from_slice(&raw.jparts[2])?,
+        content,
+        buffers: raw.jparts[4..].to_vec(),
+        channel: None,
+    })
 }
 
 fn output_cancel(output: &KernelOutput) {

@@ -26,6 +26,27 @@ impl CustomOp2 for FrozenMatmul {
         w: &CpuStorage,
         w_layout: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
+        let in_dim = w_layout.dims().last().copied().unwrap_or(0).max(1);
+        let rows = x_layout.shape().elem_count() / in_dim;
+        let packed = x_layout.is_contiguous() && w_layout.is_contiguous();
+        if rows <= FEW_ROWS && packed {
+            let (out_dim, _) = w_layout.shape().dims2()?;
+            let mut shape = x_layout.dims().to_vec();
+            *shape.last_mut().expect("at least one dimension") = out_dim;
+            if let (1, CpuStorage::F32(xs), CpuStorage::F32(ws)) = (rows, x, w) {
+                let x_row = &xs[x_layout.start_offset()..][..in_dim];
+                let w_rows = &ws[w_layout.start_offset()..][..out_dim * in_dim];
+                let y = one_row_f32(x_row, w_rows, out_dim, in_dim);
+                return Ok((CpuStorage::F32(y), Shape::from(shape)));
+            }
+            // `(W xᵀ)ᵀ`: the weight's long side as the product's rows, which gemm shares
+            // out among its threads (with the input's few rows first it runs on one)
+            let x_t = Layout::contiguous_with_offset((rows, in_dim), x_layout.start_offset())
+                .transpose(0, 1)?;
+            let y_t = w.matmul(x, (1, out_dim, rows, in_dim), w_layout, &x_t)?;
+            let y_layout = Layout::contiguous((out_dim, rows)).transpose(0, 1)?;
+            return Ok((y_t.to_dtype(&y_layout, x.dtype())?, Shape::from(shape)));
+        }
         forward(x, x_layout, w, w_layout)
     }
 
@@ -124,6 +145,59 @@ impl CustomOp3 for FrozenLora {
     }
 }
 
+/// Inputs of at most this many rows (a decoding step) are multiplied as `(W xᵀ)ᵀ` on the
+/// CPU, a single row by [`one_row_f32`].
+const FEW_ROWS: usize = 16;
+
+/// `W x` for one row `x: [in]` and `W: [out, in]`: a step of decoding at batch 1 reads every
+/// weight once, so it is bound by memory, and gemm runs a matrix-vector product on one
+/// thread. Here each thread takes its own share of `W`'s rows and multiplies them alone.
+fn one_row_f32(x: &[f32], w: &[f32], out_dim: usize, in_dim: usize) -> Vec<f32> {
+    let rows = 1;
+    let mut y = vec![0f32; rows * out_dim];
+    let threads = candle_core::utils::get_num_threads().max(1);
+    let per_thread = out_dim.div_ceil(threads).max(1);
+    // Each thread writes the disjoint columns `start..start + n` of `y`; raw addresses
+    // cross the thread boundary as integers.
+    let y_addr = y.as_mut_ptr() as usize;
+    std::thread::scope(|scope| {
+        for start in (0..out_dim).step_by(per_thread) {
+            let n = per_thread.min(out_dim - start);
+            let w_part = &w[start * in_dim..(start + n) * in_dim];
+            scope.spawn(move || {
+                // SAFETY: `y` outlives the scope; this thread writes only columns
+                // `start..start + n` of its `rows` rows, which no other thread writes; the
+                // operands are read within the bounds of their slices.
+                // `y[:, start..start + n]ᵀ = W_part xᵀ`, the weight's rows as the product's
+                unsafe {
+                    gemm::gemm(
+                        n,
+                        rows,
+                        in_dim,
+                        (y_addr as *mut f32).add(start),
+                        out_dim as isize,
+                        1,
+                        false,
+                        w_part.as_ptr(),
+                        1,
+                        in_dim as isize,
+                        x.as_ptr(),
+                        in_dim as isize,
+                        1,
+                        0.0,
+                        1.0,
+                        false,
+                        false,
+                        false,
+                        gemm::Parallelism::None,
+                    )
+                }
+            });
+        }
+    });
+    y
+}
+
 /// `x: [..., in]` (contiguous) times the transpose of `w: [out, in]` (contiguous), as one
 /// `[rows, in] × [in, out]` matmul.
 fn forward<S: BackendStorage>(
@@ -142,8 +216,12 @@ fn forward<S: BackendStorage>(
     }
     let rows = x_layout.shape().elem_count() / in_dim;
     let x_2d = Layout::contiguous_with_offset((rows, in_dim), x_layout.start_offset());
-    let w_t = w_layout.transpose(0, 1)?;
-    let y = x.matmul(w, (1, rows, out_dim, in_dim), &x_2d, &w_t)?;
+    let y = x.matmul(
+        w,
+        (1, rows, out_dim, in_dim),
+        &x_2d,
+        &w_layout.transpose(0, 1)?,
+    )?;
     let mut shape = dims.to_vec();
     *shape.last_mut().expect("at least one dimension") = out_dim;
     Ok((y, Shape::from(shape)))
@@ -204,9 +282,16 @@ mod tests {
 
     #[test]
     fn forward_and_input_gradient_equal_a_plain_matmul() {
+        // one row, a few rows (a decoding step) and many rows take three different paths
+        for rows in [(1, 1, 3), (2, 4, 3), (3, 40, 3)] {
+            frozen_equals_plain(rows);
+        }
+    }
+
+    fn frozen_equals_plain(x_shape: (usize, usize, usize)) {
         let device = Device::Cpu;
         let w = Tensor::randn(0f32, 1.0, (5, 3), &device).unwrap();
-        let x = candle_core::Var::randn(0f32, 1.0, (2, 4, 3), &device).unwrap();
+        let x = candle_core::Var::randn(0f32, 1.0, x_shape, &device).unwrap();
         let plain = x.as_tensor().broadcast_matmul(&w.t().unwrap()).unwrap();
         let frozen = matmul_t(x.as_tensor(), &w).unwrap();
         let diff = (&plain - &frozen)

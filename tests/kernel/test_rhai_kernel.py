@@ -62,7 +62,7 @@ class RhaiKernelTests(ProtocolChecks, jkt.KernelTests):
     # unanswered before the kernel sees it; the kernel's unit tests (kernel::history) cover
     # what it would answer: every match without `n`, unique off without `unique`.
     code_history_pattern = "6*"
-    supported_history_operations = ("tail", "range")
+    supported_history_operations = ("tail", "range", "search")
 
     # complete_request: only the reply's shape is checked here; its contents and cursor
     # positions are checked by completion_includes below.
