@@ -29,7 +29,7 @@ trap 'rm -rf "$OUT"' EXIT
 echo "load average before: $(cut -d' ' -f1-3 /proc/loadavg)"
 /usr/bin/time -f "rlvr peak RSS %M KiB, wall %e s" "$RLVR_BIN" run benches/eval_loglik.rhai \
     --set "model=$GGUF" --set "data=$DATA" --set "subjects=$SUBJECTS" \
-    --set "batch=$BATCH" --set "out=$OUT/rlvr.jsonl"
+    --set "batch=$BATCH" --set "predictions=$OUT/rlvr.jsonl"
 /usr/bin/time -f "lm-eval peak RSS %M KiB, wall %e s" "$PY" benches/eval_lm_eval.py \
     --model "$GGUF" --data "$DATA" --subjects "$SUBJECTS" --batch "$LM_BATCH" --out "$OUT/lm_eval.json"
 echo "load average after: $(cut -d' ' -f1-3 /proc/loadavg)"

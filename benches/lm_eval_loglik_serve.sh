@@ -43,11 +43,11 @@ PYTHONPATH="$EXTRA" "$PY" benches/lm_eval_completions.py \
     --data "$DATA" --subjects "$SUBJECTS" --out "$OUT/lm_eval.json"
 "$RLVR_BIN" run benches/eval_served.rhai --quiet --out "$OUT/run-endpoint" \
     --set "url=http://127.0.0.1:$PORT/v1" --set "data=$DATA" --set "subjects=$SUBJECTS" \
-    --set "out=$OUT/endpoint.jsonl"
+    --set "predictions=$OUT/endpoint.jsonl"
 kill "$SERVER_PID"; wait "$SERVER_PID" 2>/dev/null || true
 "$RLVR_BIN" run benches/eval_served.rhai --quiet --out "$OUT/run-local" \
     --set "model=$GGUF" --set "data=$DATA" --set "subjects=$SUBJECTS" \
-    --set "out=$OUT/local.jsonl"
+    --set "predictions=$OUT/local.jsonl"
 echo "load average after: $(cut -d' ' -f1-3 /proc/loadavg)"
 echo "requests the server answered: $(grep -c 'POST /v1/completions 200' "$OUT/serve.log")"
 "$PY" - "$OUT/lm_eval.json" "$OUT/endpoint.jsonl" "$OUT/local.jsonl" <<'PY'
