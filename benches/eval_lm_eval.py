@@ -41,6 +41,35 @@ def mmlu_task(data: Path, subject: str, tmp: Path) -> ConfigurableTask:
     return ConfigurableTask(config=cfg)
 
 
+def score_mmlu(lm, data: Path, subjects: str, out: Path) -> tuple[dict, float]:
+    """Scores the 0-shot MMLU questions of `subjects` (comma-separated) with lm-eval model
+    `lm`'s `loglikelihood`; writes each question's option log-likelihoods and prediction
+    (the option with the highest, as lm-eval's `acc`) with the scoring time to `out`."""
+    requests, owners = [], []
+    with tempfile.TemporaryDirectory() as tmp:
+        for subject in subjects.split(","):
+            t = mmlu_task(data, subject, Path(tmp))
+            t.set_config(key="num_fewshot", value=0)
+            t.set_fewshot_seed(seed=1234)
+            t.build_all_requests(rank=0, world_size=1)
+            for inst in t.instances:
+                requests.append(inst)
+                owners.append(f"mmlu/test/{subject}/{inst.doc_id}")
+    start = time.perf_counter()
+    scores = lm.loglikelihood(requests)
+    seconds = time.perf_counter() - start
+    by_doc = {}
+    for owner, inst, (ll, _) in zip(owners, requests, scores):
+        by_doc.setdefault(owner, []).append((inst.idx, ll))
+    preds = {}
+    for owner, options in by_doc.items():
+        options.sort()
+        best = max(range(len(options)), key=lambda i: (options[i][1], -i))
+        preds[owner] = {"pred": "ABCD"[best], "logprobs": [ll for _, ll in options]}
+    out.write_text(json.dumps({"seconds": seconds, "preds": preds}, indent=1))
+    return preds, seconds
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", required=True, type=Path)
@@ -59,28 +88,7 @@ def main():
         device="cpu",
         batch_size=args.batch,
     )
-    requests, owners = [], []
-    with tempfile.TemporaryDirectory() as tmp:
-        for subject in args.subjects.split(","):
-            t = mmlu_task(args.data, subject, Path(tmp))
-            t.set_config(key="num_fewshot", value=0)
-            t.set_fewshot_seed(seed=1234)
-            t.build_all_requests(rank=0, world_size=1)
-            for inst in t.instances:
-                requests.append(inst)
-                owners.append(f"mmlu/test/{subject}/{inst.doc_id}")
-    start = time.perf_counter()
-    scores = lm.loglikelihood(requests)
-    seconds = time.perf_counter() - start
-    by_doc = {}
-    for owner, inst, (ll, _) in zip(owners, requests, scores):
-        by_doc.setdefault(owner, []).append((inst.idx, ll))
-    preds = {}
-    for owner, options in by_doc.items():
-        options.sort()
-        best = max(range(len(options)), key=lambda i: (options[i][1], -i))
-        preds[owner] = {"pred": "ABCD"[best], "logprobs": [ll for _, ll in options]}
-    args.out.write_text(json.dumps({"seconds": seconds, "preds": preds}, indent=1))
+    preds, seconds = score_mmlu(lm, args.data, args.subjects, args.out)
     print(f"lm-eval hf (batch {args.batch}): {len(preds)} questions in {seconds:.2f} s")
 
 

@@ -9,18 +9,15 @@ benches/lm_eval_loglik_serve.sh. Writes each question's option log-likelihoods a
 """
 
 import argparse
-import json
 import os
 import sys
-import tempfile
-import time
 from pathlib import Path
 
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).parent))
 
-from eval_lm_eval import mmlu_task  # noqa: E402
+from eval_lm_eval import score_mmlu  # noqa: E402
 from lm_eval.models.openai_completions import LocalCompletionsAPI  # noqa: E402
 
 
@@ -44,28 +41,7 @@ def main():
         num_concurrent=1,
         max_retries=1,
     )
-    requests, owners = [], []
-    with tempfile.TemporaryDirectory() as tmp:
-        for subject in args.subjects.split(","):
-            t = mmlu_task(args.data, subject, Path(tmp))
-            t.set_config(key="num_fewshot", value=0)
-            t.set_fewshot_seed(seed=1234)
-            t.build_all_requests(rank=0, world_size=1)
-            for inst in t.instances:
-                requests.append(inst)
-                owners.append(f"mmlu/test/{subject}/{inst.doc_id}")
-    start = time.perf_counter()
-    scores = lm.loglikelihood(requests)
-    seconds = time.perf_counter() - start
-    by_doc = {}
-    for owner, inst, (ll, _) in zip(owners, requests, scores):
-        by_doc.setdefault(owner, []).append((inst.idx, ll))
-    preds = {}
-    for owner, options in by_doc.items():
-        options.sort()
-        best = max(range(len(options)), key=lambda i: (options[i][1], -i))
-        preds[owner] = {"pred": "ABCD"[best], "logprobs": [ll for _, ll in options]}
-    args.out.write_text(json.dumps({"seconds": seconds, "preds": preds}, indent=1))
+    preds, seconds = score_mmlu(lm, args.data, args.subjects, args.out)
     print(f"lm-eval local-completions: {len(preds)} questions in {seconds:.2f} s")
 
 

@@ -153,29 +153,23 @@ const FEW_ROWS: usize = 16;
 /// weight once, so it is bound by memory, and gemm runs a matrix-vector product on one
 /// thread. Here each thread takes its own share of `W`'s rows and multiplies them alone.
 fn one_row_f32(x: &[f32], w: &[f32], out_dim: usize, in_dim: usize) -> Vec<f32> {
-    let rows = 1;
-    let mut y = vec![0f32; rows * out_dim];
+    let mut y = vec![0f32; out_dim];
     let threads = candle_core::utils::get_num_threads().max(1);
     let per_thread = out_dim.div_ceil(threads).max(1);
-    // Each thread writes the disjoint columns `start..start + n` of `y`; raw addresses
-    // cross the thread boundary as integers.
-    let y_addr = y.as_mut_ptr() as usize;
     std::thread::scope(|scope| {
-        for start in (0..out_dim).step_by(per_thread) {
-            let n = per_thread.min(out_dim - start);
-            let w_part = &w[start * in_dim..(start + n) * in_dim];
+        for (y_part, w_part) in y.chunks_mut(per_thread).zip(w.chunks(per_thread * in_dim)) {
             scope.spawn(move || {
-                // SAFETY: `y` outlives the scope; this thread writes only columns
-                // `start..start + n` of its `rows` rows, which no other thread writes; the
-                // operands are read within the bounds of their slices.
-                // `y[:, start..start + n]ᵀ = W_part xᵀ`, the weight's rows as the product's
+                let n = y_part.len();
+                // `y_part = W_part x`: `[n, in] × [in, 1]`, the weight's rows as the product's
+                // SAFETY: gemm reads `n × in_dim` values of `w_part` and `in_dim` of `x` and
+                // writes `n` of `y_part`, each within its slice.
                 unsafe {
                     gemm::gemm(
                         n,
-                        rows,
+                        1,
                         in_dim,
-                        (y_addr as *mut f32).add(start),
-                        out_dim as isize,
+                        y_part.as_mut_ptr(),
+                        n as isize,
                         1,
                         false,
                         w_part.as_ptr(),
