@@ -222,6 +222,7 @@ enum Bench {
 fn main() -> ExitCode {
     keep_freed_memory();
     set_table_format();
+    count_threads_once();
     let cli = Cli::parse();
     match dispatch(cli.command, cli.quiet) {
         Ok(code) => code,
@@ -229,6 +230,16 @@ fn main() -> ExitCode {
             eprintln!("error: {err:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// candle asks for its thread count at every matrix product and, unless `RAYON_NUM_THREADS`
+/// is set, counts the physical cores anew by reading `/proc/cpuinfo` (2 % of a decoding step):
+/// the count is made once here and set there.
+fn count_threads_once() {
+    if std::env::var_os("RAYON_NUM_THREADS").is_none() {
+        let threads = candle_core::utils::get_num_threads();
+        std::env::set_var("RAYON_NUM_THREADS", threads.to_string());
     }
 }
 

@@ -162,7 +162,7 @@ impl GrpoConfig {
         if self.batch == 0 || self.grad_accum == 0 || self.num_iterations == 0 {
             return bad("batch, grad_accum and num_iterations must be at least 1".into());
         }
-        if (self.batch * self.grad_accum) % self.group != 0 {
+        if !(self.batch * self.grad_accum).is_multiple_of(self.group) {
             return bad(format!(
                 "batch × grad_accum ({} × {}) must be a multiple of group ({}): each step samples whole groups",
                 self.batch, self.grad_accum, self.group

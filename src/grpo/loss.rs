@@ -82,7 +82,10 @@ pub fn advantages(
     scale: ScaleRewards,
     floor: f64,
 ) -> (Vec<f64>, Vec<bool>) {
-    assert!(group >= 1 && rewards.len() % group == 0, "whole groups");
+    assert!(
+        group >= 1 && rewards.len().is_multiple_of(group),
+        "whole groups"
+    );
     let std = |xs: &[f64]| -> f64 {
         if xs.len() < 2 {
             return 0.0;

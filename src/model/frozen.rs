@@ -3,6 +3,7 @@
 //! of Gemma's embedding matrix for every chunk of the output head). This op's backward
 //! returns the input's gradient only.
 
+use super::cpu_matmul;
 use candle_core::backend::BackendStorage;
 use candle_core::{
     bail, CpuStorage, CudaStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Storage,
@@ -26,26 +27,21 @@ impl CustomOp2 for FrozenMatmul {
         w: &CpuStorage,
         w_layout: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let in_dim = w_layout.dims().last().copied().unwrap_or(0).max(1);
-        let rows = x_layout.shape().elem_count() / in_dim;
-        let packed = x_layout.is_contiguous() && w_layout.is_contiguous();
-        if rows <= FEW_ROWS && packed {
-            let (out_dim, _) = w_layout.shape().dims2()?;
-            let mut shape = x_layout.dims().to_vec();
-            *shape.last_mut().expect("at least one dimension") = out_dim;
-            if let (1, CpuStorage::F32(xs), CpuStorage::F32(ws)) = (rows, x, w) {
-                let x_row = &xs[x_layout.start_offset()..][..in_dim];
-                let w_rows = &ws[w_layout.start_offset()..][..out_dim * in_dim];
-                let y = one_row_f32(x_row, w_rows, out_dim, in_dim);
+        if let (CpuStorage::F32(xs), CpuStorage::F32(ws)) = (x, w) {
+            if x_layout.is_contiguous() && w_layout.is_contiguous() {
+                let (out_dim, in_dim) = w_layout.shape().dims2()?;
+                let rows = x_layout.shape().elem_count() / in_dim.max(1);
+                let mut shape = x_layout.dims().to_vec();
+                *shape.last_mut().expect("at least one dimension") = out_dim;
+                let xs = &xs[x_layout.start_offset()..][..rows * in_dim];
+                let ws = &ws[w_layout.start_offset()..][..out_dim * in_dim];
+                let y = if rows <= cpu_matmul::FEW_ROWS {
+                    cpu_matmul::few_rows(xs, (rows, in_dim), ws, out_dim)
+                } else {
+                    cpu_matmul::by_columns(xs, (rows, in_dim), ws, (1, in_dim), out_dim)
+                };
                 return Ok((CpuStorage::F32(y), Shape::from(shape)));
             }
-            // `(W xᵀ)ᵀ`: the weight's long side as the product's rows, which gemm shares
-            // out among its threads (with the input's few rows first it runs on one)
-            let x_t = Layout::contiguous_with_offset((rows, in_dim), x_layout.start_offset())
-                .transpose(0, 1)?;
-            let y_t = w.matmul(x, (1, out_dim, rows, in_dim), w_layout, &x_t)?;
-            let y_layout = Layout::contiguous((out_dim, rows)).transpose(0, 1)?;
-            return Ok((y_t.to_dtype(&y_layout, x.dtype())?, Shape::from(shape)));
         }
         forward(x, x_layout, w, w_layout)
     }
@@ -67,7 +63,73 @@ impl CustomOp2 for FrozenMatmul {
         _res: &Tensor,
         grad_res: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        Ok((Some(grad_res.contiguous()?.broadcast_matmul(w)?), None))
+        Ok((Some(times_weight(grad_res, w)?), None))
+    }
+}
+
+/// `g W` for `g: [..., out]` and the frozen `W: [out, in]`, with no backward: the input
+/// gradient of `x Wᵀ`.
+struct TimesWeight;
+
+impl CustomOp2 for TimesWeight {
+    fn name(&self) -> &'static str {
+        "times-weight"
+    }
+
+    fn cpu_fwd(
+        &self,
+        g: &CpuStorage,
+        g_layout: &Layout,
+        w: &CpuStorage,
+        w_layout: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (out_dim, in_dim) = w_layout.shape().dims2()?;
+        let rows = g_layout.shape().elem_count() / out_dim.max(1);
+        let mut shape = g_layout.dims().to_vec();
+        *shape.last_mut().expect("at least one dimension") = in_dim;
+        let (CpuStorage::F32(gs), CpuStorage::F32(ws)) = (g, w) else {
+            let y = g.matmul(
+                w,
+                (1, rows, in_dim, out_dim),
+                &Layout::contiguous_with_offset((rows, out_dim), g_layout.start_offset()),
+                w_layout,
+            )?;
+            return Ok((y, Shape::from(shape)));
+        };
+        let gs = &gs[g_layout.start_offset()..][..rows * out_dim];
+        let ws = &ws[w_layout.start_offset()..][..out_dim * in_dim];
+        let y = cpu_matmul::by_columns(gs, (rows, out_dim), ws, (in_dim, 1), in_dim);
+        Ok((CpuStorage::F32(y), Shape::from(shape)))
+    }
+
+    fn cuda_fwd(
+        &self,
+        g: &CudaStorage,
+        g_layout: &Layout,
+        w: &CudaStorage,
+        w_layout: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        let (out_dim, in_dim) = w_layout.shape().dims2()?;
+        let rows = g_layout.shape().elem_count() / out_dim.max(1);
+        let mut shape = g_layout.dims().to_vec();
+        *shape.last_mut().expect("at least one dimension") = in_dim;
+        let y = g.matmul(
+            w,
+            (1, rows, in_dim, out_dim),
+            &Layout::contiguous_with_offset((rows, out_dim), g_layout.start_offset()),
+            w_layout,
+        )?;
+        Ok((y, Shape::from(shape)))
+    }
+}
+
+/// `g W` (`g: [..., out]`, `W: [out, in]`) for a frozen `W`, untracked.
+fn times_weight(g: &Tensor, w: &Tensor) -> Result<Tensor> {
+    let (g, w) = (g.contiguous()?, w.contiguous()?);
+    if (g.device().is_cpu() || g.device().is_cuda()) && g.dtype() == w.dtype() {
+        g.apply_op2_no_bwd(&w, &TimesWeight)
+    } else {
+        g.broadcast_matmul(&w)
     }
 }
 
@@ -138,58 +200,11 @@ impl CustomOp3 for FrozenLora {
         let x2 = x.detach().reshape(((), k))?;
         let g = grad.contiguous()?.reshape(((), b.dim(0)?))?;
         let gb = g.matmul(&b)?; // [m, rank]
-        let grad_x = (g.matmul(&self.weight)? + (gb.matmul(&a)? * self.scale)?)?;
+        let grad_x = (times_weight(&g, &self.weight)? + (gb.matmul(&a)? * self.scale)?)?;
         let grad_a = (gb.t()?.matmul(&x2)? * self.scale)?;
         let grad_b = (g.t()?.matmul(&x2.matmul(&a.t()?)?)? * self.scale)?;
         Ok((Some(grad_x.reshape(x.shape())?), Some(grad_a), Some(grad_b)))
     }
-}
-
-/// Inputs of at most this many rows (a decoding step) are multiplied as `(W xᵀ)ᵀ` on the
-/// CPU, a single row by [`one_row_f32`].
-const FEW_ROWS: usize = 16;
-
-/// `W x` for one row `x: [in]` and `W: [out, in]`: a step of decoding at batch 1 reads every
-/// weight once, so it is bound by memory, and gemm runs a matrix-vector product on one
-/// thread. Here each thread takes its own share of `W`'s rows and multiplies them alone.
-fn one_row_f32(x: &[f32], w: &[f32], out_dim: usize, in_dim: usize) -> Vec<f32> {
-    let mut y = vec![0f32; out_dim];
-    let threads = candle_core::utils::get_num_threads().max(1);
-    let per_thread = out_dim.div_ceil(threads).max(1);
-    std::thread::scope(|scope| {
-        for (y_part, w_part) in y.chunks_mut(per_thread).zip(w.chunks(per_thread * in_dim)) {
-            scope.spawn(move || {
-                let n = y_part.len();
-                // `y_part = W_part x`: `[n, in] × [in, 1]`, the weight's rows as the product's
-                // SAFETY: gemm reads `n × in_dim` values of `w_part` and `in_dim` of `x` and
-                // writes `n` of `y_part`, each within its slice.
-                unsafe {
-                    gemm::gemm(
-                        n,
-                        1,
-                        in_dim,
-                        y_part.as_mut_ptr(),
-                        n as isize,
-                        1,
-                        false,
-                        w_part.as_ptr(),
-                        1,
-                        in_dim as isize,
-                        x.as_ptr(),
-                        in_dim as isize,
-                        1,
-                        0.0,
-                        1.0,
-                        false,
-                        false,
-                        false,
-                        gemm::Parallelism::None,
-                    )
-                }
-            });
-        }
-    });
-    y
 }
 
 /// `x: [..., in]` (contiguous) times the transpose of `w: [out, in]` (contiguous), as one

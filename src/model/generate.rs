@@ -307,12 +307,7 @@ pub fn stop_string_cut(text: &str, stops: &[String]) -> Option<usize> {
 /// under the unmodified distribution.
 fn sample(logits: &[f32], request: &Sampling, rng: &mut ChaCha8Rng) -> (u32, f32) {
     let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let log_z = max
-        + logits
-            .iter()
-            .map(|&l| ((l - max) as f64).exp())
-            .sum::<f64>()
-            .ln() as f32;
+    let log_z = max + super::exp::exp_sum(logits, 1.0, max).ln() as f32;
     let token = if request.temperature <= 0.0 {
         argmax(logits)
     } else {

@@ -128,7 +128,7 @@ impl CustomOp3 for ChosenLogprob {
             bail!("chosen-logprob takes contiguous u32 targets");
         };
         let ids = &ids[start..end];
-        if !h_layout.is_contiguous() || w_d != d || ids.len() != n {
+        if !h_layout.is_contiguous() || !w_layout.is_contiguous() || w_d != d || ids.len() != n {
             bail!(
                 "chosen-logprob: hidden [{n}, {d}], head [{vocab}, {w_d}], {} targets",
                 ids.len()
@@ -162,16 +162,11 @@ impl CustomOp3 for ChosenLogprob {
             }
         });
         if let Some(slot) = &self.row_grads {
-            let weights = CpuStorage::F32(logits);
-            let grads = weights.matmul(
-                w,
-                (1, n, d, vocab),
-                &Layout::contiguous((n, vocab)),
-                w_layout,
-            )?;
-            let CpuStorage::F32(grads) = grads else {
-                bail!("chosen-logprob: the gradient is not f32");
+            let CpuStorage::F32(w) = w else {
+                bail!("chosen-logprob takes an f32 head");
             };
+            let w = &w[w_layout.start_offset()..][..vocab * d];
+            let grads = super::cpu_matmul::by_columns(&logits, (n, vocab), w, (d, 1), d);
             let grads = Tensor::from_vec(grads, (n, d), &candle_core::Device::Cpu)?;
             *slot.lock().unwrap_or_else(|e| e.into_inner()) = Some(grads);
         }
@@ -206,13 +201,10 @@ impl CustomOp3 for ChosenLogprob {
 /// respect to the logits.
 fn row_logprob(row: &mut [f32], target: usize, inv_t: f32, into_weights: bool) -> f32 {
     let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max) * inv_t;
-    let sum: f64 = row.iter().map(|&l| (l * inv_t - max).exp() as f64).sum();
-    let log_z = max + sum.ln() as f32;
+    let log_z = max + super::exp::exp_sum(row, inv_t, max).ln() as f32;
     let logprob = row[target] * inv_t - log_z;
     if into_weights {
-        for l in row.iter_mut() {
-            *l = -(*l * inv_t - log_z).exp() * inv_t;
-        }
+        super::exp::exp_in_place(row, inv_t, log_z, -inv_t);
         row[target] += inv_t;
     }
     logprob

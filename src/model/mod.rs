@@ -5,6 +5,8 @@
 pub mod attention;
 pub mod chat;
 pub mod config;
+pub mod cpu_matmul;
+pub mod exp;
 pub mod export;
 pub mod frozen;
 pub mod fused;
