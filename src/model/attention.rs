@@ -117,6 +117,8 @@ pub fn attend(
 #[derive(Debug, Clone, Default)]
 pub struct KvCache {
     layers: Vec<Option<(Tensor, Tensor)>>,
+    /// Whether keys and values keep the graph that computed them (see [`KvCache::tracked`]).
+    tracked: bool,
 }
 
 impl KvCache {
@@ -124,6 +126,17 @@ impl KvCache {
     pub fn new(layers: usize) -> Self {
         KvCache {
             layers: vec![None; layers],
+            tracked: false,
+        }
+    }
+
+    /// An empty cache whose keys and values stay in the graph, so that a loss on later
+    /// tokens reaches the adapters through the cached ones too: a prompt run once for the
+    /// group of completions that follow it in training.
+    pub fn tracked(layers: usize) -> Self {
+        KvCache {
+            layers: vec![None; layers],
+            tracked: true,
         }
     }
 
@@ -140,12 +153,16 @@ impl KvCache {
         self.len() == 0
     }
 
-    /// Appends this step's keys and values of `layer` and returns all of them. The cache
-    /// keeps values only, detached from the graph that computed them: with adapters on,
-    /// that graph would otherwise chain every decoding step's activations to the next and
-    /// hold them all until generation ends.
+    /// Appends this step's keys and values of `layer` and returns all of them. Unless
+    /// [`KvCache::tracked`], the cache keeps values only, detached from the graph that
+    /// computed them: with adapters on, that graph would otherwise chain every decoding
+    /// step's activations to the next and hold them all until generation ends.
     pub fn append(&mut self, layer: usize, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
-        let (k, v) = (k.detach(), v.detach());
+        let (k, v) = if self.tracked {
+            (k.clone(), v.clone())
+        } else {
+            (k.detach(), v.detach())
+        };
         let (k, v) = match &self.layers[layer] {
             Some((pk, pv)) => (Tensor::cat(&[pk, &k], 2)?, Tensor::cat(&[pv, &v], 2)?),
             None => (k, v),

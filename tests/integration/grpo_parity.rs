@@ -183,3 +183,79 @@ fn lora_gradients_through_the_tiny_model_equal_torch() {
         );
     }
 }
+
+#[test]
+fn prompts_shared_by_a_group_run_once_with_the_same_logprobs_and_gradients() {
+    let base = LanguageModel::load(
+        &repo("tests/fixtures/tiny-gemma3"),
+        Some(&repo("tests/fixtures/tiny-tokenizer/tokenizer.json")),
+        &Device::Cpu,
+    )
+    .unwrap();
+    let mut policy = base
+        .load_adapter(&repo("tests/fixtures/tiny-gemma3/adapter"))
+        .unwrap();
+    // two prompts of different lengths, longer than the sliding window (4), and groups of
+    // completions of different lengths
+    let (a, b): (Vec<u32>, Vec<u32>) = ((5..14).collect(), (20..25).collect());
+    let completions: Vec<Vec<u32>> = vec![
+        (30..36).collect(),
+        vec![40, 41],
+        (50..54).collect(),
+        (60..63).collect(),
+        vec![70],
+    ];
+    let prompts = [&a, &a, &a, &b, &b];
+    let pairs: Vec<(&[u32], &[u32])> = prompts
+        .iter()
+        .zip(&completions)
+        .map(|(p, c)| (p.as_slice(), c.as_slice()))
+        .collect();
+    let width = 6;
+    let shared = policy.model.pair_logprobs(&pairs, true, 0.9).unwrap();
+    assert_eq!(shared.dims(), &[5, width]);
+    // each pair alone: no prompt repeats, one padded forward
+    let alone: Vec<Tensor> = pairs
+        .iter()
+        .map(|pair| {
+            let row = policy
+                .model
+                .pair_logprobs(std::slice::from_ref(pair), true, 0.9)
+                .unwrap();
+            row.pad_with_zeros(1, 0, width - pair.1.len()).unwrap()
+        })
+        .collect();
+    let alone = Tensor::cat(&alone, 0).unwrap();
+    let diff = max_abs_diff(&shared, &alone);
+    assert!(diff < 1e-5, "log-probs differ by {diff}");
+    let weights = Tensor::arange(0f32, (5 * width) as f32, &Device::Cpu)
+        .unwrap()
+        .reshape((5, width))
+        .unwrap()
+        .cos()
+        .unwrap();
+    let g_shared = (shared * &weights)
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap();
+    let g_alone = (alone * &weights)
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap();
+    for (name, var) in lora::variables(&mut policy.model) {
+        let (s, a) = (
+            g_shared.get(var.as_tensor()).unwrap(),
+            g_alone.get(var.as_tensor()).unwrap(),
+        );
+        let scale = super::max_abs(a).max(1e-6);
+        let diff = max_abs_diff(s, a);
+        assert!(
+            diff / scale < 1e-4,
+            "{name}: gradient differs by {diff} (scale {scale})"
+        );
+    }
+}
