@@ -10,7 +10,7 @@
 #                        (tokenizer.json and tokenizer_config.json beside it)
 #   RLVR_BIN             rlvr binary (default: ${CARGO_TARGET_DIR:-target}/debug/rlvr)
 #   RLVR_REFERENCE_VENV  pinned reference venv with lm_eval (reference/setup.sh)
-#   RLVR_BENCH_BATCH     rlvr questions per batch (default 16); LM_EVAL_BATCH lm-eval's (default 1)
+#   RLVR_BENCH_BATCH     rlvr questions per batch (default 64, as `evaluate`'s for loglik); LM_EVAL_BATCH lm-eval's (default 1)
 #   RLVR_BENCH_SUBJECTS  how many subjects of the sample (default 20, 10 questions each)
 set -euo pipefail
 
@@ -19,7 +19,7 @@ GGUF="${1:-$HOME/.cache/rlvr/downloads/gemma-3-270m/gemma-3-270m-q4_k_m.gguf}"
 cd "$ROOT"
 RLVR_BIN="${RLVR_BIN:-${CARGO_TARGET_DIR:-target}/debug/rlvr}"
 PY="${RLVR_REFERENCE_VENV:-$HOME/.cache/rlvr/reference-venv}/bin/python"
-BATCH="${RLVR_BENCH_BATCH:-16}"
+BATCH="${RLVR_BENCH_BATCH:-64}"
 LM_BATCH="${LM_EVAL_BATCH:-1}"
 DATA="$ROOT/data/samples/mmlu"
 SUBJECTS="$(ls "$DATA/test" | sed "s/_test\\.csv$//" | head -"${RLVR_BENCH_SUBJECTS:-20}" | paste -sd, -)"

@@ -3,6 +3,8 @@
 //! OpenAI-compatible endpoint (`rlvr::endpoint::Endpoint`: chat and completions, with `echo`
 //! and `logprobs` for scoring) implements it in `endpoint_backend.rs` beside this file.
 
+use std::collections::HashMap;
+
 use sha2::{Digest, Sha256};
 
 use super::render::Prompt;
@@ -83,6 +85,10 @@ pub trait Backend {
 
 /// Rows × width² of one scoring forward at most (per attention head: 16 M scores, 64 MB).
 const ATTENTION_BUDGET: usize = 1 << 24;
+/// Rows × width of one scoring forward on a CPU at most: a forward of a few hundred
+/// positions already keeps its matrix kernels busy, and more rows of uneven length only add
+/// padding. A GPU takes the whole batch (within the attention budget).
+const CPU_TOKEN_BUDGET: usize = 1024;
 
 fn model_error(e: impl std::fmt::Display) -> EvalError {
     EvalError::Model(e.to_string())
@@ -213,7 +219,16 @@ impl Backend for LocalModel {
             .map(|r| encode_pair(&self.lm, r))
             .collect::<Result<Vec<_>, _>>()?;
         let adapters_on = false;
-        // sub-batches whose attention blocks (rows × width²) stay within a budget
+        let token_budget = if self.lm.model.device().is_cpu() {
+            CPU_TOKEN_BUDGET
+        } else {
+            usize::MAX
+        };
+        let order = scoring_order(&encoded);
+        let mut slots: Vec<Option<Encoded>> = encoded.into_iter().map(Some).collect();
+        let encoded: Vec<Encoded> = order.iter().filter_map(|&i| slots[i].take()).collect();
+        // sub-batches whose attention blocks (rows × width²) and positions (rows × width)
+        // stay within budgets
         let mut scored = Vec::with_capacity(encoded.len());
         let mut start = 0;
         while start < encoded.len() {
@@ -221,7 +236,8 @@ impl Backend for LocalModel {
             let mut width = encoded[start].context.len();
             while end < encoded.len() {
                 let w = width.max(encoded[end].context.len());
-                if (end + 1 - start) * w * w > ATTENTION_BUDGET {
+                let rows = end + 1 - start;
+                if rows * w * w > ATTENTION_BUDGET || rows * w > token_budget {
                     break;
                 }
                 width = w;
@@ -234,8 +250,39 @@ impl Backend for LocalModel {
             );
             start = end;
         }
-        Ok(scored)
+        let mut in_request_order: Vec<Option<Scored>> = vec![None; scored.len()];
+        for (&i, s) in order.iter().zip(scored) {
+            in_request_order[i] = Some(s);
+        }
+        Ok(in_request_order.into_iter().flatten().collect())
     }
+}
+
+/// Contexts that begin alike for this many tokens are taken to share a few-shot prefix.
+const SHARED_HEAD: usize = 32;
+
+/// The order to score contexts in: those sharing their first [`SHARED_HEAD`] tokens with
+/// another together (one prefix forward for them), the rest by falling token count, so
+/// that a sub-batch holds contexts of about one length (little padding).
+fn scoring_order(encoded: &[Encoded]) -> Vec<usize> {
+    fn head(e: &Encoded) -> &[u32] {
+        &e.context[..e.context.len().min(SHARED_HEAD)]
+    }
+    let mut heads: HashMap<&[u32], usize> = HashMap::new();
+    for e in encoded {
+        *heads.entry(head(e)).or_default() += 1;
+    }
+    let mut order: Vec<usize> = (0..encoded.len()).collect();
+    order.sort_by_key(|&i| {
+        let e = &encoded[i];
+        let shared = heads[head(e)] > 1 && e.context.len() > SHARED_HEAD;
+        (
+            !shared,
+            if shared { head(e).to_vec() } else { Vec::new() },
+            std::cmp::Reverse(e.context.len()),
+        )
+    });
+    order
 }
 
 /// Cuts `text` before the first occurrence of any of `until` (lm-eval splits on each stop

@@ -85,8 +85,9 @@ pub struct EvalOptions {
     pub max_tokens: Option<usize>,
     /// Sampling temperature (generate); 0 is greedy.
     pub temperature: f64,
-    /// Questions per batch.
-    pub batch: usize,
+    /// Questions per batch; default [`LOGLIK_BATCH`] for `loglik`, [`GENERATE_BATCH`] for
+    /// `generate`. A batch is also what a crash loses at most.
+    pub batch: Option<usize>,
     /// Seed of sampling and of random fallbacks.
     pub seed: u64,
     /// The `model` column's value; default: the model file's name (with the adapter's
@@ -95,6 +96,13 @@ pub struct EvalOptions {
     /// Where the resumable cache lives (`None`: no cache).
     pub cache_dir: Option<PathBuf>,
 }
+
+/// Questions per scoring batch by default: a local model scores a batch's contexts in
+/// sub-batches of about one length, so a larger batch pads less (200 MMLU questions: 37 s in
+/// batches of 16, 30 s in batches of 64).
+pub const LOGLIK_BATCH: usize = 64;
+/// Questions decoded together by default.
+pub const GENERATE_BATCH: usize = 8;
 
 impl Default for EvalOptions {
     fn default() -> Self {
@@ -105,7 +113,7 @@ impl Default for EvalOptions {
             fewshot: None,
             max_tokens: None,
             temperature: 0.0,
-            batch: 8,
+            batch: None,
             seed: 0,
             label: None,
             cache_dir: Some(crate::paths::rlvr_home().join("cache").join("eval")),
@@ -266,13 +274,17 @@ pub fn evaluate(
     let mut todo: Vec<usize> = (0..docs.len())
         .filter(|&i| cache.get(&docs[i].question.id, &hashes[i]).is_none())
         .collect();
-    // questions of one subject together (they share a few-shot prefix), longest first (less
-    // padding)
+    // longest first, so that a batch holds prompts of about one length (little padding);
+    // with few-shot examples, one subject's questions together (they share that prefix)
     todo.sort_by_key(|&i| {
         let q = &docs[i].question;
         (
             q.dataset.clone(),
-            q.subject.clone(),
+            if shots > 0 {
+                q.subject.clone()
+            } else {
+                String::new()
+            },
             std::cmp::Reverse(prompts[i].text().len()),
         )
     });
@@ -283,7 +295,13 @@ pub fn evaluate(
         docs.len()
     );
     job.progress.start(&label, todo.len() as u64);
-    let batch = options.batch.max(1);
+    let batch = options
+        .batch
+        .unwrap_or(match preset.mode {
+            Mode::Loglik => LOGLIK_BATCH,
+            Mode::Generate => GENERATE_BATCH,
+        })
+        .max(1);
     let mut done = 0;
     for chunk in todo.chunks(batch) {
         job.check()?;

@@ -1,5 +1,5 @@
-//! Fused CPU ops with their own backward, for the training path: RMS normalisation and the
-//! masked, scaled softmax of attention. Built from elementwise candle ops, each keeps three
+//! Fused CPU ops with their own backward, for the training path: RMS normalisation, the
+//! masked, scaled softmax of attention and Gemma's `gelu(gate) ⊙ up`. Built from elementwise candle ops, each keeps three
 //! or four full-size tensors alive for backward; fused, each keeps its input and output only,
 //! and makes one pass over the data instead of five. Their backward computes the input's
 //! gradient only (norm scales and masks are never trained).
@@ -37,12 +37,22 @@ impl CustomOp2 for RmsNorm {
         if x_layout.dims().last() != Some(&d) {
             bail!("rms-norm: width {:?} but {d} scales", x_layout.dims());
         }
-        let mut out = Vec::with_capacity(xs.len());
-        for row in xs.chunks_exact(d) {
-            let mean = row.iter().map(|&v| v * v).sum::<f32>() / d as f32;
-            let inv = 1.0 / (mean + self.eps as f32).sqrt();
-            out.extend(row.iter().zip(w).map(|(&v, &s)| v * inv * s));
-        }
+        use rayon::prelude::*;
+        let eps = self.eps as f32;
+        let mut out = vec![0f32; xs.len()];
+        // whole rows per thread's share
+        let rows_per = (ELEMENTWISE_CHUNK / d.max(1)).max(1);
+        out.par_chunks_mut(rows_per * d)
+            .zip(xs.par_chunks(rows_per * d))
+            .for_each(|(out, xs)| {
+                for (out, row) in out.chunks_exact_mut(d).zip(xs.chunks_exact(d)) {
+                    let mean = row.iter().map(|&v| v * v).sum::<f32>() / d as f32;
+                    let inv = 1.0 / (mean + eps).sqrt();
+                    for ((o, &v), &s) in out.iter_mut().zip(row).zip(w) {
+                        *o = v * inv * s;
+                    }
+                }
+            });
         Ok((CpuStorage::F32(out), x_layout.shape().clone()))
     }
 
@@ -78,6 +88,109 @@ pub fn rms_norm(x: &Tensor, scale: &Tensor, eps: f64) -> Result<Tensor> {
     normed
         .broadcast_mul(&scale.to_dtype(DType::F32)?)?
         .to_dtype(dtype)
+}
+
+/// Values per thread's share of an elementwise op.
+const ELEMENTWISE_CHUNK: usize = 1 << 14;
+
+/// `gelu_tanh(gate) ⊙ up`, Gemma's MLP activation, in one pass on rayon's threads; backward
+/// keeps the two inputs only and computes both gradients in one pass too.
+struct GeluTanhMul;
+
+impl CustomOp2 for GeluTanhMul {
+    fn name(&self) -> &'static str {
+        "fused-gelu-tanh-mul"
+    }
+
+    fn cpu_fwd(
+        &self,
+        gate: &CpuStorage,
+        gate_layout: &Layout,
+        up: &CpuStorage,
+        up_layout: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        use rayon::prelude::*;
+        let gate = f32_rows(gate, gate_layout, "gelu-tanh-mul")?;
+        let up = f32_rows(up, up_layout, "gelu-tanh-mul")?;
+        if gate_layout.dims() != up_layout.dims() {
+            bail!(
+                "gelu-tanh-mul: {:?} against {:?}",
+                gate_layout.dims(),
+                up_layout.dims()
+            );
+        }
+        let mut out = vec![0f32; gate.len()];
+        out.par_chunks_mut(ELEMENTWISE_CHUNK)
+            .zip(gate.par_chunks(ELEMENTWISE_CHUNK))
+            .zip(up.par_chunks(ELEMENTWISE_CHUNK))
+            .for_each(|((out, gate), up)| super::exp::gelu_tanh_mul(gate, up, out));
+        Ok((CpuStorage::F32(out), gate_layout.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        gate: &Tensor,
+        up: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let both = gate.apply_op3_no_bwd(up, &grad.contiguous()?, &GeluTanhMulGrad)?;
+        Ok((Some(both.get(0)?), Some(both.get(1)?)))
+    }
+}
+
+/// `[d_gate, d_up]` (stacked) for `gelu_tanh(gate) ⊙ up` given the output's gradient.
+struct GeluTanhMulGrad;
+
+impl candle_core::CustomOp3 for GeluTanhMulGrad {
+    fn name(&self) -> &'static str {
+        "fused-gelu-tanh-mul-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        gate: &CpuStorage,
+        gate_layout: &Layout,
+        up: &CpuStorage,
+        up_layout: &Layout,
+        grad: &CpuStorage,
+        grad_layout: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        use rayon::prelude::*;
+        let gate = f32_rows(gate, gate_layout, "gelu-tanh-mul backward")?;
+        let up = f32_rows(up, up_layout, "gelu-tanh-mul backward")?;
+        let grad = f32_rows(grad, grad_layout, "gelu-tanh-mul backward")?;
+        let n = gate.len();
+        if up.len() != n || grad.len() != n {
+            bail!("gelu-tanh-mul backward: operands of different sizes");
+        }
+        let mut out = vec![0f32; 2 * n];
+        let (d_gate, d_up) = out.split_at_mut(n);
+        d_gate
+            .par_chunks_mut(ELEMENTWISE_CHUNK)
+            .zip(d_up.par_chunks_mut(ELEMENTWISE_CHUNK))
+            .zip(gate.par_chunks(ELEMENTWISE_CHUNK))
+            .zip(
+                up.par_chunks(ELEMENTWISE_CHUNK)
+                    .zip(grad.par_chunks(ELEMENTWISE_CHUNK)),
+            )
+            .for_each(|(((d_gate, d_up), gate), (up, grad))| {
+                super::exp::gelu_tanh_mul_grad(gate, up, grad, d_gate, d_up)
+            });
+        let mut dims = vec![2];
+        dims.extend_from_slice(gate_layout.dims());
+        Ok((CpuStorage::F32(out), Shape::from(dims)))
+    }
+}
+
+/// `gelu_tanh(gate) ⊙ up` (GELU with the tanh approximation, as Gemma's MLP). Fused on the
+/// CPU for f32; candle's ops elsewhere.
+pub fn gelu_tanh_mul(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+    let f32_cpu = gate.device().is_cpu() && gate.dtype() == DType::F32 && up.dtype() == DType::F32;
+    if f32_cpu && gate.dims() == up.dims() {
+        return gate.contiguous()?.apply_op2(&up.contiguous()?, GeluTanhMul);
+    }
+    gate.gelu()? * up
 }
 
 /// `softmax(scores · scale + mask)` over the last dimension, for `scores: [b, h, s, t]` and an
@@ -200,6 +313,34 @@ mod tests {
             max_diff(&a, &b),
             max_diff(ga.get(&x).unwrap(), gb.get(&x).unwrap()),
         )
+    }
+
+    #[test]
+    fn fused_gelu_mul_equals_candles_gelu_times_up_in_value_and_gradients() {
+        let device = Device::Cpu;
+        // 3 × 7 × 1000: whole vector chunks and a ragged tail in every thread's share
+        let gate = Var::randn(0f32, 3.0, (3, 7, 1000), &device).unwrap();
+        let up = Var::randn(0f32, 1.0, (3, 7, 1000), &device).unwrap();
+        let weights = Tensor::randn(0f32, 1.0, (3, 7, 1000), &device).unwrap();
+        let fused = gelu_tanh_mul(gate.as_tensor(), up.as_tensor()).unwrap();
+        let plain = (gate.as_tensor().gelu().unwrap() * up.as_tensor()).unwrap();
+        assert!(max_diff(&fused, &plain) < 1e-5);
+        let gf = (&fused * &weights)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let gp = (&plain * &weights)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        for v in [&gate, &up] {
+            let d = max_diff(gf.get(v).unwrap(), gp.get(v).unwrap());
+            assert!(d < 1e-4, "gradient differs by {d}");
+        }
     }
 
     #[test]

@@ -181,9 +181,10 @@ impl Mlp {
     }
 
     fn forward(&self, x: &Tensor, adapters_on: bool) -> Result<Tensor> {
-        let gate = self.gate_proj.forward(x, adapters_on)?.gelu()?;
+        let gate = self.gate_proj.forward(x, adapters_on)?;
         let up = self.up_proj.forward(x, adapters_on)?;
-        self.down_proj.forward(&(gate * up)?, adapters_on)
+        let hidden = super::fused::gelu_tanh_mul(&gate, &up)?;
+        self.down_proj.forward(&hidden, adapters_on)
     }
 }
 

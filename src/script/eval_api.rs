@@ -10,7 +10,7 @@ use super::model_api::ModelHandle;
 use super::{Area, Output};
 use crate::endpoint::Endpoint;
 use crate::eval::preset::{Mode, Preset};
-use crate::eval::{self, Average, Backend, EvalOptions, LocalModel};
+use crate::eval::{self, Average, Backend, EvalOptions, LocalModel, GENERATE_BATCH};
 use crate::progress::Job;
 
 /// The evaluation area of the reference.
@@ -66,7 +66,7 @@ fn options(opts: &Map) -> RhaiResult<(EvalOptions, Option<usize>)> {
         o.max_tokens = Some(count(n, "max_tokens")?);
     }
     if let Some(n) = int(opts, "batch")? {
-        o.batch = count(n, "batch")?.max(1);
+        o.batch = Some(count(n, "batch")?.max(1));
     }
     if let Some(n) = int(opts, "seed")? {
         o.seed = n as u64;
@@ -119,7 +119,7 @@ fn run_endpoint(
 ) -> RhaiResult<DataFrame> {
     let (mut options, limit) = options(opts)?;
     if !opts.contains_key("batch") {
-        options.batch = options.batch.max(endpoint.options().concurrency);
+        options.batch = Some(GENERATE_BATCH.max(endpoint.options().concurrency));
     }
     run_on(output, endpoint, items, &options, limit)
 }
@@ -186,7 +186,9 @@ fn register(engine: &mut Engine, output: &Arc<dyn Output>) {
              `cmmlu`, `mmlu_pro`, `gsm8k`, `gsm8k_cot`, `medqa`, `study`, or a `.json` \
              preset file; default: the dataset's), `shots` (default: the preset's), \
              `fewshot` (the Items table few-shot examples come from, e.g. MMLU's `dev` \
-             split), `max_tokens`, `temperature` (0.0: greedy), `batch` (8), `seed` (0), \
+             split), `max_tokens`, `temperature` (0.0: greedy), `batch` (questions per batch: 64 for `loglik`, where a \
+             local model scores them in sub-batches of about one length, 8 for `generate`), \
+             `seed` (0), \
              `label` (the `model` column), `cache` (true), `limit` (the first n items).",
         ])
         .register_into_engine(

@@ -288,7 +288,7 @@ fn evaluate_loglik_caches_and_resumes() {
         asked: AtomicUsize::new(0),
     };
     let options = EvalOptions {
-        batch: 5,
+        batch: Some(5),
         cache_dir: Some(dir.clone()),
         ..EvalOptions::default()
     };
@@ -403,7 +403,7 @@ fn cancelling_keeps_finished_batches_and_a_rerun_resumes() {
     let dir = temp_dir("cancel");
     let lm = LocalModel::new(&tiny()).unwrap();
     let options = EvalOptions {
-        batch: 3,
+        batch: Some(3),
         cache_dir: Some(dir.clone()),
         ..EvalOptions::default()
     };

@@ -327,7 +327,7 @@ fn logprob_rows(results: &DataFrame) -> Vec<Vec<f64>> {
 fn options(mode: Mode, cache: &Path) -> EvalOptions {
     EvalOptions {
         mode: Some(mode),
-        batch: 4,
+        batch: Some(4),
         cache_dir: Some(cache.to_path_buf()),
         ..EvalOptions::default()
     }
@@ -545,7 +545,7 @@ fn a_dead_server_costs_the_batch_in_flight_and_a_rerun_resumes() {
     let items = load("mmlu", "test", 8);
     let cache = scratch("dead-server");
     let opts = EvalOptions {
-        batch: 2,
+        batch: Some(2),
         ..options(Mode::Loglik, &cache)
     };
     // answers the first batch, then dies: every later connection is refused
