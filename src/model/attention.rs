@@ -40,13 +40,7 @@ impl Rope {
 
 /// `x · cos + rotate_half(x) · sin` for `x: [b, h, s, hd]` (the halves layout of Hugging Face).
 pub fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
-    let half = x.dim(D::Minus1)? / 2;
-    let x1 = x.narrow(D::Minus1, 0, half)?;
-    let x2 = x.narrow(D::Minus1, half, half)?;
-    let rotated = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
-    let cos = cos.to_dtype(x.dtype())?;
-    let sin = sin.to_dtype(x.dtype())?;
-    x.broadcast_mul(&cos)? + rotated.broadcast_mul(&sin)?
+    super::fused::rotary_embedding(x, cos, sin)
 }
 
 /// Additive attention mask `[b, 1, q, k]` (0, or the lowest f32 where hidden: finite, as

@@ -1,5 +1,6 @@
 //! Fused CPU ops with their own backward, for the training path: RMS normalisation, the
-//! masked, scaled softmax of attention and Gemma's `gelu(gate) ⊙ up`. Built from elementwise candle ops, each keeps three
+//! masked, scaled softmax of attention, rotary position embedding and Gemma's `gelu(gate) ⊙
+//! up`. Built from elementwise candle ops, each keeps three
 //! or four full-size tensors alive for backward; fused, each keeps its input and output only,
 //! and makes one pass over the data instead of five. Their backward computes the input's
 //! gradient only (norm scales and masks are never trained).
@@ -193,6 +194,90 @@ pub fn gelu_tanh_mul(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
     gate.gelu()? * up
 }
 
+/// Rotary position embedding, `x ⊙ cos + rotate_half(x) ⊙ sin`, in one pass over `x: [b, h,
+/// s, hd]` (any strides but a contiguous last dimension, such as the transposed output of
+/// the q/k norms) with `cos, sin: [b, 1, s, hd]` whose two halves are equal (as
+/// [`super::attention::Rope::cos_sin`] makes them). Since they are, the backward pass is the
+/// same rotation by the opposite angle.
+struct RotaryEmbedding;
+
+impl candle_core::CustomOp3 for RotaryEmbedding {
+    fn name(&self) -> &'static str {
+        "fused-rotary-embedding"
+    }
+
+    fn cpu_fwd(
+        &self,
+        x: &CpuStorage,
+        x_layout: &Layout,
+        cos: &CpuStorage,
+        cos_layout: &Layout,
+        sin: &CpuStorage,
+        sin_layout: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        use rayon::prelude::*;
+        let CpuStorage::F32(xs) = x else {
+            bail!("rotary-embedding takes f32 tensors");
+        };
+        let cos = f32_rows(cos, cos_layout, "rotary-embedding")?;
+        let sin = f32_rows(sin, sin_layout, "rotary-embedding")?;
+        let (b, h, s, hd) = x_layout.shape().dims4()?;
+        let st = x_layout.stride();
+        if st[3] != 1 || hd % 2 != 0 || cos_layout.dims() != [b, 1, s, hd] {
+            bail!(
+                "rotary-embedding: x {:?} (strides {st:?}), cos {:?}",
+                x_layout.dims(),
+                cos_layout.dims()
+            );
+        }
+        let (start, half) = (x_layout.start_offset(), hd / 2);
+        let mut out = vec![0f32; b * h * s * hd];
+        out.par_chunks_mut(s * hd)
+            .enumerate()
+            .for_each(|(bh, out)| {
+                let (bi, hi) = (bh / h, bh % h);
+                for (si, out) in out.chunks_exact_mut(hd).enumerate() {
+                    let x = &xs[start + bi * st[0] + hi * st[1] + si * st[2]..][..hd];
+                    let at = (bi * s + si) * hd;
+                    let (c, sn) = (&cos[at..at + hd], &sin[at..at + hd]);
+                    for i in 0..half {
+                        out[i] = x[i] * c[i] - x[i + half] * sn[i];
+                        out[i + half] = x[i + half] * c[i + half] + x[i] * sn[i + half];
+                    }
+                }
+            });
+        Ok((CpuStorage::F32(out), x_layout.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        _x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let dx = grad.apply_op3_no_bwd(cos, &sin.neg()?, &RotaryEmbedding)?;
+        Ok((Some(dx), None, None))
+    }
+}
+
+/// `x ⊙ cos + rotate_half(x) ⊙ sin` for `x: [b, h, s, hd]` and `cos, sin: [b, 1, s, hd]` with
+/// equal halves (Hugging Face's layout). Fused on the CPU for f32; candle's ops elsewhere.
+pub fn rotary_embedding(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    let f32_cpu = x.device().is_cpu() && [x, cos, sin].iter().all(|t| t.dtype() == DType::F32);
+    if f32_cpu && x.rank() == 4 && x.stride()[3] == 1 {
+        return x.apply_op3(&cos.contiguous()?, &sin.contiguous()?, RotaryEmbedding);
+    }
+    let half = x.dim(D::Minus1)? / 2;
+    let x1 = x.narrow(D::Minus1, 0, half)?;
+    let x2 = x.narrow(D::Minus1, half, half)?;
+    let rotated = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
+    let cos = cos.to_dtype(x.dtype())?;
+    let sin = sin.to_dtype(x.dtype())?;
+    x.broadcast_mul(&cos)? + rotated.broadcast_mul(&sin)?
+}
+
 /// `softmax(scores · scale + mask)` over the last dimension, for `scores: [b, h, s, t]` and an
 /// additive `mask: [b, 1, s, t]` shared by the heads.
 struct MaskedSoftmax {
@@ -341,6 +426,41 @@ mod tests {
             let d = max_diff(gf.get(v).unwrap(), gp.get(v).unwrap());
             assert!(d < 1e-4, "gradient differs by {d}");
         }
+    }
+
+    #[test]
+    fn fused_rotary_embedding_equals_the_composite_on_a_transposed_input() {
+        let device = Device::Cpu;
+        // positions per row, as left padding makes them
+        let positions = Tensor::new(&[[0u32, 0, 1, 2, 3], [4, 5, 6, 7, 8]], &device).unwrap();
+        let rope = super::super::attention::Rope::new(10_000.0, 8, &|f| f, &device).unwrap();
+        let (cos, sin) = rope.cos_sin(&positions).unwrap();
+        let composite = |x: &Tensor| {
+            let half = 4;
+            let x1 = x.narrow(D::Minus1, 0, half).unwrap();
+            let x2 = x.narrow(D::Minus1, half, half).unwrap();
+            let rotated = Tensor::cat(&[&x2.neg().unwrap(), &x1], D::Minus1).unwrap();
+            (x.broadcast_mul(&cos).unwrap() + rotated.broadcast_mul(&sin).unwrap()).unwrap()
+        };
+        // `[b, s, h, hd]` seen as `[b, h, s, hd]`, as the attention passes it
+        let (value, grad) = compare(
+            (2, 5, 3, 8),
+            |x| {
+                rotary_embedding(&x.transpose(1, 2).unwrap(), &cos, &sin)
+                    .unwrap()
+                    .transpose(1, 2)
+                    .unwrap()
+            },
+            |x| {
+                composite(&x.transpose(1, 2).unwrap())
+                    .transpose(1, 2)
+                    .unwrap()
+            },
+        );
+        assert!(
+            value < 1e-6 && grad < 1e-5,
+            "value {value}, gradient {grad}"
+        );
     }
 
     #[test]

@@ -11,7 +11,7 @@ use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor, D};
 
 /// Rows of hidden state pushed through the output projection at once.
-pub const CHUNK_ROWS: usize = 64;
+pub const CHUNK_ROWS: usize = 512;
 
 /// `log p(target)` for each row of `hidden: [n, d]` against `head: [vocab, d]`,
 /// `targets: [n]` (u32), with an optional `tanh` soft cap on the logits and the logits
