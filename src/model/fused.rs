@@ -64,13 +64,65 @@ impl CustomOp2 for RmsNorm {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        // y = x̂ ⊙ w with x̂ = x / rms: dx = (g ⊙ w − x̂ · mean(g ⊙ w ⊙ x̂)) / rms
-        let rms = (x.sqr()?.mean_keepdim(D::Minus1)? + self.eps)?.sqrt()?;
-        let x_hat = x.broadcast_div(&rms)?;
-        let gw = grad.broadcast_mul(scale)?;
-        let dot = (&gw * &x_hat)?.mean_keepdim(D::Minus1)?;
-        let dx = (gw - x_hat.broadcast_mul(&dot)?)?.broadcast_div(&rms)?;
+        let dx = x.apply_op3_no_bwd(scale, &grad.contiguous()?, &RmsNormGrad { eps: self.eps })?;
         Ok((Some(dx), None))
+    }
+}
+
+/// The input gradient of [`RmsNorm`], one pass per row: with `x̂ = x / rms`, `y = x̂ ⊙ w`
+/// gives `dx = (g ⊙ w − x̂ · mean(g ⊙ w ⊙ x̂)) / rms`.
+struct RmsNormGrad {
+    eps: f64,
+}
+
+impl candle_core::CustomOp3 for RmsNormGrad {
+    fn name(&self) -> &'static str {
+        "fused-rms-norm-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        x: &CpuStorage,
+        x_layout: &Layout,
+        scale: &CpuStorage,
+        scale_layout: &Layout,
+        grad: &CpuStorage,
+        grad_layout: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        use rayon::prelude::*;
+        let xs = f32_rows(x, x_layout, "rms-norm backward")?;
+        let w = f32_rows(scale, scale_layout, "rms-norm backward")?;
+        let gs = f32_rows(grad, grad_layout, "rms-norm backward")?;
+        let d = w.len();
+        if xs.len() != gs.len() || x_layout.dims().last() != Some(&d) {
+            bail!("rms-norm backward: x {:?}, {d} scales", x_layout.dims());
+        }
+        let eps = self.eps as f32;
+        let rows_per = (ELEMENTWISE_CHUNK / d.max(1)).max(1);
+        let mut out = vec![0f32; xs.len()];
+        out.par_chunks_mut(rows_per * d)
+            .zip(xs.par_chunks(rows_per * d).zip(gs.par_chunks(rows_per * d)))
+            .for_each(|(out, (xs, gs))| {
+                for ((dx, x), g) in out
+                    .chunks_exact_mut(d)
+                    .zip(xs.chunks_exact(d))
+                    .zip(gs.chunks_exact(d))
+                {
+                    let mean_sq = x.iter().map(|&v| v * v).sum::<f32>() / d as f32;
+                    let inv = 1.0 / (mean_sq + eps).sqrt();
+                    let dot = x
+                        .iter()
+                        .zip(g)
+                        .zip(w)
+                        .map(|((&v, &gv), &s)| gv * s * v * inv)
+                        .sum::<f32>()
+                        / d as f32;
+                    for (((dx, &v), &gv), &s) in dx.iter_mut().zip(x).zip(g).zip(w) {
+                        *dx = (gv * s - v * inv * dot) * inv;
+                    }
+                }
+            });
+        Ok((CpuStorage::F32(out), x_layout.shape().clone()))
     }
 }
 
