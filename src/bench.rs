@@ -123,7 +123,7 @@ pub fn model(
                 let input = Input::unpadded(std::slice::from_ref(&prompt), 0, &device)?;
                 let hidden = m.forward(&input, None, false)?;
                 let last = hidden.squeeze(0)?.narrow(0, prompt.len() - 1, 1)?;
-                logprob::logits_of(&last, m.lm_head(), m.logit_softcap())?;
+                m.head_logits(&last)?;
                 // a GPU runs asynchronously: the step ends when its work has
                 device.synchronize()?;
                 Ok(())

@@ -341,7 +341,7 @@ fn score_batch(
     batch: &[Encoded],
     adapters_on: bool,
 ) -> crate::model::Result<Vec<Scored>> {
-    use crate::model::logprob::{gather_logprobs, logits_of};
+    use crate::model::logprob::gather_logprobs;
     use candle_core::{Tensor, D};
     let single = batch
         .iter()
@@ -373,7 +373,7 @@ fn score_batch(
     let mut cache = longer.then(|| KvCache::new(model.num_layers()));
     let hidden = model.forward(&input, cache.as_mut(), adapters_on)?;
     let last = hidden.narrow(1, width - 1, 1)?.squeeze(1)?; // [b, d]
-    let logits = logits_of(&last, model.lm_head(), model.logit_softcap())?;
+    let logits = model.head_logits(&last)?;
     let logprobs = candle_nn::ops::log_softmax(&logits, D::Minus1)?.to_vec2::<f32>()?;
     let mut scores: Vec<Vec<f64>> = batch
         .iter()
@@ -489,7 +489,6 @@ fn score_after_prefix(
     shared: usize,
     adapters_on: bool,
 ) -> crate::model::Result<Vec<Scored>> {
-    use crate::model::logprob::logits_of;
     use candle_core::{Tensor, D};
     let device = model.device().clone();
     let b = batch.len();
@@ -527,7 +526,7 @@ fn score_after_prefix(
     let states = hidden
         .reshape((b * width, d))?
         .index_select(&Tensor::new(last.as_slice(), &device)?, 0)?;
-    let logits = logits_of(&states, model.lm_head(), model.logit_softcap())?;
+    let logits = model.head_logits(&states)?;
     let logprobs = candle_nn::ops::log_softmax(&logits, D::Minus1)?.to_vec2::<f32>()?;
     Ok(batch
         .iter()

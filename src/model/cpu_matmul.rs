@@ -102,30 +102,172 @@ pub fn few_rows(x: &[f32], (m, k): (usize, usize), w: &[f32], n: usize) -> Vec<f
     assert!(m <= FEW_ROWS && x.len() >= m * k && w.len() >= n * k);
     #[cfg(target_arch = "x86_64")]
     if m > 0 && k > 0 && std::arch::is_x86_feature_detected!("avx512f") {
-        let mut y = vec![0f32; m * n];
-        let out = Shared(y.as_mut_ptr());
-        for_each_share(n, |rows| {
-            // SAFETY: AVX-512F is present; the kernel reads `[m, k]` of `x` and rows `rows`
-            // of `W` (checked above) and writes columns `rows` of `y: [m, n]`, no other
-            // share's.
-            unsafe { avx512::few_rows(x.as_ptr(), m, k, w.as_ptr(), rows, out.ptr(), n) }
-        });
-        return y;
+        let rows = avx512::F32Rows { w: w.as_ptr(), k };
+        // SAFETY: AVX-512F is present and `w` holds `[n, k]`.
+        return unsafe { avx512::few_rows_of(x, m, rows, n) };
     }
     by_columns(x, (m, k), w, (1, k), n)
+}
+
+/// A frozen weight `[n, k]` in Q8_0 blocks (32 values: an f32 scale and 32 signed bytes),
+/// kept beside its f32 values where those are exactly `scale × byte`: a Q8_0 GGUF
+/// dequantized, as Gemma's 262,144-row output head in the default model. A decoding step
+/// reads a quarter of the bytes and gets the same products as from the f32 values, since
+/// every weight converts back exactly and the sums run in the same order.
+#[derive(Debug)]
+pub struct Q8Rows {
+    n: usize,
+    k: usize,
+    scales: Vec<f32>,
+    quants: Vec<i8>,
+}
+
+impl Q8Rows {
+    /// `w: [n, k]` as Q8_0 blocks when every value is exactly its block's `max |w| / 127`
+    /// times an integer in −127..=127 (and `k` is a multiple of 32); `None` otherwise.
+    pub fn exact(w: &[f32], n: usize, k: usize) -> Option<Self> {
+        if k == 0 || !k.is_multiple_of(32) || w.len() != n * k {
+            return None;
+        }
+        let mut scales = Vec::with_capacity(n * k / 32);
+        let mut quants = vec![0i8; n * k];
+        for (block, q) in w.chunks_exact(32).zip(quants.chunks_exact_mut(32)) {
+            let amax = block.iter().fold(0f32, |m, &v| m.max(v.abs()));
+            let d = amax / 127.0;
+            for (q, &v) in q.iter_mut().zip(block) {
+                let r = if d == 0.0 { 0.0 } else { (v / d).round() };
+                if r * d != v {
+                    return None;
+                }
+                *q = r as i8;
+            }
+            scales.push(d);
+        }
+        Some(Q8Rows {
+            n,
+            k,
+            scales,
+            quants,
+        })
+    }
+
+    /// [`few_rows`] against these weights: the same values, a quarter of the bytes read.
+    pub fn few_rows(&self, x: &[f32], m: usize) -> Vec<f32> {
+        let (n, k) = (self.n, self.k);
+        assert!(m <= FEW_ROWS && x.len() >= m * k);
+        #[cfg(target_arch = "x86_64")]
+        if m > 0 && std::arch::is_x86_feature_detected!("avx512f") {
+            let rows = avx512::Q8Blocks {
+                scales: self.scales.as_ptr(),
+                quants: self.quants.as_ptr(),
+                k,
+            };
+            // SAFETY: AVX-512F is present and the blocks hold `[n, k]`.
+            return unsafe { avx512::few_rows_of(x, m, rows, n) };
+        }
+        let w: Vec<f32> = self
+            .quants
+            .iter()
+            .enumerate()
+            .map(|(i, &q)| q as f32 * self.scales[i / 32])
+            .collect();
+        by_columns(x, (m, k), &w, (1, k), n)
+    }
 }
 
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
     use std::arch::x86_64::*;
 
+    use super::{for_each_share, Shared};
+
+    /// Sixteen consecutive weights of one row of `W`, as f32.
+    pub trait Rows: Copy + Send + Sync {
+        /// The row length.
+        fn k(self) -> usize;
+        /// Weights `i .. i + 16` of row `j` (`i + 16 ≤ k`).
+        unsafe fn load(self, j: usize, i: usize) -> __m512;
+        /// Weights `i ..` of row `j` up to `k`, zeros after.
+        unsafe fn load_tail(self, j: usize, i: usize) -> __m512;
+    }
+
+    /// `W` as f32 values.
+    #[derive(Clone, Copy)]
+    pub struct F32Rows {
+        pub w: *const f32,
+        pub k: usize,
+    }
+    // SAFETY: read only, by the threads of one product.
+    unsafe impl Send for F32Rows {}
+    unsafe impl Sync for F32Rows {}
+
+    impl Rows for F32Rows {
+        fn k(self) -> usize {
+            self.k
+        }
+
+        #[inline(always)]
+        unsafe fn load(self, j: usize, i: usize) -> __m512 {
+            _mm512_loadu_ps(self.w.wrapping_add(j * self.k + i))
+        }
+
+        #[inline(always)]
+        unsafe fn load_tail(self, j: usize, i: usize) -> __m512 {
+            let mask: __mmask16 = (1u16 << (self.k - i)) - 1;
+            _mm512_maskz_loadu_ps(mask, self.w.wrapping_add(j * self.k + i))
+        }
+    }
+
+    /// `W` as Q8_0 blocks (`k` a multiple of 32, so no row has a tail).
+    #[derive(Clone, Copy)]
+    pub struct Q8Blocks {
+        pub scales: *const f32,
+        pub quants: *const i8,
+        pub k: usize,
+    }
+    // SAFETY: read only, by the threads of one product.
+    unsafe impl Send for Q8Blocks {}
+    unsafe impl Sync for Q8Blocks {}
+
+    impl Rows for Q8Blocks {
+        fn k(self) -> usize {
+            self.k
+        }
+
+        #[inline(always)]
+        unsafe fn load(self, j: usize, i: usize) -> __m512 {
+            let at = j * self.k + i;
+            let bytes = _mm_loadu_si128(self.quants.wrapping_add(at) as *const __m128i);
+            let values = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(bytes));
+            _mm512_mul_ps(values, _mm512_set1_ps(*self.scales.wrapping_add(at / 32)))
+        }
+
+        #[inline(always)]
+        unsafe fn load_tail(self, _j: usize, _i: usize) -> __m512 {
+            unreachable!("Q8_0 rows are whole blocks")
+        }
+    }
+
+    /// `y[m, n] = x[m, k] · Wᵀ` for `m ≤ 16`, each thread taking its own share of `W`'s rows.
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn few_rows_of<W: Rows>(x: &[f32], m: usize, w: W, n: usize) -> Vec<f32> {
+        let mut y = vec![0f32; m * n];
+        let out = Shared(y.as_mut_ptr());
+        let x = x.as_ptr() as usize;
+        for_each_share(n, |cols| {
+            // SAFETY: AVX-512F is present (this function's caller checked); the share writes
+            // its own columns of `y`.
+            unsafe { few_rows(x as *const f32, m, w, cols, out.ptr(), n) }
+        });
+        y
+    }
+
     /// Columns `cols` of `y[m, n] = x[m, k] · Wᵀ` (row stride `n`).
     #[target_feature(enable = "avx512f")]
-    pub unsafe fn few_rows(
+    unsafe fn few_rows<W: Rows>(
         x: *const f32,
         m: usize,
-        k: usize,
-        w: *const f32,
+        w: W,
         cols: std::ops::Range<usize>,
         y: *mut f32,
         n: usize,
@@ -135,7 +277,7 @@ mod avx512 {
         macro_rules! dispatch {
             ($($r:literal)*) => {
                 match m {
-                    $($r => block::<$r>(x, k, w, cols, y, n),)*
+                    $($r => block::<W, $r>(x, w, cols, y, n),)*
                     _ => unreachable!("few_rows takes 1..=16 rows"),
                 }
             };
@@ -144,10 +286,9 @@ mod avx512 {
     }
 
     #[target_feature(enable = "avx512f")]
-    unsafe fn block<const R: usize>(
+    unsafe fn block<W: Rows, const R: usize>(
         x: *const f32,
-        k: usize,
-        w: *const f32,
+        w: W,
         cols: std::ops::Range<usize>,
         y: *mut f32,
         n: usize,
@@ -155,37 +296,37 @@ mod avx512 {
         let mut j = cols.start;
         if R <= 8 {
             while j + 2 <= cols.end {
-                rows_of_w::<2, R>(x, k, w.wrapping_add(j * k), y.wrapping_add(j), n);
+                rows_of_w::<W, 2, R>(x, w, j, y.wrapping_add(j), n);
                 j += 2;
             }
         }
         while j < cols.end {
-            rows_of_w::<1, R>(x, k, w.wrapping_add(j * k), y.wrapping_add(j), n);
+            rows_of_w::<W, 1, R>(x, w, j, y.wrapping_add(j), n);
             j += 1;
         }
     }
 
-    /// `y[r, j] = x[r, :] · W[j, :]` for `J` consecutive rows of `W` (from `w`) and the `R`
-    /// rows of `x`; `y` points at column 0 of those `J`. Pointer steps are wrapping ones
-    /// (all stay within the operands): checked ones would take the accumulators out of
-    /// registers in a build with overflow checks.
+    /// `y[r, j0 + jj] = x[r, :] · W[j0 + jj, :]` for `J` consecutive rows of `W` from `j0`
+    /// and the `R` rows of `x`; `y` points at column `j0`. Pointer steps are wrapping ones
+    /// (all stay within the operands).
     #[target_feature(enable = "avx512f")]
     #[inline]
-    unsafe fn rows_of_w<const J: usize, const R: usize>(
+    #[allow(clippy::needless_range_loop)] // `j` and `r` also pick the row of `W` and of `y`
+    unsafe fn rows_of_w<W: Rows, const J: usize, const R: usize>(
         x: *const f32,
-        k: usize,
-        w: *const f32,
+        w: W,
+        j0: usize,
         y: *mut f32,
         n: usize,
     ) {
+        let k = w.k();
         let x_rows: [*const f32; R] = std::array::from_fn(|r| x.wrapping_add(r.wrapping_mul(k)));
-        let w_rows: [*const f32; J] = std::array::from_fn(|j| w.wrapping_add(j.wrapping_mul(k)));
         let mut acc = [[_mm512_setzero_ps(); R]; J];
         let full = k - k % 16;
         let mut i = 0;
         while i < full {
             for j in 0..J {
-                let wv = _mm512_loadu_ps(w_rows[j].wrapping_add(i));
+                let wv = w.load(j0 + j, i);
                 for r in 0..R {
                     let xv = _mm512_loadu_ps(x_rows[r].wrapping_add(i));
                     acc[j][r] = _mm512_fmadd_ps(wv, xv, acc[j][r]);
@@ -196,14 +337,13 @@ mod avx512 {
         if full < k {
             let mask: __mmask16 = (1u16 << (k - full)) - 1;
             for j in 0..J {
-                let wv = _mm512_maskz_loadu_ps(mask, w_rows[j].wrapping_add(full));
+                let wv = w.load_tail(j0 + j, full);
                 for r in 0..R {
                     let xv = _mm512_maskz_loadu_ps(mask, x_rows[r].wrapping_add(full));
                     acc[j][r] = _mm512_fmadd_ps(wv, xv, acc[j][r]);
                 }
             }
         }
-        #[allow(clippy::needless_range_loop)] // `j` and `r` place the sum in `y` too
         for j in 0..J {
             for r in 0..R {
                 *y.wrapping_add(r.wrapping_mul(n).wrapping_add(j)) =
@@ -255,6 +395,32 @@ mod tests {
                 close(&few_rows(&x, (m, k), &w, n), &reference(&x, (m, k), &w, n));
             }
         }
+    }
+
+    #[test]
+    fn q8_rows_rebuild_exact_blocks_and_give_the_f32_products_bit_for_bit() {
+        // a Q8_0 matrix dequantized: scale × byte, the byte ±127 at each block's largest
+        let (n, k) = (37, 96);
+        let w: Vec<f32> = (0..n * k)
+            .map(|i| {
+                let scale = 0.001 * (1 + (i / 32) % 7) as f32;
+                let q = if i % 32 == 5 {
+                    127
+                } else {
+                    ((i * 31) % 255) as i32 - 127
+                };
+                scale * q as f32
+            })
+            .collect();
+        let q8 = Q8Rows::exact(&w, n, k).expect("exact Q8_0 blocks");
+        for m in [1, 3, 8, 13] {
+            let x = values(m * k, 9);
+            let want = few_rows(&x, (m, k), &w, n);
+            assert_eq!(q8.few_rows(&x, m), want, "{m} rows");
+        }
+        // values that are no such blocks are refused
+        assert!(Q8Rows::exact(&values(n * k, 3), n, k).is_none());
+        assert!(Q8Rows::exact(&w[..n * 90], n, 90).is_none());
     }
 
     #[test]

@@ -6,7 +6,6 @@ use candle_core::Tensor;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-use super::logprob::logits_of;
 use super::{Input, KvCache, Model, Result};
 
 /// How one request is sampled.
@@ -198,7 +197,7 @@ fn generate_batch(
         let hidden = model.forward(&input, Some(&mut cache), adapters_on)?;
         let s = hidden.dim(1)?;
         let last = hidden.narrow(1, s - 1, 1)?.squeeze(1)?; // [b, d]
-        let mut logits = logits_of(&last, model.lm_head(), model.logit_softcap())?;
+        let mut logits = model.head_logits(&last)?;
         if let Some(rows) = expand.take() {
             logits = logits.index_select(&rows, 0)?;
             cache.select_rows(&rows)?;

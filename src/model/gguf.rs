@@ -69,6 +69,7 @@ pub fn load_on(path: &Path, config: Option<&Value>, placement: &Placement) -> Re
         arch,
         source: path.to_path_buf(),
         config,
+        head_blocks: super::HeadBlocks::default(),
     })
 }
 

@@ -213,6 +213,11 @@ fn row_logprob(row: &mut [f32], target: usize, inv_t: f32, into_weights: bool) -
 /// Logits `[n, vocab]` in f32 for `hidden: [n, d]`.
 pub fn logits_of(hidden: &Tensor, head: &Tensor, softcap: Option<f64>) -> Result<Tensor> {
     let logits = super::frozen::matmul_t(hidden, head)?.to_dtype(DType::F32)?;
+    soft_capped(logits, softcap)
+}
+
+/// `cap · tanh(logits / cap)` where the model has a soft cap, the logits as they are where not.
+pub fn soft_capped(logits: Tensor, softcap: Option<f64>) -> Result<Tensor> {
     match softcap {
         Some(cap) => (logits / cap)?.tanh()? * cap,
         None => Ok(logits),

@@ -110,6 +110,23 @@ pub struct Model {
     /// The `config.json` it was built from (for a GGUF file, the one derived from its
     /// metadata).
     pub config: Value,
+    /// The output head as Q8_0 blocks, made on first need (see [`Model::head_logits`]).
+    pub head_blocks: HeadBlocks,
+}
+
+/// The output head as exact Q8_0 blocks ([`cpu_matmul::Q8Rows`]), made once on first need
+/// and shared by the model's clones; empty where the head's values are no such blocks.
+#[derive(Clone, Default)]
+pub struct HeadBlocks(std::sync::Arc<std::sync::OnceLock<Option<cpu_matmul::Q8Rows>>>);
+
+impl std::fmt::Debug for HeadBlocks {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0.get() {
+            Some(Some(_)) => f.write_str("HeadBlocks(Q8_0)"),
+            Some(None) => f.write_str("HeadBlocks(none)"),
+            None => f.write_str("HeadBlocks(not made)"),
+        }
+    }
 }
 
 impl Model {
@@ -170,6 +187,7 @@ impl Model {
             arch,
             source: dir.to_path_buf(),
             config: json,
+            head_blocks: HeadBlocks::default(),
         })
     }
 
@@ -193,6 +211,37 @@ impl Model {
             Architecture::Gemma3(m) => m.lm_head(),
             Architecture::Llama(m) => m.lm_head(),
         }
+    }
+
+    /// Logits `[n, vocab]` (f32) for `hidden: [n, d]`. A few rows on the CPU (a decoding
+    /// step, the last positions of a scoring batch) read the head as Q8_0 blocks where its
+    /// values are exactly such blocks (a Q8_0 GGUF's, as the default model's): the same
+    /// logits from a quarter of the bytes.
+    pub fn head_logits(&self, hidden: &Tensor) -> Result<Tensor> {
+        let head = self.lm_head();
+        let few = hidden.rank() == 2 && hidden.dim(0)? <= cpu_matmul::FEW_ROWS;
+        let f32_cpu =
+            hidden.device().is_cpu() && hidden.dtype() == DType::F32 && head.dtype() == DType::F32;
+        if few && f32_cpu {
+            let blocks = self.head_blocks.0.get_or_init(|| {
+                let (n, k) = head.dims2().ok()?;
+                let (storage, layout) = head.storage_and_layout();
+                let (candle_core::Storage::Cpu(candle_core::CpuStorage::F32(w)), Some((a, b))) =
+                    (&*storage, layout.contiguous_offsets())
+                else {
+                    return None;
+                };
+                cpu_matmul::Q8Rows::exact(&w[a..b], n, k)
+            });
+            if let Some(blocks) = blocks {
+                let rows = hidden.dim(0)?;
+                let x = hidden.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
+                let y = blocks.few_rows(&x, rows);
+                let logits = Tensor::from_vec(y, (rows, head.dim(0)?), hidden.device())?;
+                return Ok(logprob::soft_capped(logits, self.logit_softcap())?);
+            }
+        }
+        Ok(logprob::logits_of(hidden, head, self.logit_softcap())?)
     }
 
     /// The logits' soft cap, when the architecture has one.
@@ -255,7 +304,7 @@ impl Model {
         let input = Input::unpadded(&[ids.to_vec()], 0, self.device())?;
         let hidden = self.forward(&input, None, adapters_on)?.squeeze(0)?;
         let last = hidden.narrow(0, ids.len() - 1, 1)?;
-        Ok(logprob::logits_of(&last, self.lm_head(), self.logit_softcap())?.squeeze(0)?)
+        Ok(self.head_logits(&last)?.squeeze(0)?)
     }
 
     /// `log p(completion_t | prompt, completion_<t)` for each completion token, `[n]` f32.
