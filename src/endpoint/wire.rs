@@ -101,16 +101,9 @@ pub const NO_PROMPT_LOGPROBS: &str = "the reply holds no log-probabilities of th
 /// token's text and log-probability (`None` where the server gives none, as for the first
 /// token).
 pub fn parse_scores(reply: &Value, prompts: &[String]) -> Result<Vec<PromptLogprobs>, String> {
-    let choices = reply
-        .get("choices")
-        .and_then(Value::as_array)
-        .ok_or("no `choices` array")?;
-    let mut indexed = Vec::with_capacity(choices.len());
-    for (position, choice) in choices.iter().enumerate() {
-        let index = choice
-            .get("index")
-            .and_then(Value::as_u64)
-            .map_or(position, |i| i as usize);
+    let choices = choices_by_index(reply)?;
+    let mut scored = Vec::with_capacity(choices.len());
+    for (position, choice) in choices {
         let logprobs = choice.get("logprobs").filter(|v| !v.is_null());
         let field = |name: &str| {
             logprobs
@@ -144,25 +137,20 @@ pub fn parse_scores(reply: &Value, prompts: &[String]) -> Result<Vec<PromptLogpr
                 )),
             })
             .collect::<Result<Vec<_>, _>>()?;
-        indexed.push((
-            index,
-            choice.get("text"),
-            PromptLogprobs { tokens, logprobs },
-        ));
+        scored.push((choice.get("text"), PromptLogprobs { tokens, logprobs }));
     }
-    if indexed.len() != prompts.len() {
+    if scored.len() != prompts.len() {
         return Err(format!(
             "{} choices for {} prompts (the server does not take a list of prompts)",
-            indexed.len(),
+            scored.len(),
             prompts.len()
         ));
     }
-    indexed.sort_by_key(|(index, ..)| *index);
-    indexed
+    scored
         .into_iter()
         .zip(prompts)
         .enumerate()
-        .map(|(i, ((_, text, scored), prompt))| {
+        .map(|(i, ((text, scored), prompt))| {
             // `max_tokens: 0` must return the prompt alone: a server that generated after it
             // would have its tokens counted as the prompt's
             match text.and_then(Value::as_str) {
@@ -179,16 +167,9 @@ pub fn parse_scores(reply: &Value, prompts: &[String]) -> Result<Vec<PromptLogpr
 
 /// The texts, finish reasons and token counts of a reply, its choices in `index` order.
 pub fn parse_reply(route: Route, reply: &Value) -> Result<Reply, String> {
-    let choices = reply
-        .get("choices")
-        .and_then(Value::as_array)
-        .ok_or("no `choices` array")?;
-    let mut indexed = Vec::with_capacity(choices.len());
-    for (position, choice) in choices.iter().enumerate() {
-        let index = choice
-            .get("index")
-            .and_then(Value::as_u64)
-            .map_or(position, |i| i as usize);
+    let choices = choices_by_index(reply)?;
+    let mut parsed = Vec::with_capacity(choices.len());
+    for (position, choice) in choices {
         let text = match route {
             Route::Chat => {
                 let message = choice
@@ -208,9 +189,8 @@ pub fn parse_reply(route: Route, reply: &Value) -> Result<Reply, String> {
             .and_then(Value::as_str)
             .unwrap_or("")
             .to_string();
-        indexed.push((index, text, finish));
+        parsed.push((text, finish));
     }
-    indexed.sort_by_key(|(index, ..)| *index);
     let usage = |key: &str| {
         reply
             .get("usage")
@@ -218,13 +198,30 @@ pub fn parse_reply(route: Route, reply: &Value) -> Result<Reply, String> {
             .and_then(Value::as_u64)
             .unwrap_or(0) as usize
     };
-    let (texts, finish_reasons) = indexed.into_iter().map(|(_, t, f)| (t, f)).unzip();
+    let (texts, finish_reasons) = parsed.into_iter().unzip();
     Ok(Reply {
         texts,
         finish_reasons,
         prompt_tokens: usage("prompt_tokens"),
         completion_tokens: usage("completion_tokens"),
     })
+}
+
+/// The reply's `choices` in `index` order (a choice without one keeps its place), each with
+/// its position in the array, for messages.
+fn choices_by_index(reply: &Value) -> Result<Vec<(usize, &Value)>, String> {
+    let choices = reply
+        .get("choices")
+        .and_then(Value::as_array)
+        .ok_or("no `choices` array")?;
+    let mut ordered: Vec<(usize, &Value)> = choices.iter().enumerate().collect();
+    ordered.sort_by_key(|(position, choice)| {
+        choice
+            .get("index")
+            .and_then(Value::as_u64)
+            .map_or(*position, |i| i as usize)
+    });
+    Ok(ordered)
 }
 
 /// A message's content as text: a string, nothing (`null`, as when a model only calls

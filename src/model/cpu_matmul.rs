@@ -92,6 +92,14 @@ pub fn by_columns(
     y
 }
 
+/// Whether the CPU runs the AVX-512 kernels below.
+fn has_avx512() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    return std::arch::is_x86_feature_detected!("avx512f");
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
+
 /// The most rows [`few_rows`] multiplies in one pass over the weight.
 pub const FEW_ROWS: usize = 16;
 
@@ -101,7 +109,7 @@ pub const FEW_ROWS: usize = 16;
 pub fn few_rows(x: &[f32], (m, k): (usize, usize), w: &[f32], n: usize) -> Vec<f32> {
     assert!(m <= FEW_ROWS && x.len() >= m * k && w.len() >= n * k);
     #[cfg(target_arch = "x86_64")]
-    if m > 0 && k > 0 && std::arch::is_x86_feature_detected!("avx512f") {
+    if m > 0 && k > 0 && has_avx512() {
         let rows = avx512::F32Rows { w: w.as_ptr(), k };
         // SAFETY: AVX-512F is present and `w` holds `[n, k]`.
         return unsafe { avx512::few_rows_of(x, m, rows, n) };
@@ -124,9 +132,10 @@ pub struct Q8Rows {
 
 impl Q8Rows {
     /// `w: [n, k]` as Q8_0 blocks when every value is exactly its block's `max |w| / 127`
-    /// times an integer in −127..=127 (and `k` is a multiple of 32); `None` otherwise.
+    /// times an integer in −127..=127 (and `k` is a multiple of 32) and the CPU has the
+    /// AVX-512 kernel that reads them; `None` otherwise.
     pub fn exact(w: &[f32], n: usize, k: usize) -> Option<Self> {
-        if k == 0 || !k.is_multiple_of(32) || w.len() != n * k {
+        if k == 0 || !k.is_multiple_of(32) || w.len() != n * k || !has_avx512() {
             return None;
         }
         let mut scales = Vec::with_capacity(n * k / 32);
@@ -155,23 +164,25 @@ impl Q8Rows {
     pub fn few_rows(&self, x: &[f32], m: usize) -> Vec<f32> {
         let (n, k) = (self.n, self.k);
         assert!(m <= FEW_ROWS && x.len() >= m * k);
+        if m == 0 {
+            return Vec::new();
+        }
         #[cfg(target_arch = "x86_64")]
-        if m > 0 && std::arch::is_x86_feature_detected!("avx512f") {
+        {
             let rows = avx512::Q8Blocks {
                 scales: self.scales.as_ptr(),
                 quants: self.quants.as_ptr(),
                 k,
             };
-            // SAFETY: AVX-512F is present and the blocks hold `[n, k]`.
-            return unsafe { avx512::few_rows_of(x, m, rows, n) };
+            // SAFETY: `exact` made these blocks only where AVX-512F is present; they hold
+            // `[n, k]`.
+            unsafe { avx512::few_rows_of(x, m, rows, n) }
         }
-        let w: Vec<f32> = self
-            .quants
-            .iter()
-            .enumerate()
-            .map(|(i, &q)| q as f32 * self.scales[i / 32])
-            .collect();
-        by_columns(x, (m, k), &w, (1, k), n)
+        #[cfg(not(target_arch = "x86_64"))]
+        unreachable!(
+            "Q8Rows::exact makes none without AVX-512 (x: {}, {n} rows)",
+            x.len()
+        )
     }
 }
 

@@ -83,23 +83,14 @@ impl CustomOp2 for TimesWeight {
         w: &CpuStorage,
         w_layout: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (out_dim, in_dim) = w_layout.shape().dims2()?;
-        let rows = g_layout.shape().elem_count() / out_dim.max(1);
-        let mut shape = g_layout.dims().to_vec();
-        *shape.last_mut().expect("at least one dimension") = in_dim;
         let (CpuStorage::F32(gs), CpuStorage::F32(ws)) = (g, w) else {
-            let y = g.matmul(
-                w,
-                (1, rows, in_dim, out_dim),
-                &Layout::contiguous_with_offset((rows, out_dim), g_layout.start_offset()),
-                w_layout,
-            )?;
-            return Ok((y, Shape::from(shape)));
+            return storage_times_weight(g, g_layout, w, w_layout);
         };
+        let (rows, out_dim, in_dim, shape) = times_weight_dims(g_layout, w_layout)?;
         let gs = &gs[g_layout.start_offset()..][..rows * out_dim];
         let ws = &ws[w_layout.start_offset()..][..out_dim * in_dim];
         let y = cpu_matmul::by_columns(gs, (rows, out_dim), ws, (in_dim, 1), in_dim);
-        Ok((CpuStorage::F32(y), Shape::from(shape)))
+        Ok((CpuStorage::F32(y), shape))
     }
 
     fn cuda_fwd(
@@ -109,18 +100,34 @@ impl CustomOp2 for TimesWeight {
         w: &CudaStorage,
         w_layout: &Layout,
     ) -> Result<(CudaStorage, Shape)> {
-        let (out_dim, in_dim) = w_layout.shape().dims2()?;
-        let rows = g_layout.shape().elem_count() / out_dim.max(1);
-        let mut shape = g_layout.dims().to_vec();
-        *shape.last_mut().expect("at least one dimension") = in_dim;
-        let y = g.matmul(
-            w,
-            (1, rows, in_dim, out_dim),
-            &Layout::contiguous_with_offset((rows, out_dim), g_layout.start_offset()),
-            w_layout,
-        )?;
-        Ok((y, Shape::from(shape)))
+        storage_times_weight(g, g_layout, w, w_layout)
     }
+}
+
+/// The rows of `g: [..., out]`, `out`, `in` and the product's shape `[..., in]`.
+fn times_weight_dims(g_layout: &Layout, w_layout: &Layout) -> Result<(usize, usize, usize, Shape)> {
+    let (out_dim, in_dim) = w_layout.shape().dims2()?;
+    let rows = g_layout.shape().elem_count() / out_dim.max(1);
+    let mut shape = g_layout.dims().to_vec();
+    *shape.last_mut().expect("at least one dimension") = in_dim;
+    Ok((rows, out_dim, in_dim, Shape::from(shape)))
+}
+
+/// `g W` as one storage-level `[rows, out] × [out, in]` matmul (contiguous `g`).
+fn storage_times_weight<S: BackendStorage>(
+    g: &S,
+    g_layout: &Layout,
+    w: &S,
+    w_layout: &Layout,
+) -> Result<(S, Shape)> {
+    let (rows, out_dim, in_dim, shape) = times_weight_dims(g_layout, w_layout)?;
+    let y = g.matmul(
+        w,
+        (1, rows, in_dim, out_dim),
+        &Layout::contiguous_with_offset((rows, out_dim), g_layout.start_offset()),
+        w_layout,
+    )?;
+    Ok((y, shape))
 }
 
 /// `g W` (`g: [..., out]`, `W: [out, in]`) for a frozen `W`, untracked.

@@ -6,6 +6,7 @@
 //! gradient only (norm scales and masks are never trained).
 
 use candle_core::{bail, CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor, D};
+use rayon::prelude::*;
 
 /// The rows of a contiguous f32 storage.
 fn f32_rows<'a>(storage: &'a CpuStorage, layout: &Layout, what: &str) -> Result<&'a [f32]> {
@@ -38,7 +39,6 @@ impl CustomOp2 for RmsNorm {
         if x_layout.dims().last() != Some(&d) {
             bail!("rms-norm: width {:?} but {d} scales", x_layout.dims());
         }
-        use rayon::prelude::*;
         let eps = self.eps as f32;
         let mut out = vec![0f32; xs.len()];
         // whole rows per thread's share
@@ -47,8 +47,7 @@ impl CustomOp2 for RmsNorm {
             .zip(xs.par_chunks(rows_per * d))
             .for_each(|(out, xs)| {
                 for (out, row) in out.chunks_exact_mut(d).zip(xs.chunks_exact(d)) {
-                    let mean = row.iter().map(|&v| v * v).sum::<f32>() / d as f32;
-                    let inv = 1.0 / (mean + eps).sqrt();
+                    let inv = inv_rms(row, eps);
                     for ((o, &v), &s) in out.iter_mut().zip(row).zip(w) {
                         *o = v * inv * s;
                     }
@@ -67,6 +66,12 @@ impl CustomOp2 for RmsNorm {
         let dx = x.apply_op3_no_bwd(scale, &grad.contiguous()?, &RmsNormGrad { eps: self.eps })?;
         Ok((Some(dx), None))
     }
+}
+
+/// `1 / sqrt(mean(x²) + eps)` of one row.
+fn inv_rms(row: &[f32], eps: f32) -> f32 {
+    let mean = row.iter().map(|&v| v * v).sum::<f32>() / row.len() as f32;
+    1.0 / (mean + eps).sqrt()
 }
 
 /// The input gradient of [`RmsNorm`], one pass per row: with `x̂ = x / rms`, `y = x̂ ⊙ w`
@@ -89,7 +94,6 @@ impl candle_core::CustomOp3 for RmsNormGrad {
         grad: &CpuStorage,
         grad_layout: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        use rayon::prelude::*;
         let xs = f32_rows(x, x_layout, "rms-norm backward")?;
         let w = f32_rows(scale, scale_layout, "rms-norm backward")?;
         let gs = f32_rows(grad, grad_layout, "rms-norm backward")?;
@@ -108,8 +112,7 @@ impl candle_core::CustomOp3 for RmsNormGrad {
                     .zip(xs.chunks_exact(d))
                     .zip(gs.chunks_exact(d))
                 {
-                    let mean_sq = x.iter().map(|&v| v * v).sum::<f32>() / d as f32;
-                    let inv = 1.0 / (mean_sq + eps).sqrt();
+                    let inv = inv_rms(x, eps);
                     let dot = x
                         .iter()
                         .zip(g)
@@ -162,7 +165,6 @@ impl CustomOp2 for GeluTanhMul {
         up: &CpuStorage,
         up_layout: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        use rayon::prelude::*;
         let gate = f32_rows(gate, gate_layout, "gelu-tanh-mul")?;
         let up = f32_rows(up, up_layout, "gelu-tanh-mul")?;
         if gate_layout.dims() != up_layout.dims() {
@@ -209,7 +211,6 @@ impl candle_core::CustomOp3 for GeluTanhMulGrad {
         grad: &CpuStorage,
         grad_layout: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        use rayon::prelude::*;
         let gate = f32_rows(gate, gate_layout, "gelu-tanh-mul backward")?;
         let up = f32_rows(up, up_layout, "gelu-tanh-mul backward")?;
         let grad = f32_rows(grad, grad_layout, "gelu-tanh-mul backward")?;
@@ -267,7 +268,6 @@ impl candle_core::CustomOp3 for RotaryEmbedding {
         sin: &CpuStorage,
         sin_layout: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        use rayon::prelude::*;
         let CpuStorage::F32(xs) = x else {
             bail!("rotary-embedding takes f32 tensors");
         };

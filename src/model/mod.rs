@@ -369,7 +369,6 @@ impl Model {
         let mut ids = Vec::with_capacity(b * width);
         let mut positions = Vec::with_capacity(b * width);
         let mut key_valid = Vec::with_capacity(b);
-        let mut targets = Vec::with_capacity(b * c_max);
         for (prompt, completion) in pairs {
             let pad = p_max - prompt.len();
             let real = prompt.len() + completion.len();
@@ -378,8 +377,6 @@ impl Model {
             ids.extend(std::iter::repeat_n(0u32, c_max - completion.len()));
             positions.extend((0..width).map(|s| s.saturating_sub(pad).min(real) as u32));
             key_valid.push((0..width).map(|s| s >= pad && s < pad + real).collect());
-            targets.extend(completion.iter().copied());
-            targets.extend(std::iter::repeat_n(0u32, c_max - completion.len()));
         }
         let input = Input {
             ids: Tensor::from_vec(ids, (b, width), device)?,
@@ -395,16 +392,7 @@ impl Model {
         let scoring = hidden
             .narrow(1, p_max - 1, c_max)?
             .reshape((b * c_max, d))?;
-        let targets = Tensor::from_vec(targets, b * c_max, device)?;
-        let logprobs = logprob::gather_logprobs(
-            &scoring,
-            self.lm_head(),
-            &targets,
-            self.logit_softcap(),
-            temperature,
-        )?
-        .reshape((b, c_max))?;
-        Ok((logprobs * completion_mask(pairs, c_max, device)?)?)
+        self.completion_tokens_logprobs(&scoring, pairs, c_max, temperature)
     }
 
     /// [`Model::pair_logprobs`] where prompts repeat (a GRPO group): each distinct prompt
@@ -451,7 +439,6 @@ impl Model {
         let mut ids = Vec::with_capacity(b * c_max);
         let mut positions = Vec::with_capacity(b * c_max);
         let mut valid = Vec::with_capacity(b);
-        let mut targets = Vec::with_capacity(b * c_max);
         for ((prompt, completion), &u) in pairs.iter().zip(&source) {
             let real = prompt.len() + completion.len();
             ids.extend(completion.iter().copied());
@@ -460,8 +447,6 @@ impl Model {
             let mut row = key_valid[u as usize].clone();
             row.extend((0..c_max).map(|t| t < completion.len()));
             valid.push(row);
-            targets.extend(completion.iter().copied());
-            targets.extend(std::iter::repeat_n(0u32, c_max - completion.len()));
         }
         let completions = Input {
             ids: Tensor::from_vec(ids, (b, c_max), device)?,
@@ -472,16 +457,38 @@ impl Model {
         let d = hidden.dim(2)?;
         let scoring =
             Tensor::cat(&[&first, &hidden.narrow(1, 0, c_max - 1)?], 1)?.reshape((b * c_max, d))?;
+        self.completion_tokens_logprobs(&scoring, pairs, c_max, temperature)
+    }
+
+    /// `[b, c_max]`: the log-probability of each pair's completion tokens from `scoring:
+    /// [b · c_max, d]`, the states that predict them (row `i · c_max + t` predicts token `t`
+    /// of pair `i`), 0 past each completion's end.
+    fn completion_tokens_logprobs(
+        &self,
+        scoring: &Tensor,
+        pairs: &[(&[u32], &[u32])],
+        c_max: usize,
+        temperature: f64,
+    ) -> Result<Tensor> {
+        let device = self.device();
+        let b = pairs.len();
+        let mut targets = Vec::with_capacity(b * c_max);
+        let mut mask = Vec::with_capacity(b * c_max);
+        for (_, completion) in pairs {
+            targets.extend(completion.iter().copied());
+            targets.extend(std::iter::repeat_n(0u32, c_max - completion.len()));
+            mask.extend((0..c_max).map(|t| if t < completion.len() { 1f32 } else { 0.0 }));
+        }
         let targets = Tensor::from_vec(targets, b * c_max, device)?;
         let logprobs = logprob::gather_logprobs(
-            &scoring,
+            scoring,
             self.lm_head(),
             &targets,
             self.logit_softcap(),
             temperature,
         )?
         .reshape((b, c_max))?;
-        Ok((logprobs * completion_mask(pairs, c_max, device)?)?)
+        Ok((logprobs * Tensor::from_vec(mask, (b, c_max), device)?)?)
     }
 
     /// The `n` most likely next tokens one at a time from `prompt` (greedy decoding; no
@@ -502,15 +509,6 @@ impl Model {
         )?;
         Ok(completions.remove(0).ids)
     }
-}
-
-/// `[b, c_max]`: 1 over each pair's completion tokens, 0 past its end.
-fn completion_mask(pairs: &[(&[u32], &[u32])], c_max: usize, device: &Device) -> Result<Tensor> {
-    let mask: Vec<f32> = pairs
-        .iter()
-        .flat_map(|(_, c)| (0..c_max).map(move |t| if t < c.len() { 1.0 } else { 0.0 }))
-        .collect();
-    Ok(Tensor::from_vec(mask, (pairs.len(), c_max), device)?)
 }
 
 /// The safetensors files of a model directory: the shards of `model.safetensors.index.json`,

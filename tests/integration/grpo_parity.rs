@@ -23,6 +23,18 @@ fn fixture(name: &str) -> (HashMap<String, Tensor>, Value) {
     (tensors, meta)
 }
 
+/// The tiny Gemma 3 model with the fixtures' adapter attached.
+fn tiny_policy() -> LanguageModel {
+    let base = LanguageModel::load(
+        &repo("tests/fixtures/tiny-gemma3"),
+        Some(&repo("tests/fixtures/tiny-tokenizer/tokenizer.json")),
+        &Device::Cpu,
+    )
+    .unwrap();
+    base.load_adapter(&repo("tests/fixtures/tiny-gemma3/adapter"))
+        .unwrap()
+}
+
 #[test]
 fn advantages_equal_trl_for_every_scaling() {
     let (t, meta) = fixture("losses");
@@ -88,15 +100,7 @@ fn loss_and_its_gradient_equal_trl_for_every_loss_type_and_beta() {
 #[test]
 fn lora_gradients_through_the_tiny_model_equal_torch() {
     let (t, meta) = fixture("lora_grads");
-    let base = LanguageModel::load(
-        &repo("tests/fixtures/tiny-gemma3"),
-        Some(&repo("tests/fixtures/tiny-tokenizer/tokenizer.json")),
-        &Device::Cpu,
-    )
-    .unwrap();
-    let mut policy = base
-        .load_adapter(&repo("tests/fixtures/tiny-gemma3/adapter"))
-        .unwrap();
+    let mut policy = tiny_policy();
     let ids = |key: &str| -> Vec<Vec<u32>> {
         meta[key]
             .as_array()
@@ -186,15 +190,7 @@ fn lora_gradients_through_the_tiny_model_equal_torch() {
 
 #[test]
 fn prompts_shared_by_a_group_run_once_with_the_same_logprobs_and_gradients() {
-    let base = LanguageModel::load(
-        &repo("tests/fixtures/tiny-gemma3"),
-        Some(&repo("tests/fixtures/tiny-tokenizer/tokenizer.json")),
-        &Device::Cpu,
-    )
-    .unwrap();
-    let mut policy = base
-        .load_adapter(&repo("tests/fixtures/tiny-gemma3/adapter"))
-        .unwrap();
+    let mut policy = tiny_policy();
     // two prompts of different lengths, longer than the sliding window (4), and groups of
     // completions of different lengths
     let (a, b): (Vec<u32>, Vec<u32>) = ((5..14).collect(), (20..25).collect());

@@ -3,7 +3,6 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::time::Duration;
 
 use candle_core::Device;
 use polars::prelude::*;
@@ -201,13 +200,7 @@ fn a_judging_run_killed_and_rerun_equals_an_uninterrupted_one() {
     let out_killed = killed.join("judged.json");
     let mut child = run_judge_script(&killed, &out_killed, n);
     // kill it once some, but not all, responses are saved
-    let mut waited = 0;
-    while cached_responses(&killed) < 3 && waited < 6000 {
-        std::thread::sleep(Duration::from_millis(10));
-        waited += 1;
-    }
-    child.kill().unwrap(); // SIGKILL
-    child.wait().unwrap();
+    super::kill_when(&mut child, || cached_responses(&killed) >= 3);
     let saved = cached_responses(&killed);
     assert!(
         saved >= 3 && saved < 2 * n,

@@ -26,6 +26,18 @@ mod tokenizer;
 
 use std::path::PathBuf;
 
+/// Waits (up to a minute) until `ready`, then kills `child` with SIGKILL and reaps it: a
+/// crash in the middle of a long job.
+pub fn kill_when(child: &mut std::process::Child, ready: impl Fn() -> bool) {
+    let mut waited = 0;
+    while !ready() && waited < 6000 {
+        std::thread::sleep(std::time::Duration::from_millis(10));
+        waited += 1;
+    }
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+}
+
 /// The largest absolute difference between two tensors of the same shape.
 pub fn max_abs_diff(a: &candle_core::Tensor, b: &candle_core::Tensor) -> f32 {
     max_abs(&(a - b).unwrap())

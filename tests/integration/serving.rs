@@ -594,14 +594,17 @@ fn a_server_without_prompt_log_probabilities_gets_a_clear_error() {
         )
     });
     let items = load("mmlu", "test", 2);
-    let err = eval::evaluate(
-        &fault_client(&server.url),
-        &items,
-        &options(Mode::Loglik, &scratch("no-echo")),
-        &Job::silent(),
-    )
-    .unwrap_err()
-    .to_string();
+    let loglik_error = |url: &str, name: &str| {
+        eval::evaluate(
+            &fault_client(url),
+            &items,
+            &options(Mode::Loglik, &scratch(name)),
+            &Job::silent(),
+        )
+        .unwrap_err()
+        .to_string()
+    };
+    let err = loglik_error(&server.url, "no-echo");
     for part in [
         "does not honour `echo` with `logprobs`",
         "/completions",
@@ -618,14 +621,7 @@ fn a_server_without_prompt_log_probabilities_gets_a_clear_error() {
                 .into(),
         )
     });
-    let err = eval::evaluate(
-        &fault_client(&refusing.url),
-        &items,
-        &options(Mode::Loglik, &scratch("refused")),
-        &Job::silent(),
-    )
-    .unwrap_err()
-    .to_string();
+    let err = loglik_error(&refusing.url, "refused");
     assert!(
         err.contains("HTTP 400") && err.contains("echo is not supported") && err.contains("loglik"),
         "{err}"
@@ -671,13 +667,7 @@ fn a_script_evaluating_through_a_server_killed_and_rerun_resumes() {
     let killed = scratch("script-killed");
     let cache = killed.join("cache").join("eval");
     let mut child = run_eval_script(&killed, &slow.url, &killed.join("results.json"));
-    let mut waited = 0;
-    while cache_lines(&cache) < 2 && waited < 6000 {
-        std::thread::sleep(Duration::from_millis(10));
-        waited += 1;
-    }
-    child.kill().unwrap(); // SIGKILL
-    child.wait().unwrap();
+    super::kill_when(&mut child, || cache_lines(&cache) >= 2);
     let saved = cache_lines(&cache);
     assert!((2..8).contains(&saved), "killed after {saved} of 8");
     assert!(!killed.join("results.json").exists());
