@@ -20,3 +20,4 @@ pub mod report;
 pub mod reward;
 pub mod script;
 pub mod serve;
+pub mod sft;

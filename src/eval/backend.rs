@@ -198,10 +198,11 @@ impl Backend for LocalModel {
         completions
             .into_iter()
             .zip(&ids)
-            .map(|(c, prompt)| {
+            .zip(&requests)
+            .map(|((c, prompt), request)| {
                 let text = self
                     .lm
-                    .text_of(&c, &stop_ids, &options.until)
+                    .text_of(&c, &stop_ids, request)
                     .map_err(model_error)?;
                 Ok(Completed {
                     text,

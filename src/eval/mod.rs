@@ -13,6 +13,7 @@ pub mod backend;
 pub mod cache;
 pub mod endpoint_backend;
 pub mod extract;
+pub mod overlap;
 pub mod preset;
 pub mod pyrandom;
 pub mod render;

@@ -219,6 +219,7 @@ impl GrpoConfig {
             "top_k": self.sampling.top_k,
             "min_p": self.sampling.min_p,
             "stop": self.sampling.stop_strings,
+            "include_stop": self.sampling.include_stop,
             "seed": self.seed,
             "system_prompt": self.template.system,
             "user_template": self.template.user,

@@ -285,7 +285,7 @@ fn one_step(
     let mut rollouts = Vec::with_capacity(completions.len());
     for (row, c) in completions.into_iter().enumerate() {
         let prompt = chosen[row / g];
-        let text = policy.text_of(&c, &stop_ids, &config.sampling.stop_strings)?;
+        let text = policy.text_of(&c, &stop_ids, &config.sampling)?;
         let scored = Scored {
             completion: &text,
             question: &items[prompt],

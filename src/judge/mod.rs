@@ -112,7 +112,7 @@ impl Responder for LanguageModel {
             return Err(JudgeError::Interrupted { done: 0, total: 0 });
         }
         out.into_iter()
-            .map(|c| Ok(self.text_of(&c, &stop_ids, &sampling.stop_strings)?))
+            .map(|c| Ok(self.text_of(&c, &stop_ids, sampling)?))
             .collect()
     }
 }
@@ -130,6 +130,13 @@ impl Responder for crate::endpoint::Endpoint {
         job: &Job,
     ) -> Result<Vec<String>, JudgeError> {
         use crate::endpoint::{ChatRequest, RequestParams};
+        if sampling.include_stop {
+            return Err(JudgeError::Setup(
+                "include_stop needs a local model: an OpenAI-compatible server drops the stop \
+                 string from its replies"
+                    .into(),
+            ));
+        }
         let requests: Vec<ChatRequest> = conversations
             .iter()
             .zip(seeds)
@@ -427,7 +434,7 @@ fn cache_path(name: &str, config: &JudgeConfig) -> PathBuf {
     let s = &config.sampling;
     // the sample count is not part of the key: raising k reuses the responses already there
     let key = format!(
-        "{name}\u{0}{}\u{0}{}\u{0}{}\u{0}{}\u{0}{}\u{0}{}\u{0}{:?}\u{0}{:?}",
+        "{name}\u{0}{}\u{0}{}\u{0}{}\u{0}{}\u{0}{}\u{0}{}\u{0}{:?}\u{0}{:?}\u{0}{}",
         s.max_tokens,
         s.temperature,
         s.top_k,
@@ -435,7 +442,8 @@ fn cache_path(name: &str, config: &JudgeConfig) -> PathBuf {
         s.min_p,
         config.seed,
         s.stop_ids,
-        s.stop_strings
+        s.stop_strings,
+        s.include_stop
     );
     let digest = Sha256::digest(key.as_bytes());
     let key: String = digest.iter().take(8).map(|b| format!("{b:02x}")).collect();

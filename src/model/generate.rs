@@ -29,6 +29,9 @@ pub struct Sampling {
     /// keep the token that completed it; [`crate::model::lm::LanguageModel::generate`]
     /// cuts the text before it).
     pub stop_strings: Vec<String>,
+    /// Keep the stop string that ended the text in it (vLLM's
+    /// `include_stop_str_in_output`): a completion stopped at `</answer>` keeps its tag.
+    pub include_stop: bool,
 }
 
 impl Default for Sampling {
@@ -42,6 +45,7 @@ impl Default for Sampling {
             seed: 0,
             stop_ids: vec![],
             stop_strings: vec![],
+            include_stop: false,
         }
     }
 }
@@ -295,10 +299,20 @@ fn reaches_stop_string(ids: &[u32], stops: &[String], decode: Decode) -> Result<
 
 /// Where the earliest of `stops` starts in `text`, if any occurs.
 pub fn stop_string_cut(text: &str, stops: &[String]) -> Option<usize> {
+    stop_string_at(text, stops).map(|(at, _)| at)
+}
+
+/// Where the text ends when the stop string is kept: just past the earliest stop string.
+pub fn stop_string_end(text: &str, stops: &[String]) -> Option<usize> {
+    stop_string_at(text, stops).map(|(at, len)| at + len)
+}
+
+/// The byte offset and length of the earliest stop string in `text`.
+fn stop_string_at(text: &str, stops: &[String]) -> Option<(usize, usize)> {
     stops
         .iter()
         .filter(|s| !s.is_empty())
-        .filter_map(|s| text.find(s.as_str()))
+        .filter_map(|s| text.find(s.as_str()).map(|at| (at, s.len())))
         .min()
 }
 
@@ -415,6 +429,19 @@ impl<'a> TopOrder<'a> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_earliest_stop_string_is_cut_before_or_kept() {
+        let stops = vec!["</answer>".to_string(), "\n\n".to_string(), String::new()];
+        let text = "<think> x </think><answer> B </answer>><answer>\n\n";
+        assert_eq!(stop_string_cut(text, &stops), Some(29));
+        assert_eq!(
+            &text[..stop_string_end(text, &stops).unwrap()],
+            "<think> x </think><answer> B </answer>"
+        );
+        assert_eq!(stop_string_cut("no stop here", &stops), None);
+        assert_eq!(stop_string_end("no stop here", &stops), None);
+    }
 
     #[test]
     fn untruncated_sampling_follows_the_tempered_distribution() {

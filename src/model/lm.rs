@@ -5,7 +5,7 @@ use std::path::Path;
 
 use candle_core::Device;
 
-use super::generate::{generate, stop_string_cut, Completion, Finish, Sampling};
+use super::generate::{generate, stop_string_cut, stop_string_end, Completion, Finish, Sampling};
 use super::lora::{self, LoraConfig};
 use super::tokenizer::Tokenizer;
 use super::{Model, ModelError, Placement, Result};
@@ -125,19 +125,19 @@ impl LanguageModel {
         )?
         .into_iter()
         .map(|completion| {
-            let text = self.text_of(&completion, &stop_ids, &sampling.stop_strings)?;
+            let text = self.text_of(&completion, &stop_ids, sampling)?;
             Ok(GeneratedText { text, completion })
         })
         .collect()
     }
 
-    /// A completion's text: without the stop token that ended it, cut before the first
-    /// stop string.
+    /// A completion's text: without the stop token that ended it, cut before the first of
+    /// `sampling`'s stop strings (after it with `include_stop`).
     pub fn text_of(
         &self,
         completion: &Completion,
         stop_ids: &[u32],
-        stop_strings: &[String],
+        sampling: &Sampling,
     ) -> Result<String> {
         let ended_by_token = completion.finish == Finish::Stop
             && completion.ids.last().is_some_and(|t| stop_ids.contains(t));
@@ -147,7 +147,12 @@ impl LanguageModel {
             &completion.ids[..]
         };
         let mut text = self.tokenizer.decode(shown)?;
-        if let Some(cut) = stop_string_cut(&text, stop_strings) {
+        let cut = if sampling.include_stop {
+            stop_string_end(&text, &sampling.stop_strings)
+        } else {
+            stop_string_cut(&text, &sampling.stop_strings)
+        };
+        if let Some(cut) = cut {
             text.truncate(cut);
         }
         Ok(text)

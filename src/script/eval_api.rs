@@ -24,7 +24,8 @@ pub const AREA: Area = Area {
             `tokens`, …). Finished items are cached under `$RLVR_HOME/cache/eval`, so a \
             rerun or an interrupted run resumes. The model may be an `endpoint` (an \
             OpenAI-compatible server), cached by its model name. `summary` and `compare` make \
-            tables with 95 % intervals.",
+            tables with 95 % intervals; `overlap` checks training questions against a \
+            benchmark for shared 13-word n-grams (contamination).",
     register,
 };
 
@@ -168,6 +169,20 @@ fn tables(results: Array) -> RhaiResult<Vec<DataFrame>> {
         .collect()
 }
 
+fn overlap_with(train: &DataFrame, benchmark: &DataFrame, opts: &Map) -> RhaiResult<DataFrame> {
+    check_keys(opts, &["n"], "overlap")?;
+    let n = match int(opts, "n")? {
+        Some(n) => count(n, "n")?,
+        None => 13,
+    };
+    if n == 0 {
+        return Err(error("overlap: `n` must be at least 1"));
+    }
+    let train = crate::data::question::questions(train).map_err(error)?;
+    let benchmark = crate::data::question::questions(benchmark).map_err(error)?;
+    Ok(eval::overlap::overlap(&train, &benchmark, n))
+}
+
 fn register(engine: &mut Engine, output: &Arc<dyn Output>) {
     // `evaluate` over a local model, and the same two overloads over an endpoint
     let out = output.clone();
@@ -303,6 +318,38 @@ fn register(engine: &mut Engine, output: &Arc<dyn Output>) {
                 check_keys(&opts, &["column"], "compare")?;
                 let column = text(&opts, "column")?.unwrap_or_else(|| "correct".into());
                 eval::compare(&tables(results)?, by, &column).map_err(error)
+            },
+        );
+    FuncRegistration::new("overlap")
+        .in_global_namespace()
+        .with_params_info(["train: DataFrame", "benchmark: DataFrame", "DataFrame"])
+        .with_comments([
+            "/// The contamination check: one row per training question and benchmark row \
+             that share a 13-word n-gram (texts lower-cased, split at every character that \
+             is not a letter or digit; a question's text is its question and choices), as \
+             the GPT-3 and lm-evaluation-harness decontamination notes do: `id`, \
+             `benchmark_id`, `benchmark_dataset`, `shared` (distinct shared n-grams) and \
+             `example` (the first of them). An empty table means no overlap found.",
+        ])
+        .register_into_engine(
+            engine,
+            |train: DataFrame, benchmark: DataFrame| -> RhaiResult<DataFrame> {
+                overlap_with(&train, &benchmark, &Map::new())
+            },
+        );
+    FuncRegistration::new("overlap")
+        .in_global_namespace()
+        .with_params_info([
+            "train: DataFrame",
+            "benchmark: DataFrame",
+            "options: Map",
+            "DataFrame",
+        ])
+        .with_comments(["/// `overlap` with options: `n` (the n-gram length in words, 13)."])
+        .register_into_engine(
+            engine,
+            |train: DataFrame, benchmark: DataFrame, opts: Map| -> RhaiResult<DataFrame> {
+                overlap_with(&train, &benchmark, &opts)
             },
         );
     FuncRegistration::new("presets")

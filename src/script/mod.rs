@@ -12,6 +12,7 @@ mod model_api;
 mod notebook_api;
 mod output;
 mod report_api;
+mod sft_api;
 mod train_api;
 
 use std::path::Path;

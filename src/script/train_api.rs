@@ -36,6 +36,7 @@ pub struct TrainingRun(pub Arc<GrpoRun>);
 
 fn register(engine: &mut Engine, output: &Arc<dyn Output>) {
     engine.register_type_with_name::<TrainingRun>("TrainingRun");
+    super::sft_api::register(engine, output);
 
     let out = output.clone();
     FuncRegistration::new("judge")
@@ -237,21 +238,21 @@ fn describe(run: &GrpoRun) -> String {
     )
 }
 
-fn job_of(output: &Arc<dyn Output>) -> Job {
+pub(super) fn job_of(output: &Arc<dyn Output>) -> Job {
     Job {
         progress: output.progress(),
         cancel: output.cancel(),
     }
 }
 
-fn int(v: &Dynamic, key: &str) -> RhaiResult<usize> {
+pub(super) fn int(v: &Dynamic, key: &str) -> RhaiResult<usize> {
     let i = v
         .as_int()
         .map_err(|t| error(format!("option `{key}` must be an integer, not {t}")))?;
     count(i, key)
 }
 
-fn float(v: &Dynamic, key: &str) -> RhaiResult<f64> {
+pub(super) fn float(v: &Dynamic, key: &str) -> RhaiResult<f64> {
     v.as_float()
         .or_else(|_| v.as_int().map(|i| i as f64))
         .map_err(|t| error(format!("option `{key}` must be a number, not {t}")))
@@ -266,6 +267,9 @@ fn boolean(v: &Dynamic, key: &str) -> RhaiResult<bool> {
 fn apply_sampling(opts: &Map, s: &mut Sampling) -> RhaiResult<()> {
     if let Some(stop) = super::convert::text_list(opts, "stop")? {
         s.stop_strings = stop;
+    }
+    if let Some(v) = opts.get("include_stop") {
+        s.include_stop = boolean(v, "include_stop")?;
     }
     if let Some(v) = opts.get("max_tokens") {
         s.max_tokens = int(v, "max_tokens")?;
@@ -286,7 +290,7 @@ fn apply_sampling(opts: &Map, s: &mut Sampling) -> RhaiResult<()> {
 }
 
 /// Applies `system` and `user` to a prompt template.
-fn apply_template(opts: &Map, t: &mut PromptTemplate) -> RhaiResult<()> {
+pub(super) fn apply_template(opts: &Map, t: &mut PromptTemplate) -> RhaiResult<()> {
     if let Some(v) = opts.get("system") {
         t.system = if v.is_unit() {
             None
@@ -314,6 +318,8 @@ fn judge_config(opts: &Map) -> RhaiResult<JudgeConfig> {
             "batch",
             "system",
             "user",
+            "stop",
+            "include_stop",
         ],
         "judge",
     )?;
@@ -345,6 +351,7 @@ fn judge_with(
 
 const GRPO_OPTIONS: &[&str] = &[
     "stop",
+    "include_stop",
     "preset",
     "rewards",
     "group",

@@ -446,6 +446,7 @@ fn complete(
             (0..request.n).map(|j| {
                 let sampling = Sampling {
                     stop_strings: vec![],
+                    include_stop: false,
                     max_tokens: request.max_tokens,
                     temperature: request.temperature,
                     top_k: request.top_k,

@@ -21,6 +21,7 @@ mod real_models;
 mod run_records;
 mod serve;
 mod serving;
+mod sft;
 mod study;
 mod tokenizer;
 
