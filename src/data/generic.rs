@@ -8,7 +8,7 @@ use serde_json::Value;
 
 use super::error::{DataError, Result};
 use super::items::{letter, letter_index, normalize_number, Item, ItemsBuilder};
-use super::records::{read_records, Record};
+use super::records::{json_kind, read_records_as, Format, Record};
 
 /// Which source column feeds each Items column. Unset fields use the column of the same
 /// name when the file has one.
@@ -21,9 +21,14 @@ pub struct ColumnMapping {
     /// Choices: one column holding a list, or several columns holding one option each
     /// (default: a `choices` column when present, else none: open answers).
     pub choices: Option<Vec<String>>,
-    /// Answer column (default `answer`): a letter, a 0-based index or an option's text for
-    /// multiple choice; a number or text for open answers.
+    /// Answer column (default `answer`): a letter, an option's text or an index (see
+    /// [`ColumnMapping::answer_index`]) for multiple choice; a number or text for open
+    /// answers.
     pub answer: Option<String>,
+    /// How a multiple-choice answer given as a number counts: `0` (0 is the first option)
+    /// or `1` (1 is the first option). Required when the answer column holds numbers: a
+    /// file that does not say fails rather than guessing.
+    pub answer_index: Option<usize>,
     /// Answer-text column (default: the chosen option's text, or the answer).
     pub answer_text: Option<String>,
     /// Subject column (default `subject` when present, else the dataset name).
@@ -41,9 +46,23 @@ pub struct ColumnMapping {
     pub all_medical: bool,
 }
 
-/// Loads `path` as Items, taking columns per `mapping`; `split` names the split in ids.
-pub fn load(path: &Path, split: &str, mapping: &ColumnMapping) -> Result<DataFrame> {
-    let records = read_records(path)?;
+/// Loads `path`, read as `format`, as Items, taking columns per `mapping`; `split` names
+/// the split in ids.
+pub fn load(
+    path: &Path,
+    split: &str,
+    mapping: &ColumnMapping,
+    format: Format,
+) -> Result<DataFrame> {
+    if let Some(base) = mapping.answer_index.filter(|b| *b > 1) {
+        return Err(DataError::Option(format!(
+            "answer_index must be 0 or 1, not {base}"
+        )));
+    }
+    let records = read_records_as(path, format)?;
+    if records.is_empty() {
+        return Err(DataError::file(path, "holds no records"));
+    }
     let name = mapping.name.clone().unwrap_or_else(|| {
         path.file_stem()
             .and_then(|s| s.to_str())
@@ -76,7 +95,8 @@ pub fn load(path: &Path, split: &str, mapping: &ColumnMapping) -> Result<DataFra
                 .map(|c| record.text(path, c))
                 .collect::<Result<Vec<_>>>()?,
         };
-        let (answer, derived_text) = answer_of(path, record, &answer_col, &choices)?;
+        let (answer, derived_text) =
+            answer_of(path, record, &answer_col, &choices, mapping.answer_index)?;
         let answer_text = match &mapping.answer_text {
             Some(col) => record.text(path, col)?,
             None => derived_text,
@@ -122,13 +142,15 @@ pub fn load(path: &Path, split: &str, mapping: &ColumnMapping) -> Result<DataFra
 }
 
 /// The answer (letter or normalised value) and its text, from the answer field. For
-/// multiple choice a JSON integer is a 0-based index; text is a letter, else an option's
-/// text, else an index written as text.
+/// multiple choice: a JSON number is an index counted from `base`; text is a whole number
+/// read the same way when `base` is given, else a letter, else an option's text, else a
+/// whole number. A number without `base` is an error naming both readings.
 fn answer_of(
     path: &Path,
     record: &Record,
     field: &str,
     choices: &[String],
+    base: Option<usize>,
 ) -> Result<(String, String)> {
     let raw = record.text(path, field)?;
     let raw = raw.trim();
@@ -136,26 +158,64 @@ fn answer_of(
         let answer = normalize_number(raw);
         return Ok((answer.clone(), answer));
     }
-    let in_range = |i: usize| (i < choices.len()).then_some(i);
-    let index = match record.get(path, field)? {
-        Value::Number(n) => n.as_u64().and_then(|i| in_range(i as usize)),
-        _ => letter_index(raw)
-            .and_then(in_range)
+    let bad = |message: String| DataError::field(path, record.at, field, message);
+    let last = letter(choices.len() - 1);
+    let by_text = || {
+        letter_index(raw)
+            .filter(|&i| i < choices.len())
             .or_else(|| choices.iter().position(|c| c.trim() == raw))
-            .or_else(|| raw.parse::<usize>().ok().and_then(in_range)),
     };
-    match index {
-        Some(i) => Ok((letter(i), choices[i].clone())),
-        None => Err(DataError::field(
-            path,
-            record.at,
-            field,
-            format!(
-                "`{raw}` is not an option letter (A–{}), a 0-based index or an option's text",
-                letter(choices.len() - 1)
-            ),
-        )),
+    let n = match record.get(path, field)? {
+        Value::Number(n) => whole(n).ok_or_else(|| {
+            bad(format!(
+                "`{raw}` is not a whole number, so no option's index"
+            ))
+        })?,
+        Value::String(_) => match (raw.parse::<i64>().ok(), base, by_text()) {
+            (Some(n), Some(_), _) => n,
+            (_, _, Some(i)) => return Ok((letter(i), choices[i].clone())),
+            (Some(n), None, None) => n,
+            (None, _, None) => {
+                return Err(bad(format!(
+                    "`{raw}` is not an option letter (A–{last}), an option's text or an index"
+                )))
+            }
+        },
+        other => {
+            return Err(bad(format!(
+                "expected a letter, an option's text or an index, found {}",
+                json_kind(other)
+            )))
+        }
+    };
+    let option = |i: i64| usize::try_from(i).ok().filter(|&i| i < choices.len());
+    match base {
+        Some(base) => match option(n - base as i64) {
+            Some(i) => Ok((letter(i), choices[i].clone())),
+            None => Err(bad(format!(
+                "index {n} is out of range: the {} options are {base}–{} with answer_index: {base}",
+                choices.len(),
+                choices.len() - 1 + base
+            ))),
+        },
+        None => {
+            let reading = |i: Option<usize>| i.map_or("no option".to_string(), letter);
+            Err(bad(format!(
+                "answer {n} could mean {} (0-based) or {} (1-based): set answer_index: 0 or 1",
+                reading(option(n)),
+                reading(option(n - 1)),
+            )))
+        }
     }
+}
+
+/// A JSON number as a whole number (`2` or `2.0`), if it is one.
+fn whole(n: &serde_json::Number) -> Option<i64> {
+    n.as_i64().or_else(|| {
+        n.as_f64()
+            .filter(|f| f.fract() == 0.0 && f.abs() < 1e15)
+            .map(|f| f as i64)
+    })
 }
 
 fn flag(path: &Path, record: &Record, field: &str) -> Result<bool> {

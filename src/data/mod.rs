@@ -20,6 +20,7 @@ use polars::prelude::DataFrame;
 
 pub use error::{DataError, Location, Result};
 pub use generic::ColumnMapping;
+use records::Format;
 
 /// The dataset kinds [`load`] knows.
 pub const DATASET_KINDS: [&str; 9] = [
@@ -38,6 +39,9 @@ pub struct LoadOptions {
 }
 
 /// Loads a dataset of `kind` (one of [`DATASET_KINDS`]) from `path` into the Items table.
+/// For a file of one's own the kind names its format, whatever the extension; kind `json`
+/// reads a file whose first line is a complete JSON object and which has more lines as
+/// JSON lines.
 pub fn load(kind: &str, path: &Path, options: &LoadOptions) -> Result<DataFrame> {
     if !path.exists() {
         return Err(DataError::io(
@@ -54,16 +58,18 @@ pub fn load(kind: &str, path: &Path, options: &LoadOptions) -> Result<DataFrame>
         "cmmlu" => return mmlu::load_cmmlu(path, split, subjects),
         "mmlu_pro" => mmlu_pro::load(path, split)?,
         "gsm8k" => gsm8k::load(path, split)?,
-        "jsonl" | "json" | "csv" | "parquet" => {
-            let split = options.split.as_deref().or(inferred).unwrap_or("all");
-            generic::load(path, split, &options.mapping)?
-        }
-        other => {
-            return Err(DataError::UnknownDataset {
-                name: other.to_string(),
-                known: DATASET_KINDS.join(", "),
-            })
-        }
+        other => match Format::of_kind(other) {
+            Some(format) => {
+                let split = options.split.as_deref().or(inferred).unwrap_or("all");
+                generic::load(path, split, &options.mapping, format)?
+            }
+            None => {
+                return Err(DataError::UnknownDataset {
+                    name: other.to_string(),
+                    known: DATASET_KINDS.join(", "),
+                })
+            }
+        },
     };
     match subjects {
         Some(subjects) => table::filter_in(&items, "subject", subjects),

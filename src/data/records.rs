@@ -49,18 +49,58 @@ pub fn read_text(path: &Path) -> Result<String> {
     }
 }
 
+/// How a file lays out its records.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    /// One JSON object per line.
+    JsonLines,
+    /// A JSON array of objects, or JSON lines (see [`is_json_lines`]).
+    Json,
+    /// CSV with a header.
+    Csv,
+    /// Parquet.
+    Parquet,
+}
+
+impl Format {
+    /// The format a dataset kind names: `jsonl`, `json`, `csv` or `parquet`.
+    pub fn of_kind(kind: &str) -> Option<Format> {
+        match kind {
+            "jsonl" => Some(Format::JsonLines),
+            "json" => Some(Format::Json),
+            "csv" => Some(Format::Csv),
+            "parquet" => Some(Format::Parquet),
+            _ => None,
+        }
+    }
+
+    /// The format a file's extension names.
+    pub fn of_path(path: &Path) -> Result<Format> {
+        let ext = extension(path);
+        let kind = if ext == "ndjson" { "jsonl" } else { &ext };
+        Format::of_kind(kind).ok_or_else(|| {
+            DataError::file(
+                path,
+                format!("unknown format `.{ext}`; expected .jsonl, .json, .csv or .parquet"),
+            )
+        })
+    }
+}
+
 /// Reads the records of a file, the format taken from its extension:
-/// `.jsonl` / `.ndjson`, `.json` (an array of objects), `.csv` (with a header), `.parquet`.
+/// `.jsonl` / `.ndjson`, `.json` (an array of objects, or JSON lines), `.csv` (with a
+/// header), `.parquet`.
 pub fn read_records(path: &Path) -> Result<Vec<Record>> {
-    match extension(path).as_str() {
-        "jsonl" | "ndjson" => read_jsonl(path),
-        "json" => read_json_array(path),
-        "csv" => read_csv(path),
-        "parquet" => read_parquet(path),
-        other => Err(DataError::file(
-            path,
-            format!("unknown format `.{other}`; expected .jsonl, .json, .csv or .parquet"),
-        )),
+    read_records_as(path, Format::of_path(path)?)
+}
+
+/// Reads the records of a file in `format`, whatever its extension.
+pub fn read_records_as(path: &Path, format: Format) -> Result<Vec<Record>> {
+    match format {
+        Format::JsonLines => read_jsonl(path),
+        Format::Json => read_json(path),
+        Format::Csv => read_csv(path),
+        Format::Parquet => read_parquet(path),
     }
 }
 
@@ -74,7 +114,10 @@ pub fn extension(path: &Path) -> String {
 
 /// JSON Lines: one object per non-blank line.
 pub fn read_jsonl(path: &Path) -> Result<Vec<Record>> {
-    let text = read_text(path)?;
+    jsonl_records(path, &read_text(path)?)
+}
+
+fn jsonl_records(path: &Path, text: &str) -> Result<Vec<Record>> {
     let mut records = Vec::new();
     for (i, line) in text.lines().enumerate() {
         if line.trim().is_empty() {
@@ -97,8 +140,23 @@ pub fn read_jsonl(path: &Path) -> Result<Vec<Record>> {
     Ok(records)
 }
 
-fn read_json_array(path: &Path) -> Result<Vec<Record>> {
+/// Whether JSON text holds JSON lines rather than one document: its first non-blank line
+/// is a complete JSON object and more non-blank lines follow (many published datasets
+/// ship JSON lines in `.json` files).
+pub fn is_json_lines(text: &str) -> bool {
+    let mut lines = text.lines().filter(|l| !l.trim().is_empty());
+    let first_is_object = lines
+        .next()
+        .is_some_and(|l| matches!(serde_json::from_str::<Value>(l), Ok(Value::Object(_))));
+    first_is_object && lines.next().is_some()
+}
+
+/// A `.json` file: JSON lines when [`is_json_lines`] says so, else an array of objects.
+fn read_json(path: &Path) -> Result<Vec<Record>> {
     let text = read_text(path)?;
+    if is_json_lines(&text) {
+        return jsonl_records(path, &text);
+    }
     let value: Value = serde_json::from_str(&text).map_err(|e| {
         DataError::record(
             path,
@@ -110,7 +168,7 @@ fn read_json_array(path: &Path) -> Result<Vec<Record>> {
         return Err(DataError::file(
             path,
             format!(
-                "expected a JSON array of objects, found {}",
+                "expected a JSON array of objects (or one object per line), found {}",
                 json_kind(&value)
             ),
         ));
@@ -394,6 +452,36 @@ mod tests {
         let path = temp_file("b.jsonl", b"{\"q\": 1}\n{\"q\": \"\xff\"}\n");
         let err = read_jsonl(&path).unwrap_err().to_string();
         assert!(err.contains("line 2") && err.contains("UTF-8"), "{err}");
+    }
+
+    #[test]
+    fn json_lines_in_a_json_file_are_read_as_lines() {
+        let path = temp_file("d.json", b"{\"q\": 1}\n{\"q\": 2}\n");
+        let records = read_records(&path).unwrap();
+        assert_eq!(records.len(), 2);
+        assert_eq!(records[1].at, Location::Line(2));
+        let array = temp_file("e.json", b"[\n{\"q\": 1},\n{\"q\": 2}\n]\n");
+        assert_eq!(read_records(&array).unwrap()[1].at, Location::Row(1));
+        let one = temp_file("f.json", b"{\"q\": 1}\n");
+        let err = read_records(&one).unwrap_err().to_string();
+        assert!(
+            err.contains("f.json") && err.contains("found an object"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn the_format_given_wins_over_the_extension() {
+        let path = temp_file("g.json", b"{\"q\": 1}\n");
+        let records = read_records_as(&path, Format::JsonLines).unwrap();
+        assert_eq!(records.len(), 1);
+        let csv = temp_file("h.json", b"q,a\nx,1\n");
+        assert_eq!(
+            read_records_as(&csv, Format::Csv).unwrap()[0]
+                .text(&csv, "a")
+                .unwrap(),
+            "1"
+        );
     }
 
     #[test]

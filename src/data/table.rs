@@ -14,7 +14,9 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
 use super::error::{DataError, Result};
-use super::records::{any_to_json, extension, read_jsonl, read_parquet_frame, read_records};
+use super::records::{
+    any_to_json, extension, is_json_lines, read_jsonl, read_parquet_frame, read_records, read_text,
+};
 
 /// The random generator behind every seeded choice in the data layer: ChaCha8, whose
 /// stream is fixed by its specification, so a seed picks the same rows on every platform.
@@ -217,7 +219,7 @@ pub fn save(df: &DataFrame, path: &Path) -> Result<()> {
 }
 
 /// Reads a table file as it is (no Items mapping), by extension: parquet, csv (with a
-/// header), json (an array of objects) or jsonl.
+/// header), json (an array of objects, or JSON lines) or jsonl.
 pub fn read(path: &Path) -> Result<DataFrame> {
     let context = || format!("reading {}", path.display());
     match extension(path).as_str() {
@@ -231,7 +233,7 @@ pub fn read(path: &Path) -> Result<DataFrame> {
                 .map_err(|e| DataError::polars(context(), e))
         }
         "json" | "jsonl" | "ndjson" => {
-            let lines = extension(path) != "json";
+            let lines = extension(path) != "json" || is_json_lines(&read_text(path)?);
             if lines {
                 read_jsonl(path)?; // names the line of a malformed record
             } else {

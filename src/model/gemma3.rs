@@ -117,11 +117,16 @@ struct Attention {
 
 impl Attention {
     fn new(cfg: &Config, w: &Weights, p: &str) -> Result<Self> {
+        let (d, q, kv) = (
+            cfg.hidden_size,
+            cfg.num_attention_heads * cfg.head_dim,
+            cfg.num_key_value_heads * cfg.head_dim,
+        );
         Ok(Attention {
-            q_proj: w.linear(&format!("{p}.q_proj"), false)?,
-            k_proj: w.linear(&format!("{p}.k_proj"), false)?,
-            v_proj: w.linear(&format!("{p}.v_proj"), false)?,
-            o_proj: w.linear(&format!("{p}.o_proj"), false)?,
+            q_proj: w.linear(&format!("{p}.q_proj"), false, [q, d])?,
+            k_proj: w.linear(&format!("{p}.k_proj"), false, [kv, d])?,
+            v_proj: w.linear(&format!("{p}.v_proj"), false, [kv, d])?,
+            o_proj: w.linear(&format!("{p}.o_proj"), false, [d, q])?,
             q_norm: w.gemma_norm(&format!("{p}.q_norm.weight"))?,
             k_norm: w.gemma_norm(&format!("{p}.k_norm.weight"))?,
             heads: cfg.num_attention_heads,
@@ -172,11 +177,12 @@ struct Mlp {
 }
 
 impl Mlp {
-    fn new(w: &Weights, p: &str) -> Result<Self> {
+    fn new(cfg: &Config, w: &Weights, p: &str) -> Result<Self> {
+        let (d, ff) = (cfg.hidden_size, cfg.intermediate_size);
         Ok(Mlp {
-            gate_proj: w.linear(&format!("{p}.gate_proj"), false)?,
-            up_proj: w.linear(&format!("{p}.up_proj"), false)?,
-            down_proj: w.linear(&format!("{p}.down_proj"), false)?,
+            gate_proj: w.linear(&format!("{p}.gate_proj"), false, [ff, d])?,
+            up_proj: w.linear(&format!("{p}.up_proj"), false, [ff, d])?,
+            down_proj: w.linear(&format!("{p}.down_proj"), false, [d, ff])?,
         })
     }
 
@@ -220,7 +226,7 @@ impl Gemma3 {
             let p = format!("model.layers.{i}");
             layers.push(DecoderLayer {
                 self_attn: Attention::new(&config, w, &format!("{p}.self_attn"))?,
-                mlp: Mlp::new(w, &format!("{p}.mlp"))?,
+                mlp: Mlp::new(&config, w, &format!("{p}.mlp"))?,
                 input_layernorm: w.gemma_norm(&format!("{p}.input_layernorm.weight"))?,
                 post_attention_layernorm: w
                     .gemma_norm(&format!("{p}.post_attention_layernorm.weight"))?,

@@ -10,16 +10,64 @@ use serde_json::{json, Value};
 use super::weights::Weights;
 use super::{build, Model, ModelError, Placement, Result};
 
-/// Reads the header of a GGUF file.
+/// Reads the header of a GGUF file, checking that every tensor it lists fits in the file.
 pub fn read_content(path: &Path) -> Result<gguf_file::Content> {
+    let bad = |message: String| ModelError::File {
+        path: path.to_path_buf(),
+        message,
+    };
     let mut file = std::fs::File::open(path).map_err(|source| ModelError::Io {
         path: path.to_path_buf(),
         source,
     })?;
-    gguf_file::Content::read(&mut file).map_err(|e| ModelError::File {
-        path: path.to_path_buf(),
-        message: format!("not a readable GGUF file: {e}"),
-    })
+    // candle's reader panics on some corrupt headers (an alignment of 0 divides by zero):
+    // such a panic is caught, silenced and reported as an error.
+    let hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(|_| {}));
+    let read = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        gguf_file::Content::read(&mut file)
+    }));
+    std::panic::set_hook(hook);
+    let content = match read {
+        Ok(Ok(content)) => content,
+        Ok(Err(e)) => return Err(bad(format!("not a readable GGUF file: {e}"))),
+        Err(panic) => {
+            let why = panic
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_default();
+            return Err(bad(format!(
+                "not a readable GGUF file: the header is corrupt ({why})"
+            )));
+        }
+    };
+    let size = file.metadata().map(|m| m.len()).unwrap_or(0);
+    for (name, info) in &content.tensor_infos {
+        let (block, bytes) = (
+            info.ggml_dtype.block_size() as u64,
+            info.ggml_dtype.type_size() as u64,
+        );
+        let end = info
+            .shape
+            .dims()
+            .iter()
+            .try_fold(1u64, |n, &d| n.checked_mul(d as u64))
+            .filter(|n| n % block == 0)
+            .and_then(|n| (n / block).checked_mul(bytes))
+            .and_then(|n| {
+                n.checked_add(content.tensor_data_offset)?
+                    .checked_add(info.offset)
+            });
+        if end.is_none_or(|end| end > size) {
+            return Err(bad(format!(
+                "tensor `{name}` of shape {:?} ({:?}) does not fit in the file's {size} bytes",
+                info.shape.dims(),
+                info.ggml_dtype
+            )));
+        }
+    }
+    Ok(content)
 }
 
 /// Loads a GGUF model, dequantizing every tensor to f32 on `device`. The configuration

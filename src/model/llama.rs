@@ -199,20 +199,26 @@ impl Llama {
             let p = format!("model.layers.{i}");
             let a = format!("{p}.self_attn");
             let m = format!("{p}.mlp");
+            let (d, q, kv) = (
+                config.hidden_size,
+                config.num_attention_heads * config.head_dim,
+                config.num_key_value_heads * config.head_dim,
+            );
+            let ff = config.intermediate_size;
             layers.push(DecoderLayer {
                 self_attn: Attention {
-                    q_proj: w.linear(&format!("{a}.q_proj"), config.qkv_bias)?,
-                    k_proj: w.linear(&format!("{a}.k_proj"), config.qkv_bias)?,
-                    v_proj: w.linear(&format!("{a}.v_proj"), config.qkv_bias)?,
-                    o_proj: w.linear(&format!("{a}.o_proj"), config.o_bias)?,
+                    q_proj: w.linear(&format!("{a}.q_proj"), config.qkv_bias, [q, d])?,
+                    k_proj: w.linear(&format!("{a}.k_proj"), config.qkv_bias, [kv, d])?,
+                    v_proj: w.linear(&format!("{a}.v_proj"), config.qkv_bias, [kv, d])?,
+                    o_proj: w.linear(&format!("{a}.o_proj"), config.o_bias, [d, q])?,
                     heads: config.num_attention_heads,
                     kv_heads: config.num_key_value_heads,
                     head_dim: config.head_dim,
                 },
                 mlp: Mlp {
-                    gate_proj: w.linear(&format!("{m}.gate_proj"), config.mlp_bias)?,
-                    up_proj: w.linear(&format!("{m}.up_proj"), config.mlp_bias)?,
-                    down_proj: w.linear(&format!("{m}.down_proj"), config.mlp_bias)?,
+                    gate_proj: w.linear(&format!("{m}.gate_proj"), config.mlp_bias, [ff, d])?,
+                    up_proj: w.linear(&format!("{m}.up_proj"), config.mlp_bias, [ff, d])?,
+                    down_proj: w.linear(&format!("{m}.down_proj"), config.mlp_bias, [d, ff])?,
                 },
                 input_layernorm: w.norm(&format!("{p}.input_layernorm.weight"))?,
                 post_attention_layernorm: w

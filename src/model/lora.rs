@@ -169,7 +169,72 @@ pub fn save_peft(
     std::fs::write(&path, text).map_err(|source| ModelError::Io { path, source })
 }
 
+/// The first `adapter_config.json` setting of PEFT's LoRA that this implementation does
+/// not apply (DoRA, per-module ranks or alphas, full modules saved beside the adapter,
+/// biases, layer selection, targets other than the linear layers), described.
+fn unsupported_setting(json: &Value) -> Option<String> {
+    let set = |key: &str| match json.get(key) {
+        None | Some(Value::Null) | Some(Value::Bool(false)) => false,
+        Some(Value::Object(m)) => !m.is_empty(),
+        Some(Value::Array(a)) => !a.is_empty(),
+        Some(Value::String(s)) => !s.is_empty(),
+        Some(_) => true,
+    };
+    let shown = |key: &str| json.get(key).map_or(String::new(), Value::to_string);
+    let not_implemented = [
+        ("use_dora", "DoRA"),
+        ("rank_pattern", "a rank per module"),
+        ("alpha_pattern", "an alpha per module"),
+        ("modules_to_save", "full modules saved beside the adapter"),
+        ("lora_bias", "a bias on lora_B"),
+        ("layers_to_transform", "adapters on some layers only"),
+        ("exclude_modules", "excluded modules"),
+        ("target_parameters", "LoRA on parameters"),
+    ];
+    if let Some(&(key, what)) = not_implemented.iter().find(|&&(key, _)| set(key)) {
+        return Some(format!(
+            "`{key}: {}` ({what}) is not implemented; only plain LoRA on linear layers",
+            shown(key)
+        ));
+    }
+    match json.get("bias") {
+        None | Some(Value::Null) => {}
+        Some(Value::String(b)) if b == "none" => {}
+        Some(other) => return Some(format!("`bias: {other}` is not implemented; only \"none\"")),
+    }
+    None
+}
+
+/// The modules an adapter's `target_modules` names: a list of the known linear layers, or
+/// `"all-linear"`.
+fn target_modules(json: &Value) -> std::result::Result<Vec<String>, String> {
+    match json.get("target_modules") {
+        Some(Value::Array(items)) => items
+            .iter()
+            .map(|v| match v.as_str() {
+                Some(name) if ALL_LINEAR.contains(&name) => Ok(name.to_string()),
+                _ => Err(format!(
+                    "`target_modules` names {v}, which is no layer this implementation adapts \
+                     (known: {})",
+                    ALL_LINEAR.join(", ")
+                )),
+            })
+            .collect(),
+        Some(Value::String(s)) if s == "all-linear" => {
+            Ok(ALL_LINEAR.iter().map(|s| s.to_string()).collect())
+        }
+        Some(Value::String(s)) => Err(format!(
+            "`target_modules` as a pattern (\"{s}\") is not implemented; list the modules or \
+             use \"all-linear\""
+        )),
+        _ => Err("missing `target_modules`".into()),
+    }
+}
+
 /// Reads a PEFT LoRA adapter from `dir` and attaches it, returning its configuration.
+/// Fails, naming the setting or tensor and the file, on a setting this implementation does
+/// not apply, on a tensor that matches no adapted layer of the model, and on a missing
+/// tensor or one of the wrong shape or dtype.
 pub fn load_peft(model: &mut Model, dir: &Path) -> Result<LoraConfig> {
     let config_path = dir.join("adapter_config.json");
     let bad = |message: String| ModelError::File {
@@ -183,30 +248,27 @@ pub fn load_peft(model: &mut Model, dir: &Path) -> Result<LoraConfig> {
     let json: Value =
         serde_json::from_str(&text).map_err(|e| bad(format!("not valid JSON: {e}")))?;
     if json.get("peft_type").and_then(Value::as_str) != Some("LORA") {
-        return Err(bad("`peft_type` is not LORA".into()));
+        return Err(bad(format!(
+            "`peft_type` is {}, not \"LORA\"",
+            json.get("peft_type").unwrap_or(&Value::Null)
+        )));
     }
     let rank = json
         .get("r")
         .and_then(Value::as_u64)
-        .ok_or_else(|| bad("missing `r`".into()))? as usize;
+        .filter(|&r| r > 0)
+        .ok_or_else(|| bad("`r` must be a positive integer".into()))? as usize;
     let alpha = json
         .get("lora_alpha")
         .and_then(Value::as_f64)
         .ok_or_else(|| bad("missing `lora_alpha`".into()))?;
-    let targets: Vec<String> = match json.get("target_modules") {
-        Some(Value::Array(items)) => items
-            .iter()
-            .filter_map(|v| v.as_str().map(str::to_string))
-            .collect(),
-        Some(Value::String(s)) if s == "all-linear" => {
-            ALL_LINEAR.iter().map(|s| s.to_string()).collect()
-        }
-        _ => return Err(bad("missing `target_modules`".into())),
-    };
+    if let Some(message) = unsupported_setting(&json) {
+        return Err(bad(message));
+    }
     let config = LoraConfig {
         rank,
         alpha,
-        targets,
+        targets: target_modules(&json).map_err(bad)?,
         rslora: json
             .get("use_rslora")
             .and_then(Value::as_bool)
@@ -214,32 +276,105 @@ pub fn load_peft(model: &mut Model, dir: &Path) -> Result<LoraConfig> {
         seed: 0,
     };
     let weights_path = dir.join("adapter_model.safetensors");
+    let bad_tensor = |message: String| ModelError::File {
+        path: weights_path.clone(),
+        message,
+    };
     let device = model.device().clone();
-    let tensors =
-        candle_core::safetensors::load(&weights_path, &device).map_err(|e| ModelError::File {
-            path: weights_path.clone(),
-            message: e.to_string(),
-        })?;
+    let tensors = candle_core::safetensors::load(&weights_path, &device)
+        .map_err(|e| bad_tensor(e.to_string()))?;
+    let key = |module: &str, part: &str| format!("base_model.model.{module}.{part}.weight");
+    let mut layers = model.linears_mut();
+    layers.retain(|(name, _)| targeted(name, &config.targets));
+    let expected: std::collections::BTreeSet<String> = layers
+        .iter()
+        .flat_map(|(name, _)| [key(name, "lora_A"), key(name, "lora_B")])
+        .collect();
+    let mut stray: Vec<&String> = tensors.keys().filter(|k| !expected.contains(*k)).collect();
+    stray.sort();
+    if let Some(first) = stray.first() {
+        return Err(bad_tensor(format!(
+            "tensor `{first}` matches no adapted layer of the model ({} of the file's tensors \
+             match none; the names expected look like `{}`)",
+            stray.len(),
+            expected.first().map_or("", String::as_str)
+        )));
+    }
     let scale = config.scale();
-    for (name, linear) in model.linears_mut() {
-        if !targeted(&name, &config.targets) {
-            continue;
-        }
-        let get = |part: &str| {
-            let key = format!("base_model.model.{name}.{part}.weight");
-            tensors
+    for (name, linear) in layers {
+        let get = |part: &str, shape: [usize; 2]| -> Result<Var> {
+            let key = key(&name, part);
+            let t = tensors
                 .get(&key)
-                .ok_or_else(|| ModelError::File {
-                    path: weights_path.clone(),
-                    message: format!("tensor `{key}` is missing"),
-                })
-                .and_then(|t| Ok(Var::from_tensor(&t.to_dtype(candle_core::DType::F32)?)?))
+                .ok_or_else(|| bad_tensor(format!("tensor `{key}` is missing")))?;
+            if !t.dtype().is_float() {
+                return Err(bad_tensor(format!(
+                    "tensor `{key}` holds {:?}, not floating-point numbers",
+                    t.dtype()
+                )));
+            }
+            if t.dims() != shape {
+                return Err(bad_tensor(format!(
+                    "tensor `{key}` has shape {:?}; this model and r = {rank} need {shape:?}",
+                    t.dims()
+                )));
+            }
+            Ok(Var::from_tensor(&t.to_dtype(candle_core::DType::F32)?)?)
         };
-        linear.lora = Some(Lora {
-            a: get("lora_A")?,
-            b: get("lora_B")?,
-            scale,
-        });
+        let a = get("lora_A", [rank, linear.in_dim()])?;
+        let b = get("lora_B", [linear.out_dim(), rank])?;
+        linear.lora = Some(Lora { a, b, scale });
     }
     Ok(config)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_plain_peft_config_passes_and_each_unimplemented_setting_is_named() {
+        let plain = json!({
+            "use_dora": false, "rank_pattern": {}, "alpha_pattern": {}, "modules_to_save": null,
+            "bias": "none", "lora_bias": false, "layers_to_transform": null,
+            "exclude_modules": null, "target_parameters": null, "loftq_config": {},
+            "megatron_core": "megatron.core",
+        });
+        assert_eq!(unsupported_setting(&plain), None);
+        for (key, value) in [
+            ("use_dora", json!(true)),
+            ("rank_pattern", json!({ "q_proj": 8 })),
+            ("alpha_pattern", json!({ "v_proj": 16 })),
+            ("modules_to_save", json!(["lm_head"])),
+            ("bias", json!("all")),
+            ("bias", json!("lora_only")),
+            ("lora_bias", json!(true)),
+            ("layers_to_transform", json!([0])),
+            ("exclude_modules", json!(["q_proj"])),
+            ("target_parameters", json!(["experts.gate_up_proj"])),
+        ] {
+            let mut config = plain.clone();
+            config[key] = value.clone();
+            let message = unsupported_setting(&config).expect(key);
+            assert!(message.contains(&format!("`{key}: {value}`")), "{message}");
+        }
+    }
+
+    #[test]
+    fn target_modules_name_linear_layers_only() {
+        let targets = |v: Value| target_modules(&json!({ "target_modules": v }));
+        assert_eq!(
+            targets(json!(["v_proj", "q_proj"])).unwrap(),
+            ["v_proj", "q_proj"]
+        );
+        assert_eq!(
+            targets(json!("all-linear")).unwrap().len(),
+            ALL_LINEAR.len()
+        );
+        let err = targets(json!(["q_proj", "lm_head"])).unwrap_err();
+        assert!(err.contains("\"lm_head\""), "{err}");
+        let err = targets(json!(".*q_proj")).unwrap_err();
+        assert!(err.contains("pattern"), "{err}");
+        assert!(target_modules(&json!({})).unwrap_err().contains("missing"));
+    }
 }

@@ -39,10 +39,13 @@ impl Weights {
                 .map_err(|e| Error::Msg(format!("{}: {e}", file.display())))?;
             tensors.extend(loaded);
         }
-        let source = files
-            .first()
-            .and_then(|f| f.parent())
-            .map_or_else(PathBuf::new, Path::to_path_buf);
+        let source = match files {
+            [one] => one.clone(),
+            _ => files
+                .first()
+                .and_then(|f| f.parent())
+                .map_or_else(PathBuf::new, Path::to_path_buf),
+        };
         Ok(Weights {
             tensors,
             format: Format::Safetensors,
@@ -113,14 +116,23 @@ impl Weights {
         self.stored(name)?.to_dtype(self.dtype)
     }
 
-    /// The tensor `name` as stored.
+    /// The tensor `name` as stored; an error names it and the file when it is missing or
+    /// holds no floating-point numbers.
     fn stored(&self, name: &str) -> Result<&Tensor> {
-        self.tensors.get(name).ok_or_else(|| {
+        let t = self.tensors.get(name).ok_or_else(|| {
             Error::Msg(format!(
                 "{}: tensor `{name}` is missing",
                 self.source.display()
             ))
-        })
+        })?;
+        if !t.dtype().is_float() {
+            return Err(Error::Msg(format!(
+                "{}: tensor `{name}` holds {:?}, not floating-point numbers",
+                self.source.display(),
+                t.dtype()
+            )));
+        }
+        Ok(t)
     }
 
     /// A norm scale in f32 (norms are computed in f32 whatever the model's dtype).
@@ -128,9 +140,18 @@ impl Weights {
         self.stored(name)?.to_dtype(DType::F32)
     }
 
-    /// The linear layer `prefix` (`prefix.weight`, and `prefix.bias` when `bias`).
-    pub fn linear(&self, prefix: &str, bias: bool) -> Result<Linear> {
-        let weight = self.tensor(&format!("{prefix}.weight"))?;
+    /// The linear layer `prefix` (`prefix.weight`, and `prefix.bias` when `bias`), whose
+    /// weight must have the shape `[out, in]` the config gives.
+    pub fn linear(&self, prefix: &str, bias: bool, [out, inp]: [usize; 2]) -> Result<Linear> {
+        let name = format!("{prefix}.weight");
+        let weight = self.tensor(&name)?;
+        if weight.dims() != [out, inp] {
+            return Err(Error::Msg(format!(
+                "{}: tensor `{name}` has shape {:?}; the config gives [{out}, {inp}]",
+                self.source.display(),
+                weight.dims()
+            )));
+        }
         let bias = if bias {
             Some(self.tensor(&format!("{prefix}.bias"))?)
         } else {

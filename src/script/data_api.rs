@@ -30,13 +30,14 @@ fn register(engine: &mut Engine, _output: &Arc<dyn Output>) {
 }
 
 /// The options `load` takes.
-const LOAD_OPTIONS: [&str; 13] = [
+const LOAD_OPTIONS: [&str; 14] = [
     "split",
     "subjects",
     "name",
     "question",
     "choices",
     "answer",
+    "answer_index",
     "answer_text",
     "subject",
     "category",
@@ -56,6 +57,17 @@ fn load_options(opts: &Map) -> RhaiResult<LoadOptions> {
             ))
         })?,
     };
+    let answer_index = match opts.get("answer_index") {
+        None => None,
+        Some(v) => match v.as_int() {
+            Ok(base @ (0 | 1)) => Some(base as usize),
+            _ => {
+                return Err(error(format!(
+                    "option `answer_index` must be 0 or 1 (the index of the first option), not {v}"
+                )))
+            }
+        },
+    };
     Ok(LoadOptions {
         split: text(opts, "split")?,
         subjects: text_list(opts, "subjects")?,
@@ -64,6 +76,7 @@ fn load_options(opts: &Map) -> RhaiResult<LoadOptions> {
             question: text(opts, "question")?,
             choices: text_list(opts, "choices")?,
             answer: text(opts, "answer")?,
+            answer_index,
             answer_text: text(opts, "answer_text")?,
             subject: text(opts, "subject")?,
             category: text(opts, "category")?,
@@ -94,8 +107,11 @@ mod data_functions {
     use super::*;
 
     /// Loads a dataset into the Items table. `kind` is `medqa`, `mmlu`, `cmmlu`, `mmlu_pro`,
-    /// `gsm8k`, or `jsonl` / `json` / `csv` / `parquet` for a file of your own; `path` is the
-    /// dataset's root directory (in its published layout) or one file. The split is `test`.
+    /// `gsm8k`, or `jsonl` / `json` / `csv` / `parquet` for a file of your own (the kind
+    /// decides the format, whatever the file's extension; `json` reads a file whose first
+    /// line is a complete JSON object and which has more lines as JSON lines, as many
+    /// published datasets ship them); `path` is the dataset's root directory (in its
+    /// published layout) or one file. The split is `test`.
     #[rhai_fn(name = "load", return_raw)]
     pub fn load_kind(kind: &str, path: &str) -> RhaiResult<DataFrame> {
         data::load(kind, Path::new(path), &LoadOptions::default()).map_err(error)
@@ -104,9 +120,12 @@ mod data_functions {
     /// Loads a dataset with options: `split` (`test`, `train`, `dev`, `val`/`validation`),
     /// `subjects` (array: keep these), and for your own files a column mapping — `question`,
     /// `choices` (a list column, or an array of one column per option), `answer` (letter,
-    /// 0-based index or option text; a number for open answers), `answer_text`, `subject`,
-    /// `category`, `rationale`, `id`, `medical` (a boolean column), `all_medical` (true:
-    /// every row is medical), `name` (the dataset name; default the file stem).
+    /// option text or index; a number for open answers), `answer_index` (`0` or `1`: how
+    /// a numeric answer counts the options, required when answers are numbers: `1` means
+    /// A under `answer_index: 1` and B under `answer_index: 0`; an index out of range is
+    /// an error naming the line), `answer_text`, `subject`, `category`, `rationale`, `id`,
+    /// `medical` (a boolean column), `all_medical` (true: every row is medical), `name`
+    /// (the dataset name; default the file stem).
     #[rhai_fn(name = "load", return_raw)]
     pub fn load_kind_with(kind: &str, path: &str, options: Map) -> RhaiResult<DataFrame> {
         data::load(kind, Path::new(path), &load_options(&options)?).map_err(error)

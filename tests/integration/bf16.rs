@@ -155,12 +155,7 @@ print(m.generate(["hello"], #{{ max_tokens: 3 }}).len());
         ),
     )
     .unwrap();
-    let rlvr = |args: &[&str]| {
-        std::process::Command::new(env!("CARGO_BIN_EXE_rlvr"))
-            .args(args)
-            .output()
-            .unwrap()
-    };
+    let rlvr = |args: &[&str]| crate::rlvr(args).output().unwrap();
     let path = script.to_str().unwrap();
     let out = rlvr(&["run", path]);
     let stderr = String::from_utf8_lossy(&out.stderr).into_owned();

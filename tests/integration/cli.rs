@@ -5,11 +5,7 @@ use std::process::{Command, Output};
 use crate::repo;
 
 fn rlvr(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_rlvr"))
-        .args(args)
-        .current_dir(repo(""))
-        .output()
-        .expect("the rlvr binary runs")
+    crate::rlvr(args).output().expect("the rlvr binary runs")
 }
 
 fn text(bytes: &[u8]) -> String {

@@ -321,12 +321,7 @@ fn an_unreachable_hub_is_named() {
 }
 
 fn rlvr(args: &[&str], home: &std::path::Path) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_rlvr"))
-        .args(args)
-        .current_dir(repo(""))
-        .env("RLVR_HOME", home)
-        .output()
-        .unwrap()
+    crate::rlvr(args).env("RLVR_HOME", home).output().unwrap()
 }
 
 #[test]

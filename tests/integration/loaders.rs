@@ -169,6 +169,7 @@ fn own_jsonl_loads_through_a_column_mapping() {
             question: Some("q".into()),
             choices: Some(vec!["opts".into()]),
             answer: Some("label".into()),
+            answer_index: Some(0),
             subject: Some("topic".into()),
             ..ColumnMapping::default()
         },
@@ -179,6 +180,177 @@ fn own_jsonl_loads_through_a_column_mapping() {
     assert_eq!(texts(&df, "answer"), ["B", "A", "B"]);
     assert_eq!(texts(&df, "answer_text"), ["4", "Paris", "whale"]);
     assert_eq!(texts(&df, "id")[2], "quiz_train/train/2");
+}
+
+/// A file named `name` holding `text` in a fresh folder of the system's temporary folder.
+fn own_file(name: &str, text: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("rlvr-own-{name}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join(name);
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+const TWO_LINES: &str = "{\"question\": \"2+2?\", \"choices\": [\"3\", \"4\"], \"answer\": \"B\"}\n\
+                         {\"question\": \"1+1?\", \"choices\": [\"2\", \"5\"], \"answer\": \"A\"}\n";
+
+#[test]
+fn the_kind_given_wins_over_the_extension() {
+    let lines_in_json = own_file("lines.json", TWO_LINES);
+    let df = load("jsonl", &lines_in_json, &LoadOptions::default()).unwrap();
+    assert_eq!(texts(&df, "answer"), ["B", "A"]);
+    let lines_in_txt = own_file("lines.txt", TWO_LINES);
+    let df = load("jsonl", &lines_in_txt, &LoadOptions::default()).unwrap();
+    assert_eq!(df.height(), 2);
+    let csv_in_json = own_file("table.json", "question,answer\n2+2?,4\n");
+    let df = load("csv", &csv_in_json, &LoadOptions::default()).unwrap();
+    assert_eq!(texts(&df, "answer"), ["4"]);
+}
+
+#[test]
+fn kind_json_reads_json_lines_and_arrays() {
+    let lines = own_file("published.json", TWO_LINES);
+    let df = load("json", &lines, &LoadOptions::default()).unwrap();
+    assert_eq!(texts(&df, "answer_text"), ["4", "2"]);
+    let array = format!("[\n{}]\n", TWO_LINES.trim_end().replace('\n', ",\n"));
+    let array = own_file("array.json", &array);
+    let df = load("json", &array, &LoadOptions::default()).unwrap();
+    assert_eq!(texts(&df, "answer_text"), ["4", "2"]);
+    assert_eq!(
+        table::read(&lines).unwrap().height(),
+        2,
+        "load(path) agrees"
+    );
+}
+
+/// Loads `text` as jsonl with `answer_index`, returning the answers or the error.
+fn answers(name: &str, text: &str, answer_index: Option<usize>) -> Result<Vec<String>, String> {
+    let options = LoadOptions {
+        mapping: ColumnMapping {
+            answer_index,
+            ..ColumnMapping::default()
+        },
+        ..LoadOptions::default()
+    };
+    let path = own_file(name, text);
+    let kind = if name.ends_with(".csv") {
+        "csv"
+    } else {
+        "jsonl"
+    };
+    load(kind, &path, &options)
+        .map(|df| texts(&df, "answer"))
+        .map_err(|e| e.to_string())
+}
+
+#[test]
+fn numeric_answers_count_as_answer_index_says() {
+    let file = "{\"question\": \"q1\", \"choices\": [\"w\", \"x\", \"y\", \"z\"], \"answer\": 1}\n\
+                {\"question\": \"q2\", \"choices\": [\"w\", \"x\", \"y\", \"z\"], \"answer\": 4}\n";
+    assert_eq!(answers("one.jsonl", file, Some(1)).unwrap(), ["A", "D"]);
+    let err = answers("zero.jsonl", file, Some(0)).unwrap_err();
+    for part in [
+        "zero.jsonl",
+        "line 2",
+        "`answer`",
+        "index 4 is out of range",
+        "0–3",
+    ] {
+        assert!(err.contains(part), "`{part}` missing from: {err}");
+    }
+    let csv = "question,choices,answer\nq1,\"[\"\"w\"\", \"\"x\"\"]\",2\n";
+    assert_eq!(answers("one.csv", csv, Some(1)).unwrap(), ["B"]);
+    let err = answers("zero.csv", csv, Some(0)).unwrap_err();
+    assert!(
+        err.contains("line 2") && err.contains("index 2 is out of range"),
+        "{err}"
+    );
+}
+
+#[test]
+fn numeric_answers_without_answer_index_are_refused() {
+    let file = "{\"question\": \"q1\", \"choices\": [\"w\", \"x\", \"y\"], \"answer\": 1}\n";
+    let err = answers("unsaid.jsonl", file, None).unwrap_err();
+    for part in [
+        "unsaid.jsonl",
+        "line 1",
+        "`answer`",
+        "answer 1 could mean B (0-based) or A (1-based): set answer_index: 0 or 1",
+    ] {
+        assert!(err.contains(part), "`{part}` missing from: {err}");
+    }
+    let csv = "question,choices,answer\nq1,\"[\"\"w\"\", \"\"x\"\"]\",0\n";
+    let err = answers("unsaid.csv", csv, None).unwrap_err();
+    assert!(
+        err.contains("line 2")
+            && err.contains("answer 0 could mean A (0-based) or no option (1-based)"),
+        "{err}"
+    );
+    let err = answers("base2.jsonl", file, Some(2)).unwrap_err();
+    assert!(err.contains("answer_index must be 0 or 1"), "{err}");
+}
+
+#[test]
+fn letter_and_text_answers_need_no_answer_index() {
+    assert_eq!(
+        answers("letters.jsonl", TWO_LINES, None).unwrap(),
+        ["B", "A"]
+    );
+    assert_eq!(
+        answers("letters1.jsonl", TWO_LINES, Some(1)).unwrap(),
+        ["B", "A"]
+    );
+    let text = "{\"question\": \"q\", \"choices\": [\"Paris\", \"Rome\"], \"answer\": \"Rome\"}\n";
+    assert_eq!(answers("text.jsonl", text, None).unwrap(), ["B"]);
+}
+
+#[test]
+fn native_loaders_need_no_answer_index() {
+    assert_eq!(texts(&sample("medqa", "medqa", None), "answer")[0], "B");
+    assert_eq!(texts(&sample("gsm8k", "gsm8k", None), "answer")[0], "18");
+    for (kind, rows) in [("medqa", 200), ("mmlu", 570), ("cmmlu", 670)] {
+        let items = sample(kind, kind, None);
+        assert_eq!(items.height(), rows, "{kind}");
+        assert_eq!(
+            count_where(&items, "answer NOT IN ('A', 'B', 'C', 'D')"),
+            0,
+            "{kind}"
+        );
+    }
+    // MMLU-Pro publishes a 0-based `answer_index` beside the letter: they agree on every row.
+    let pro = sample("mmlu_pro", "mmlu_pro", None);
+    let raw = table::read(&repo(
+        "data/samples/mmlu_pro/data/test-00000-of-00001.parquet",
+    ))
+    .unwrap();
+    let index: Vec<i64> = raw
+        .column("answer_index")
+        .unwrap()
+        .cast(&DataType::Int64)
+        .unwrap()
+        .i64()
+        .unwrap()
+        .iter()
+        .map(Option::unwrap)
+        .collect();
+    let raw_ids: Vec<String> = raw
+        .column("question_id")
+        .unwrap()
+        .cast(&DataType::String)
+        .unwrap()
+        .str()
+        .unwrap()
+        .iter()
+        .map(|v| format!("mmlu_pro/test/{}", v.unwrap()))
+        .collect();
+    let by_id: std::collections::HashMap<String, String> = texts(&pro, "id")
+        .into_iter()
+        .zip(texts(&pro, "answer"))
+        .collect();
+    for (id, i) in raw_ids.iter().zip(index) {
+        let letter = char::from(b'A' + i as u8).to_string();
+        assert_eq!(by_id[id], letter, "{id}");
+    }
 }
 
 #[test]

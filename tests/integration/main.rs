@@ -26,6 +26,26 @@ mod study;
 mod tokenizer;
 
 use std::path::PathBuf;
+use std::process::Command;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+/// The `rlvr` binary with `args`, run from the repository root. A `run` that names no run
+/// folder (`--out`, or `--set out=…`) gets a fresh one under the system's temporary folder,
+/// so that no test leaves a `runs/` folder in the checkout.
+pub fn rlvr(args: &[&str]) -> Command {
+    static RUNS: AtomicUsize = AtomicUsize::new(0);
+    let mut command = Command::new(env!("CARGO_BIN_EXE_rlvr"));
+    command.current_dir(repo("")).args(args);
+    let names_folder = args
+        .iter()
+        .any(|a| *a == "--out" || a.starts_with("--out=") || a.starts_with("out="));
+    if args.contains(&"run") && !names_folder {
+        let n = RUNS.fetch_add(1, Ordering::Relaxed);
+        let dir = std::env::temp_dir().join(format!("rlvr-test-runs-{}", std::process::id()));
+        command.arg("--out").arg(dir.join(n.to_string()));
+    }
+    command
+}
 
 /// Waits (up to a minute) until `ready`, then kills `child` with SIGKILL and reaps it: a
 /// crash in the middle of a long job.

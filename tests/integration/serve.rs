@@ -411,8 +411,7 @@ fn scripts_use_a_server_with_an_api_key_that_is_never_shown() {
 
     let url = format!("url={}", served.url);
     let run = |key_value: &str| {
-        Command::new(env!("CARGO_BIN_EXE_rlvr"))
-            .args(["run", "tests/scripts/endpoint.rhai", "--set", &url])
+        crate::rlvr(&["run", "tests/scripts/endpoint.rhai", "--set", &url])
             .env("RLVR_TEST_SERVE_KEY", key_value)
             .current_dir(repo(""))
             .output()
