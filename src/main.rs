@@ -106,6 +106,10 @@ struct ServeArgs {
     /// Rows (prompts × n) at most in one generation batch.
     #[arg(long, default_value_t = 32)]
     max_batch: usize,
+    /// The context a prompt and its new tokens must fit in (default: the model config's
+    /// max_position_embeddings); a request beyond it is an HTTP 400.
+    #[arg(long)]
+    max_model_len: Option<usize>,
     /// An environment variable holding an API key every request must send as
     /// `Authorization: Bearer <key>`.
     #[arg(long)]
@@ -416,9 +420,11 @@ fn serve(args: ServeArgs) -> Result<ExitCode> {
         host: args.host,
         port: args.port,
         max_batch: args.max_batch,
+        max_model_len: args.max_model_len,
         api_key,
     };
     let name = options.name.clone();
+    let open = options.api_key.is_none();
     std::thread::spawn(move || {
         while !job.cancel.is_cancelled() {
             std::thread::sleep(std::time::Duration::from_millis(50));
@@ -426,6 +432,14 @@ fn serve(args: ServeArgs) -> Result<ExitCode> {
         std::process::exit(0);
     });
     rlvr::serve::serve(lm, &options, |address| {
+        if open && !address.ip().is_loopback() {
+            eprintln!(
+                "warning: listening on {} without an API key: anyone who can reach this \
+                 address can use the model; pass --api-key-env VAR (requests then need \
+                 `Authorization: Bearer <key>`) or listen on 127.0.0.1",
+                address.ip()
+            );
+        }
         println!("listening on http://{address}/v1 (model `{name}`)");
         let _ = std::io::Write::flush(&mut std::io::stdout());
     })?;

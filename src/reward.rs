@@ -107,6 +107,9 @@ pub struct Reward<'a> {
     pub name: String,
     /// Its weight in the summed reward.
     pub weight: f64,
+    /// What identifies the function in a training run's key: a built-in's name, or what the
+    /// caller gave (for a script closure, a digest of its code and captured values).
+    identity: String,
     func: RewardFn<'a>,
 }
 
@@ -116,11 +119,14 @@ impl<'a> Reward<'a> {
         Reward {
             name: builtin.name().to_string(),
             weight,
+            identity: format!("builtin:{}", builtin.name()),
             func: Box::new(move |s| Ok(builtin.score(s))),
         }
     }
 
-    /// A reward of the caller's own, e.g. a script closure.
+    /// A reward of the caller's own, e.g. a script closure. Its name stands for the function
+    /// in a training run's key until [`Reward::identified_by`] gives more: two different
+    /// functions under one name would resume each other's runs.
     pub fn custom(
         name: &str,
         weight: f64,
@@ -129,8 +135,21 @@ impl<'a> Reward<'a> {
         Reward {
             name: name.to_string(),
             weight,
+            identity: format!("custom:{name}"),
             func: Box::new(func),
         }
+    }
+
+    /// The same reward, identified in a training run's key by `identity` (anything that
+    /// changes whenever the function's results can change, e.g. a digest of its code).
+    pub fn identified_by(mut self, identity: impl Into<String>) -> Self {
+        self.identity = format!("custom:{}:{}", self.name, identity.into());
+        self
+    }
+
+    /// What identifies the function in a training run's key.
+    pub fn identity(&self) -> &str {
+        &self.identity
     }
 
     /// The built-in rewards called `names`, weight 1 each; fails naming an unknown one.

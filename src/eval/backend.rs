@@ -5,13 +5,11 @@
 
 use std::collections::HashMap;
 
-use sha2::{Digest, Sha256};
-
 use super::render::Prompt;
 use super::EvalError;
 use crate::model::generate::{generate, Sampling};
 use crate::model::lm::LanguageModel;
-use crate::model::{lora, Input, KvCache};
+use crate::model::{Input, KvCache};
 use crate::progress::Job;
 
 /// How completions are sampled.
@@ -106,7 +104,7 @@ pub struct LocalModel {
 impl LocalModel {
     /// The backend for `lm` (its adapter, if any, merged into a copy of the weights).
     pub fn new(lm: &LanguageModel) -> Result<Self, EvalError> {
-        let adapter = fingerprint(lm);
+        let adapter = lm.adapter_fingerprint();
         let mut merged = lm.clone();
         if merged.lora.is_some() {
             for (_, linear) in merged.model.linears_mut() {
@@ -122,27 +120,6 @@ impl LocalModel {
             adapter,
         })
     }
-}
-
-/// A short hash of the adapter's weights (`None` without one).
-fn fingerprint(lm: &LanguageModel) -> Option<String> {
-    lm.lora.as_ref()?;
-    let mut model = lm.model.clone();
-    let mut hasher = Sha256::new();
-    for (name, var) in lora::variables(&mut model) {
-        hasher.update(name.as_bytes());
-        let values = var
-            .as_tensor()
-            .flatten_all()
-            .and_then(|t| t.to_dtype(candle_core::DType::F32))
-            .and_then(|t| t.to_vec1::<f32>())
-            .unwrap_or_default();
-        for v in values {
-            hasher.update(v.to_le_bytes());
-        }
-    }
-    let digest = hasher.finalize();
-    Some(digest[..8].iter().map(|b| format!("{b:02x}")).collect())
 }
 
 impl Backend for LocalModel {

@@ -261,6 +261,7 @@ pub fn evaluate(
         "mode": preset.mode.name(), "shots": shots,
         "max_tokens": generation.max_tokens, "temperature": generation.temperature,
         "seed": if generation.temperature > 0.0 { options.seed } else { 0 },
+        "until": generation.until, "target_delimiter": preset.target_delimiter,
     });
     if backend.served() {
         // a server's answers are kept by its model name, whatever its address
@@ -271,7 +272,16 @@ pub fn evaluate(
         Some(dir) => Cache::open(dir, &setting)?,
         None => Cache::disabled(),
     };
-    let hashes: Vec<String> = prompts.iter().map(|p| cache::hash(&p.text())).collect();
+    // an item's record holds for the prompt it was asked with and, scored, its number of
+    // options (the continuations)
+    let hashes: Vec<String> = prompts
+        .iter()
+        .zip(&docs)
+        .map(|(p, d)| match preset.mode {
+            Mode::Loglik => cache::hash(&format!("{}\u{0}{}", p.text(), d.question.choices.len())),
+            Mode::Generate => cache::hash(&p.text()),
+        })
+        .collect();
     let mut todo: Vec<usize> = (0..docs.len())
         .filter(|&i| cache.get(&docs[i].question.id, &hashes[i]).is_none())
         .collect();

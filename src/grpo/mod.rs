@@ -115,7 +115,7 @@ pub fn train(
         })
         .collect::<Result<Vec<_>, _>>()?;
 
-    let key = run_key(policy, &vars, items, rewards, config)?;
+    let key = run_key(policy, &vars, items, &prompts, rewards, config)?;
     let dir = config.cache_dir.join("grpo").join(&key);
     let mut store = store::RunStore::open(&dir, config)?;
     let mut optimizer = AdamW::new(vars.clone(), config.adamw)?;
@@ -130,10 +130,18 @@ pub fn train(
     job.progress.start("GRPO", config.steps as u64);
     job.progress.update(resumed_from as u64, "");
     let mut step = resumed_from;
+    // the step of the checkpoint on disk
+    let mut saved = resumed_from;
     while step < config.steps {
         if job.cancel.is_cancelled() {
+            if saved != step {
+                store.checkpoint(step, policy, &optimizer)?;
+            }
             return Err(GrpoError::Interrupted { step, dir });
         }
+        // with several updates per step, a step stopped between two of them has changed the
+        // adapters and the optimiser: they go back to where the step started
+        let before = Snapshot::take(&vars, &optimizer)?;
         match one_step(
             policy,
             items,
@@ -150,6 +158,7 @@ pub fn train(
                 store.append(&row, &completions)?;
                 if step % config.checkpoint_every == 0 || step == config.steps {
                     store.checkpoint(step, policy, &optimizer)?;
+                    saved = step;
                 }
                 job.progress.update(
                     step as u64,
@@ -157,7 +166,10 @@ pub fn train(
                 );
             }
             None => {
-                store.checkpoint(step, policy, &optimizer)?;
+                before.restore(&vars, &mut optimizer)?;
+                if saved != step {
+                    store.checkpoint(step, policy, &optimizer)?;
+                }
                 return Err(GrpoError::Interrupted { step, dir });
             }
         }
@@ -170,6 +182,33 @@ pub fn train(
         dir,
         resumed_from,
     })
+}
+
+/// The adapters' values and the optimiser's state at the start of a step.
+struct Snapshot {
+    values: Vec<Tensor>,
+    optimizer: optim::AdamWState,
+}
+
+impl Snapshot {
+    fn take(vars: &[(String, Var)], optimizer: &AdamW) -> Result<Self, GrpoError> {
+        Ok(Snapshot {
+            // a copy: an update writes into the variables' storage
+            values: vars
+                .iter()
+                .map(|(_, v)| v.as_tensor().copy())
+                .collect::<candle_core::Result<_>>()?,
+            optimizer: optimizer.state(),
+        })
+    }
+
+    fn restore(self, vars: &[(String, Var)], optimizer: &mut AdamW) -> Result<(), GrpoError> {
+        for ((_, var), value) in vars.iter().zip(&self.values) {
+            var.set(value)?;
+        }
+        optimizer.set_state(self.optimizer);
+        Ok(())
+    }
 }
 
 /// The metrics of one step (a Metrics row).
@@ -534,32 +573,47 @@ fn mix(a: u64, b: u64) -> u64 {
     z ^ (z >> 31)
 }
 
-/// The run's identity: model, starting adapter, items, rewards and settings.
+/// The run's identity: everything that changes its result. The model (its name and
+/// configuration), the starting adapter's values, every field of every item (the rewards
+/// may read any of them), the tokenized prompts (question, choices, prompt template,
+/// system prompt and chat template as the model sees them), each reward's identity (a
+/// closure's code and captured values) and weight, and the settings. How often checkpoints
+/// are written changes nothing and is left out.
 fn run_key(
     policy: &LanguageModel,
     vars: &[(String, Var)],
     items: &[Question],
+    prompts: &[Vec<u32>],
     rewards: &[Reward],
     config: &GrpoConfig,
 ) -> Result<String, GrpoError> {
     let mut h = Sha256::new();
-    h.update(policy.name.as_bytes());
+    let mut field = |bytes: &[u8]| {
+        h.update((bytes.len() as u64).to_le_bytes());
+        h.update(bytes);
+    };
+    field(policy.name.as_bytes());
+    field(policy.model.config.to_string().as_bytes());
     for (name, var) in vars {
-        h.update(name.as_bytes());
+        field(name.as_bytes());
         let values: Vec<f32> = var.as_tensor().flatten_all()?.to_vec1()?;
-        for v in values {
-            h.update(v.to_le_bytes());
-        }
+        let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+        field(&bytes);
     }
-    for q in items {
-        h.update(q.id.as_bytes());
-        h.update([0]);
+    for (q, prompt) in items.iter().zip(prompts) {
+        field(format!("{q:?}").as_bytes());
+        let bytes: Vec<u8> = prompt.iter().flat_map(|t| t.to_le_bytes()).collect();
+        field(&bytes);
     }
     for r in rewards {
-        h.update(r.name.as_bytes());
-        h.update(r.weight.to_le_bytes());
+        field(r.identity().as_bytes());
+        field(&r.weight.to_le_bytes());
     }
-    h.update(config.manifest().to_string().as_bytes());
+    let mut settings = config.manifest();
+    if let Some(map) = settings.as_object_mut() {
+        map.remove("checkpoint_every");
+    }
+    field(settings.to_string().as_bytes());
     let digest = h.finalize();
     Ok(digest.iter().take(8).map(|b| format!("{b:02x}")).collect())
 }

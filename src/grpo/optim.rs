@@ -79,6 +79,14 @@ impl Default for AdamWSettings {
     }
 }
 
+/// AdamW's moments and step count, to put back with [`AdamW::set_state`].
+#[derive(Clone)]
+pub struct AdamWState {
+    m: Vec<Tensor>,
+    v: Vec<Tensor>,
+    steps: usize,
+}
+
 /// AdamW over named variables.
 pub struct AdamW {
     vars: Vec<(String, Var)>,
@@ -108,6 +116,23 @@ impl AdamW {
     /// Optimiser steps taken.
     pub fn steps(&self) -> usize {
         self.steps
+    }
+
+    /// The moments and step count now (each update makes new moment tensors, so this is a
+    /// snapshot).
+    pub fn state(&self) -> AdamWState {
+        AdamWState {
+            m: self.m.clone(),
+            v: self.v.clone(),
+            steps: self.steps,
+        }
+    }
+
+    /// Puts back a state taken with [`AdamW::state`].
+    pub fn set_state(&mut self, state: AdamWState) {
+        self.m = state.m;
+        self.v = state.v;
+        self.steps = state.steps;
     }
 
     /// One update with the gradients `grads` (one per variable, in order) at rate `lr`.

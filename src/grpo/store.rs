@@ -54,6 +54,10 @@ impl RunStore {
         self.dir.join("checkpoint")
     }
 
+    fn old_checkpoint_dir(&self) -> PathBuf {
+        self.dir.join("checkpoint.old")
+    }
+
     /// Forgets any earlier progress.
     pub fn reset(&mut self) -> Result<(), GrpoError> {
         for path in [self.metrics_path(), self.completions_path()] {
@@ -61,9 +65,10 @@ impl RunStore {
                 fs::remove_file(&path).map_err(|e| io(&path, e))?;
             }
         }
-        let ckpt = self.checkpoint_dir();
-        if ckpt.exists() {
-            fs::remove_dir_all(&ckpt).map_err(|e| io(&ckpt, e))?;
+        for ckpt in [self.checkpoint_dir(), self.old_checkpoint_dir()] {
+            if ckpt.exists() {
+                fs::remove_dir_all(&ckpt).map_err(|e| io(&ckpt, e))?;
+            }
         }
         Ok(())
     }
@@ -76,6 +81,11 @@ impl RunStore {
         optimizer: &mut AdamW,
     ) -> Result<usize, GrpoError> {
         let ckpt = self.checkpoint_dir();
+        let old = self.old_checkpoint_dir();
+        if !ckpt.exists() && old.exists() {
+            // killed between moving the last checkpoint aside and renaming the new one in
+            fs::rename(&old, &ckpt).map_err(|e| io(&old, e))?;
+        }
         let state_path = ckpt.join("state.json");
         let Ok(text) = fs::read_to_string(&state_path) else {
             self.reset()?;
@@ -118,7 +128,11 @@ impl RunStore {
         append_lines(&self.completions_path(), rows)
     }
 
-    /// Saves the adapters, the optimiser and the step, replacing the last checkpoint.
+    /// Saves the adapters, the optimiser and the step, replacing the last checkpoint. The
+    /// new one is written and synced in `checkpoint.tmp/`, the old one moved to
+    /// `checkpoint.old/`, the new one renamed into place and only then the old one removed:
+    /// a kill at any point leaves one whole checkpoint ([`RunStore::restore`] takes
+    /// `checkpoint.old/` when `checkpoint/` is missing).
     pub fn checkpoint(
         &mut self,
         step: usize,
@@ -137,11 +151,21 @@ impl RunStore {
         let state = tmp.join("state.json");
         fs::write(&state, serde_json::json!({ "step": step }).to_string())
             .map_err(|e| io(&state, e))?;
+        sync_folder(&tmp)?;
         let ckpt = self.checkpoint_dir();
+        let old = self.old_checkpoint_dir();
         if ckpt.exists() {
-            fs::remove_dir_all(&ckpt).map_err(|e| io(&ckpt, e))?;
+            if old.exists() {
+                fs::remove_dir_all(&old).map_err(|e| io(&old, e))?;
+            }
+            fs::rename(&ckpt, &old).map_err(|e| io(&ckpt, e))?;
         }
-        fs::rename(&tmp, &ckpt).map_err(|e| io(&ckpt, e))
+        fs::rename(&tmp, &ckpt).map_err(|e| io(&ckpt, e))?;
+        sync_file(&self.dir)?;
+        if old.exists() {
+            fs::remove_dir_all(&old).map_err(|e| io(&old, e))?;
+        }
+        Ok(())
     }
 
     /// The Metrics and completions tables of the steps recorded so far.
@@ -227,6 +251,24 @@ impl RunStore {
         let rows_df = DataFrame::new(rows.len(), columns).map_err(polars)?;
         Ok((metrics_df, rows_df))
     }
+}
+
+/// Flushes a file (or a folder's entries) to the disk.
+fn sync_file(path: &Path) -> Result<(), GrpoError> {
+    File::open(path)
+        .and_then(|f| f.sync_all())
+        .map_err(|e| io(path, e))
+}
+
+/// Flushes every file in `dir`, then the folder itself.
+fn sync_folder(dir: &Path) -> Result<(), GrpoError> {
+    for entry in fs::read_dir(dir).map_err(|e| io(dir, e))? {
+        let path = entry.map_err(|e| io(dir, e))?.path();
+        if path.is_file() {
+            sync_file(&path)?;
+        }
+    }
+    sync_file(dir)
 }
 
 fn append_lines<T: serde::Serialize>(path: &Path, values: &[T]) -> Result<(), GrpoError> {

@@ -4,7 +4,8 @@
 //! hard and easy questions by pass rate ([`select_by_difficulty`]).
 //!
 //! Responses are appended to `$RLVR_HOME/cache/judge/<key>.jsonl` as each batch finishes,
-//! keyed by the judge, the prompt settings, the item id, the prompt's hash and the sample
+//! keyed by the judge (a local model with its adapter's fingerprint, or a server's model
+//! name whatever its address), the sampling settings, the item id, the prompt's hash and the sample
 //! index: a rerun, or a run after a crash, only asks for what is missing. Each sample's seed
 //! comes from the item id and its index, so the table does not depend on batching or on
 //! interruptions.
@@ -50,8 +51,12 @@ pub enum JudgeError {
 
 /// Something that answers conversations: a local model or a server.
 pub trait Responder {
-    /// A name for the Judged table and the cache key.
+    /// A name for the Judged table.
     fn name(&self) -> String;
+    /// What keys the cache: whatever changes the responses. A local model's name with its
+    /// adapter's fingerprint; a server's model name (servers of one model share responses,
+    /// wherever they run).
+    fn cache_name(&self) -> String;
     /// One response per conversation, conversation `i` sampled with `seeds[i]`.
     fn respond(
         &self,
@@ -69,6 +74,13 @@ impl Responder for LanguageModel {
             name.push_str("+adapter");
         }
         name
+    }
+
+    fn cache_name(&self) -> String {
+        match self.adapter_fingerprint() {
+            Some(adapter) => format!("{}+adapter {adapter}", self.name),
+            None => self.name.clone(),
+        }
     }
 
     fn respond(
@@ -120,6 +132,11 @@ impl Responder for LanguageModel {
 impl Responder for crate::endpoint::Endpoint {
     fn name(&self) -> String {
         format!("{} at {}", self.model(), self.base_url())
+    }
+
+    fn cache_name(&self) -> String {
+        // kept apart from a local model of the same name
+        format!("served {}", self.model())
     }
 
     fn respond(
@@ -233,7 +250,7 @@ pub fn judge(
     }
     let qs = questions(items)?;
     let name = judge.name();
-    let cache_path = cache_path(&name, config);
+    let cache_path = cache_path(&judge.cache_name(), config);
     let mut cache = read_cache(&cache_path)?;
 
     // what is missing

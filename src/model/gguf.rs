@@ -154,6 +154,9 @@ pub fn config_of(content: &gguf_file::Content) -> std::result::Result<(String, V
         "rope_theta": theta,
         "tie_word_embeddings": !content.tensor_infos.contains_key("output.weight"),
     });
+    if let Ok(context) = int("context_length") {
+        config["max_position_embeddings"] = json!(context);
+    }
     let scaling_type = text(md, &key("rope.scaling.type")).ok();
     let scaling_factor = float(md, &key("rope.scaling.factor")).ok();
     if let (Some("linear"), Some(factor)) = (scaling_type.as_deref(), scaling_factor) {

@@ -51,6 +51,29 @@ pub struct NextToken {
 }
 
 impl LanguageModel {
+    /// A short hash of the adapter's weights (`None` without one): what tells one trained
+    /// adapter from another in Results and cache keys.
+    pub fn adapter_fingerprint(&self) -> Option<String> {
+        use sha2::{Digest, Sha256};
+        self.lora.as_ref()?;
+        let mut model = self.model.clone();
+        let mut hasher = Sha256::new();
+        for (name, var) in lora::variables(&mut model) {
+            hasher.update(name.as_bytes());
+            let values = var
+                .as_tensor()
+                .flatten_all()
+                .and_then(|t| t.to_dtype(candle_core::DType::F32))
+                .and_then(|t| t.to_vec1::<f32>())
+                .unwrap_or_default();
+            for v in values {
+                hasher.update(v.to_le_bytes());
+            }
+        }
+        let digest = hasher.finalize();
+        Some(digest[..8].iter().map(|b| format!("{b:02x}")).collect())
+    }
+
     /// Loads a Hugging Face model directory or a `.gguf` file; the tokenizer is `tokenizer`
     /// when given, else the `tokenizer.json` in the directory (beside the GGUF file). Fails
     /// when the tokenizer's vocabulary does not fit the model's.

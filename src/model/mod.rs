@@ -191,6 +191,15 @@ impl Model {
         })
     }
 
+    /// The context length its config states (`max_position_embeddings`; for a GGUF file,
+    /// its `context_length`), if it states one.
+    pub fn context_length(&self) -> Option<usize> {
+        config::text_config(&self.config)
+            .get("max_position_embeddings")
+            .and_then(Value::as_u64)
+            .map(|n| n as usize)
+    }
+
     /// Final hidden states `[b, s, hidden]` for `input`, appending to `cache` when given;
     /// the adapters take part when `adapters_on`.
     pub fn forward(

@@ -104,7 +104,7 @@ fn run(
 ) -> RhaiResult<DataFrame> {
     let (options, limit) = options(opts)?;
     let backend = {
-        let lm = model.0.read().unwrap_or_else(|e| e.into_inner());
+        let lm = model.read()?;
         LocalModel::new(&lm).map_err(error)?
     };
     run_on(output, &backend, items, &options, limit)

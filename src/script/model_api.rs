@@ -2,7 +2,7 @@
 //! `chat`, `logprob`, `with_lora`, `save_adapter`, `load_adapter`, `merge_and_save`.
 
 use std::path::Path;
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, RwLock, TryLockError};
 
 use polars::prelude::DataFrame;
 use rhai::plugin::*;
@@ -27,13 +27,35 @@ impl ModelHandle {
         ModelHandle(Arc::new(RwLock::new(lm)))
     }
 
-    pub(super) fn read(&self) -> std::sync::RwLockReadGuard<'_, LanguageModel> {
-        self.0.read().unwrap_or_else(|e| e.into_inner())
+    /// The model, to read. Fails when a call that changes it is running on this thread: a
+    /// reward closure of `grpo` that uses the policy being trained would otherwise wait for
+    /// itself forever.
+    pub(super) fn read(&self) -> RhaiResult<std::sync::RwLockReadGuard<'_, LanguageModel>> {
+        match self.0.try_read() {
+            Ok(lm) => Ok(lm),
+            Err(TryLockError::Poisoned(e)) => Ok(e.into_inner()),
+            Err(TryLockError::WouldBlock) => Err(busy()),
+        }
     }
 
-    pub(super) fn write(&self) -> std::sync::RwLockWriteGuard<'_, LanguageModel> {
-        self.0.write().unwrap_or_else(|e| e.into_inner())
+    /// The model, to change. Fails when another call is using it (see [`ModelHandle::read`]).
+    pub(super) fn write(&self) -> RhaiResult<std::sync::RwLockWriteGuard<'_, LanguageModel>> {
+        match self.0.try_write() {
+            Ok(lm) => Ok(lm),
+            Err(TryLockError::Poisoned(e)) => Ok(e.into_inner()),
+            Err(TryLockError::WouldBlock) => Err(busy()),
+        }
     }
+}
+
+/// The error of a model used from inside a call that holds it (script evaluation runs on one
+/// thread, so waiting for the model would never end).
+fn busy() -> Box<rhai::EvalAltResult> {
+    error(
+        "this model is in use by the call running now: a `grpo` reward closure cannot use the \
+         policy being trained (nor train it again); score with another model, e.g. \
+         `model(...)` loaded separately or the base model the policy came from",
+    )
 }
 
 /// The model area of the reference.
@@ -103,7 +125,7 @@ fn generate_texts(
     opts: &Map,
 ) -> RhaiResult<Vec<String>> {
     let sampling = sampling(opts)?;
-    let lm = handle.read();
+    let lm = handle.read()?;
     let out = lm
         .generate(&prompts, &sampling, &mut |_| true)
         .map_err(error)?;
@@ -156,7 +178,7 @@ fn next_token_table(handle: &ModelHandle, prompt: &str, opts: &Map) -> RhaiResul
         return Err(error(format!("top_p must be in (0, 1], not {top_p}")));
     }
     let tokens = handle
-        .read()
+        .read()?
         .next_tokens(prompt, k, temperature, top_p)
         .map_err(error)?;
     polars::df!(
@@ -206,7 +228,7 @@ mod model_functions {
     /// adds it, unless the text already starts with it).
     #[rhai_fn(pure, return_raw)]
     pub fn tokenize(model: &mut ModelHandle, text: &str) -> RhaiResult<Array> {
-        let ids = model.read().tokenizer.encode(text).map_err(error)?;
+        let ids = model.read()?.tokenizer.encode(text).map_err(error)?;
         Ok(ids.into_iter().map(|i| Dynamic::from(i as i64)).collect())
     }
 
@@ -221,7 +243,7 @@ mod model_functions {
                     .map_err(|t| error(format!("token ids are integers, not {t}")))
             })
             .collect::<RhaiResult<Vec<u32>>>()?;
-        model.read().tokenizer.decode(&ids).map_err(error)
+        model.read()?.tokenizer.decode(&ids).map_err(error)
     }
 
     /// Completes `prompt`; options `max_tokens` (64), `temperature` (1.0; 0.0 is greedy),
@@ -256,7 +278,7 @@ mod model_functions {
     /// A user message rendered with the model's chat template, ready for `generate`.
     #[rhai_fn(name = "chat", pure, return_raw)]
     pub fn chat_user(model: &mut ModelHandle, message: &str) -> RhaiResult<String> {
-        let lm = model.read();
+        let lm = model.read()?;
         lm.tokenizer
             .chat(&[Message::new("user", message)], true)
             .map_err(error)
@@ -267,13 +289,13 @@ mod model_functions {
     #[rhai_fn(name = "chat", pure, return_raw)]
     pub fn chat_messages(model: &mut ModelHandle, messages: Array) -> RhaiResult<String> {
         let messages = messages_of(messages)?;
-        model.read().tokenizer.chat(&messages, true).map_err(error)
+        model.read()?.tokenizer.chat(&messages, true).map_err(error)
     }
 
     /// The total log-probability of `completion` after `prompt`.
     #[rhai_fn(pure, return_raw)]
     pub fn logprob(model: &mut ModelHandle, prompt: &str, completion: &str) -> RhaiResult<f64> {
-        Ok(model.read().logprob(prompt, completion).map_err(error)? as f64)
+        Ok(model.read()?.logprob(prompt, completion).map_err(error)? as f64)
     }
 
     /// The 10 most likely next tokens after `prompt`: `rank`, `id`, `token`, `logprob`,
@@ -329,7 +351,7 @@ mod model_functions {
         if let Some(v) = options.get("seed") {
             config.seed = v.as_int().map_err(|t| error(format!("seed: not {t}")))? as u64;
         }
-        let policy = model.read().with_lora(&config).map_err(error)?;
+        let policy = model.read()?.with_lora(&config).map_err(error)?;
         Ok(ModelHandle::new(policy))
     }
 
@@ -338,7 +360,7 @@ mod model_functions {
     /// manifest.
     #[rhai_fn(pure, return_raw)]
     pub fn save_adapter(model: &mut ModelHandle, dir: &str) -> RhaiResult<()> {
-        model.write().save_adapter(Path::new(dir)).map_err(error)?;
+        model.write()?.save_adapter(Path::new(dir)).map_err(error)?;
         crate::report::RunRecord::note_artifact(&format!("adapter {dir}"), Path::new(dir))
             .map_err(error)
     }
@@ -348,20 +370,22 @@ mod model_functions {
     /// transformers, vLLM or llama.cpp.
     #[rhai_fn(pure, return_raw)]
     pub fn merge_and_save(model: &mut ModelHandle, dir: &str) -> RhaiResult<()> {
-        model.read().merge_and_save(Path::new(dir)).map_err(error)
+        model.read()?.merge_and_save(Path::new(dir)).map_err(error)
     }
 
     /// A new model over the same base weights with the PEFT adapter in `dir` attached.
     #[rhai_fn(pure, return_raw)]
     pub fn load_adapter(model: &mut ModelHandle, dir: &str) -> RhaiResult<ModelHandle> {
-        let tuned = model.read().load_adapter(Path::new(dir)).map_err(error)?;
+        let tuned = model.read()?.load_adapter(Path::new(dir)).map_err(error)?;
         Ok(ModelHandle::new(tuned))
     }
 
     /// A short description: where the model came from and its adapter.
     #[rhai_fn(global, name = "to_string", pure)]
     pub fn describe(model: &mut ModelHandle) -> String {
-        let lm = model.read();
+        let Ok(lm) = model.read() else {
+            return "Model(in use by the call running now)".into();
+        };
         match &lm.lora {
             Some(l) => format!("Model({}, LoRA r={} alpha={})", lm.name, l.rank, l.alpha),
             None => format!("Model({})", lm.name),

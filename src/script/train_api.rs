@@ -5,6 +5,7 @@ use std::sync::Arc;
 
 use polars::prelude::DataFrame;
 use rhai::{Array, Dynamic, Engine, FnPtr, FuncRegistration, Map, NativeCallContext};
+use sha2::{Digest, Sha256};
 
 use super::convert::{check_keys, count, error, text, RhaiResult};
 use super::model_api::ModelHandle;
@@ -151,7 +152,9 @@ fn register(engine: &mut Engine, output: &Arc<dyn Output>) {
              dr_grpo, dapo), `scale_rewards` (group, batch, none), `std_floor`, `epsilon`, \
              `epsilon_high`, `beta`, `num_iterations`, `mask_truncated`, \
              `filter_zero_std`, `max_tokens`, `temperature`, `top_p`, `top_k`, `min_p`, \
-             `stop`, `seed`, `system`, `user`, `checkpoint_every`, `resume` (true).",
+             `stop`, `seed`, `system`, `user`, `checkpoint_every` (1: after every step), \
+             `resume` (true). A reward closure may not use the policy being trained (an \
+             error says so; score with another model).",
         ])
         .register_into_engine(
             engine,
@@ -345,7 +348,7 @@ fn judge_with(
     opts: &Map,
 ) -> RhaiResult<DataFrame> {
     let config = judge_config(opts)?;
-    let lm = model.read();
+    let lm = model.read()?;
     judge::judge(&*lm, items, &config, &job_of(output)).map_err(error)
 }
 
@@ -528,12 +531,124 @@ fn item_map(q: &Question) -> Map {
     m
 }
 
+/// How Rhai names the functions of closures (`anon$` and a hash of the code).
+const ANONYMOUS: &str = "anon$";
+
+/// What identifies a reward closure in a training run's key: its parameters and code, the
+/// values it captured, and the code of every function the script defines (the closure may
+/// call any of them). Code is compared as Rhai parsed it, in [`canonical`] form, so moving a
+/// closure or editing a comment keeps the identity, and editing the code or a captured value
+/// changes it.
+fn closure_identity(ctx: &NativeCallContext, f: &FnPtr) -> String {
+    let mut functions: Vec<String> = ctx
+        .iter_namespaces()
+        .flat_map(|module| module.iter_script_fn_info())
+        .filter(|(_, _, name, _, _)| *name == f.fn_name() || !name.starts_with(ANONYMOUS))
+        .map(|(_, _, name, _, def)| {
+            let shown = if name == f.fn_name() {
+                "|closure|"
+            } else {
+                name
+            };
+            let params: Vec<&str> = def.params.iter().map(|p| p.as_str()).collect();
+            format!(
+                "{shown}({}) {}",
+                params.join(", "),
+                canonical(&format!("{:?}", def.body))
+            )
+        })
+        .collect();
+    functions.sort();
+    functions.dedup();
+    if !functions.iter().any(|d| d.starts_with("|closure|")) {
+        // not a closure of the script (a named function's pointer): its name is its identity
+        functions.push(format!("fn {}", f.fn_name()));
+    }
+    let captured = f.iter_curry().map(|v| canonical(&format!("{v:?}")));
+    let mut h = Sha256::new();
+    for part in functions.into_iter().chain(captured) {
+        h.update((part.len() as u64).to_le_bytes());
+        h.update(part.as_bytes());
+    }
+    let digest = h.finalize();
+    digest[..8].iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Rhai's debug text of code without what differs between two parses of the same code:
+/// source positions (`@ 4:32`, `, 4:35)`, `@ 2:14-31`), the hashes of function calls
+/// (`hash: 123`, `hash: (1, 2)`, ` (native only)`) and the hashes naming closures
+/// (`anon$` and 16 hex digits), which Rhai seeds afresh in every process.
+fn canonical(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(c) = rest.chars().next() {
+        let skip = if let Some(after) = rest.strip_prefix("@ ").or_else(|| rest.strip_prefix(", "))
+        {
+            position_len(after).map(|n| 2 + n)
+        } else if let Some(after) = rest.strip_prefix("hash: ") {
+            hash_len(after).map(|n| "hash: ".len() + n)
+        } else if rest.starts_with(" (native only)") {
+            Some(" (native only)".len())
+        } else if let Some(after) = rest.strip_prefix(ANONYMOUS) {
+            let hex = after.bytes().take_while(u8::is_ascii_hexdigit).count();
+            out.push_str(ANONYMOUS);
+            Some(ANONYMOUS.len() + hex)
+        } else {
+            None
+        };
+        match skip {
+            Some(n) => rest = &rest[n..],
+            None => {
+                out.push(c);
+                rest = &rest[c.len_utf8()..];
+            }
+        }
+    }
+    out
+}
+
+/// The length of a run of ASCII digits at the start of `text`.
+fn digits(text: &str) -> usize {
+    text.bytes().take_while(u8::is_ascii_digit).count()
+}
+
+/// The length of a `line:column` (or `line:column-end`) position at the start of `text`.
+fn position_len(text: &str) -> Option<usize> {
+    let line = digits(text);
+    if line == 0 || text.as_bytes().get(line) != Some(&b':') {
+        return None;
+    }
+    let column = digits(&text[line + 1..]);
+    if column == 0 {
+        return None;
+    }
+    let mut end = line + 1 + column;
+    if text.as_bytes().get(end) == Some(&b'-') && digits(&text[end + 1..]) > 0 {
+        end += 1 + digits(&text[end + 1..]);
+    }
+    Some(end)
+}
+
+/// The length of a call hash (`123` or `(1, 2)`) at the start of `text`.
+fn hash_len(text: &str) -> Option<usize> {
+    let n = digits(text);
+    if n > 0 {
+        return Some(n);
+    }
+    let inner = text.strip_prefix('(')?;
+    let a = digits(inner);
+    let after = inner[a..].strip_prefix(", ")?;
+    let b = digits(after);
+    (a > 0 && b > 0 && after[b..].starts_with(')')).then_some(1 + a + 2 + b + 1)
+}
+
 fn closure_reward<'a>(
     ctx: &'a NativeCallContext,
     name: String,
     weight: f64,
     f: FnPtr,
 ) -> Reward<'a> {
+    let identity = closure_identity(ctx, &f);
     Reward::custom(&name, weight, move |s| {
         let value: Dynamic = f
             .call_within_context(ctx, (s.completion.to_string(), item_map(s.question)))
@@ -544,6 +659,7 @@ fn closure_reward<'a>(
             .or_else(|_| value.as_bool().map(|b| f64::from(u8::from(b))))
             .map_err(|t| format!("returned {t}, not a number"))
     })
+    .identified_by(identity)
 }
 
 fn rewards_of<'a>(ctx: &'a NativeCallContext, opts: &Map) -> RhaiResult<Vec<Reward<'a>>> {
@@ -633,7 +749,31 @@ fn grpo_with(
     let config = grpo_config(opts)?;
     let rewards = rewards_of(ctx, opts)?;
     let qs = questions(items).map_err(error)?;
-    let mut lm = policy.write();
+    let mut lm = policy.write()?;
     let run = grpo::train(&mut lm, &qs, &rewards, &config, &job_of(output)).map_err(error)?;
     Ok(TrainingRun(Arc::new(run)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::canonical;
+
+    #[test]
+    fn canonical_code_drops_positions_and_per_process_hashes() {
+        let a = "Statements(Block[FnCall(FnCallExpr { hash: 2722733970923329961 (native only), \
+                 name: \"+\", args: [FnCallExpr { hash: (143, 135), name: \"score\", args: \
+                 [Variable(c #2) @ 4:32] } @ 4:25, Variable(k) @ 4:37] }, 4:35)] @ 2:14-31) \
+                 Fn*(anon$f29e642f9154d76e)";
+        let b = "Statements(Block[FnCall(FnCallExpr { hash: 11 (native only), \
+                 name: \"+\", args: [FnCallExpr { hash: (1, 2), name: \"score\", args: \
+                 [Variable(c #2) @ 9:3] } @ 9:1, Variable(k) @ 9:7] }, 9:5)] @ 8:1-3) \
+                 Fn*(anon$0123456789abcdef)";
+        assert_eq!(canonical(a), canonical(b));
+        assert_eq!(
+            canonical("[Variable(k) @ 4:37, 40.0 @ 2:26] Fn*(anon$f29e642f9154d76e)"),
+            "[Variable(k), 40.0] Fn*(anon$)"
+        );
+        // values stay
+        assert_ne!(canonical("40.0 @ 2:26"), canonical("20.0 @ 2:26"));
+    }
 }

@@ -24,6 +24,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
 use tiny_http::{Header, Method, Response, Server};
 
 use crate::model::generate::{generate_until, Completion, Finish, Sampling};
@@ -47,6 +48,9 @@ pub struct ServeOptions {
     /// Rows (prompts × `n`) at most in one generation batch; a single request larger than
     /// this still runs, alone.
     pub max_batch: usize,
+    /// The context a prompt and its new tokens must fit in; `None`: the model config's
+    /// `max_position_embeddings` (no limit when it states none).
+    pub max_model_len: Option<usize>,
     /// When set, every request must carry `Authorization: Bearer <key>`.
     pub api_key: Option<String>,
 }
@@ -82,6 +86,7 @@ pub fn serve(
         api_key: options.api_key.clone(),
         tokenizer: lm.tokenizer.clone(),
         vocab: lm.model.lm_head().dims()[0],
+        context: options.max_model_len.or_else(|| lm.model.context_length()),
     });
     let (jobs, queue) = mpsc::channel::<Job>();
     let max_batch = options.max_batch.max(1);
@@ -130,6 +135,9 @@ struct Context {
     tokenizer: Tokenizer,
     /// Rows of the embedding table: token ids must be below it.
     vocab: usize,
+    /// The model's context length (`max_position_embeddings`), when its config states it:
+    /// a prompt and its new tokens must fit in it.
+    context: Option<usize>,
 }
 
 /// One HTTP request's rows, sent to the generation thread; the results come back on
@@ -299,13 +307,12 @@ fn answer(
     jobs: &Sender<Job>,
 ) -> Result<Answer, Answer> {
     if let Some(key) = &context.api_key {
-        let expected = format!("Bearer {key}");
         let given = request
             .headers()
             .iter()
             .find(|h| h.field.equiv("Authorization"))
             .map(|h| h.value.as_str());
-        if given != Some(expected.as_str()) {
+        if !given.is_some_and(|given| key_matches(given, key)) {
             return Err(error(
                 401,
                 "authentication_error",
@@ -348,6 +355,19 @@ fn answer(
             ),
         )),
     }
+}
+
+/// Whether an `Authorization` header value is `Bearer <key>`. The SHA-256 digests of both
+/// are compared in constant time, so the time taken tells nothing about how much of a
+/// guessed key was right (the digest hides the key's length too).
+fn key_matches(given: &str, key: &str) -> bool {
+    let given = Sha256::digest(given.as_bytes());
+    let expected = Sha256::digest(format!("Bearer {key}").as_bytes());
+    given
+        .iter()
+        .zip(expected.iter())
+        .fold(0u8, |diff, (a, b)| diff | (a ^ b))
+        == 0
 }
 
 fn models(context: &Context) -> Value {
@@ -432,6 +452,7 @@ fn complete(
         }
         prompt_ids.push(ids);
     }
+    let max_tokens = fit_context(context.context, &prompt_ids, request)?;
     let mut stop_ids = tokenizer.stop_ids();
     // A stop text that is one token of its own stops generation at once; others are found
     // in the decoded text.
@@ -447,7 +468,7 @@ fn complete(
                 let sampling = Sampling {
                     stop_strings: vec![],
                     include_stop: false,
-                    max_tokens: request.max_tokens,
+                    max_tokens,
                     temperature: request.temperature,
                     top_k: request.top_k,
                     top_p: request.top_p,
@@ -533,6 +554,45 @@ fn complete(
     ))
 }
 
+/// The new tokens each sample may take: the request's `max_tokens` when the longest prompt
+/// and it fit the model's context (else an HTTP 400, as OpenAI answers), or, when the request
+/// named none, the default cut to what the context leaves.
+fn fit_context(
+    context: Option<usize>,
+    prompt_ids: &[Vec<u32>],
+    request: &GenerationRequest,
+) -> Result<usize, Answer> {
+    let Some(context) = context else {
+        return Ok(request.max_tokens);
+    };
+    let longest = prompt_ids.iter().map(Vec::len).max().unwrap_or(0);
+    let left = context.saturating_sub(longest);
+    let too_long = |message: String| {
+        let (status, mut body) = error(400, "invalid_request_error", Some("max_tokens"), &message);
+        body["error"]["code"] = json!("context_length_exceeded");
+        (status, body)
+    };
+    if longest + usize::from(request.max_tokens > 0) > context {
+        return Err(too_long(format!(
+            "This model's maximum context length is {context} tokens; the prompt has {longest} \
+             tokens and leaves no room for new ones. Shorten the prompt."
+        )));
+    }
+    if !request.max_tokens_given {
+        return Ok(request.max_tokens.min(left));
+    }
+    if longest + request.max_tokens > context {
+        return Err(too_long(format!(
+            "This model's maximum context length is {context} tokens. However, you requested \
+             {} tokens ({longest} in the prompt, {} in the completion). Ask for at most {left} \
+             new tokens (`max_tokens`) or shorten the prompt.",
+            longest + request.max_tokens,
+            request.max_tokens
+        )));
+    }
+    Ok(request.max_tokens)
+}
+
 /// A completion's text, finish reason, token count and the tokens its text comes from:
 /// the stop token left out of the text, the text cut before its first stop text
 /// (generation ended at the token that completed it).
@@ -616,4 +676,24 @@ fn unix_time() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_secs())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_the_exact_bearer_key_matches() {
+        assert!(key_matches("Bearer sk-abc", "sk-abc"));
+        for wrong in [
+            "Bearer sk-abd",
+            "Bearer sk-ab",
+            "Bearer sk-abcd",
+            "sk-abc",
+            "",
+            "bearer sk-abc",
+        ] {
+            assert!(!key_matches(wrong, "sk-abc"), "{wrong}");
+        }
+    }
 }

@@ -52,6 +52,9 @@ pub struct GenerationRequest {
     pub prompts: Vec<Prompt>,
     /// New tokens at most per sample.
     pub max_tokens: usize,
+    /// Whether the request named `max_tokens` (else it is [`DEFAULT_MAX_TOKENS`], cut to
+    /// what the model's context leaves).
+    pub max_tokens_given: bool,
     /// Softmax temperature; 0 is greedy.
     pub temperature: f64,
     /// Nucleus mass (1: off).
@@ -306,6 +309,8 @@ fn sampling(
     Ok(GenerationRequest {
         prompts,
         max_tokens,
+        max_tokens_given: present("max_tokens").is_some()
+            || present("max_completion_tokens").is_some(),
         temperature,
         top_p,
         top_k,

@@ -540,3 +540,119 @@ fn an_adapter_is_merged_for_evaluation_and_fingerprinted() {
         assert!((lp - plain).abs() > 1e-4, "the adapter changes the scores");
     }
 }
+
+/// `items` with `column` (text) replaced by `f(row, value)`.
+fn edited(items: &DataFrame, column: &str, f: impl Fn(usize, &str) -> String) -> DataFrame {
+    let values: Vec<String> = items
+        .column(column)
+        .unwrap()
+        .str()
+        .unwrap()
+        .iter()
+        .flatten()
+        .enumerate()
+        .map(|(i, v)| f(i, v))
+        .collect();
+    let mut edited = items.clone();
+    edited
+        .with_column(Column::new(column.into(), values))
+        .unwrap();
+    edited
+}
+
+#[test]
+fn a_changed_question_prompt_or_stop_text_is_asked_again() {
+    let med = load("medqa", "test").head(Some(3));
+    let dir = temp_dir("key");
+    std::fs::create_dir_all(&dir).unwrap();
+    let backend = Counting {
+        lm: LocalModel::new(&tiny()).unwrap(),
+        asked: AtomicUsize::new(0),
+    };
+    // one preset name throughout: the cache must see the preset's content, not its name
+    let preset = |file: &str, system: &str, text: &str, until: &str| -> EvalOptions {
+        let path = dir.join(format!("{file}.json"));
+        let preset = serde_json::json!({
+            "name": "custom",
+            "about": "a test preset",
+            "mode": "generate",
+            "chat": true,
+            "system": system,
+            "text": text,
+            "generation": { "until": [until], "max_tokens": 4 },
+            "filters": [{ "name": "answer", "steps": [{ "study": true }] }],
+            "metric": { "kind": "study" },
+        });
+        std::fs::write(&path, preset.to_string()).unwrap();
+        EvalOptions {
+            preset: Some(path.display().to_string()),
+            cache_dir: Some(dir.join("cache")),
+            ..EvalOptions::default()
+        }
+    };
+    let asked = |items: &DataFrame, options: &EvalOptions| {
+        eval::evaluate(&backend, items, options, &Job::silent()).unwrap();
+        backend.asked.load(Ordering::SeqCst)
+    };
+    let base = preset("base", "Be brief.", "{{ study_question }}", "</answer>");
+    assert_eq!(asked(&med, &base), 3);
+    assert_eq!(asked(&med, &base), 3, "a rerun asks nothing");
+    let question = edited(&med, "question", |i, q| {
+        if i == 0 {
+            format!("{q} Explain.")
+        } else {
+            q.to_string()
+        }
+    });
+    assert_eq!(asked(&question, &base), 4, "an edited question");
+    let system = preset(
+        "system",
+        "Be thorough.",
+        "{{ study_question }}",
+        "</answer>",
+    );
+    assert_eq!(asked(&med, &system), 7, "a new system prompt");
+    let text = preset("text", "Be brief.", "Q: {{ study_question }}", "</answer>");
+    assert_eq!(asked(&med, &text), 10, "a new prompt template");
+    let until = preset("until", "Be brief.", "{{ study_question }}", "\n");
+    assert_eq!(asked(&med, &until), 13, "a new stop text");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_changed_answer_key_is_scored_anew_from_the_cached_output() {
+    let items = mmlu_items(4);
+    let dir = temp_dir("answer");
+    let backend = Counting {
+        lm: LocalModel::new(&tiny()).unwrap(),
+        asked: AtomicUsize::new(0),
+    };
+    let options = EvalOptions {
+        cache_dir: Some(dir.clone()),
+        ..EvalOptions::default()
+    };
+    let first = eval::evaluate(&backend, &items, &options, &Job::silent()).unwrap();
+    let preds: Vec<String> = first
+        .column("pred")
+        .unwrap()
+        .str()
+        .unwrap()
+        .iter()
+        .flatten()
+        .map(str::to_string)
+        .collect();
+    // the key now agrees with every prediction: each row is right, without asking again
+    let corrected = edited(&items, "answer", |i, _| preds[i].clone());
+    let again = eval::evaluate(&backend, &corrected, &options, &Job::silent()).unwrap();
+    assert_eq!(backend.asked.load(Ordering::SeqCst), 4);
+    let correct: Vec<bool> = again
+        .column("correct")
+        .unwrap()
+        .bool()
+        .unwrap()
+        .iter()
+        .flatten()
+        .collect();
+    assert_eq!(correct, [true; 4]);
+    let _ = std::fs::remove_dir_all(&dir);
+}

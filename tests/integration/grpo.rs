@@ -1,7 +1,7 @@
 //! GRPO on the tiny Gemma 3 fixture: it learns a toy verifiable task, and a run interrupted
 //! and resumed ends with exactly the adapter of an uninterrupted run.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
@@ -236,4 +236,333 @@ fn an_adapter_saved_after_grpo_reloads_with_equal_logits() {
         ("base_logits".to_string(), base),
     ]);
     candle_core::safetensors::save(&tensors, dir.join("logits.safetensors")).unwrap();
+}
+
+/// Runs `rlvr run` on `script` with `RLVR_HOME=home` and `out` (plus `--set` pairs).
+fn rlvr_run(script: &Path, home: &Path, out: &Path, set: &[&str]) -> std::process::Command {
+    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_rlvr"));
+    command
+        .current_dir(repo(""))
+        .env("RLVR_HOME", home)
+        .arg("run")
+        .arg(script)
+        .args(["--set", &format!("out={}", out.display())]);
+    for pair in set {
+        command.args(["--set", pair]);
+    }
+    command
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    command
+}
+
+/// The output of a finished command, failing the test (with its output) when it failed.
+fn succeeded(out: std::process::Output) -> String {
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        out.status.success(),
+        "stdout: {stdout}\nstderr: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
+}
+
+/// The folder of the one training run under `home`.
+fn run_folder(home: &Path) -> Option<PathBuf> {
+    let mut dirs: Vec<PathBuf> = std::fs::read_dir(home.join("cache").join("grpo"))
+        .ok()?
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert!(dirs.len() <= 1, "one run expected: {dirs:?}");
+    dirs.pop()
+}
+
+/// Steps recorded in a run's `metrics.jsonl` (whole lines).
+fn recorded_steps(home: &Path) -> usize {
+    run_folder(home)
+        .and_then(|d| std::fs::read_to_string(d.join("metrics.jsonl")).ok())
+        .map_or(0, |t| t.lines().filter(|l| l.ends_with('}')).count())
+}
+
+/// The step of a run's checkpoint (0 without one).
+fn checkpoint_step(dir: &Path) -> usize {
+    ["checkpoint", "checkpoint.old"]
+        .iter()
+        .find_map(|c| std::fs::read_to_string(dir.join(c).join("state.json")).ok())
+        .map_or(0, |t| {
+            serde_json::from_str::<serde_json::Value>(&t).unwrap()["step"]
+                .as_u64()
+                .unwrap() as usize
+        })
+}
+
+#[test]
+fn a_run_killed_at_step_2_of_6_resumes_redoing_at_most_one_step() {
+    let script = repo("tests/faults/grpo.rhai");
+    let whole = scratch("kill-whole");
+    succeeded(
+        rlvr_run(&script, &whole, &whole.join("out"), &[])
+            .output()
+            .unwrap(),
+    );
+
+    let killed = scratch("kill-resumed");
+    let mut child = rlvr_run(&script, &killed, &killed.join("out"), &[])
+        .spawn()
+        .unwrap();
+    super::kill_when(&mut child, || recorded_steps(&killed) >= 2);
+    let done = recorded_steps(&killed);
+    let dir = run_folder(&killed).unwrap();
+    let kept = checkpoint_step(&dir);
+    assert!((2..6).contains(&done), "killed after {done} of 6 steps");
+    assert!(
+        done - kept <= 1,
+        "killed after {done} finished steps, the checkpoint keeps {kept}: a resume would redo {}",
+        done - kept
+    );
+
+    succeeded(
+        rlvr_run(&script, &killed, &killed.join("out"), &[])
+            .output()
+            .unwrap(),
+    );
+    assert_eq!(recorded_steps(&killed), 6);
+    for file in [
+        "adapter/adapter_model.safetensors",
+        "metrics.json",
+        "completions.json",
+    ] {
+        assert!(
+            std::fs::read(whole.join("out").join(file)).unwrap()
+                == std::fs::read(killed.join("out").join(file)).unwrap(),
+            "{file} differs from the uninterrupted run's"
+        );
+    }
+    let _ = std::fs::remove_dir_all(&whole);
+    let _ = std::fs::remove_dir_all(&killed);
+}
+
+#[test]
+fn a_step_cancelled_between_its_updates_leaves_the_checkpoint_as_it_was() {
+    let items = toy_items();
+    let rewards = [Reward::custom("alnum", 1.0, |s| {
+        Ok(alphanumeric_share(s.completion))
+    })];
+    // many updates per step: a cancellation lands between two of them
+    let config = |cache: &str| {
+        let mut c = toy_config(3, cache);
+        c.num_iterations = 200;
+        c.lr = 1e-3;
+        c.checkpoint_every = 1;
+        c
+    };
+    let mut whole = tiny_policy(5);
+    grpo::train(
+        &mut whole,
+        &items,
+        &rewards,
+        &config("cancel-whole"),
+        &Job::silent(),
+    )
+    .unwrap();
+
+    let config = config("cancel-split");
+    let cancel = Cancel::new();
+    let job = Job {
+        progress: Arc::new(rlvr::progress::Silent),
+        cancel: cancel.clone(),
+    };
+    let mut policy = tiny_policy(5);
+    let vars = lora::variables(&mut policy.model);
+    let grpo_dir = config.cache_dir.join("grpo");
+    // once step 2 is saved, cancel as soon as step 3's first update changes the adapters
+    let watcher = {
+        let (cancel, grpo_dir) = (cancel.clone(), grpo_dir.clone());
+        std::thread::spawn(move || -> Vec<u8> {
+            let saved = loop {
+                let dir = std::fs::read_dir(&grpo_dir)
+                    .ok()
+                    .and_then(|mut d| d.next())
+                    .map(|e| e.unwrap().path());
+                if let Some(dir) = dir.filter(|d| checkpoint_step(d) == 2) {
+                    break std::fs::read(dir.join("checkpoint/adapter_model.safetensors")).unwrap();
+                }
+                std::thread::sleep(std::time::Duration::from_millis(1));
+            };
+            let values = |vars: &[(String, candle_core::Var)]| -> Vec<Vec<f32>> {
+                vars.iter()
+                    .map(|(_, v)| v.as_tensor().flatten_all().unwrap().to_vec1().unwrap())
+                    .collect()
+            };
+            let at_step_2 = values(&vars);
+            while values(&vars) == at_step_2 {
+                std::thread::sleep(std::time::Duration::from_millis(1));
+            }
+            cancel.cancel();
+            saved
+        })
+    };
+    match grpo::train(&mut policy, &items, &rewards, &config, &job) {
+        Err(GrpoError::Interrupted { step, dir }) => {
+            assert_eq!(step, 2);
+            let saved = watcher.join().unwrap();
+            assert_eq!(checkpoint_step(&dir), 2);
+            assert!(
+                std::fs::read(dir.join("checkpoint/adapter_model.safetensors")).unwrap() == saved,
+                "the checkpoint of step 2 was overwritten by a half-done step 3"
+            );
+        }
+        other => panic!("expected an interruption in step 3, got {other:?}"),
+    }
+    let mut resumed = tiny_policy(5);
+    let run = grpo::train(&mut resumed, &items, &rewards, &config, &Job::silent()).unwrap();
+    assert_eq!(run.resumed_from, 2);
+    assert_eq!(adapter_values(&mut resumed), adapter_values(&mut whole));
+}
+
+#[test]
+fn a_changed_item_prompt_or_reward_starts_a_new_run() {
+    let alnum = |s: &rlvr::reward::Scored| Ok(alphanumeric_share(s.completion));
+    let train = |items: &[Question], rewards: &[Reward], config: &GrpoConfig| {
+        let mut policy = tiny_policy(3);
+        grpo::train(&mut policy, items, rewards, config, &Job::silent()).unwrap()
+    };
+    let config = toy_config(1, "key");
+    let items = toy_items();
+    let first = train(&items, &[Reward::custom("r", 1.0, alnum)], &config);
+    assert_eq!(first.resumed_from, 0);
+    let same = train(&items, &[Reward::custom("r", 1.0, alnum)], &config);
+    assert_eq!((same.resumed_from, &same.dir), (1, &first.dir));
+
+    let mut answer = toy_items();
+    answer[0].answer = "y".into();
+    let mut question = toy_items();
+    question[1].question = "Say something else.".into();
+    let mut choices = toy_items();
+    choices[2].choices = vec!["one".into(), "two".into()];
+    let mut system = config.clone();
+    system.template.system = Some("Be brief.".into());
+    let mut user = config.clone();
+    user.template.user = "Q: {question}".into();
+    let edited = [Reward::custom("r", 1.0, alnum).identified_by("edited closure")];
+    let plain = [Reward::custom("r", 1.0, alnum)];
+    let mut dirs = vec![first.dir.clone()];
+    for (what, items, rewards, config) in [
+        ("an answer", &answer, &plain, &config),
+        ("a question", &question, &plain, &config),
+        ("the choices", &choices, &plain, &config),
+        ("the system prompt", &items, &plain, &system),
+        ("the user template", &items, &plain, &user),
+        ("the reward's code", &items, &edited, &config),
+    ] {
+        let run = train(items, rewards, config);
+        assert_eq!(run.resumed_from, 0, "{what} changed, yet the run resumed");
+        assert!(
+            !dirs.contains(&run.dir),
+            "{what} changed, yet the run folder is the same"
+        );
+        dirs.push(run.dir);
+    }
+    // how often checkpoints are written changes nothing: the run resumes
+    let mut rarely = config.clone();
+    rarely.checkpoint_every = 5;
+    let again = train(&items, &plain, &rarely);
+    assert_eq!((again.resumed_from, &again.dir), (1, &first.dir));
+}
+
+/// A GRPO script whose closure reward is `reward`, after `preamble`.
+fn closure_script(dir: &Path, name: &str, preamble: &str, reward: &str) -> PathBuf {
+    let path = dir.join(format!("{name}.rhai"));
+    std::fs::create_dir_all(dir).unwrap();
+    let text = format!(
+        r#"{preamble}
+let base = model("tests/fixtures/tiny-gemma3", #{{ tokenizer: "tests/fixtures/tiny-tokenizer/tokenizer.json" }});
+let items = load("medqa", "data/samples/medqa", #{{ split: "test" }})
+    .sql("SELECT * FROM self ORDER BY length(question), id LIMIT 2");
+let policy = base.with_lora(#{{ rank: 4, alpha: 8, seed: 1 }});
+let run = grpo(policy, items, #{{ group: 2, steps: 1, max_tokens: 4, system: (), rewards: [{reward}] }});
+print(`folder: ${{run.folder()}}`);
+"#
+    );
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+#[test]
+fn an_edited_reward_closure_starts_a_new_run_and_a_moved_one_resumes() {
+    let home = scratch("closure-key");
+    let folder = |name: &str, preamble: &str, reward: &str| -> String {
+        let script = closure_script(&home.join("scripts"), name, preamble, reward);
+        let stdout = succeeded(rlvr_run(&script, &home, &home, &[]).output().unwrap());
+        stdout
+            .lines()
+            .find_map(|l| l.strip_prefix("folder: "))
+            .unwrap_or_else(|| panic!("no folder in {stdout}"))
+            .to_string()
+    };
+    let helper = "fn score(c) { c.len() / 40.0 }";
+    let first = folder("first", helper, "|c, item| score(c)");
+    let edited = folder("edited", helper, "|c, item| score(c) + 1.0");
+    assert_ne!(first, edited, "an edited closure resumed the old run");
+    let helper_edited = folder(
+        "helper",
+        "fn score(c) { c.len() / 20.0 }",
+        "|c, item| score(c)",
+    );
+    assert_ne!(
+        first, helper_edited,
+        "an edited helper function resumed the old run"
+    );
+    let captured = folder(
+        "captured",
+        &format!("{helper}\nlet k = 2.0;"),
+        "|c, item| score(c) * k",
+    );
+    let captured_edited = folder(
+        "captured-edited",
+        &format!("{helper}\nlet k = 3.0;"),
+        "|c, item| score(c) * k",
+    );
+    assert_ne!(
+        captured, captured_edited,
+        "a changed captured value resumed the old run"
+    );
+    let moved = folder(
+        "moved",
+        &format!("// the same reward, further down\n\n\n{helper}"),
+        "|c, item|  score(c)",
+    );
+    assert_eq!(first, moved, "moving the closure should keep its run");
+    let _ = std::fs::remove_dir_all(&home);
+}
+
+#[test]
+fn a_reward_closure_that_uses_the_policy_being_trained_fails_clearly() {
+    let home = scratch("closure-policy");
+    let script = closure_script(
+        &home.join("scripts"),
+        "policy",
+        "",
+        "|c, item| policy.generate(\"Hi\", #{ max_tokens: 1 }).len()",
+    );
+    let mut child = rlvr_run(&script, &home, &home, &[]).spawn().unwrap();
+    // a deadlock fails the test instead of hanging it
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    while child.try_wait().unwrap().is_none() {
+        if std::time::Instant::now() > deadline {
+            child.kill().unwrap();
+            child.wait().unwrap();
+            panic!("the run hung: a reward closure using the policy deadlocked");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("reward `custom1`")
+            && stderr.contains("a `grpo` reward closure cannot use the policy being trained"),
+        "{stderr}"
+    );
+    let _ = std::fs::remove_dir_all(&home);
 }

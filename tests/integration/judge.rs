@@ -223,3 +223,140 @@ fn a_judging_run_killed_and_rerun_equals_an_uninterrupted_one() {
         std::fs::read_to_string(&out_whole).unwrap()
     );
 }
+
+/// Lines in every judge cache file under `dir`.
+fn judge_cache_lines(dir: &Path) -> usize {
+    std::fs::read_dir(dir.join("judge"))
+        .map(|files| {
+            files
+                .map(|f| {
+                    std::fs::read_to_string(f.unwrap().path())
+                        .unwrap()
+                        .lines()
+                        .filter(|l| !l.is_empty())
+                        .count()
+                })
+                .sum()
+        })
+        .unwrap_or(0)
+}
+
+/// `items` with row `row` of the text column `column` changed.
+fn edited_text(items: &DataFrame, column: &str, row: usize) -> DataFrame {
+    let mut values: Vec<String> = items
+        .column(column)
+        .unwrap()
+        .str()
+        .unwrap()
+        .iter()
+        .flatten()
+        .map(str::to_string)
+        .collect();
+    values[row].push_str(" (edited)");
+    let mut edited = items.clone();
+    edited
+        .with_column(Column::new(column.into(), values))
+        .unwrap();
+    edited
+}
+
+#[test]
+fn a_changed_question_choices_prompt_or_adapter_is_judged_again() {
+    let model = tiny();
+    let items = medqa(3);
+    let mut config = JudgeConfig {
+        samples: 1,
+        batch: 4,
+        cache_dir: scratch("judge-key"),
+        ..JudgeConfig::default()
+    };
+    config.sampling.max_tokens = 4;
+    let lines = |model: &LanguageModel, items: &DataFrame, config: &JudgeConfig| {
+        judge::judge(model, items, config, &Job::silent()).unwrap();
+        judge_cache_lines(&config.cache_dir)
+    };
+    assert_eq!(lines(&model, &items, &config), 3);
+    assert_eq!(lines(&model, &items, &config), 3, "a rerun asks nothing");
+    assert_eq!(
+        lines(&model, &edited_text(&items, "question", 0), &config),
+        4,
+        "an edited question is asked again"
+    );
+    let choices = items.column("choices").unwrap().list().unwrap().clone();
+    let rows: Vec<Series> = choices
+        .amortized_iter()
+        .enumerate()
+        .map(|(i, s)| {
+            let s = s.unwrap().as_ref().clone();
+            if i == 1 {
+                Series::new("".into(), vec!["another option"; s.len()])
+            } else {
+                s
+            }
+        })
+        .collect();
+    let mut new_choices = items.clone();
+    new_choices
+        .with_column(Column::new("choices".into(), rows))
+        .unwrap();
+    assert_eq!(
+        lines(&model, &new_choices, &config),
+        5,
+        "edited choices are asked again"
+    );
+    let mut system = config.clone();
+    system.template.system = Some("Answer briefly.".into());
+    assert_eq!(lines(&model, &items, &system), 8, "a new system prompt");
+    let mut user = config.clone();
+    user.template.user = "Q: {question}\n{choices}".into();
+    assert_eq!(lines(&model, &items, &user), 11, "a new user template");
+    // two adapters of one model answer differently once trained: each has its own cache
+    let one = model
+        .with_lora(&rlvr::model::lora::LoraConfig {
+            seed: 1,
+            ..Default::default()
+        })
+        .unwrap();
+    let two = model
+        .with_lora(&rlvr::model::lora::LoraConfig {
+            seed: 2,
+            ..Default::default()
+        })
+        .unwrap();
+    assert_eq!(lines(&one, &items, &config), 14);
+    assert_eq!(lines(&two, &items, &config), 17, "another adapter");
+    assert_eq!(lines(&one, &items, &config), 17);
+}
+
+#[test]
+fn servers_of_one_model_share_the_judge_cache_wherever_they_listen() {
+    let items = medqa(3);
+    let mut config = JudgeConfig {
+        samples: 1,
+        batch: 4,
+        cache_dir: scratch("judge-fleet"),
+        ..JudgeConfig::default()
+    };
+    config.sampling.max_tokens = 4;
+    // the tiny fixture's context is 128 tokens; the study's prompts are longer
+    let long = ["--max-model-len", "4096"];
+    let first = super::serve::Served::start(&long, &[]);
+    let judged = judge::judge(&first.client(), &items, &config, &Job::silent()).unwrap();
+    assert_eq!(judge_cache_lines(&config.cache_dir), 3);
+    drop(first);
+    // another server of the same model, on another port: answered from the cache
+    let second = super::serve::Served::start(&long, &[]);
+    let again = judge::judge(&second.client(), &items, &config, &Job::silent()).unwrap();
+    assert_eq!(judge_cache_lines(&config.cache_dir), 3);
+    assert!(again
+        .column("responses")
+        .unwrap()
+        .equals_missing(judged.column("responses").unwrap()));
+    // one cache file for both servers
+    assert_eq!(
+        std::fs::read_dir(config.cache_dir.join("judge"))
+            .unwrap()
+            .count(),
+        1
+    );
+}

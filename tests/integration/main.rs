@@ -8,6 +8,7 @@ mod downloads;
 mod endpoint;
 mod eval;
 mod export;
+mod faults;
 mod generation;
 mod gguf;
 mod grpo;

@@ -458,3 +458,100 @@ fn models_are_named_as_model_names_them() {
     let stderr = serve("no-such-model");
     assert!(stderr.contains("no-such-model"), "{stderr}");
 }
+
+#[test]
+fn max_tokens_beyond_the_context_is_a_400_and_a_missing_one_fits_the_context() {
+    // the tiny fixture's context is 128 tokens
+    let served = Served::start(&[], &[]);
+    let body = |max_tokens: &str| {
+        format!(
+            r#"{{"model": "tiny", "prompt": "The patient has a fever", {max_tokens} "temperature": 0}}"#
+        )
+    };
+    let (status, reply) = served.http(
+        "POST",
+        "/v1/completions",
+        &body(r#""max_tokens": 4000,"#),
+        "",
+    );
+    assert_eq!(status, 400, "{reply}");
+    assert_eq!(reply["error"]["type"], "invalid_request_error");
+    assert_eq!(reply["error"]["param"], "max_tokens");
+    assert_eq!(reply["error"]["code"], "context_length_exceeded");
+    let message = reply["error"]["message"].as_str().unwrap();
+    assert!(
+        message.contains("maximum context length is 128 tokens"),
+        "{message}"
+    );
+    // right at the limit is fine, one more is not
+    let (_, fits) = served.http("POST", "/v1/completions", &body(r#""max_tokens": 1,"#), "");
+    let prompt = fits["usage"]["prompt_tokens"].as_u64().unwrap();
+    let most = format!(r#""max_tokens": {},"#, 128 - prompt);
+    let (status, reply) = served.http("POST", "/v1/completions", &body(&most), "");
+    assert_eq!(status, 200, "{reply}");
+    let over = format!(r#""max_tokens": {},"#, 129 - prompt);
+    assert_eq!(
+        served.http("POST", "/v1/completions", &body(&over), "").0,
+        400
+    );
+    // the chat route too
+    let chat = r#"{"model": "tiny", "messages": [{"role": "user", "content": "Hi"}], "max_completion_tokens": 500}"#;
+    let (status, reply) = served.http("POST", "/v1/chat/completions", chat, "");
+    assert_eq!(
+        (status, reply["error"]["code"].clone()),
+        (400, json!("context_length_exceeded"))
+    );
+    // without max_tokens the default is cut to what the context leaves
+    let (status, reply) = served.http("POST", "/v1/completions", &body(""), "");
+    assert_eq!(status, 200, "{reply}");
+    assert!(
+        reply["usage"]["total_tokens"].as_u64().unwrap() <= 128,
+        "{reply}"
+    );
+}
+
+/// The standard error of `rlvr serve` with `args` and `envs`, stopped once it listens.
+fn serve_stderr(args: &[&str], envs: &[(&str, &str)]) -> String {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_rlvr"));
+    command
+        .args([
+            "serve",
+            "--model",
+            MODEL,
+            "--tokenizer",
+            TOKENIZER,
+            "--port",
+            "0",
+        ])
+        .args(args)
+        .current_dir(repo(""))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    for (k, v) in envs {
+        command.env(k, v);
+    }
+    let mut child = command.spawn().unwrap();
+    let mut first = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut first)
+        .unwrap();
+    let _ = child.kill();
+    let out = child.wait_with_output().unwrap();
+    assert!(first.starts_with("listening on"), "{first}");
+    String::from_utf8_lossy(&out.stderr).to_string()
+}
+
+#[test]
+fn listening_beyond_loopback_without_an_api_key_warns() {
+    let stderr = serve_stderr(&["--host", "0.0.0.0"], &[]);
+    assert!(
+        stderr.contains("warning: listening on 0.0.0.0 without an API key"),
+        "{stderr}"
+    );
+    assert!(!serve_stderr(&["--host", "127.0.0.1"], &[]).contains("warning"));
+    let keyed = serve_stderr(
+        &["--host", "0.0.0.0", "--api-key-env", "RLVR_TEST_OPEN_KEY"],
+        &[("RLVR_TEST_OPEN_KEY", "sk-open")],
+    );
+    assert!(!keyed.contains("warning"), "{keyed}");
+}

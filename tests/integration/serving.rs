@@ -250,7 +250,8 @@ fn judge_through(served: &Served, concurrency: usize) -> Endpoint {
 
 #[test]
 fn judging_through_rlvr_serve_equals_the_local_judge() {
-    let served = Served::start(&["--max-batch", "16"], &[]);
+    // the tiny fixture's context is 128 tokens; the study's prompts are longer
+    let served = Served::start(&["--max-batch", "16", "--max-model-len", "4096"], &[]);
     let lm = local();
     let items = load("medqa", "test", 6);
 
@@ -335,7 +336,7 @@ fn options(mode: Mode, cache: &Path) -> EvalOptions {
 
 #[test]
 fn loglik_evaluation_through_rlvr_serve_equals_the_local_backend() {
-    let served = Served::start(&[], &[]);
+    let served = Served::start(&["--max-model-len", "4096"], &[]);
     let lm = local();
     let items = load("mmlu", "test", 12);
     let dev = load("mmlu", "dev", 10);
@@ -365,7 +366,7 @@ fn loglik_evaluation_through_rlvr_serve_equals_the_local_backend() {
 
 #[test]
 fn generate_evaluation_through_rlvr_serve_equals_the_local_backend_greedily() {
-    let served = Served::start(&[], &[]);
+    let served = Served::start(&["--max-model-len", "4096"], &[]);
     let lm = local();
     let backend = LocalModel::new(&lm).unwrap();
     let endpoint = served.client();
