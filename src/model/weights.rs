@@ -1,14 +1,18 @@
-//! Model weights by Hugging Face name, from safetensors shards or a GGUF file (dequantized
-//! and renamed), with errors that name the file and the tensor. Tensors are handed out in
-//! the model's dtype, norm scales in f32.
+//! Model weights by Hugging Face name, from safetensors shards or a GGUF file (renamed),
+//! with errors that name the file and the tensor. Tensors are handed out in the model's
+//! dtype, norm scales in f32. A GGUF file's matrices stay in their blocks on the CPU in f32
+//! (see [`super::quant`]); elsewhere, and for the types not kept so, they are dequantized.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use candle_core::quantized::gguf_file;
 use candle_core::{DType, Device, Error, Result, Tensor};
 
+use super::frozen::FrozenWeight;
 use super::linear::Linear;
+use super::quant::Blocks;
 
 /// Where the weights came from, which decides how Gemma norms are stored.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -23,6 +27,8 @@ pub enum Format {
 /// `dtype` when handed out).
 pub struct Weights {
     tensors: HashMap<String, Tensor>,
+    /// Matrices kept in a GGUF file's blocks (none of them also in `tensors`).
+    blocks: HashMap<String, Arc<Blocks>>,
     format: Format,
     source: PathBuf,
     device: Device,
@@ -45,6 +51,7 @@ impl Weights {
             .map_or_else(PathBuf::new, Path::to_path_buf);
         Ok(Weights {
             tensors,
+            blocks: HashMap::new(),
             format: Format::Safetensors,
             source,
             device: device.clone(),
@@ -52,11 +59,12 @@ impl Weights {
         })
     }
 
-    /// Reads and dequantizes every tensor of a GGUF file, renaming llama.cpp's names
-    /// (`blk.N.attn_q.weight`, …) to Hugging Face's for `architecture`. llama.cpp stores
-    /// Llama's q and k rows permuted for its rotary layout; `qk_heads` (query heads, key/value
-    /// heads) undoes that, as transformers' GGUF loader does. Tensors are handed out in
-    /// `dtype`.
+    /// Reads every tensor of a GGUF file, renaming llama.cpp's names (`blk.N.attn_q.weight`,
+    /// …) to Hugging Face's for `architecture`. On the CPU in f32, matrices in a block type of
+    /// [`super::quant::BlockKind`] stay in their blocks; everything else is dequantized.
+    /// llama.cpp stores Llama's q and k rows permuted for its rotary layout; `qk_heads`
+    /// (query heads, key/value heads) undoes that, as transformers' GGUF loader does.
+    /// Tensors are handed out in `dtype`.
     pub fn from_gguf(
         path: &Path,
         content: &gguf_file::Content,
@@ -67,25 +75,43 @@ impl Weights {
     ) -> Result<Self> {
         let mut file = std::fs::File::open(path)
             .map_err(|e| Error::Msg(format!("{}: {e}", path.display())))?;
+        let keep_blocks = device.is_cpu() && dtype == DType::F32;
         let mut tensors = HashMap::new();
+        let mut blocks = HashMap::new();
         for name in content.tensor_infos.keys() {
-            let q = content
-                .tensor(&mut file, name, device)
-                .map_err(|e| Error::Msg(format!("{}: tensor `{name}`: {e}", path.display())))?;
-            let mut t = q.dequantize(device)?;
-            if let (Some((heads, kv_heads)), true) = (qk_heads, name.ends_with(".weight")) {
-                if name.contains(".attn_q.") {
-                    t = unpermute(&t, heads)?;
-                } else if name.contains(".attn_k.") {
-                    t = unpermute(&t, kv_heads)?;
+            let Some(hf) = hf_name(name, architecture) else {
+                continue;
+            };
+            let in_file =
+                |e: Error| Error::Msg(format!("{}: tensor `{name}`: {e}", path.display()));
+            let q = content.tensor(&mut file, name, device).map_err(in_file)?;
+            let heads = match (qk_heads, name.ends_with(".weight")) {
+                (Some((heads, _)), true) if name.contains(".attn_q.") => Some(heads),
+                (Some((_, kv_heads)), true) if name.contains(".attn_k.") => Some(kv_heads),
+                _ => None,
+            };
+            if keep_blocks {
+                if let Some(b) = Blocks::of_qtensor(&q).map_err(in_file)? {
+                    let b = match heads {
+                        Some(heads) => {
+                            let out = b.dims()[0];
+                            b.with_rows(|r| unpermuted_row(r, out, heads))
+                        }
+                        None => b,
+                    };
+                    blocks.insert(hf, Arc::new(b));
+                    continue;
                 }
             }
-            if let Some(hf) = hf_name(name, architecture) {
-                tensors.insert(hf, t);
+            let mut t = q.dequantize(device)?;
+            if let Some(heads) = heads {
+                t = unpermute(&t, heads)?;
             }
+            tensors.insert(hf, t);
         }
         Ok(Weights {
             tensors,
+            blocks,
             format: Format::Gguf,
             source: path.to_path_buf(),
             device: device.clone(),
@@ -100,7 +126,7 @@ impl Weights {
 
     /// Whether a tensor of that name exists.
     pub fn contains(&self, name: &str) -> bool {
-        self.tensors.contains_key(name)
+        self.tensors.contains_key(name) || self.blocks.contains_key(name)
     }
 
     /// The dtype tensors are handed out in.
@@ -113,9 +139,21 @@ impl Weights {
         self.stored(name)?.to_dtype(self.dtype)
     }
 
-    /// The tensor `name` as stored.
-    fn stored(&self, name: &str) -> Result<&Tensor> {
-        self.tensors.get(name).ok_or_else(|| {
+    /// The frozen matrix `name`: its blocks where kept so, else the tensor in the model's
+    /// dtype.
+    pub fn frozen(&self, name: &str) -> Result<FrozenWeight> {
+        match self.blocks.get(name) {
+            Some(b) => Ok(FrozenWeight::Blocks(b.clone())),
+            None => Ok(FrozenWeight::Tensor(self.tensor(name)?)),
+        }
+    }
+
+    /// The tensor `name` as stored (blocks dequantized).
+    fn stored(&self, name: &str) -> Result<Tensor> {
+        if let Some(b) = self.blocks.get(name) {
+            return FrozenWeight::Blocks(b.clone()).to_tensor();
+        }
+        self.tensors.get(name).cloned().ok_or_else(|| {
             Error::Msg(format!(
                 "{}: tensor `{name}` is missing",
                 self.source.display()
@@ -130,7 +168,7 @@ impl Weights {
 
     /// The linear layer `prefix` (`prefix.weight`, and `prefix.bias` when `bias`).
     pub fn linear(&self, prefix: &str, bias: bool) -> Result<Linear> {
-        let weight = self.tensor(&format!("{prefix}.weight"))?;
+        let weight = self.frozen(&format!("{prefix}.weight"))?;
         let bias = if bias {
             Some(self.tensor(&format!("{prefix}.bias"))?)
         } else {
@@ -147,6 +185,16 @@ impl Weights {
             Format::Gguf => Ok(w),
         }
     }
+}
+
+/// The row of a llama.cpp q/k matrix of `out` rows over `heads` heads that [`unpermute`]
+/// moves to row `r`.
+fn unpermuted_row(r: usize, out: usize, heads: usize) -> usize {
+    let width = out / heads;
+    let half = width / 2;
+    let (head, within) = (r / width, r % width);
+    let (t, i) = (within / half, within % half);
+    head * width + 2 * i + t
 }
 
 /// Undoes llama.cpp's rotary permutation of q/k rows: `[heads, 2, dim/2, in] → [heads,
@@ -194,4 +242,21 @@ fn hf_name(gguf: &str, architecture: &str) -> Option<String> {
         _ => return None,
     };
     Some(format!("model.layers.{layer}.{module}.{suffix}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn blocks_rows_move_as_the_tensors_unpermutation_moves_them() {
+        // 2 heads of 8 rows, each row holding its own index
+        let (out, heads) = (16, 2);
+        let values: Vec<f32> = (0..out * 3).map(|i| (i / 3) as f32).collect();
+        let t = Tensor::from_vec(values, (out, 3), &Device::Cpu).unwrap();
+        let moved = unpermute(&t, heads).unwrap().to_vec2::<f32>().unwrap();
+        for (r, row) in moved.iter().enumerate() {
+            assert_eq!(row[0] as usize, unpermuted_row(r, out, heads), "row {r}");
+        }
+    }
 }
