@@ -234,29 +234,36 @@ unsafe fn decode_avx2(kind: BlockKind, data: &[u8], out: &mut [f32]) {
     decode_portable(kind, data, out)
 }
 
+/// Every block of `data` through `decode` into `out`, in fixed-size arrays (so the
+/// compiler sees every index in bounds and vectorises the block's loops).
+#[inline(always)]
+fn each_block<const BYTES: usize, const VALUES: usize>(
+    data: &[u8],
+    out: &mut [f32],
+    decode: impl Fn(&[u8; BYTES], &mut [f32; VALUES]),
+) {
+    let (blocks, _) = data.as_chunks::<BYTES>();
+    let (outs, _) = out.as_chunks_mut::<VALUES>();
+    for (b, y) in blocks.iter().zip(outs) {
+        decode(b, y);
+    }
+}
+
 #[inline(always)]
 fn decode_portable(kind: BlockKind, data: &[u8], out: &mut [f32]) {
-    let blocks = data.chunks_exact(kind.bytes());
-    let outs = out.chunks_exact_mut(kind.values());
     match kind {
-        BlockKind::F16 => {
-            for (b, y) in blocks.zip(outs) {
-                y[0] = f16(b[0], b[1]);
-            }
-        }
-        BlockKind::BF16 => {
-            for (b, y) in blocks.zip(outs) {
-                y[0] = f32::from_bits(u32::from(u16::from_le_bytes([b[0], b[1]])) << 16);
-            }
-        }
-        BlockKind::Q4_0 => blocks.zip(outs).for_each(|(b, y)| q4_0(b, y)),
-        BlockKind::Q4_1 => blocks.zip(outs).for_each(|(b, y)| q4_1(b, y)),
-        BlockKind::Q5_0 => blocks.zip(outs).for_each(|(b, y)| q5_0(b, y)),
-        BlockKind::Q5_1 => blocks.zip(outs).for_each(|(b, y)| q5_1(b, y)),
-        BlockKind::Q8_0 => blocks.zip(outs).for_each(|(b, y)| q8_0(b, y)),
-        BlockKind::Q4K => blocks.zip(outs).for_each(|(b, y)| q4_k(b, y)),
-        BlockKind::Q5K => blocks.zip(outs).for_each(|(b, y)| q5_k(b, y)),
-        BlockKind::Q6K => blocks.zip(outs).for_each(|(b, y)| q6_k(b, y)),
+        BlockKind::F16 => each_block::<2, 1>(data, out, |b, y| y[0] = f16(b[0], b[1])),
+        BlockKind::BF16 => each_block::<2, 1>(data, out, |b, y| {
+            y[0] = f32::from_bits(u32::from(u16::from_le_bytes(*b)) << 16)
+        }),
+        BlockKind::Q4_0 => each_block(data, out, q4_0),
+        BlockKind::Q4_1 => each_block(data, out, q4_1),
+        BlockKind::Q5_0 => each_block(data, out, q5_0),
+        BlockKind::Q5_1 => each_block(data, out, q5_1),
+        BlockKind::Q8_0 => each_block(data, out, q8_0),
+        BlockKind::Q4K => each_block(data, out, q4_k),
+        BlockKind::Q5K => each_block(data, out, q5_k),
+        BlockKind::Q6K => each_block(data, out, q6_k),
     }
 }
 
@@ -280,9 +287,9 @@ fn f16(lo: u8, hi: u8) -> f32 {
 }
 
 #[inline(always)]
-fn q4_0(b: &[u8], y: &mut [f32]) {
+fn q4_0(b: &[u8; 18], y: &mut [f32; 32]) {
     let d = f16(b[0], b[1]);
-    let qs = &b[2..18];
+    let qs: &[u8; 16] = b[2..18].try_into().expect("16 bytes");
     for j in 0..16 {
         y[j] = ((qs[j] & 0x0f) as i16 - 8) as f32 * d;
         y[j + 16] = ((qs[j] >> 4) as i16 - 8) as f32 * d;
@@ -290,9 +297,9 @@ fn q4_0(b: &[u8], y: &mut [f32]) {
 }
 
 #[inline(always)]
-fn q4_1(b: &[u8], y: &mut [f32]) {
+fn q4_1(b: &[u8; 20], y: &mut [f32; 32]) {
     let (d, m) = (f16(b[0], b[1]), f16(b[2], b[3]));
-    let qs = &b[4..20];
+    let qs: &[u8; 16] = b[4..20].try_into().expect("16 bytes");
     for j in 0..16 {
         y[j] = (qs[j] & 0x0f) as f32 * d + m;
         y[j + 16] = (qs[j] >> 4) as f32 * d + m;
@@ -300,10 +307,10 @@ fn q4_1(b: &[u8], y: &mut [f32]) {
 }
 
 #[inline(always)]
-fn q5_0(b: &[u8], y: &mut [f32]) {
+fn q5_0(b: &[u8; 22], y: &mut [f32; 32]) {
     let d = f16(b[0], b[1]);
     let qh = u32::from_le_bytes([b[2], b[3], b[4], b[5]]);
-    let qs = &b[6..22];
+    let qs: &[u8; 16] = b[6..22].try_into().expect("16 bytes");
     for j in 0..16 {
         let h0 = (((qh >> j) << 4) & 0x10) as u8;
         let h1 = ((qh >> (j + 12)) & 0x10) as u8;
@@ -313,10 +320,10 @@ fn q5_0(b: &[u8], y: &mut [f32]) {
 }
 
 #[inline(always)]
-fn q5_1(b: &[u8], y: &mut [f32]) {
+fn q5_1(b: &[u8; 24], y: &mut [f32; 32]) {
     let (d, m) = (f16(b[0], b[1]), f16(b[2], b[3]));
     let qh = u32::from_le_bytes([b[4], b[5], b[6], b[7]]);
-    let qs = &b[8..24];
+    let qs: &[u8; 16] = b[8..24].try_into().expect("16 bytes");
     for j in 0..16 {
         let h0 = (((qh >> j) << 4) & 0x10) as u8;
         let h1 = ((qh >> (j + 12)) & 0x10) as u8;
@@ -326,7 +333,7 @@ fn q5_1(b: &[u8], y: &mut [f32]) {
 }
 
 #[inline(always)]
-fn q8_0(b: &[u8], y: &mut [f32]) {
+fn q8_0(b: &[u8; 34], y: &mut [f32; 32]) {
     let d = f16(b[0], b[1]);
     for (y, &q) in y.iter_mut().zip(&b[2..34]) {
         *y = q as i8 as f32 * d;
@@ -347,11 +354,13 @@ fn scale_min_k4(j: usize, q: &[u8]) -> (u8, u8) {
 }
 
 #[inline(always)]
-fn q4_k(b: &[u8], y: &mut [f32]) {
+fn q4_k(b: &[u8; 144], y: &mut [f32; 256]) {
     let (d, min) = (f16(b[0], b[1]), f16(b[2], b[3]));
     let scales = &b[4..16];
     let qs = &b[16..144];
-    for (half, (q, y)) in qs.chunks_exact(32).zip(y.chunks_exact_mut(64)).enumerate() {
+    let (qs, _) = qs.as_chunks::<32>();
+    let (ys, _) = y.as_chunks_mut::<64>();
+    for (half, (q, y)) in qs.iter().zip(ys).enumerate() {
         let (sc, m) = scale_min_k4(2 * half, scales);
         let (d1, m1) = (d * sc as f32, min * m as f32);
         let (sc, m) = scale_min_k4(2 * half + 1, scales);
@@ -364,12 +373,13 @@ fn q4_k(b: &[u8], y: &mut [f32]) {
 }
 
 #[inline(always)]
-fn q5_k(b: &[u8], y: &mut [f32]) {
+fn q5_k(b: &[u8; 176], y: &mut [f32; 256]) {
     let (d, min) = (f16(b[0], b[1]), f16(b[2], b[3]));
     let scales = &b[4..16];
-    let qh = &b[16..48];
-    let qs = &b[48..176];
-    for (half, (ql, y)) in qs.chunks_exact(32).zip(y.chunks_exact_mut(64)).enumerate() {
+    let qh: &[u8; 32] = b[16..48].try_into().expect("32 bytes");
+    let (qs, _) = b[48..176].as_chunks::<32>();
+    let (ys, _) = y.as_chunks_mut::<64>();
+    for (half, (ql, y)) in qs.iter().zip(ys).enumerate() {
         let (sc, m) = scale_min_k4(2 * half, scales);
         let (d1, m1) = (d * sc as f32, min * m as f32);
         let (sc, m) = scale_min_k4(2 * half + 1, scales);
@@ -385,13 +395,13 @@ fn q5_k(b: &[u8], y: &mut [f32]) {
 }
 
 #[inline(always)]
-fn q6_k(b: &[u8], y: &mut [f32]) {
+fn q6_k(b: &[u8; 210], y: &mut [f32; 256]) {
     let d = f16(b[208], b[209]);
     for half in 0..2 {
-        let ql = &b[64 * half..64 * half + 64];
-        let qh = &b[128 + 32 * half..128 + 32 * half + 32];
-        let sc = &b[192 + 8 * half..192 + 8 * half + 8];
-        let y = &mut y[128 * half..128 * half + 128];
+        let ql: &[u8; 64] = b[64 * half..64 * half + 64].try_into().expect("64 bytes");
+        let qh: &[u8; 32] = b[128 + 32 * half..][..32].try_into().expect("32 bytes");
+        let sc: &[u8; 8] = b[192 + 8 * half..][..8].try_into().expect("8 bytes");
+        let y: &mut [f32; 128] = (&mut y[128 * half..][..128]).try_into().expect("128 values");
         for l in 0..32 {
             let is = l / 16;
             let q1 = ((ql[l] & 0x0f) | ((qh[l] & 3) << 4)) as i8 - 32;

@@ -1,7 +1,8 @@
 //! Model weights by Hugging Face name, from safetensors shards or a GGUF file (renamed),
 //! with errors that name the file and the tensor. Tensors are handed out in the model's
-//! dtype, norm scales in f32. A GGUF file's matrices stay in their blocks on the CPU in f32
-//! (see [`super::quant`]); elsewhere, and for the types not kept so, they are dequantized.
+//! dtype, norm scales in f32. On the CPU in f32, a GGUF file's matrices stay in their blocks
+//! and bf16/f16 safetensors matrices in their dtype (see [`super::quant`]); elsewhere, and
+//! for the types not kept so, they are converted.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -12,7 +13,7 @@ use candle_core::{DType, Device, Error, Result, Tensor};
 
 use super::frozen::FrozenWeight;
 use super::linear::Linear;
-use super::quant::Blocks;
+use super::quant::{BlockKind, Blocks};
 
 /// Where the weights came from, which decides how Gemma norms are stored.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -37,13 +38,35 @@ pub struct Weights {
 
 impl Weights {
     /// Reads every tensor of the safetensors `files` (the shards of one model), to be
-    /// handed out in `dtype`.
+    /// handed out in `dtype`. On the CPU in f32, bf16 and f16 matrices stay in their dtype
+    /// (as [`Blocks`]), decoded on the fly by every product.
     pub fn from_safetensors(files: &[PathBuf], device: &Device, dtype: DType) -> Result<Self> {
+        let keep_blocks = device.is_cpu() && dtype == DType::F32;
         let mut tensors = HashMap::new();
+        let mut blocks = HashMap::new();
         for file in files {
-            let loaded = candle_core::safetensors::load(file, device)
-                .map_err(|e| Error::Msg(format!("{}: {e}", file.display())))?;
-            tensors.extend(loaded);
+            let in_file = |e: Error| Error::Msg(format!("{}: {e}", file.display()));
+            let loaded = candle_core::safetensors::load(file, device).map_err(in_file)?;
+            for (name, t) in loaded {
+                let kind = match t.dtype() {
+                    DType::BF16 => Some(BlockKind::BF16),
+                    DType::F16 => Some(BlockKind::F16),
+                    _ => None,
+                };
+                match (keep_blocks, kind, t.dims2()) {
+                    (true, Some(kind), Ok((n, k))) => {
+                        let mut bytes = Vec::with_capacity(n * k * 2);
+                        t.write_bytes(&mut bytes).map_err(in_file)?;
+                        let b = Blocks::new(kind, (n, k), bytes).map_err(|e| {
+                            Error::Msg(format!("{}: tensor `{name}`: {e}", file.display()))
+                        })?;
+                        blocks.insert(name, Arc::new(b));
+                    }
+                    _ => {
+                        tensors.insert(name, t);
+                    }
+                }
+            }
         }
         let source = files
             .first()
@@ -51,7 +74,7 @@ impl Weights {
             .map_or_else(PathBuf::new, Path::to_path_buf);
         Ok(Weights {
             tensors,
-            blocks: HashMap::new(),
+            blocks,
             format: Format::Safetensors,
             source,
             device: device.clone(),
