@@ -235,36 +235,42 @@ unsafe fn decode_avx2(kind: BlockKind, data: &[u8], out: &mut [f32]) {
 }
 
 /// Every block of `data` through `decode` into `out`, in fixed-size arrays (so the
-/// compiler sees every index in bounds and vectorises the block's loops).
-#[inline(always)]
-fn each_block<const BYTES: usize, const VALUES: usize>(
-    data: &[u8],
-    out: &mut [f32],
-    decode: impl Fn(&[u8; BYTES], &mut [f32; VALUES]),
-) {
-    let (blocks, _) = data.as_chunks::<BYTES>();
-    let (outs, _) = out.as_chunks_mut::<VALUES>();
-    for (b, y) in blocks.iter().zip(outs) {
-        decode(b, y);
-    }
+/// compiler sees every index in bounds and vectorises the block's loops); a macro, so that
+/// `decode` is inlined into the caller compiled for the CPU's features.
+macro_rules! each_block {
+    ($data:expr, $out:expr, $bytes:literal, $values:literal, $decode:expr) => {{
+        let (blocks, _) = $data.as_chunks::<$bytes>();
+        let (outs, _) = $out.as_chunks_mut::<$values>();
+        for (b, y) in blocks.iter().zip(outs) {
+            $decode(b, y);
+        }
+    }};
 }
 
 #[inline(always)]
 fn decode_portable(kind: BlockKind, data: &[u8], out: &mut [f32]) {
     match kind {
-        BlockKind::F16 => each_block::<2, 1>(data, out, |b, y| y[0] = f16(b[0], b[1])),
-        BlockKind::BF16 => each_block::<2, 1>(data, out, |b, y| {
-            y[0] = f32::from_bits(u32::from(u16::from_le_bytes(*b)) << 16)
-        }),
-        BlockKind::Q4_0 => each_block(data, out, q4_0),
-        BlockKind::Q4_1 => each_block(data, out, q4_1),
-        BlockKind::Q5_0 => each_block(data, out, q5_0),
-        BlockKind::Q5_1 => each_block(data, out, q5_1),
-        BlockKind::Q8_0 => each_block(data, out, q8_0),
-        BlockKind::Q4K => each_block(data, out, q4_k),
-        BlockKind::Q5K => each_block(data, out, q5_k),
-        BlockKind::Q6K => each_block(data, out, q6_k),
+        BlockKind::F16 => each_block!(data, out, 2, 1, f16_value),
+        BlockKind::BF16 => each_block!(data, out, 2, 1, bf16_value),
+        BlockKind::Q4_0 => each_block!(data, out, 18, 32, q4_0),
+        BlockKind::Q4_1 => each_block!(data, out, 20, 32, q4_1),
+        BlockKind::Q5_0 => each_block!(data, out, 22, 32, q5_0),
+        BlockKind::Q5_1 => each_block!(data, out, 24, 32, q5_1),
+        BlockKind::Q8_0 => each_block!(data, out, 34, 32, q8_0),
+        BlockKind::Q4K => each_block!(data, out, 144, 256, q4_k),
+        BlockKind::Q5K => each_block!(data, out, 176, 256, q5_k),
+        BlockKind::Q6K => each_block!(data, out, 210, 256, q6_k),
     }
+}
+
+#[inline(always)]
+fn f16_value(b: &[u8; 2], y: &mut [f32; 1]) {
+    y[0] = f16(b[0], b[1]);
+}
+
+#[inline(always)]
+fn bf16_value(b: &[u8; 2], y: &mut [f32; 1]) {
+    y[0] = f32::from_bits(u32::from(u16::from_le_bytes(*b)) << 16);
 }
 
 /// An IEEE half (little-endian bytes) as f32, exactly.
@@ -401,7 +407,9 @@ fn q6_k(b: &[u8; 210], y: &mut [f32; 256]) {
         let ql: &[u8; 64] = b[64 * half..64 * half + 64].try_into().expect("64 bytes");
         let qh: &[u8; 32] = b[128 + 32 * half..][..32].try_into().expect("32 bytes");
         let sc: &[u8; 8] = b[192 + 8 * half..][..8].try_into().expect("8 bytes");
-        let y: &mut [f32; 128] = (&mut y[128 * half..][..128]).try_into().expect("128 values");
+        let y: &mut [f32; 128] = (&mut y[128 * half..][..128])
+            .try_into()
+            .expect("128 values");
         for l in 0..32 {
             let is = l / 16;
             let q1 = ((ql[l] & 0x0f) | ((qh[l] & 3) << 4)) as i8 - 32;
