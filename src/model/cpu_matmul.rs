@@ -6,8 +6,20 @@
 //! every thread takes its own share of the product's columns (the weight's rows) and runs a
 //! one-thread gemm on it: 130 GFLOPS for that product. A decoding step (a few rows) reads
 //! each weight once; [`few_rows`] multiplies up to sixteen rows in that one pass.
+//!
+//! A weight kept in GGUF blocks ([`Blocks`]) is multiplied the same ways: a decoding step
+//! decodes two of its rows at a time into a buffer that stays in L1 and runs the same
+//! AVX-512 kernel on it ([`blocks_t`]); a product of many rows (prefill, training) decodes a
+//! tile of rows per step into a per-thread buffer and hands it to gemm; the input gradient
+//! `g · W` ([`blocks_times`]) shares out `W`'s columns, whole blocks to a thread, and decodes
+//! tiles of them. The activations stay f32 throughout: the products equal those over the
+//! dequantized weights up to the order of the sums.
+
+use std::ops::Range;
 
 use gemm::{gemm, Parallelism};
+
+use super::quant::Blocks;
 
 /// A pointer that may cross into the threads of one product: each writes its own columns.
 #[derive(Clone, Copy)]
@@ -25,17 +37,27 @@ impl Shared {
 
 /// The column ranges the threads take: as many as rayon's pool has threads, in multiples of
 /// 16 (a vector register of f32), none empty.
-fn column_shares(n: usize) -> Vec<std::ops::Range<usize>> {
+fn column_shares(n: usize) -> Vec<Range<usize>> {
+    shares_of(n, 16)
+}
+
+/// `0..n` cut into one range per thread of rayon's pool, each a multiple of `step` long (the
+/// last excepted), none empty.
+fn shares_of(n: usize, step: usize) -> Vec<Range<usize>> {
     let threads = rayon::current_num_threads().max(1);
-    let per = n.div_ceil(threads).next_multiple_of(16).max(16);
+    let per = n.div_ceil(threads).next_multiple_of(step).max(step);
     (0..n).step_by(per).map(|c| c..(c + per).min(n)).collect()
 }
 
 /// Runs `f` on every share of `0..n` columns, each on its own thread of rayon's pool.
-fn for_each_share(n: usize, f: impl Fn(std::ops::Range<usize>) + Sync) {
-    let shares = column_shares(n);
+fn for_each_share(n: usize, f: impl Fn(Range<usize>) + Sync) {
+    run_shares(column_shares(n), f)
+}
+
+/// Runs `f` on every one of `shares`, each on its own thread of rayon's pool.
+fn run_shares(shares: Vec<Range<usize>>, f: impl Fn(Range<usize>) + Sync) {
     if shares.len() == 1 {
-        return f(0..n);
+        return f(shares[0].clone());
     }
     rayon::scope(|scope| {
         for share in shares {
@@ -117,73 +139,135 @@ pub fn few_rows(x: &[f32], (m, k): (usize, usize), w: &[f32], n: usize) -> Vec<f
     by_columns(x, (m, k), w, (1, k), n)
 }
 
-/// A frozen weight `[n, k]` in Q8_0 blocks (32 values: an f32 scale and 32 signed bytes),
-/// kept beside its f32 values where those are exactly `scale × byte`: a Q8_0 GGUF
-/// dequantized, as Gemma's 262,144-row output head in the default model. A decoding step
-/// reads a quarter of the bytes and gets the same products as from the f32 values, since
-/// every weight converts back exactly and the sums run in the same order.
-#[derive(Debug)]
-pub struct Q8Rows {
-    n: usize,
-    k: usize,
-    scales: Vec<f32>,
-    quants: Vec<i8>,
+/// Rows of a block weight decoded per step of a product of many rows.
+const TILE_ROWS: usize = 64;
+
+/// `y[m, n] = x[m, k] · Wᵀ` for `W: [n, k]` kept in blocks, each thread taking its own share
+/// of `W`'s rows. Up to [`FEW_ROWS`] rows on an AVX-512 CPU, two rows of `W` at a time are
+/// decoded and multiplied by [`few_rows`]'s kernel while in L1; otherwise tiles of
+/// [`TILE_ROWS`] rows are decoded and multiplied by gemm (AVX-512 or AVX2 as the CPU has).
+pub fn blocks_t(x: &[f32], m: usize, w: &Blocks) -> Vec<f32> {
+    let (n, k) = (w.dims()[0], w.dims()[1]);
+    assert!(x.len() >= m * k, "x holds [{m}, {k}]");
+    let mut y = vec![0f32; m * n];
+    if m == 0 || n == 0 || k == 0 {
+        return y;
+    }
+    let out = Shared(y.as_mut_ptr());
+    #[cfg(target_arch = "x86_64")]
+    if m <= FEW_ROWS && has_avx512() {
+        for_each_share(n, |cols| {
+            let mut rows = vec![0f32; 2 * k];
+            let mut j = cols.start;
+            while j < cols.end {
+                let pair = (cols.end - j).min(2);
+                w.decode_rows(j..j + pair, &mut rows[..pair * k]);
+                // SAFETY: AVX-512F is present; `rows` holds `[pair, k]` and `x` `[m, k]`;
+                // the share writes its own columns `j .. j + pair` of `y: [m, n]`.
+                unsafe {
+                    avx512::decoded_rows(
+                        x.as_ptr(),
+                        m,
+                        (rows.as_ptr(), pair, k),
+                        out.ptr().add(j),
+                        n,
+                    )
+                }
+                j += pair;
+            }
+        });
+        return y;
+    }
+    for_each_share(n, |cols| {
+        let mut tile = vec![0f32; TILE_ROWS.min(cols.len()) * k];
+        for start in cols.clone().step_by(TILE_ROWS) {
+            let rows = TILE_ROWS.min(cols.end - start);
+            w.decode_rows(start..start + rows, &mut tile[..rows * k]);
+            // SAFETY: gemm reads `x: [m, k]` and the tile `[rows, k]` as `[k, rows]`, and
+            // writes columns `start .. start + rows` of `y: [m, n]`, this share's own.
+            unsafe {
+                gemm(
+                    m,
+                    rows,
+                    k,
+                    out.ptr().add(start),
+                    1,
+                    n as isize,
+                    false,
+                    x.as_ptr(),
+                    1,
+                    k as isize,
+                    tile.as_ptr(),
+                    k as isize,
+                    1,
+                    0.0,
+                    1.0,
+                    false,
+                    false,
+                    false,
+                    Parallelism::None,
+                )
+            }
+        }
+    });
+    y
 }
 
-impl Q8Rows {
-    /// `w: [n, k]` as Q8_0 blocks when every value is exactly its block's `max |w| / 127`
-    /// times an integer in −127..=127 (and `k` is a multiple of 32) and the CPU has the
-    /// AVX-512 kernel that reads them; `None` otherwise.
-    pub fn exact(w: &[f32], n: usize, k: usize) -> Option<Self> {
-        if k == 0 || !k.is_multiple_of(32) || w.len() != n * k || !has_avx512() {
-            return None;
-        }
-        let mut scales = Vec::with_capacity(n * k / 32);
-        let mut quants = vec![0i8; n * k];
-        for (block, q) in w.chunks_exact(32).zip(quants.chunks_exact_mut(32)) {
-            let amax = block.iter().fold(0f32, |m, &v| m.max(v.abs()));
-            let d = amax / 127.0;
-            for (q, &v) in q.iter_mut().zip(block) {
-                let r = if d == 0.0 { 0.0 } else { (v / d).round() };
-                if r * d != v {
-                    return None;
-                }
-                *q = r as i8;
-            }
-            scales.push(d);
-        }
-        Some(Q8Rows {
-            n,
-            k,
-            scales,
-            quants,
-        })
-    }
+/// Rows of a block weight decoded per step of [`blocks_times`].
+const TIMES_TILE_ROWS: usize = 256;
 
-    /// [`few_rows`] against these weights: the same values, a quarter of the bytes read.
-    pub fn few_rows(&self, x: &[f32], m: usize) -> Vec<f32> {
-        let (n, k) = (self.n, self.k);
-        assert!(m <= FEW_ROWS && x.len() >= m * k);
-        if m == 0 {
-            return Vec::new();
-        }
-        #[cfg(target_arch = "x86_64")]
-        {
-            let rows = avx512::Q8Blocks {
-                scales: self.scales.as_ptr(),
-                quants: self.quants.as_ptr(),
-                k,
-            };
-            // SAFETY: `exact` made these blocks only where AVX-512F is present; they hold
-            // `[n, k]`.
-            unsafe { avx512::few_rows_of(x, m, rows, n) }
-        }
-        #[cfg(not(target_arch = "x86_64"))]
-        unreachable!(
-            "Q8Rows::exact makes none without AVX-512 (x: {}, {n} rows)",
-            x.len()
-        )
+/// `y[m, k] = g[m, n] · W` for `W: [n, k]` kept in blocks (the input gradient of `x Wᵀ`):
+/// each thread takes its own share of `W`'s columns, whole blocks, decodes tiles of
+/// [`TIMES_TILE_ROWS`] rows of it and accumulates their products with gemm.
+pub fn blocks_times(g: &[f32], m: usize, w: &Blocks) -> Vec<f32> {
+    let (n, k) = (w.dims()[0], w.dims()[1]);
+    assert!(g.len() >= m * n, "g holds [{m}, {n}]");
+    let mut y = vec![0f32; m * k];
+    if m == 0 || n == 0 || k == 0 {
+        return y;
     }
+    let out = Shared(y.as_mut_ptr());
+    let per = w.kind().values();
+    let shares: Vec<Range<usize>> = shares_of(k / per, 1)
+        .into_iter()
+        .map(|b| b.start * per..b.end * per)
+        .collect();
+    run_shares(shares, |cols| {
+        let width = cols.len();
+        let mut tile = vec![0f32; TIMES_TILE_ROWS.min(n) * width];
+        for start in (0..n).step_by(TIMES_TILE_ROWS) {
+            let rows = TIMES_TILE_ROWS.min(n - start);
+            for (r, dst) in tile.chunks_exact_mut(width).take(rows).enumerate() {
+                w.decode(start + r, cols.clone(), dst);
+            }
+            // SAFETY: gemm reads columns `start .. start + rows` of `g: [m, n]` and the tile
+            // `[rows, width]`, and adds into columns `cols` of `y: [m, k]`, this share's own.
+            unsafe {
+                gemm(
+                    m,
+                    width,
+                    rows,
+                    out.ptr().add(cols.start),
+                    1,
+                    k as isize,
+                    start > 0,
+                    g.as_ptr().add(start),
+                    1,
+                    n as isize,
+                    tile.as_ptr(),
+                    1,
+                    width as isize,
+                    1.0,
+                    1.0,
+                    false,
+                    false,
+                    false,
+                    Parallelism::None,
+                )
+            }
+        }
+    });
+    y
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -191,6 +275,43 @@ mod avx512 {
     use std::arch::x86_64::*;
 
     use super::{for_each_share, Shared};
+
+    /// `y[r, j] = x[r, :] · w[j, :]` for `m ≤ 16` rows of `x` and `rows ≤ 2` decoded rows
+    /// `w: [rows, k]`; `y` points at the first of the `rows` columns (row stride `n`).
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn decoded_rows(
+        x: *const f32,
+        m: usize,
+        (w, rows, k): (*const f32, usize, usize),
+        y: *mut f32,
+        n: usize,
+    ) {
+        let w = F32Rows { w, k };
+        macro_rules! pair {
+            ($($r:literal)*) => {
+                match m {
+                    $($r => rows_of_w::<F32Rows, 2, $r>(x, w, 0, y, n),)*
+                    _ => unreachable!("pairs of rows for up to eight input rows"),
+                }
+            };
+        }
+        macro_rules! single {
+            ($($r:literal)*) => {
+                for j in 0..rows {
+                    match m {
+                        $($r => rows_of_w::<F32Rows, 1, $r>(x, w, j, y.wrapping_add(j), n),)*
+                        _ => unreachable!("decoded_rows takes 1..=16 rows"),
+                    }
+                }
+            };
+        }
+        // two of `W`'s rows at a time for up to eight input rows (16 accumulators)
+        if rows == 2 && m <= 8 {
+            pair!(1 2 3 4 5 6 7 8)
+        } else {
+            single!(1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16)
+        }
+    }
 
     /// Sixteen consecutive weights of one row of `W`, as f32.
     pub trait Rows: Copy + Send + Sync {
@@ -226,36 +347,6 @@ mod avx512 {
         unsafe fn load_tail(self, j: usize, i: usize) -> __m512 {
             let mask: __mmask16 = (1u16 << (self.k - i)) - 1;
             _mm512_maskz_loadu_ps(mask, self.w.wrapping_add(j * self.k + i))
-        }
-    }
-
-    /// `W` as Q8_0 blocks (`k` a multiple of 32, so no row has a tail).
-    #[derive(Clone, Copy)]
-    pub struct Q8Blocks {
-        pub scales: *const f32,
-        pub quants: *const i8,
-        pub k: usize,
-    }
-    // SAFETY: read only, by the threads of one product.
-    unsafe impl Send for Q8Blocks {}
-    unsafe impl Sync for Q8Blocks {}
-
-    impl Rows for Q8Blocks {
-        fn k(self) -> usize {
-            self.k
-        }
-
-        #[inline(always)]
-        unsafe fn load(self, j: usize, i: usize) -> __m512 {
-            let at = j * self.k + i;
-            let bytes = _mm_loadu_si128(self.quants.wrapping_add(at) as *const __m128i);
-            let values = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(bytes));
-            _mm512_mul_ps(values, _mm512_set1_ps(*self.scales.wrapping_add(at / 32)))
-        }
-
-        #[inline(always)]
-        unsafe fn load_tail(self, _j: usize, _i: usize) -> __m512 {
-            unreachable!("Q8_0 rows are whole blocks")
         }
     }
 
@@ -408,30 +499,85 @@ mod tests {
         }
     }
 
-    #[test]
-    fn q8_rows_rebuild_exact_blocks_and_give_the_f32_products_bit_for_bit() {
-        // a Q8_0 matrix dequantized: scale × byte, the byte ±127 at each block's largest
-        let (n, k) = (37, 96);
-        let w: Vec<f32> = (0..n * k)
-            .map(|i| {
-                let scale = 0.001 * (1 + (i / 32) % 7) as f32;
-                let q = if i % 32 == 5 {
-                    127
-                } else {
-                    ((i * 31) % 255) as i32 - 127
-                };
-                scale * q as f32
-            })
-            .collect();
-        let q8 = Q8Rows::exact(&w, n, k).expect("exact Q8_0 blocks");
-        for m in [1, 3, 8, 13] {
-            let x = values(m * k, 9);
-            let want = few_rows(&x, (m, k), &w, n);
-            assert_eq!(q8.few_rows(&x, m), want, "{m} rows");
+    /// `|a − b| ≤ 1e-5 · (1 + Σ|x·w|)` per element: f32 sums in another order.
+    fn close_to(got: &[f32], want: &[f32], scale: &[f32], what: &str) {
+        assert_eq!(got.len(), want.len(), "{what}");
+        for (i, ((g, w), s)) in got.iter().zip(want).zip(scale).enumerate() {
+            assert!(
+                (g - w).abs() <= 1e-5 * (1.0 + s),
+                "{what}, element {i}: {g} against {w}"
+            );
         }
-        // values that are no such blocks are refused
-        assert!(Q8Rows::exact(&values(n * k, 3), n, k).is_none());
-        assert!(Q8Rows::exact(&w[..n * 90], n, 90).is_none());
+    }
+
+    /// `x · Wᵀ` and `Σ |x| · |W|` per element, in f64, from f32 values.
+    fn reference_with_scale(
+        x: &[f32],
+        (m, k): (usize, usize),
+        w: &[f32],
+        n: usize,
+    ) -> (Vec<f32>, Vec<f32>) {
+        let abs = |v: &[f32]| v.iter().map(|a| a.abs()).collect::<Vec<f32>>();
+        (
+            reference(x, (m, k), w, n),
+            reference(&abs(x), (m, k), &abs(w), n),
+        )
+    }
+
+    #[test]
+    fn block_products_equal_products_over_candles_dequantization() {
+        use crate::model::quant::testing::{candle_values, random_blocks, KINDS};
+        for (kind, dtype) in KINDS {
+            // 37 rows: no multiple of 16, of a column share or of a tile; three blocks a row
+            // (at least 96 values: a register tail for F16/BF16 too)
+            let (n, k) = (
+                37,
+                3 * kind.values().max(32) + usize::from(kind.values() == 1),
+            );
+            let blocks = random_blocks(kind, (n, k), 11);
+            let w = candle_values(&blocks, dtype);
+            for m in [1, 2, 3, 8, 9, 16, 17, 70] {
+                let x = values(m * k, m as u32);
+                let (want, scale) = reference_with_scale(&x, (m, k), &w, n);
+                let what = format!("{kind:?} x·Wᵀ, {m} rows");
+                close_to(&blocks_t(&x, m, &blocks), &want, &scale, &what);
+                // the input gradient: g [m, n] · W [n, k], W's transpose as the reference's
+                let g = values(m * n, 100 + m as u32);
+                let mut wt = vec![0f32; k * n];
+                for j in 0..n {
+                    for i in 0..k {
+                        wt[i * n + j] = w[j * k + i];
+                    }
+                }
+                let (want, scale) = reference_with_scale(&g, (m, n), &wt, k);
+                let what = format!("{kind:?} g·W, {m} rows");
+                close_to(&blocks_times(&g, m, &blocks), &want, &scale, &what);
+            }
+        }
+    }
+
+    #[test]
+    fn block_products_over_many_tiles() {
+        use crate::model::quant::{testing::random_blocks, BlockKind};
+        // more rows than a tile of either product, with a ragged last tile
+        let (n, k, m) = (TIMES_TILE_ROWS + TILE_ROWS + 5, 64, 20);
+        let blocks = random_blocks(BlockKind::Q8_0, (n, k), 5);
+        let w = blocks.to_f32();
+        let x = values(m * k, 1);
+        let (want, scale) = reference_with_scale(&x, (m, k), &w, n);
+        close_to(&blocks_t(&x, m, &blocks), &want, &scale, "x·Wᵀ");
+        let g = values(m * n, 2);
+        let got = blocks_times(&g, m, &blocks);
+        let want = by_columns(&g, (m, n), &w, (k, 1), k);
+        let abs: Vec<f32> = w.iter().map(|v| v.abs()).collect();
+        let scale = by_columns(
+            &g.iter().map(|v| v.abs()).collect::<Vec<_>>(),
+            (m, n),
+            &abs,
+            (k, 1),
+            k,
+        );
+        close_to(&got, &want, &scale, "g·W");
     }
 
     #[test]

@@ -10,6 +10,7 @@ use serde_json::Value;
 
 use super::attention::{apply_rope, attend, mask, rms_norm, KvCache, Rope};
 use super::config::{self, ConfigError};
+use super::frozen::FrozenWeight;
 use super::linear::{block_linears, Linear};
 use super::weights::Weights;
 use super::Input;
@@ -210,7 +211,7 @@ struct DecoderLayer {
 pub struct Gemma3 {
     /// Its configuration.
     pub config: Config,
-    embed_tokens: Tensor,
+    embed_tokens: FrozenWeight,
     layers: Vec<DecoderLayer>,
     norm: Tensor,
     rope_global: Rope,
@@ -240,7 +241,7 @@ impl Gemma3 {
         let global_factor = config.rope_linear_factor;
         let local_factor = config.rope_local_linear_factor;
         Ok(Gemma3 {
-            embed_tokens: w.tensor("model.embed_tokens.weight")?,
+            embed_tokens: w.frozen("model.embed_tokens.weight")?,
             norm: w.gemma_norm("model.norm.weight")?,
             rope_global: Rope::new(
                 config.rope_theta,
@@ -270,10 +271,10 @@ impl Gemma3 {
         let (b, s) = input.ids.dims2()?;
         let device = input.ids.device();
         let offset = cache.as_ref().map_or(0, |c| c.len());
-        let hidden = self
-            .embed_tokens
-            .index_select(&input.ids.flatten_all()?, 0)?
-            .reshape((b, s, self.config.hidden_size))?;
+        let hidden =
+            self.embed_tokens
+                .rows(&input.ids)?
+                .reshape((b, s, self.config.hidden_size))?;
         // transformers rounds the scale to the activations' dtype
         let normalizer = Tensor::new((self.config.hidden_size as f32).sqrt(), device)?
             .to_dtype(hidden.dtype())?;
@@ -312,7 +313,7 @@ impl Gemma3 {
     }
 
     /// The output projection `[vocab, hidden]` (tied to the embeddings).
-    pub fn lm_head(&self) -> &Tensor {
+    pub fn lm_head(&self) -> &FrozenWeight {
         &self.embed_tokens
     }
 
@@ -344,7 +345,7 @@ impl Gemma3 {
         let mut out = vec![
             (
                 "model.embed_tokens.weight".to_string(),
-                self.embed_tokens.clone(),
+                self.embed_tokens.to_tensor()?,
             ),
             norm("model.norm.weight".into(), &self.norm)?,
         ];

@@ -1,5 +1,6 @@
 //! Loading a GGUF file (llama.cpp's format): the configuration from its metadata, as
-//! transformers derives it, and the weights dequantized to f32 for training.
+//! transformers derives it, and the weights: on the CPU in f32 the matrices stay in their
+//! blocks (see [`super::quant`]), elsewhere they are dequantized.
 
 use std::path::Path;
 
@@ -70,7 +71,8 @@ pub fn read_content(path: &Path) -> Result<gguf_file::Content> {
     Ok(content)
 }
 
-/// Loads a GGUF model, dequantizing every tensor to f32 on `device`. The configuration
+/// Loads a GGUF model in f32 on `device` (on the CPU its matrices kept in their blocks,
+/// products computed in f32 from the decoded values). The configuration
 /// comes from the metadata unless `config` (a Hugging Face `config.json`) is given: GGUF
 /// metadata does not say everything (Gemma 3's layer pattern, for one).
 pub fn load(path: &Path, config: Option<&Value>, device: &Device) -> Result<Model> {
@@ -117,7 +119,6 @@ pub fn load_on(path: &Path, config: Option<&Value>, placement: &Placement) -> Re
         arch,
         source: path.to_path_buf(),
         config,
-        head_blocks: super::HeadBlocks::default(),
     })
 }
 

@@ -7,6 +7,8 @@ use candle_core::{DType, Device, Result, Tensor, Var};
 use rand::Rng;
 use rand_chacha::ChaCha8Rng;
 
+use super::frozen::FrozenWeight;
+
 thread_local! {
     static NO_GRAD: Cell<bool> = const { Cell::new(false) };
 }
@@ -64,8 +66,8 @@ impl Lora {
 /// A linear layer with an optional adapter.
 #[derive(Debug, Clone)]
 pub struct Linear {
-    /// `W`: `[out, in]`.
-    pub weight: Tensor,
+    /// `W`: `[out, in]`, a tensor or a GGUF file's blocks.
+    pub weight: FrozenWeight,
     /// `b`: `[out]`, when the layer has one.
     pub bias: Option<Tensor>,
     /// The adapter, when one is attached.
@@ -74,9 +76,9 @@ pub struct Linear {
 
 impl Linear {
     /// A plain layer.
-    pub fn new(weight: Tensor, bias: Option<Tensor>) -> Self {
+    pub fn new(weight: impl Into<FrozenWeight>, bias: Option<Tensor>) -> Self {
         Linear {
-            weight,
+            weight: weight.into(),
             bias,
             lora: None,
         }
@@ -109,12 +111,14 @@ impl Linear {
         }
     }
 
-    /// `W + scale · B A`: the weight with the adapter folded in.
-    pub fn merged_weight(&self) -> Result<Tensor> {
+    /// `W + scale · B A`: the weight with the adapter folded in (a tensor: blocks are
+    /// dequantized where an adapter is merged).
+    pub fn merged_weight(&self) -> Result<FrozenWeight> {
         match &self.lora {
             Some(lora) => {
                 let delta = (lora.b.as_tensor().matmul(lora.a.as_tensor())? * lora.scale)?;
-                &self.weight + delta.to_dtype(self.weight.dtype())?
+                let merged = (self.weight.to_tensor()? + delta.to_dtype(self.weight.dtype())?)?;
+                Ok(FrozenWeight::Tensor(merged))
             }
             None => Ok(self.weight.clone()),
         }
@@ -125,7 +129,10 @@ impl Linear {
     /// The layer as Hugging Face stores it, adapter merged: `prefix.weight` and, when the
     /// layer has one, `prefix.bias`.
     pub fn hf_tensors(&self, prefix: &str) -> Result<Vec<(String, Tensor)>> {
-        let mut out = vec![(format!("{prefix}.weight"), self.merged_weight()?)];
+        let mut out = vec![(
+            format!("{prefix}.weight"),
+            self.merged_weight()?.to_tensor()?,
+        )];
         if let Some(b) = &self.bias {
             out.push((format!("{prefix}.bias"), b.clone()));
         }

@@ -8,6 +8,7 @@ use serde_json::Value;
 
 use super::attention::{apply_rope, attend, mask, rms_norm, KvCache, Rope};
 use super::config::{self, ConfigError};
+use super::frozen::FrozenWeight;
 use super::linear::{block_linears, Linear};
 use super::weights::Weights;
 use super::Input;
@@ -184,10 +185,10 @@ struct DecoderLayer {
 pub struct Llama {
     /// Its configuration.
     pub config: Config,
-    embed_tokens: Tensor,
+    embed_tokens: FrozenWeight,
     layers: Vec<DecoderLayer>,
     norm: Tensor,
-    lm_head: Tensor,
+    lm_head: FrozenWeight,
     rope: Rope,
 }
 
@@ -225,11 +226,11 @@ impl Llama {
                     .norm(&format!("{p}.post_attention_layernorm.weight"))?,
             });
         }
-        let embed_tokens = w.tensor("model.embed_tokens.weight")?;
+        let embed_tokens = w.frozen("model.embed_tokens.weight")?;
         let lm_head = if config.tie_word_embeddings || !w.contains("lm_head.weight") {
             embed_tokens.clone()
         } else {
-            w.tensor("lm_head.weight")?
+            w.frozen("lm_head.weight")?
         };
         let scaling = config.rope_scaling.clone();
         Ok(Llama {
@@ -259,7 +260,7 @@ impl Llama {
         let offset = cache.as_ref().map_or(0, |c| c.len());
         let mut x = self
             .embed_tokens
-            .index_select(&input.ids.flatten_all()?, 0)?
+            .rows(&input.ids)?
             .reshape((b, s, self.config.hidden_size))?;
         let (cos, sin) = self.rope.cos_sin(&input.positions)?;
         let mask = mask(&input.key_valid, offset, s, None, input.ids.device())?;
@@ -292,7 +293,7 @@ impl Llama {
     }
 
     /// The output projection `[vocab, hidden]`.
-    pub fn lm_head(&self) -> &Tensor {
+    pub fn lm_head(&self) -> &FrozenWeight {
         &self.lm_head
     }
 
@@ -321,12 +322,12 @@ impl Llama {
         let mut out = vec![
             (
                 "model.embed_tokens.weight".to_string(),
-                self.embed_tokens.clone(),
+                self.embed_tokens.to_tensor()?,
             ),
             ("model.norm.weight".to_string(), self.norm.clone()),
         ];
         if !self.config.tie_word_embeddings {
-            out.push(("lm_head.weight".to_string(), self.lm_head.clone()));
+            out.push(("lm_head.weight".to_string(), self.lm_head.to_tensor()?));
         }
         for (i, layer) in self.layers.iter().enumerate() {
             let p = format!("model.layers.{i}");

@@ -7,8 +7,9 @@
 
 use std::sync::Mutex;
 
-use candle_core::backend::BackendStorage;
-use candle_core::{bail, CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor, D};
+use candle_core::{bail, CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor, D};
+
+use super::frozen::{self, FrozenWeight};
 
 /// Rows of hidden state pushed through the output projection at once.
 pub const CHUNK_ROWS: usize = 512;
@@ -25,7 +26,7 @@ pub const CHUNK_ROWS: usize = 512;
 /// whose value is removed again.
 pub fn gather_logprobs(
     hidden: &Tensor,
-    head: &Tensor,
+    head: &FrozenWeight,
     targets: &Tensor,
     softcap: Option<f64>,
     temperature: f64,
@@ -39,13 +40,14 @@ pub fn gather_logprobs(
         let t = targets.narrow(0, start, len)?.contiguous()?;
         if fusable(&h, head, softcap) {
             let op = ChosenLogprob {
+                head: head.clone(),
                 temperature,
                 row_grads: track.then(|| Mutex::new(None)),
             };
             let h = h.contiguous()?;
             parts.push(match track {
-                true => h.apply_op3(head, &t, op)?,
-                false => h.apply_op3_no_bwd(head, &t, &op)?,
+                true => h.apply_op2(&t, op)?,
+                false => h.apply_op2_no_bwd(&t, &op)?,
             });
             continue;
         }
@@ -75,10 +77,8 @@ pub fn gather_logprobs(
             weights = (weights * (1.0 - tanh.sqr()?)?)?;
         }
         // in the head's dtype: a bf16 head is never copied to f32
-        let grad = weights
-            .to_dtype(head.dtype())?
-            .matmul(head)?
-            .to_dtype(h.dtype())?;
+        let grad =
+            frozen::times_weight(&weights.to_dtype(head.dtype())?, head)?.to_dtype(h.dtype())?;
         let surrogate = (&h * &grad)?.sum(1)?.to_dtype(value.dtype())?;
         // the surrogate minus itself is exactly 0: the value is untouched, the gradient is `grad`
         parts.push((value + (&surrogate - surrogate.detach())?)?);
@@ -87,8 +87,9 @@ pub fn gather_logprobs(
 }
 
 /// Whether the fused CPU op computes a chunk (f32 on the CPU, no soft cap).
-fn fusable(hidden: &Tensor, head: &Tensor, softcap: Option<f64>) -> bool {
+fn fusable(hidden: &Tensor, head: &FrozenWeight, softcap: Option<f64>) -> bool {
     hidden.device().is_cpu()
+        && head.device().is_cpu()
         && hidden.dtype() == DType::F32
         && head.dtype() == DType::F32
         && softcap.is_none()
@@ -101,12 +102,14 @@ fn fusable(hidden: &Tensor, head: &Tensor, softcap: Option<f64>) -> bool {
 /// the incoming gradient; nothing of vocabulary size outlives the call and no logit is
 /// computed twice.
 struct ChosenLogprob {
+    /// `W: [vocab, d]`, f32 on the CPU (a tensor or blocks).
+    head: FrozenWeight,
     temperature: f64,
     /// `Some` when backward will run: filled with the rows' gradients by the forward pass.
     row_grads: Option<Mutex<Option<Tensor>>>,
 }
 
-impl CustomOp3 for ChosenLogprob {
+impl CustomOp2 for ChosenLogprob {
     fn name(&self) -> &'static str {
         "chosen-logprob"
     }
@@ -115,20 +118,18 @@ impl CustomOp3 for ChosenLogprob {
         &self,
         h: &CpuStorage,
         h_layout: &Layout,
-        w: &CpuStorage,
-        w_layout: &Layout,
         targets: &CpuStorage,
         targets_layout: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let (n, d) = h_layout.shape().dims2()?;
-        let (vocab, w_d) = w_layout.shape().dims2()?;
+        let (vocab, w_d) = self.head.dims2()?;
         let (CpuStorage::U32(ids), Some((start, end))) =
             (targets, targets_layout.contiguous_offsets())
         else {
             bail!("chosen-logprob takes contiguous u32 targets");
         };
         let ids = &ids[start..end];
-        if !h_layout.is_contiguous() || !w_layout.is_contiguous() || w_d != d || ids.len() != n {
+        if !h_layout.is_contiguous() || w_d != d || ids.len() != n {
             bail!(
                 "chosen-logprob: hidden [{n}, {d}], head [{vocab}, {w_d}], {} targets",
                 ids.len()
@@ -137,10 +138,11 @@ impl CustomOp3 for ChosenLogprob {
         if let Some(&bad) = ids.iter().find(|&&id| id as usize >= vocab) {
             bail!("chosen-logprob: target {bad} outside the vocabulary of {vocab}");
         }
-        let logits = h.matmul(w, (1, n, vocab, d), h_layout, &w_layout.transpose(0, 1)?)?;
-        let CpuStorage::F32(mut logits) = logits else {
+        let CpuStorage::F32(hs) = h else {
             bail!("chosen-logprob takes f32 hidden states");
         };
+        let hs = &hs[h_layout.start_offset()..][..n * d];
+        let mut logits = frozen::cpu_times_t(hs, n, &self.head)?;
         let inv_t = (1.0 / self.temperature) as f32;
         let keep_grads = self.row_grads.is_some();
         let mut out = vec![0f32; n];
@@ -162,11 +164,7 @@ impl CustomOp3 for ChosenLogprob {
             }
         });
         if let Some(slot) = &self.row_grads {
-            let CpuStorage::F32(w) = w else {
-                bail!("chosen-logprob takes an f32 head");
-            };
-            let w = &w[w_layout.start_offset()..][..vocab * d];
-            let grads = super::cpu_matmul::by_columns(&logits, (n, vocab), w, (d, 1), d);
+            let grads = frozen::cpu_times(&logits, n, &self.head)?;
             let grads = Tensor::from_vec(grads, (n, d), &candle_core::Device::Cpu)?;
             *slot.lock().unwrap_or_else(|e| e.into_inner()) = Some(grads);
         }
@@ -176,11 +174,10 @@ impl CustomOp3 for ChosenLogprob {
     fn bwd(
         &self,
         _h: &Tensor,
-        _w: &Tensor,
         _targets: &Tensor,
         _res: &Tensor,
         grad: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let Some(slot) = &self.row_grads else {
             bail!("chosen-logprob: backward through a chunk recorded without gradients");
         };
@@ -188,11 +185,7 @@ impl CustomOp3 for ChosenLogprob {
         let Some(row_grads) = row_grads else {
             bail!("chosen-logprob: the chunk's gradient was already used");
         };
-        Ok((
-            Some(row_grads.broadcast_mul(&grad.unsqueeze(1)?)?),
-            None,
-            None,
-        ))
+        Ok((Some(row_grads.broadcast_mul(&grad.unsqueeze(1)?)?), None))
     }
 }
 
@@ -211,8 +204,8 @@ fn row_logprob(row: &mut [f32], target: usize, inv_t: f32, into_weights: bool) -
 }
 
 /// Logits `[n, vocab]` in f32 for `hidden: [n, d]`.
-pub fn logits_of(hidden: &Tensor, head: &Tensor, softcap: Option<f64>) -> Result<Tensor> {
-    let logits = super::frozen::matmul_t(hidden, head)?.to_dtype(DType::F32)?;
+pub fn logits_of(hidden: &Tensor, head: &FrozenWeight, softcap: Option<f64>) -> Result<Tensor> {
+    let logits = frozen::matmul_t(hidden, head)?.to_dtype(DType::F32)?;
     soft_capped(logits, softcap)
 }
 
@@ -239,7 +232,7 @@ mod tests {
     #[test]
     fn the_fused_chunk_equals_the_composite_in_value_and_gradient() {
         let device = Device::Cpu;
-        let head = Tensor::randn(0f32, 1.0, (50, 8), &device).unwrap();
+        let head = FrozenWeight::from(Tensor::randn(0f32, 1.0, (50, 8), &device).unwrap());
         let h = Var::randn(0f32, 1.0, (7, 8), &device).unwrap();
         let targets = Tensor::new(&[3u32, 0, 49, 7, 7, 12, 30], &device).unwrap();
         let weights = Tensor::randn(0f32, 1.0, 7, &device).unwrap();

@@ -21,6 +21,7 @@ pub mod logprob;
 pub mod lora;
 pub mod memory;
 pub mod placement;
+pub mod quant;
 pub mod tokenizer;
 pub mod weights;
 
@@ -110,28 +111,11 @@ pub struct Model {
     /// The `config.json` it was built from (for a GGUF file, the one derived from its
     /// metadata).
     pub config: Value,
-    /// The output head as Q8_0 blocks, made on first need (see [`Model::head_logits`]).
-    pub head_blocks: HeadBlocks,
-}
-
-/// The output head as exact Q8_0 blocks ([`cpu_matmul::Q8Rows`]), made once on first need
-/// and shared by the model's clones; empty where the head's values are no such blocks.
-#[derive(Clone, Default)]
-pub struct HeadBlocks(std::sync::Arc<std::sync::OnceLock<Option<cpu_matmul::Q8Rows>>>);
-
-impl std::fmt::Debug for HeadBlocks {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self.0.get() {
-            Some(Some(_)) => f.write_str("HeadBlocks(Q8_0)"),
-            Some(None) => f.write_str("HeadBlocks(none)"),
-            None => f.write_str("HeadBlocks(not made)"),
-        }
-    }
 }
 
 impl Model {
-    /// Loads a model from a Hugging Face directory or a `.gguf` file (dequantized), in f32
-    /// on `device`.
+    /// Loads a model from a Hugging Face directory or a `.gguf` file (kept in blocks on the
+    /// CPU, see [`gguf::load`]), in f32 on `device`.
     pub fn load(path: &Path, device: &Device) -> Result<Self> {
         Model::load_on(
             path,
@@ -142,7 +126,8 @@ impl Model {
         )
     }
 
-    /// Loads a model from a Hugging Face directory or a `.gguf` file (dequantized) on
+    /// Loads a model from a Hugging Face directory or a `.gguf` file (kept in blocks on the
+    /// CPU in f32, dequantized elsewhere) on
     /// `placement`'s device, its weights in `placement`'s dtype.
     pub fn load_on(path: &Path, placement: &Placement) -> Result<Self> {
         if path.is_file() && path.extension().is_some_and(|e| e == "gguf") {
@@ -187,7 +172,6 @@ impl Model {
             arch,
             source: dir.to_path_buf(),
             config: json,
-            head_blocks: HeadBlocks::default(),
         })
     }
 
@@ -215,7 +199,7 @@ impl Model {
     }
 
     /// The output projection `[vocab, hidden]`.
-    pub fn lm_head(&self) -> &Tensor {
+    pub fn lm_head(&self) -> &frozen::FrozenWeight {
         match &self.arch {
             Architecture::Gemma3(m) => m.lm_head(),
             Architecture::Llama(m) => m.lm_head(),
@@ -223,34 +207,14 @@ impl Model {
     }
 
     /// Logits `[n, vocab]` (f32) for `hidden: [n, d]`. A few rows on the CPU (a decoding
-    /// step, the last positions of a scoring batch) read the head as Q8_0 blocks where its
-    /// values are exactly such blocks (a Q8_0 GGUF's, as the default model's): the same
-    /// logits from a quarter of the bytes.
+    /// step, the last positions of a scoring batch) read each of the head's weights once,
+    /// from its GGUF blocks where it is kept so (as the default model's Q8_0 head).
     pub fn head_logits(&self, hidden: &Tensor) -> Result<Tensor> {
-        let head = self.lm_head();
-        let few = hidden.rank() == 2 && hidden.dim(0)? <= cpu_matmul::FEW_ROWS;
-        let f32_cpu =
-            hidden.device().is_cpu() && hidden.dtype() == DType::F32 && head.dtype() == DType::F32;
-        if few && f32_cpu {
-            let blocks = self.head_blocks.0.get_or_init(|| {
-                let (n, k) = head.dims2().ok()?;
-                let (storage, layout) = head.storage_and_layout();
-                let (candle_core::Storage::Cpu(candle_core::CpuStorage::F32(w)), Some((a, b))) =
-                    (&*storage, layout.contiguous_offsets())
-                else {
-                    return None;
-                };
-                cpu_matmul::Q8Rows::exact(&w[a..b], n, k)
-            });
-            if let Some(blocks) = blocks {
-                let rows = hidden.dim(0)?;
-                let x = hidden.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
-                let y = blocks.few_rows(&x, rows);
-                let logits = Tensor::from_vec(y, (rows, head.dim(0)?), hidden.device())?;
-                return Ok(logprob::soft_capped(logits, self.logit_softcap())?);
-            }
-        }
-        Ok(logprob::logits_of(hidden, head, self.logit_softcap())?)
+        Ok(logprob::logits_of(
+            hidden,
+            self.lm_head(),
+            self.logit_softcap(),
+        )?)
     }
 
     /// The logits' soft cap, when the architecture has one.

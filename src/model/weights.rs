@@ -1,14 +1,19 @@
-//! Model weights by Hugging Face name, from safetensors shards or a GGUF file (dequantized
-//! and renamed), with errors that name the file and the tensor. Tensors are handed out in
-//! the model's dtype, norm scales in f32.
+//! Model weights by Hugging Face name, from safetensors shards or a GGUF file (renamed),
+//! with errors that name the file and the tensor. Tensors are handed out in the model's
+//! dtype, norm scales in f32. On the CPU in f32, a GGUF file's matrices stay in their blocks
+//! and bf16/f16 safetensors matrices in their dtype (see [`super::quant`]); elsewhere, and
+//! for the types not kept so, they are converted.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use candle_core::quantized::gguf_file;
 use candle_core::{DType, Device, Error, Result, Tensor};
 
+use super::frozen::FrozenWeight;
 use super::linear::Linear;
+use super::quant::{BlockKind, Blocks};
 
 /// Where the weights came from, which decides how Gemma norms are stored.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -23,6 +28,8 @@ pub enum Format {
 /// `dtype` when handed out).
 pub struct Weights {
     tensors: HashMap<String, Tensor>,
+    /// Matrices kept in a GGUF file's blocks (none of them also in `tensors`).
+    blocks: HashMap<String, Arc<Blocks>>,
     format: Format,
     source: PathBuf,
     device: Device,
@@ -31,13 +38,35 @@ pub struct Weights {
 
 impl Weights {
     /// Reads every tensor of the safetensors `files` (the shards of one model), to be
-    /// handed out in `dtype`.
+    /// handed out in `dtype`. On the CPU in f32, bf16 and f16 matrices stay in their dtype
+    /// (as [`Blocks`]), decoded on the fly by every product.
     pub fn from_safetensors(files: &[PathBuf], device: &Device, dtype: DType) -> Result<Self> {
+        let keep_blocks = device.is_cpu() && dtype == DType::F32;
         let mut tensors = HashMap::new();
+        let mut blocks = HashMap::new();
         for file in files {
-            let loaded = candle_core::safetensors::load(file, device)
-                .map_err(|e| Error::Msg(format!("{}: {e}", file.display())))?;
-            tensors.extend(loaded);
+            let in_file = |e: Error| Error::Msg(format!("{}: {e}", file.display()));
+            let loaded = candle_core::safetensors::load(file, device).map_err(in_file)?;
+            for (name, t) in loaded {
+                let kind = match t.dtype() {
+                    DType::BF16 => Some(BlockKind::BF16),
+                    DType::F16 => Some(BlockKind::F16),
+                    _ => None,
+                };
+                match (keep_blocks, kind, t.dims2()) {
+                    (true, Some(kind), Ok((n, k))) => {
+                        let mut bytes = Vec::with_capacity(n * k * 2);
+                        t.write_bytes(&mut bytes).map_err(in_file)?;
+                        let b = Blocks::new(kind, (n, k), bytes).map_err(|e| {
+                            Error::Msg(format!("{}: tensor `{name}`: {e}", file.display()))
+                        })?;
+                        blocks.insert(name, Arc::new(b));
+                    }
+                    _ => {
+                        tensors.insert(name, t);
+                    }
+                }
+            }
         }
         let source = match files {
             [one] => one.clone(),
@@ -48,6 +77,7 @@ impl Weights {
         };
         Ok(Weights {
             tensors,
+            blocks,
             format: Format::Safetensors,
             source,
             device: device.clone(),
@@ -55,11 +85,12 @@ impl Weights {
         })
     }
 
-    /// Reads and dequantizes every tensor of a GGUF file, renaming llama.cpp's names
-    /// (`blk.N.attn_q.weight`, …) to Hugging Face's for `architecture`. llama.cpp stores
-    /// Llama's q and k rows permuted for its rotary layout; `qk_heads` (query heads, key/value
-    /// heads) undoes that, as transformers' GGUF loader does. Tensors are handed out in
-    /// `dtype`.
+    /// Reads every tensor of a GGUF file, renaming llama.cpp's names (`blk.N.attn_q.weight`,
+    /// …) to Hugging Face's for `architecture`. On the CPU in f32, matrices in a block type of
+    /// [`super::quant::BlockKind`] stay in their blocks; everything else is dequantized.
+    /// llama.cpp stores Llama's q and k rows permuted for its rotary layout; `qk_heads`
+    /// (query heads, key/value heads) undoes that, as transformers' GGUF loader does.
+    /// Tensors are handed out in `dtype`.
     pub fn from_gguf(
         path: &Path,
         content: &gguf_file::Content,
@@ -70,25 +101,43 @@ impl Weights {
     ) -> Result<Self> {
         let mut file = std::fs::File::open(path)
             .map_err(|e| Error::Msg(format!("{}: {e}", path.display())))?;
+        let keep_blocks = device.is_cpu() && dtype == DType::F32;
         let mut tensors = HashMap::new();
+        let mut blocks = HashMap::new();
         for name in content.tensor_infos.keys() {
-            let q = content
-                .tensor(&mut file, name, device)
-                .map_err(|e| Error::Msg(format!("{}: tensor `{name}`: {e}", path.display())))?;
-            let mut t = q.dequantize(device)?;
-            if let (Some((heads, kv_heads)), true) = (qk_heads, name.ends_with(".weight")) {
-                if name.contains(".attn_q.") {
-                    t = unpermute(&t, heads)?;
-                } else if name.contains(".attn_k.") {
-                    t = unpermute(&t, kv_heads)?;
+            let Some(hf) = hf_name(name, architecture) else {
+                continue;
+            };
+            let in_file =
+                |e: Error| Error::Msg(format!("{}: tensor `{name}`: {e}", path.display()));
+            let q = content.tensor(&mut file, name, device).map_err(in_file)?;
+            let heads = match (qk_heads, name.ends_with(".weight")) {
+                (Some((heads, _)), true) if name.contains(".attn_q.") => Some(heads),
+                (Some((_, kv_heads)), true) if name.contains(".attn_k.") => Some(kv_heads),
+                _ => None,
+            };
+            if keep_blocks {
+                if let Some(b) = Blocks::of_qtensor(&q).map_err(in_file)? {
+                    let b = match heads {
+                        Some(heads) => {
+                            let out = b.dims()[0];
+                            b.with_rows(|r| unpermuted_row(r, out, heads))
+                        }
+                        None => b,
+                    };
+                    blocks.insert(hf, Arc::new(b));
+                    continue;
                 }
             }
-            if let Some(hf) = hf_name(name, architecture) {
-                tensors.insert(hf, t);
+            let mut t = q.dequantize(device)?;
+            if let Some(heads) = heads {
+                t = unpermute(&t, heads)?;
             }
+            tensors.insert(hf, t);
         }
         Ok(Weights {
             tensors,
+            blocks,
             format: Format::Gguf,
             source: path.to_path_buf(),
             device: device.clone(),
@@ -103,7 +152,7 @@ impl Weights {
 
     /// Whether a tensor of that name exists.
     pub fn contains(&self, name: &str) -> bool {
-        self.tensors.contains_key(name)
+        self.tensors.contains_key(name) || self.blocks.contains_key(name)
     }
 
     /// The dtype tensors are handed out in.
@@ -116,10 +165,22 @@ impl Weights {
         self.stored(name)?.to_dtype(self.dtype)
     }
 
-    /// The tensor `name` as stored; an error names it and the file when it is missing or
-    /// holds no floating-point numbers.
-    fn stored(&self, name: &str) -> Result<&Tensor> {
-        let t = self.tensors.get(name).ok_or_else(|| {
+    /// The frozen matrix `name`: its blocks where kept so, else the tensor in the model's
+    /// dtype.
+    pub fn frozen(&self, name: &str) -> Result<FrozenWeight> {
+        match self.blocks.get(name) {
+            Some(b) => Ok(FrozenWeight::Blocks(b.clone())),
+            None => Ok(FrozenWeight::Tensor(self.tensor(name)?)),
+        }
+    }
+
+    /// The tensor `name` as stored (blocks dequantized); an error names it and the file
+    /// when it is missing or holds no floating-point numbers.
+    fn stored(&self, name: &str) -> Result<Tensor> {
+        if let Some(b) = self.blocks.get(name) {
+            return FrozenWeight::Blocks(b.clone()).to_tensor();
+        }
+        let t = self.tensors.get(name).cloned().ok_or_else(|| {
             Error::Msg(format!(
                 "{}: tensor `{name}` is missing",
                 self.source.display()
@@ -144,7 +205,7 @@ impl Weights {
     /// weight must have the shape `[out, in]` the config gives.
     pub fn linear(&self, prefix: &str, bias: bool, [out, inp]: [usize; 2]) -> Result<Linear> {
         let name = format!("{prefix}.weight");
-        let weight = self.tensor(&name)?;
+        let weight = self.frozen(&name)?;
         if weight.dims() != [out, inp] {
             return Err(Error::Msg(format!(
                 "{}: tensor `{name}` has shape {:?}; the config gives [{out}, {inp}]",
@@ -168,6 +229,16 @@ impl Weights {
             Format::Gguf => Ok(w),
         }
     }
+}
+
+/// The row of a llama.cpp q/k matrix of `out` rows over `heads` heads that [`unpermute`]
+/// moves to row `r`.
+fn unpermuted_row(r: usize, out: usize, heads: usize) -> usize {
+    let width = out / heads;
+    let half = width / 2;
+    let (head, within) = (r / width, r % width);
+    let (t, i) = (within / half, within % half);
+    head * width + 2 * i + t
 }
 
 /// Undoes llama.cpp's rotary permutation of q/k rows: `[heads, 2, dim/2, in] → [heads,
@@ -215,4 +286,21 @@ fn hf_name(gguf: &str, architecture: &str) -> Option<String> {
         _ => return None,
     };
     Some(format!("model.layers.{layer}.{module}.{suffix}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn blocks_rows_move_as_the_tensors_unpermutation_moves_them() {
+        // 2 heads of 8 rows, each row holding its own index
+        let (out, heads) = (16, 2);
+        let values: Vec<f32> = (0..out * 3).map(|i| (i / 3) as f32).collect();
+        let t = Tensor::from_vec(values, (out, 3), &Device::Cpu).unwrap();
+        let moved = unpermute(&t, heads).unwrap().to_vec2::<f32>().unwrap();
+        for (r, row) in moved.iter().enumerate() {
+            assert_eq!(row[0] as usize, unpermuted_row(r, out, heads), "row {r}");
+        }
+    }
 }

@@ -173,3 +173,40 @@ print(m.generate(["hello"], #{{ max_tokens: 3 }}).len());
     assert!(String::from_utf8_lossy(&out.stderr).contains("`f8`"));
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn bf16_safetensors_stay_bf16_on_the_cpu_and_give_their_f32_values_logits() {
+    use rlvr::model::frozen::FrozenWeight;
+    let src = repo("tests/fixtures/tiny-gemma3");
+    let tensors =
+        candle_core::safetensors::load(src.join("model.safetensors"), &Device::Cpu).unwrap();
+    let base = std::env::temp_dir().join(format!("rlvr-bf16-weights-{}", std::process::id()));
+    let (as_bf16, as_f32) = (base.join("bf16"), base.join("f32"));
+    for (dir, dtype) in [(&as_bf16, DType::BF16), (&as_f32, DType::F32)] {
+        std::fs::create_dir_all(dir).unwrap();
+        std::fs::copy(src.join("config.json"), dir.join("config.json")).unwrap();
+        // the matrices rounded to bf16, stored as bf16 or as their f32 values
+        let stored: HashMap<String, Tensor> = tensors
+            .iter()
+            .map(|(name, t)| {
+                let t = match t.rank() {
+                    2 => t.to_dtype(DType::BF16).unwrap().to_dtype(dtype).unwrap(),
+                    _ => t.clone(),
+                };
+                (name.clone(), t)
+            })
+            .collect();
+        candle_core::safetensors::save(&stored, dir.join("model.safetensors")).unwrap();
+    }
+    let kept = Model::load(&as_bf16, &Device::Cpu).unwrap();
+    let widened = Model::load(&as_f32, &Device::Cpu).unwrap();
+    std::fs::remove_dir_all(&base).unwrap();
+    assert!(matches!(kept.lm_head(), FrozenWeight::Blocks(_)));
+    assert!(matches!(widened.lm_head(), FrozenWeight::Tensor(_)));
+    let ids = [vec![2u32, 7, 9, 100, 3], vec![5, 6, 7, 8, 9]];
+    let diff = max_abs_diff(
+        &kept.logits(&ids, false).unwrap(),
+        &widened.logits(&ids, false).unwrap(),
+    );
+    assert!(diff <= 1e-4, "max |Δlogit| = {diff}");
+}

@@ -89,3 +89,70 @@ fn a_truncated_gguf_names_the_file() {
     let err = Model::load(&path, &Device::Cpu).unwrap_err().to_string();
     assert!(err.contains(&path.display().to_string()), "{err}");
 }
+
+#[test]
+fn a_q8_0_gguf_keeps_its_blocks_and_trains_as_its_dequantized_weights() {
+    use rlvr::model::frozen::FrozenWeight;
+    use rlvr::model::lora::{self, LoraConfig};
+    let (config, _, ids) = setup();
+    let path = repo("tests/fixtures/tiny-gemma3-gguf/model-q8_0.gguf");
+    let mut blocks = gguf::load(&path, Some(&config), &Device::Cpu).unwrap();
+    assert!(matches!(blocks.lm_head(), FrozenWeight::Blocks(_)));
+    // the same model with every linear layer's weight dequantized to an f32 tensor
+    let mut dense = blocks.clone();
+    for (name, linear) in dense.linears_mut() {
+        assert!(matches!(linear.weight, FrozenWeight::Blocks(_)), "{name}");
+        linear.weight = FrozenWeight::Tensor(linear.weight.to_tensor().unwrap());
+    }
+    let diff = max_abs_diff(
+        &blocks.logits(&ids, false).unwrap(),
+        &dense.logits(&ids, false).unwrap(),
+    );
+    assert!(diff <= 1e-4, "max |Δlogit| = {diff}");
+    let adapters = LoraConfig {
+        rank: 4,
+        alpha: 8.0,
+        seed: 3,
+        ..LoraConfig::default()
+    };
+    let mut grads = Vec::new();
+    for model in [&mut blocks, &mut dense] {
+        lora::attach(model, &adapters).unwrap();
+        for (_, var) in lora::variables(model) {
+            // B non-zero, so that A's gradient is too
+            if var.dims()[1] == 4 {
+                var.set(&(var.ones_like().unwrap() * 0.01).unwrap())
+                    .unwrap();
+            }
+        }
+        let loss = model
+            .completion_logprobs(&ids[0][..6], &ids[0][6..], true)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .neg()
+            .unwrap();
+        let g = loss.backward().unwrap();
+        let vars = lora::variables(model);
+        grads.push(
+            vars.iter()
+                .map(|(name, v)| (name.clone(), g.get(v).expect("a gradient").clone()))
+                .collect::<Vec<_>>(),
+        );
+    }
+    assert_eq!(grads[0].len(), 56);
+    for ((name, a), (_, b)) in grads[0].iter().zip(&grads[1]) {
+        let scale = b
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        let diff = max_abs_diff(a, b);
+        assert!(
+            diff <= 1e-4 * (1.0 + scale),
+            "{name}: {diff} (scale {scale})"
+        );
+    }
+}
