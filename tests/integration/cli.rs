@@ -241,17 +241,27 @@ fn the_quickstart_runs_end_to_end_on_the_tiny_model() {
             "steps=1",
             "--set",
             "held_out=4",
+            "--set",
+            "warmup=4",
+            "--set",
+            "warmup_steps=2",
         ])
         .output()
         .unwrap();
     assert!(output.status.success(), "{}", text(&output.stderr));
-    let png = std::fs::read(out.join("accuracy.png")).unwrap();
-    assert!(png.starts_with(b"\x89PNG") && png.len() > 10_000);
+    for chart in ["accuracy.png", "training.png", "pass_rates.png"] {
+        let png = std::fs::read(out.join(chart)).unwrap();
+        assert!(png.starts_with(b"\x89PNG") && png.len() > 10_000, "{chart}");
+    }
+    let stdout = text(&output.stdout);
+    assert!(stdout.contains("Format warm-up: 2 steps"), "{stdout}");
+    assert!(stdout.contains("Mean reward, random set: first pass"), "{stdout}");
+    assert!(out.join("adapter-warmup/adapter_model.safetensors").is_file());
     assert!(out
         .join("adapter-filtered/adapter_model.safetensors")
         .is_file());
     let csv = std::fs::read_to_string(out.join("accuracy.csv")).unwrap();
-    for label in ["base", "random", "filtered"] {
+    for label in ["base", "warm-up", "random", "filtered"] {
         assert!(csv.contains(label), "{csv}");
     }
 }

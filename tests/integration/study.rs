@@ -608,6 +608,7 @@ fn lab3_grpo_trains_the_toy_task_and_medqa_and_draws_the_curves() {
             "medqa_questions=2".into(),
             "medqa_steps=1".into(),
             "medqa_max_tokens=4".into(),
+            "warmup_steps=1".into(),
             "group=2".into(),
         ],
     );
