@@ -12,7 +12,8 @@ answering the normal client with the same text, and prints the figures in RELIAB
 
 Usage: tests/faults/abuse.py [COUNT] [WORKERS]   (RLVR=path/to/rlvr, default
 $CARGO_TARGET_DIR/debug/rlvr, else target/debug/rlvr; SERVER_LOG=file keeps the server's
-standard error). Run by hand, not in CI. Standard library only.
+standard error). Run by hand, not in CI; the integration test
+`serve::malformed_requests_never_stop_the_server` is its short variant. Standard library only.
 """
 
 import json

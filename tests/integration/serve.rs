@@ -555,3 +555,126 @@ fn listening_beyond_loopback_without_an_api_key_warns() {
     );
     assert!(!keyed.contains("warning"), "{keyed}");
 }
+
+/// Sends raw bytes, closes the sending side and reads the reply within 30 s: the status, or
+/// `None` when the server closed the connection without one.
+fn raw_exchange(address: &str, data: &[u8]) -> Option<u16> {
+    let mut stream = TcpStream::connect(address).unwrap();
+    stream
+        .set_read_timeout(Some(std::time::Duration::from_secs(30)))
+        .unwrap();
+    let _ = stream.write_all(data);
+    let _ = stream.shutdown(std::net::Shutdown::Write);
+    let mut reply = Vec::new();
+    match stream.read_to_end(&mut reply) {
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
+        Err(e) => panic!(
+            "no reply within 30 s to {:?}: {e}",
+            String::from_utf8_lossy(&data[..data.len().min(200)])
+        ),
+        Ok(_) => {}
+    }
+    let head = String::from_utf8_lossy(&reply[..reply.len().min(20)]).to_string();
+    head.strip_prefix("HTTP/1.1 ")
+        .and_then(|rest| rest.get(..3))
+        .and_then(|code| code.parse().ok())
+}
+
+/// The `k`-th malformed request of the short abuse run (`tests/faults/abuse.py` sends
+/// 10,000 of more kinds).
+fn malformed(k: usize, seed: &mut u64) -> Vec<u8> {
+    let mut next = || {
+        // xorshift64
+        *seed ^= *seed << 13;
+        *seed ^= *seed >> 7;
+        *seed ^= *seed << 17;
+        *seed
+    };
+    let post = |body: &[u8], length: usize| {
+        let mut r = format!(
+            "POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n\
+             Content-Length: {length}\r\nConnection: close\r\n\r\n"
+        )
+        .into_bytes();
+        r.extend_from_slice(body);
+        r
+    };
+    let valid = br#"{"prompt": "The patient", "max_tokens": 2, "temperature": 0}"#;
+    match k % 8 {
+        0 => {
+            let body: Vec<u8> = (0..next() % 1000).map(|_| next() as u8).collect();
+            post(&body, body.len())
+        }
+        1 => {
+            let cut = (next() as usize) % valid.len();
+            post(&valid[..cut], cut)
+        }
+        2 => {
+            let fields = [
+                r#"{"prompt": 5}"#,
+                r#"{"prompt": "x", "max_tokens": -1}"#,
+                r#"{"prompt": "x", "n": 1000000000}"#,
+                r#"{"prompt": "x", "temperature": "hot"}"#,
+                r#"{"prompt": [[-1, 99999999999]]}"#,
+                r#"{"prompt": "x", "max_tokens": 1e300}"#,
+                r#"[1, 2, 3]"#,
+                r#"null"#,
+            ];
+            let body = fields[(next() as usize) % fields.len()].as_bytes();
+            post(body, body.len())
+        }
+        3 => {
+            let depth = 100 + (next() % 50_000) as usize;
+            let body = format!("{}{}", "[".repeat(depth), "]".repeat(depth));
+            post(body.as_bytes(), body.len())
+        }
+        4 => post(b"{\"prompt\": \"\xff\xfe\xc3\"}", 16),
+        5 => post(valid, [0, 5, valid.len() + 100][(next() % 3) as usize]),
+        6 => {
+            // beyond the 128-token context, short enough for the tiny tokenizer to be quick
+            let prompt = "fever ".repeat(200 + (next() % 200) as usize);
+            let body = format!(r#"{{"prompt": "{prompt}", "max_tokens": 4}}"#);
+            post(body.as_bytes(), body.len())
+        }
+        _ => {
+            // not HTTP at all
+            (0..next() % 400).map(|_| next() as u8).collect()
+        }
+    }
+}
+
+#[test]
+fn malformed_requests_never_stop_the_server() {
+    let mut served = Served::start(&[], &[]);
+    let address = served
+        .url
+        .trim_start_matches("http://")
+        .trim_end_matches("/v1")
+        .to_string();
+    let normal = r#"{"prompt": "The patient has", "max_tokens": 4, "temperature": 0}"#;
+    let (status, first) = served.http("POST", "/v1/completions", normal, "");
+    assert_eq!(status, 200);
+    let mut seed = 0x5eed_u64;
+    let mut statuses = std::collections::BTreeMap::new();
+    for k in 0..400 {
+        let status = raw_exchange(&address, &malformed(k, &mut seed));
+        assert!(
+            status.is_none_or(|s| s < 500),
+            "request {k} got a server error {status:?}"
+        );
+        *statuses.entry(status).or_insert(0) += 1;
+        if k % 50 == 49 {
+            let (status, reply) = served.http("POST", "/v1/completions", normal, "");
+            assert_eq!(status, 200, "{reply}");
+            assert_eq!(reply["choices"][0]["text"], first["choices"][0]["text"]);
+        }
+    }
+    assert!(
+        served.child.try_wait().unwrap().is_none(),
+        "the server died"
+    );
+    assert!(
+        statuses.get(&Some(400)).is_some_and(|&n| n > 100),
+        "{statuses:?}"
+    );
+}
