@@ -92,7 +92,7 @@ pub(super) fn register(engine: &mut Engine, output: &Arc<dyn Output>) {
             move |policy: ModelHandle, items: DataFrame, opts: Map| -> RhaiResult<DataFrame> {
                 let config = config(&opts)?;
                 let qs = questions(&items).map_err(error)?;
-                let mut lm = policy.write();
+                let mut lm = policy.write()?;
                 sft::train(&mut lm, &qs, &config, &job_of(&out)).map_err(error)
             },
         );
