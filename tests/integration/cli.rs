@@ -255,8 +255,13 @@ fn the_quickstart_runs_end_to_end_on_the_tiny_model() {
     }
     let stdout = text(&output.stdout);
     assert!(stdout.contains("Format warm-up: 2 steps"), "{stdout}");
-    assert!(stdout.contains("Mean reward, random set: first pass"), "{stdout}");
-    assert!(out.join("adapter-warmup/adapter_model.safetensors").is_file());
+    assert!(
+        stdout.contains("Mean reward, random set: first pass"),
+        "{stdout}"
+    );
+    assert!(out
+        .join("adapter-warmup/adapter_model.safetensors")
+        .is_file());
     assert!(out
         .join("adapter-filtered/adapter_model.safetensors")
         .is_file());
