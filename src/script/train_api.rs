@@ -582,8 +582,9 @@ fn canonical(text: &str) -> String {
     let mut out = String::with_capacity(text.len());
     let mut rest = text;
     while let Some(c) = rest.chars().next() {
-        let skip = if let Some(after) = rest.strip_prefix("@ ").or_else(|| rest.strip_prefix(", "))
-        {
+        let skip = if let Some(after) = rest.strip_prefix(" @ ") {
+            position_len(after).map(|n| 3 + n)
+        } else if let Some(after) = rest.strip_prefix(", ") {
             position_len(after).map(|n| 2 + n)
         } else if let Some(after) = rest.strip_prefix("hash: ") {
             hash_len(after).map(|n| "hash: ".len() + n)
