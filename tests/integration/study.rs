@@ -714,6 +714,9 @@ impl Served {
                 "0",
                 "--served-model-name",
                 "tiny-served",
+                // the tiny fixture's context is 128 tokens; the study's prompts are longer
+                "--max-model-len",
+                "4096",
                 "--model",
             ])
             .arg(model)
