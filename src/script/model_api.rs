@@ -200,8 +200,9 @@ mod model_functions {
     /// Loads a model: an alias fetched with `rlvr models fetch` (`gemma-3-270m`,
     /// `smollm2-135m-instruct`), a Hugging Face directory (`config.json`, safetensors,
     /// `tokenizer.json`, `tokenizer_config.json`), a `.gguf` file with `tokenizer.json`
-    /// beside it, or a hub id `org/name` (downloaded into the Hugging Face cache); weights in
-    /// f32 on the CPU (GGUF dequantized), or where `rlvr run --device` says.
+    /// beside it, or a hub id `org/name` (downloaded into the Hugging Face cache). On the CPU
+    /// the computation is in f32 and frozen weights stay in their GGUF blocks (or bf16/f16),
+    /// decoded on the fly; elsewhere as `rlvr run --device` says.
     #[rhai_fn(name = "model", return_raw)]
     pub fn model_at(spec: &str) -> RhaiResult<ModelHandle> {
         let placement = Placement::chosen(None, None).map_err(error)?;
