@@ -10,28 +10,12 @@ use rlvr::data::question::Question;
 use rlvr::grpo::optim::Schedule;
 use rlvr::grpo::{self, GrpoConfig, GrpoError};
 use rlvr::model::lm::LanguageModel;
-use rlvr::model::lora::{self, LoraConfig};
+use rlvr::model::lora;
 use rlvr::progress::{Cancel, Job, Progress};
 use rlvr::prompt::PromptTemplate;
 use rlvr::reward::Reward;
 
-use super::{max_abs_diff, repo};
-
-fn tiny_policy(seed: u64) -> LanguageModel {
-    let base = LanguageModel::load(
-        &repo("tests/fixtures/tiny-gemma3"),
-        Some(&repo("tests/fixtures/tiny-tokenizer/tokenizer.json")),
-        &Device::Cpu,
-    )
-    .unwrap();
-    base.with_lora(&LoraConfig {
-        rank: 8,
-        alpha: 16.0,
-        seed,
-        ..LoraConfig::default()
-    })
-    .unwrap()
-}
+use super::{max_abs_diff, repo, tiny_policy};
 
 fn toy_items() -> Vec<Question> {
     [

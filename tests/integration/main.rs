@@ -81,3 +81,21 @@ pub fn max_abs(t: &candle_core::Tensor) -> f32 {
 pub fn repo(path: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(path)
 }
+
+/// The tiny Gemma 3 fixture with the tiny tokenizer and fresh LoRA adapters (r 8, alpha 16)
+/// seeded with `seed`.
+pub fn tiny_policy(seed: u64) -> rlvr::model::lm::LanguageModel {
+    let base = rlvr::model::lm::LanguageModel::load(
+        &repo("tests/fixtures/tiny-gemma3"),
+        Some(&repo("tests/fixtures/tiny-tokenizer/tokenizer.json")),
+        &candle_core::Device::Cpu,
+    )
+    .unwrap();
+    base.with_lora(&rlvr::model::lora::LoraConfig {
+        rank: 8,
+        alpha: 16.0,
+        seed,
+        ..Default::default()
+    })
+    .unwrap()
+}

@@ -6,27 +6,11 @@ use std::path::PathBuf;
 use candle_core::Device;
 use rlvr::data::question::Question;
 use rlvr::model::lm::LanguageModel;
-use rlvr::model::lora::{self, LoraConfig};
+use rlvr::model::lora;
 use rlvr::progress::{Cancel, Job};
 use rlvr::sft::{self, SftConfig, SftError};
 
-use crate::repo;
-
-fn tiny_policy() -> LanguageModel {
-    let base = LanguageModel::load(
-        &repo("tests/fixtures/tiny-gemma3"),
-        Some(&repo("tests/fixtures/tiny-tokenizer/tokenizer.json")),
-        &Device::Cpu,
-    )
-    .unwrap();
-    base.with_lora(&LoraConfig {
-        rank: 8,
-        alpha: 16.0,
-        seed: 3,
-        ..LoraConfig::default()
-    })
-    .unwrap()
-}
+use crate::{repo, tiny_policy};
 
 fn items() -> Vec<Question> {
     ["Which organ pumps blood?", "Which organ filters urine?"]
@@ -75,7 +59,7 @@ fn losses(metrics: &polars::prelude::DataFrame) -> Vec<f64> {
 #[test]
 fn the_loss_falls_and_an_identical_rerun_loads_the_cached_adapter() {
     let config = config("cache");
-    let mut first = tiny_policy();
+    let mut first = tiny_policy(3);
     let before = adapter_values(&mut first);
     let metrics = sft::train(&mut first, &items(), &config, &Job::silent()).unwrap();
     let loss = losses(&metrics);
@@ -88,7 +72,7 @@ fn the_loss_falls_and_an_identical_rerun_loads_the_cached_adapter() {
     assert_ne!(before, trained, "training changes the adapters");
 
     // the same run again: loaded, not trained (same metrics, same adapter, no new folder)
-    let mut second = tiny_policy();
+    let mut second = tiny_policy(3);
     let again = sft::train(&mut second, &items(), &config, &Job::silent()).unwrap();
     assert_eq!(losses(&again), loss);
     assert_eq!(adapter_values(&mut second), trained);
@@ -102,7 +86,7 @@ fn the_loss_falls_and_an_identical_rerun_loads_the_cached_adapter() {
     // a corrected answer key is another run
     let mut changed = items();
     changed[1].answer = "A".into();
-    let mut third = tiny_policy();
+    let mut third = tiny_policy(3);
     sft::train(&mut third, &changed, &config, &Job::silent()).unwrap();
     assert_eq!(runs(), 2);
 }
@@ -110,7 +94,7 @@ fn the_loss_falls_and_an_identical_rerun_loads_the_cached_adapter() {
 #[test]
 fn a_cancelled_run_leaves_the_adapters_as_they_were() {
     let config = config("cancel");
-    let mut policy = tiny_policy();
+    let mut policy = tiny_policy(3);
     let before = adapter_values(&mut policy);
     let cancel = Cancel::new();
     cancel.cancel();
