@@ -9,7 +9,7 @@
 //!
 //! A weight kept in GGUF blocks ([`Blocks`]) is multiplied the same ways: a decoding step
 //! decodes two of its rows at a time into a buffer that stays in L1 and runs the same
-//! AVX-512 kernel on it ([`blocks_t`]); a product of many rows (prefill, training) decodes a
+//! kernel on it ([`blocks_t`]; AVX-512 or AVX2 with FMA, whichever the CPU has); a product of many rows (prefill, training) decodes a
 //! tile of rows per step into a per-thread buffer and hands it to gemm; the input gradient
 //! `g · W` ([`blocks_times`]) shares out `W`'s columns, whole blocks to a thread, and decodes
 //! tiles of them. The activations stay f32 throughout: the products equal those over the
@@ -122,12 +122,18 @@ fn has_avx512() -> bool {
     false
 }
 
+/// Whether the CPU runs the AVX2 kernels below (AVX2 and FMA).
+#[cfg(target_arch = "x86_64")]
+fn has_avx2() -> bool {
+    std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+}
+
 /// The most rows [`few_rows`] multiplies in one pass over the weight.
 pub const FEW_ROWS: usize = 16;
 
 /// `y[m, n] = x[m, k] · Wᵀ` for `W: [n, k]` and `m ≤ FEW_ROWS` rows (a decoding step):
 /// every weight is read once, every thread reading its own share of `W`'s rows. Uses
-/// AVX-512 where the CPU has it, gemm elsewhere.
+/// AVX-512 or AVX2 where the CPU has it, gemm elsewhere.
 pub fn few_rows(x: &[f32], (m, k): (usize, usize), w: &[f32], n: usize) -> Vec<f32> {
     assert!(m <= FEW_ROWS && x.len() >= m * k && w.len() >= n * k);
     #[cfg(target_arch = "x86_64")]
@@ -136,6 +142,11 @@ pub fn few_rows(x: &[f32], (m, k): (usize, usize), w: &[f32], n: usize) -> Vec<f
         // SAFETY: AVX-512F is present and `w` holds `[n, k]`.
         return unsafe { avx512::few_rows_of(x, m, rows, n) };
     }
+    #[cfg(target_arch = "x86_64")]
+    if m > 0 && k > 0 && has_avx2() {
+        // SAFETY: AVX2 and FMA are present and `w` holds `[n, k]`.
+        return unsafe { avx2::few_rows_of(x, m, w, k, n) };
+    }
     by_columns(x, (m, k), w, (1, k), n)
 }
 
@@ -143,8 +154,8 @@ pub fn few_rows(x: &[f32], (m, k): (usize, usize), w: &[f32], n: usize) -> Vec<f
 const TILE_ROWS: usize = 64;
 
 /// `y[m, n] = x[m, k] · Wᵀ` for `W: [n, k]` kept in blocks, each thread taking its own share
-/// of `W`'s rows. Up to [`FEW_ROWS`] rows on an AVX-512 CPU, two rows of `W` at a time are
-/// decoded and multiplied by [`few_rows`]'s kernel while in L1; otherwise tiles of
+/// of `W`'s rows. Up to [`FEW_ROWS`] rows on an AVX-512 or AVX2 CPU, two rows of `W` at a
+/// time are decoded and multiplied by [`few_rows`]'s kernel while in L1; otherwise tiles of
 /// [`TILE_ROWS`] rows are decoded and multiplied by gemm (AVX-512 or AVX2 as the CPU has).
 pub fn blocks_t(x: &[f32], m: usize, w: &Blocks) -> Vec<f32> {
     let (n, k) = (w.dims()[0], w.dims()[1]);
@@ -155,23 +166,28 @@ pub fn blocks_t(x: &[f32], m: usize, w: &Blocks) -> Vec<f32> {
     }
     let out = Shared(y.as_mut_ptr());
     #[cfg(target_arch = "x86_64")]
-    if m <= FEW_ROWS && has_avx512() {
+    if m <= FEW_ROWS && (has_avx512() || has_avx2()) {
+        let avx512 = has_avx512();
         for_each_share(n, |cols| {
             let mut rows = vec![0f32; 2 * k];
             let mut j = cols.start;
             while j < cols.end {
                 let pair = (cols.end - j).min(2);
                 w.decode_rows(j..j + pair, &mut rows[..pair * k]);
-                // SAFETY: AVX-512F is present; `rows` holds `[pair, k]` and `x` `[m, k]`;
-                // the share writes its own columns `j .. j + pair` of `y: [m, n]`.
+                let (x, rows, y) = (
+                    x.as_ptr(),
+                    (rows.as_ptr(), pair, k),
+                    out.ptr().wrapping_add(j),
+                );
+                // SAFETY: AVX-512F, or else AVX2 and FMA, are present; `rows` holds
+                // `[pair, k]` and `x` `[m, k]`; the share writes its own columns
+                // `j .. j + pair` of `y: [m, n]`.
                 unsafe {
-                    avx512::decoded_rows(
-                        x.as_ptr(),
-                        m,
-                        (rows.as_ptr(), pair, k),
-                        out.ptr().add(j),
-                        n,
-                    )
+                    if avx512 {
+                        avx512::decoded_rows(x, m, rows, y, n)
+                    } else {
+                        avx2::decoded_rows(x, m, rows, y, n)
+                    }
                 }
                 j += pair;
             }
@@ -455,6 +471,122 @@ mod avx512 {
     }
 }
 
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use std::arch::x86_64::*;
+
+    use super::{for_each_share, Shared};
+
+    /// Rows of `x` one pass of [`rows_of_w`] takes: two rows of `W` by six of `x` keep
+    /// twelve accumulators, two weight vectors and an input vector in the sixteen registers.
+    const X_ROWS: usize = 6;
+
+    /// `y[m, n] = x[m, k] · Wᵀ` for `W: [n, k]` (f32) and `m ≤ 16`, each thread taking its
+    /// own share of `W`'s rows, two at a time.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn few_rows_of(x: &[f32], m: usize, w: &[f32], k: usize, n: usize) -> Vec<f32> {
+        let mut y = vec![0f32; m * n];
+        let out = Shared(y.as_mut_ptr());
+        let (x, w) = (x.as_ptr() as usize, w.as_ptr() as usize);
+        for_each_share(n, |cols| {
+            let mut j = cols.start;
+            while j < cols.end {
+                let pair = (cols.end - j).min(2);
+                let rows = ((w as *const f32).wrapping_add(j * k), pair, k);
+                // SAFETY: AVX2 and FMA are present (this function's caller checked); the
+                // share writes its own columns `j .. j + pair` of `y`.
+                unsafe { decoded_rows(x as *const f32, m, rows, out.ptr().add(j), n) };
+                j += pair;
+            }
+        });
+        y
+    }
+
+    /// `y[r, j] = x[r, :] · w[j, :]` for `m ≤ 16` rows of `x` and `rows ≤ 2` rows
+    /// `w: [rows, k]`; `y` points at the first of the `rows` columns (row stride `n`). The
+    /// rows of `x` go six at a time; `w`'s two rows stay in L1 between them.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn decoded_rows(
+        x: *const f32,
+        m: usize,
+        (w, rows, k): (*const f32, usize, usize),
+        y: *mut f32,
+        n: usize,
+    ) {
+        macro_rules! dispatch {
+            ($j:literal, $r0:expr, $count:expr, $($r:literal)*) => {
+                match $count {
+                    $($r => rows_of_w::<$j, $r>(
+                        x.wrapping_add($r0 * k),
+                        (w, k),
+                        y.wrapping_add($r0 * n),
+                        n,
+                    ),)*
+                    _ => unreachable!("one pass takes 1..=6 rows of x"),
+                }
+            };
+        }
+        let mut r0 = 0;
+        while r0 < m {
+            let count = (m - r0).min(X_ROWS);
+            if rows == 2 {
+                dispatch!(2, r0, count, 1 2 3 4 5 6)
+            } else {
+                dispatch!(1, r0, count, 1 2 3 4 5 6)
+            }
+            r0 += count;
+        }
+    }
+
+    /// `y[r, jj] = x[r, :] · w[jj, :]` for the `J` rows of `w: [J, k]` (row stride `k`) and
+    /// `R` rows of `x` (row stride `k`); `y` has row stride `n`. Pointer steps are wrapping
+    /// ones (all stay within the operands); the last `k mod 8` products are scalar.
+    #[target_feature(enable = "avx2,fma")]
+    #[inline]
+    #[allow(clippy::needless_range_loop)] // `j` and `r` also pick the row of `W` and of `y`
+    unsafe fn rows_of_w<const J: usize, const R: usize>(
+        x: *const f32,
+        (w, k): (*const f32, usize),
+        y: *mut f32,
+        n: usize,
+    ) {
+        let x_rows: [*const f32; R] = std::array::from_fn(|r| x.wrapping_add(r.wrapping_mul(k)));
+        let w_rows: [*const f32; J] = std::array::from_fn(|j| w.wrapping_add(j.wrapping_mul(k)));
+        let mut acc = [[_mm256_setzero_ps(); R]; J];
+        let full = k - k % 8;
+        let mut i = 0;
+        while i < full {
+            let wv: [__m256; J] =
+                std::array::from_fn(|j| _mm256_loadu_ps(w_rows[j].wrapping_add(i)));
+            for r in 0..R {
+                let xv = _mm256_loadu_ps(x_rows[r].wrapping_add(i));
+                for j in 0..J {
+                    acc[j][r] = _mm256_fmadd_ps(wv[j], xv, acc[j][r]);
+                }
+            }
+            i = i.wrapping_add(8);
+        }
+        for j in 0..J {
+            for r in 0..R {
+                let mut sum = horizontal_sum(acc[j][r]);
+                for t in full..k {
+                    sum += *x_rows[r].wrapping_add(t) * *w_rows[j].wrapping_add(t);
+                }
+                *y.wrapping_add(r.wrapping_mul(n).wrapping_add(j)) = sum;
+            }
+        }
+    }
+
+    /// The sum of a register's eight lanes.
+    #[target_feature(enable = "avx2,fma")]
+    #[inline]
+    unsafe fn horizontal_sum(v: __m256) -> f32 {
+        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        _mm_cvtss_f32(_mm_add_ss(s, _mm_shuffle_ps(s, s, 1)))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -495,6 +627,23 @@ mod tests {
             for m in 1..=FEW_ROWS {
                 let (x, w) = (values(m * k, 1), values(n * k, 2));
                 close(&few_rows(&x, (m, k), &w, n), &reference(&x, (m, k), &w, n));
+            }
+        }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn the_avx2_kernel_equals_the_reference_whatever_the_cpu_prefers() {
+        if !has_avx2() {
+            eprintln!("this CPU has no AVX2 and FMA: the kernel is never used here");
+            return;
+        }
+        for (k, n) in [(3, 5), (37, 33), (64, 71)] {
+            for m in 1..=FEW_ROWS {
+                let (x, w) = (values(m * k, 5), values(n * k, 6));
+                // SAFETY: AVX2 and FMA are present; `w` holds `[n, k]`.
+                let got = unsafe { avx2::few_rows_of(&x, m, &w, k, n) };
+                close(&got, &reference(&x, (m, k), &w, n));
             }
         }
     }
