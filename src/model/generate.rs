@@ -5,6 +5,7 @@
 use candle_core::Tensor;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
+use rayon::prelude::*;
 
 use super::{Input, KvCache, Model, Result};
 
@@ -212,12 +213,23 @@ fn generate_batch(
         }
         let rows: Vec<Vec<f32>> = logits.to_vec2()?;
         steps += 1;
+        // the rows are sampled in parallel (a row of Gemma's logits takes milliseconds),
+        // each request from its own generator
+        let picks: Vec<(u32, f32, ChaCha8Rng)> = rows
+            .par_iter()
+            .zip(active.par_iter())
+            .map(|(row, &i)| {
+                let mut rng = rngs[i].clone();
+                let (token, logprob) = sample(row, &requests[i], &mut rng);
+                (token, logprob, rng)
+            })
+            .collect();
         let mut keep = Vec::with_capacity(active.len());
         let mut next_ids = Vec::with_capacity(active.len());
-        for (j, row) in rows.iter().enumerate() {
+        for (j, (token, logprob, rng)) in picks.into_iter().enumerate() {
             let i = active[j];
             let request = &requests[i];
-            let (token, logprob) = sample(row, request, &mut rngs[i]);
+            rngs[i] = rng;
             let c = &mut partial[i];
             c.ids.push(token);
             c.logprobs.push(logprob);
