@@ -60,7 +60,11 @@ fn seeds_are_compared_and_drawn_as_bands_from_a_script() {
         ],
         "{bands:?}"
     );
-    let first_line = svg.find("<polyline").unwrap();
+    let first_line = [blue, orange]
+        .iter()
+        .filter_map(|c| svg.find(&format!("stroke=\"{c}\"")))
+        .min()
+        .unwrap();
     assert!(svg.rfind("<polygon").unwrap() < first_line);
     // a faint mean of the raw values and the smoothed mean, per strategy
     for color in [blue, orange] {
