@@ -225,9 +225,12 @@ fn smooth(points: &[(f64, f64)], weight: f64) -> Vec<(f64, f64)> {
         .collect()
 }
 
+/// A band around a line: `(x, low, high)` at each point.
+type Band = Vec<(f64, f64, f64)>;
+
 /// The mean of runs at every `x` any of them has, and the band of ± one sample standard
-/// deviation around it (zero width where a single run has the step): `(x, low, high)`.
-fn mean_band(runs: &[Vec<(f64, f64)>]) -> (Vec<(f64, f64)>, Vec<(f64, f64, f64)>) {
+/// deviation around it (zero width where a single run has the step).
+fn mean_band(runs: &[Vec<(f64, f64)>]) -> (Vec<(f64, f64)>, Band) {
     let mut all: Vec<(f64, f64)> = runs.iter().flatten().copied().collect();
     all.sort_by(|a, b| a.0.total_cmp(&b.0));
     let mut mean = vec![];
@@ -253,7 +256,7 @@ struct Series {
     group: usize,
     points: Vec<(f64, f64)>,
     smoothed: Option<Vec<(f64, f64)>>,
-    band: Option<Vec<(f64, f64, f64)>>,
+    band: Option<Band>,
 }
 
 struct CurveChart {
