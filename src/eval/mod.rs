@@ -17,6 +17,7 @@ pub mod overlap;
 pub mod preset;
 pub mod pyrandom;
 pub mod render;
+pub mod seeds;
 pub mod stats;
 pub mod summary;
 

@@ -48,15 +48,15 @@ pub const MEDICAL: &str = "medical";
 pub const MEDICAL_EXT: &str = "medical (extended)";
 
 /// One Results row as the summaries read it.
-struct Row {
-    id: String,
-    model: String,
-    group: String,
+pub(super) struct Row {
+    pub(super) id: String,
+    pub(super) model: String,
+    pub(super) group: String,
     subject: String,
-    correct: f64,
+    pub(super) correct: f64,
     medical: bool,
     medical_ext: bool,
-    seed: u64,
+    pub(super) seed: u64,
     setting: String,
 }
 
@@ -88,7 +88,8 @@ fn bool_column(df: &DataFrame, name: &str) -> Result<Option<Vec<bool>>, EvalErro
     }
 }
 
-fn rows(df: &DataFrame, by: &str, column: &str) -> Result<Vec<Row>, EvalError> {
+/// The rows of a Results table, grouped by column `by`, scored by the true/false `column`.
+pub(super) fn rows(df: &DataFrame, by: &str, column: &str) -> Result<Vec<Row>, EvalError> {
     let need = |name: &str| -> Result<Vec<String>, EvalError> {
         text_column(df, name)?.ok_or_else(|| {
             EvalError::Option(format!(
@@ -144,7 +145,7 @@ fn rows(df: &DataFrame, by: &str, column: &str) -> Result<Vec<Row>, EvalError> {
 
 /// The group labels of rows: each value of `by` in order, then `all`, then the medical
 /// subsets when any row is in them.
-fn group_labels(rows: &[&Row], by: &str) -> Vec<String> {
+pub(super) fn group_labels(rows: &[&Row], by: &str) -> Vec<String> {
     let mut labels: Vec<String> = if by.is_empty() || by == ALL {
         vec![]
     } else {
@@ -161,12 +162,23 @@ fn group_labels(rows: &[&Row], by: &str) -> Vec<String> {
     labels
 }
 
-fn in_group(row: &Row, label: &str, by: &str) -> bool {
+/// Whether a row belongs to the group labelled `label`.
+pub(super) fn in_group(row: &Row, label: &str, by: &str) -> bool {
     match label {
         ALL => true,
         MEDICAL => row.medical,
         MEDICAL_EXT => row.medical_ext,
         _ => !by.is_empty() && row.group == label,
+    }
+}
+
+/// The name of the output column of the groups: `by`, or `group` for the overall rows alone
+/// (and for `model`, which is a column of its own).
+pub(super) fn group_column(by: &str) -> &str {
+    if by.is_empty() || by == ALL || by == "model" {
+        "group"
+    } else {
+        by
     }
 }
 
@@ -266,11 +278,7 @@ pub fn summary(
             out.4.push(s.high);
         }
     }
-    let group_name = if by.is_empty() || by == ALL || by == "model" {
-        "group"
-    } else {
-        by
-    };
+    let group_name = group_column(by);
     let height = out_model.len();
     Ok(DataFrame::new(
         height,
@@ -418,11 +426,7 @@ pub fn compare(results: &[DataFrame], by: &str, column: &str) -> Result<DataFram
             out.test.push(Some(test.to_string()));
         }
     }
-    let group_name = if by.is_empty() || by == ALL || by == "model" {
-        "group"
-    } else {
-        by
-    };
+    let group_name = group_column(by);
     let height = out.group.len();
     Ok(DataFrame::new(
         height,

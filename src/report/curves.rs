@@ -1,5 +1,5 @@
 //! Training curves: columns of a Metrics table (one row per step) over `step`, raw and
-//! exponentially smoothed.
+//! exponentially smoothed; several runs of a group (seeds) as their mean with a ±sd band.
 
 use plotters::coord::Shift;
 use plotters::prelude::*;
@@ -36,6 +36,10 @@ pub struct CurveOptions {
     pub group: Group,
     /// Panels per row; by default 1, 2 or 3 from the number of columns.
     pub panels_per_row: Option<usize>,
+    /// A column that tells apart runs of one group, e.g. `seed`: each group is drawn as the
+    /// mean of its runs at every step with a shaded band of ± one standard deviation
+    /// between them (runs smoothed first when `smooth` is above 0); none by default.
+    pub band: Option<String>,
 }
 
 impl Default for CurveOptions {
@@ -47,6 +51,7 @@ impl Default for CurveOptions {
             layout: CurveLayout::Panels,
             group: Group::Auto,
             panels_per_row: None,
+            band: None,
         }
     }
 }
@@ -81,6 +86,11 @@ pub fn curves(
         None => vec![String::new(); df.height()],
     };
     let groups = input::distinct(&group_of);
+    let run_of = match &opts.band {
+        Some(name) => input::labels(df, name)?,
+        None => vec![String::new(); df.height()],
+    };
+    let mut runs_per_group = vec![0; groups.len()];
     let mut series = Vec::new();
     for (c, column) in columns.iter().enumerate() {
         let ys = input::numbers(df, column)?;
@@ -90,17 +100,43 @@ pub fn curves(
             });
         }
         for (g, group) in groups.iter().enumerate() {
-            let mut points: Vec<(f64, f64)> = (0..df.height())
+            let rows: Vec<usize> = (0..df.height())
                 .filter(|&row| group_of[row] == *group)
-                .filter_map(|row| Some((xs[row]?, ys[row]?)))
                 .collect();
-            points.sort_by(|a, b| a.0.total_cmp(&b.0));
-            let smoothed = (opts.smooth > 0.0).then(|| smooth(&points, opts.smooth));
-            series.push(Series {
-                column: c,
-                group: g,
-                points,
-                smoothed,
+            let runs =
+                input::distinct(&rows.iter().map(|&r| run_of[r].clone()).collect::<Vec<_>>());
+            runs_per_group[g] = runs.len();
+            let raw: Vec<Vec<(f64, f64)>> = runs
+                .iter()
+                .map(|run| {
+                    let mut points: Vec<(f64, f64)> = rows
+                        .iter()
+                        .filter(|&&row| run_of[row] == *run)
+                        .filter_map(|&row| Some((xs[row]?, ys[row]?)))
+                        .collect();
+                    points.sort_by(|a, b| a.0.total_cmp(&b.0));
+                    points
+                })
+                .collect();
+            let smoothed: Option<Vec<Vec<(f64, f64)>>> =
+                (opts.smooth > 0.0).then(|| raw.iter().map(|p| smooth(p, opts.smooth)).collect());
+            series.push(if opts.band.is_some() {
+                Series {
+                    column: c,
+                    group: g,
+                    points: mean_band(&raw).0,
+                    band: Some(mean_band(smoothed.as_ref().unwrap_or(&raw)).1),
+                    smoothed: smoothed.map(|runs| mean_band(&runs).0),
+                }
+            } else {
+                // without a band every row of the group is one run
+                Series {
+                    column: c,
+                    group: g,
+                    points: raw.into_iter().next().unwrap_or_default(),
+                    band: None,
+                    smoothed: smoothed.and_then(|runs| runs.into_iter().next()),
+                }
             });
         }
     }
@@ -122,13 +158,25 @@ pub fn curves(
         })
         .clamp(1, panels);
     let rows = panels.div_ceil(per_row);
+    let group_names: Vec<String> = match &opts.band {
+        Some(_) => groups
+            .iter()
+            .zip(&runs_per_group)
+            .map(|(g, k)| {
+                let g = if g.is_empty() { "all" } else { g.as_str() };
+                format!("{g} (mean ± sd of {k} runs)")
+            })
+            .collect(),
+        None => groups.clone(),
+    };
     let legend: Vec<String> = match (opts.layout, &group_column) {
-        (CurveLayout::Panels, Some(_)) => groups.clone(),
+        (CurveLayout::Panels, Some(_)) => group_names.clone(),
+        (CurveLayout::Panels, None) if opts.band.is_some() => group_names.clone(),
         (CurveLayout::Panels, None) => Vec::new(),
         (CurveLayout::Shared, None) => columns.to_vec(),
         (CurveLayout::Shared, Some(_)) => columns
             .iter()
-            .flat_map(|c| groups.iter().map(move |g| format!("{c} · {g}")))
+            .flat_map(|c| group_names.iter().map(move |g| format!("{c} · {g}")))
             .collect(),
     };
     let chart = CurveChart {
@@ -152,7 +200,7 @@ pub fn curves(
             }),
         ),
         columns: columns.to_vec(),
-        grouped: group_column.is_some(),
+        grouped: group_column.is_some() || opts.band.is_some(),
         groups: groups.len(),
         layout: opts.layout,
         per_row,
@@ -177,11 +225,38 @@ fn smooth(points: &[(f64, f64)], weight: f64) -> Vec<(f64, f64)> {
         .collect()
 }
 
+/// A band around a line: `(x, low, high)` at each point.
+type Band = Vec<(f64, f64, f64)>;
+
+/// The mean of runs at every `x` any of them has, and the band of ± one sample standard
+/// deviation around it (zero width where a single run has the step).
+fn mean_band(runs: &[Vec<(f64, f64)>]) -> (Vec<(f64, f64)>, Band) {
+    let mut all: Vec<(f64, f64)> = runs.iter().flatten().copied().collect();
+    all.sort_by(|a, b| a.0.total_cmp(&b.0));
+    let mut mean = vec![];
+    let mut band = vec![];
+    for same_x in all.chunk_by(|a, b| a.0 == b.0) {
+        let values: Vec<f64> = same_x.iter().map(|p| p.1).collect();
+        let n = values.len() as f64;
+        let m = values.iter().sum::<f64>() / n;
+        let sd = if values.len() > 1 {
+            (values.iter().map(|v| (v - m).powi(2)).sum::<f64>() / (n - 1.0)).sqrt()
+        } else {
+            0.0
+        };
+        mean.push((same_x[0].0, m));
+        band.push((same_x[0].0, m - sd, m + sd));
+    }
+    (mean, band)
+}
+
+/// One line: a column of one group, with its smoothed line and its band over runs.
 struct Series {
     column: usize,
     group: usize,
     points: Vec<(f64, f64)>,
     smoothed: Option<Vec<(f64, f64)>>,
+    band: Option<Band>,
 }
 
 struct CurveChart {
@@ -216,14 +291,21 @@ impl CurveChart {
         y_desc: Option<&str>,
         series: &[&Series],
     ) -> Drawn<DB> {
-        let all = series.iter().flat_map(|s| s.points.iter());
+        let bands = series
+            .iter()
+            .flat_map(|s| s.band.iter().flatten())
+            .flat_map(|&(x, lo, hi)| [(x, lo), (x, hi)]);
+        let all = series
+            .iter()
+            .flat_map(|s| s.points.iter().copied())
+            .chain(bands);
         let (mut x0, mut x1, mut y0, mut y1) = (
             f64::INFINITY,
             f64::NEG_INFINITY,
             f64::INFINITY,
             f64::NEG_INFINITY,
         );
-        for &(x, y) in all {
+        for (x, y) in all {
             x0 = x0.min(x);
             x1 = x1.max(x);
             y0 = y0.min(y);
@@ -292,6 +374,21 @@ impl CurveChart {
             mesh.y_desc(desc);
         }
         mesh.draw()?;
+        // the bands first, so that every line stays on top of them
+        for s in series {
+            if let Some(band) = &s.band {
+                let color = style::color(self.color_index(s));
+                let outline: Vec<(f64, f64)> = band
+                    .iter()
+                    .map(|&(x, _, hi)| (x, hi))
+                    .chain(band.iter().rev().map(|&(x, lo, _)| (x, lo)))
+                    .collect();
+                chart.draw_series(std::iter::once(Polygon::new(
+                    outline,
+                    color.mix(0.2).filled(),
+                )))?;
+            }
+        }
         for s in series {
             let color = style::color(self.color_index(s));
             let raw_style = match s.smoothed {
@@ -380,5 +477,21 @@ mod tests {
         let s = smooth(&ramp, 0.5);
         // last = 0.5 * 0 + 0.5 * 1 = 0.5 after two steps, debiased by 1 - 0.25.
         assert!((s[1].1 - 0.5 / 0.75).abs() < 1e-12);
+    }
+
+    #[test]
+    fn runs_become_a_mean_with_a_band_of_one_sd() {
+        // two runs share steps 1 and 2; only the first has step 3
+        let runs = vec![
+            vec![(1.0, 1.0), (2.0, 2.0), (3.0, 5.0)],
+            vec![(1.0, 3.0), (2.0, 2.0)],
+        ];
+        let (mean, band) = mean_band(&runs);
+        assert_eq!(mean, [(1.0, 2.0), (2.0, 2.0), (3.0, 5.0)]);
+        // step 1: values 1 and 3, sample sd √2
+        let sd = 2f64.sqrt();
+        assert_eq!(band[0], (1.0, 2.0 - sd, 2.0 + sd));
+        assert_eq!(band[1], (2.0, 2.0, 2.0));
+        assert_eq!(band[2], (3.0, 5.0, 5.0));
     }
 }

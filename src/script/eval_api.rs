@@ -311,13 +311,37 @@ fn register(engine: &mut Engine, output: &Arc<dyn Output>) {
     FuncRegistration::new("compare")
         .in_global_namespace()
         .with_params_info(["results: Array", "by: &str", "options: Map", "DataFrame"])
-        .with_comments(["/// `compare` with options: `column` (the true/false column compared)."])
+        .with_comments([
+            "/// `compare` with options: `column` (the true/false column compared), `seeds` \
+             (true: strategies run under several seeds, e.g. one GRPO run per training seed, \
+             each evaluated with `label` the strategy and `seed` the run's seed; the first \
+             label, run once or under the same seeds, is the reference). With `seeds`, each \
+             label has a row per seed (`accuracy`, and against the reference's run of that \
+             seed `diff`, `better`, `worse` and McNemar's exact `p_value`) and a combined \
+             row with a null `seed`: `accuracy` and `diff` as mean over seeds with `sd` and \
+             `diff_sd`, and `p_value` from Stouffer's method (each seed's McNemar p-value as \
+             a z-score signed by its direction, `Σz/√k`; seeds share the questions, so it \
+             leans optimistic). Columns: `<by>`, `model`, `seed`, `runs`, `n`, `accuracy`, \
+             `sd`, `ci_low`, `ci_high`, `diff`, `diff_sd`, `better`, `worse`, `p_value`, \
+             `test`.",
+        ])
         .register_into_engine(
             engine,
             |results: Array, by: &str, opts: Map| -> RhaiResult<DataFrame> {
-                check_keys(&opts, &["column"], "compare")?;
+                check_keys(&opts, &["column", "seeds"], "compare")?;
                 let column = text(&opts, "column")?.unwrap_or_else(|| "correct".into());
-                eval::compare(&tables(results)?, by, &column).map_err(error)
+                let seeds = match opts.get("seeds") {
+                    None => false,
+                    Some(v) => v.as_bool().map_err(|t| {
+                        error(format!("option `seeds` must be true or false, not {t}"))
+                    })?,
+                };
+                let tables = tables(results)?;
+                if seeds {
+                    eval::seeds::compare_seeds(&tables, by, &column).map_err(error)
+                } else {
+                    eval::compare(&tables, by, &column).map_err(error)
+                }
             },
         );
     FuncRegistration::new("overlap")

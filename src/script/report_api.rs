@@ -186,7 +186,10 @@ fn radar_options(opts: &Map) -> RhaiResult<RadarOptions> {
 fn curve_options(opts: &Map) -> RhaiResult<CurveOptions> {
     check_keys(
         opts,
-        &keys(&["x", "smooth", "layout", "group", "per_row"], &FRAME),
+        &keys(
+            &["x", "smooth", "layout", "group", "per_row", "band"],
+            &FRAME,
+        ),
         "plot_curves",
     )?;
     let layout = match text(opts, "layout")?.as_deref() {
@@ -205,6 +208,7 @@ fn curve_options(opts: &Map) -> RhaiResult<CurveOptions> {
         layout,
         group: group(opts)?,
         panels_per_row: whole(opts, "per_row")?,
+        band: text(opts, "band")?,
     })
 }
 
@@ -288,8 +292,9 @@ mod report_functions {
     /// Training curves with options: `smooth` (exponential smoothing weight in [0, 1), as
     /// TensorBoard's; the raw values stay as a faint line), `layout` (`"panels"` or
     /// `"shared"`: one pair of axes), `x` (default `step`), `group` (a column of run names:
-    /// one line each), `per_row` (panels per row), `title`, `x_label`, `y_label`, `width`,
-    /// `height`.
+    /// one line each), `band` (a column of run names within a group, e.g. `"seed"`: each
+    /// group's runs drawn as their mean with a shaded band of ± one standard deviation),
+    /// `per_row` (panels per row), `title`, `x_label`, `y_label`, `width`, `height`.
     #[rhai_fn(name = "plot_curves", return_raw)]
     pub fn plot_curves_with(table: DataFrame, columns: Dynamic, options: Map) -> RhaiResult<Plot> {
         report::curves(&table, &super::columns(columns)?, &curve_options(&options)?).map_err(error)

@@ -20,6 +20,7 @@ mod model_parity;
 mod plots;
 mod real_models;
 mod run_records;
+mod seeds;
 mod serve;
 mod serving;
 mod sft;

@@ -917,6 +917,129 @@ fn the_study_runs_end_to_end_with_a_local_and_a_served_judge() {
     );
 }
 
+#[test]
+fn the_small_study_runs_several_seeds_with_a_warm_up_and_held_out_medqa() {
+    let dir = scratch("open-medical-r1-seeds");
+    let base = tiny_model(&dir, "tiny-gemma3");
+    let judge = tiny_model(&dir, "tiny-qwen2");
+    // the small study's configuration, shrunk to the tiny models
+    let out = run(
+        "scripts/open_medical_r1.rhai",
+        &dir,
+        &[
+            "small=true".into(),
+            format!("base={}", base.display()),
+            format!(r#"judges=["{}"]"#, judge.display()),
+            "pool_size=6".into(),
+            "warmup=4".into(),
+            "warmup_steps=1".into(),
+            "train=3".into(),
+            "hard=2".into(),
+            "samples=2".into(),
+            "judge_max_tokens=4".into(),
+            "seeds=[1, 2]".into(),
+            "steps=1".into(),
+            "group=2".into(),
+            "batch=2".into(),
+            "max_tokens=4".into(),
+            "per_subject=1".into(),
+            "eval_max_tokens=4".into(),
+        ],
+    );
+    let strategies = ["random", "self-filtered", "tiny-qwen2-filtered"];
+
+    // a filter that finds too few easy questions fills its set with hard ones
+    let sets = Csv::read(&out.join("training_sets.csv"));
+    sets.has_columns(&["strategy", "seed", "id"]);
+    assert_eq!(sets.rows.len(), 3 * 3 * 2);
+    assert_eq!(sets.distinct("seed"), ["1", "2"]);
+    let metrics = Csv::read(&out.join("training_metrics.csv"));
+    assert_eq!(metrics.distinct("strategy"), strategies);
+    assert_eq!(metrics.distinct("seed"), ["1", "2"]);
+    for s in strategies {
+        for seed in [1, 2] {
+            assert!(out
+                .join(format!("adapter-{s}-seed{seed}/adapter_model.safetensors"))
+                .is_file());
+        }
+    }
+    assert!(out
+        .join("adapter-warmup/adapter_model.safetensors")
+        .is_file());
+    picture(&out.join("training_curves.png"));
+
+    // MedQA is evaluated on rows neither in the pool nor in the warm-up (the last 4 rows)
+    let pool: Vec<String> = Csv::read(&out.join("pass_rates.csv"))
+        .rows
+        .iter()
+        .map(|r| r["id"].clone())
+        .collect();
+    assert_eq!(pool.len(), 2 * 6);
+    let medqa = ParquetReader::new(std::fs::File::open(out.join("results-medqa.parquet")).unwrap())
+        .finish()
+        .unwrap();
+    let ids: Vec<String> = medqa
+        .column("id")
+        .unwrap()
+        .str()
+        .unwrap()
+        .iter()
+        .map(|v| v.unwrap().to_string())
+        .collect();
+    assert!(!ids.is_empty());
+    for id in &ids {
+        assert!(!pool.contains(id), "{id} is in the pool");
+        let row: usize = id.rsplit('/').next().unwrap().parse().unwrap();
+        assert!(row < 196, "{id} is a warm-up row");
+    }
+
+    // compare: a row per seed and a combined row per strategy, against the warm-up model
+    let compared = Csv::read(&out.join("compare.csv"));
+    compared.has_columns(&[
+        "benchmark",
+        "category",
+        "model",
+        "seed",
+        "runs",
+        "accuracy",
+        "sd",
+        "diff",
+        "diff_sd",
+        "better",
+        "worse",
+        "p_value",
+        "test",
+    ]);
+    assert_eq!(
+        compared.distinct("benchmark"),
+        ["MMLU", "CMMLU", "MMLU-Pro", "GSM8K", "MedQA"]
+    );
+    assert_eq!(compared.distinct("model")[..2], ["warm-up", "base"]);
+    for row in &compared.rows {
+        let strategy = strategies.contains(&row["model"].as_str());
+        match (strategy, row["seed"].is_empty()) {
+            (false, _) => assert!(row["diff"].is_empty() || row["model"] == "base", "{row:?}"),
+            (true, true) => {
+                assert_eq!(row["test"], "stouffer", "{row:?}");
+                assert_eq!(row["runs"], "2", "{row:?}");
+                assert!((0.0..=1.0).contains(&Csv::number(row, "p_value")));
+            }
+            (true, false) => assert_eq!(row["test"], "mcnemar", "{row:?}"),
+        }
+    }
+    // the charts hold one bar per model: the mean over seeds
+    let by_category = Csv::read(&out.join("by_category.csv"));
+    let models = by_category.distinct("model");
+    assert_eq!(models.len(), 2 + strategies.len());
+    let medical = Csv::read(&out.join("medical.csv"));
+    check_bar_chart(&out.join("medical"), &medical, "model", "accuracy");
+    for chart in ["medical_radar", "categories-mmlu-radar", "pass_rates"] {
+        picture(&out.join(format!("{chart}.png")));
+    }
+    let manifest = std::fs::read_to_string(out.join("manifest.json")).unwrap();
+    assert!(manifest.contains("seconds per stage"), "{manifest}");
+}
+
 // ---- the script functions the labs added ------------------------------------------------------
 
 #[test]
