@@ -1,6 +1,7 @@
 //! The Jupyter messaging protocol (5.3) over ZeroMQ: the five sockets of the connection file,
-//! HMAC-SHA256 signatures (a wrongly signed message is dropped unread), and the requests of
-//! the shell and control channels. The script session runs on a thread of its own and
+//! HMAC-SHA256 signatures (a wrongly signed message on shell, control or stdin is dropped
+//! unread), and the requests of the shell and control channels (stdin's are dropped too:
+//! nothing asks for input). The script session runs on a thread of its own and
 //! knows nothing of Jupyter; this module only passes it code and turns its answers into
 //! messages.
 
@@ -9,7 +10,7 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::Arc;
 use std::time::Instant;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{anyhow, bail, Context, Result};
 use jupyter_protocol::{
     CodeMirrorMode, CommInfoReply, CompleteReply, ConnectionInfo, ErrorOutput, ExecuteInput,
     ExecuteReply, ExecuteRequest, ExecuteResult, ExecutionCount, ExpressionResult, Header,
@@ -20,10 +21,10 @@ use jupyter_protocol::{
 use jupyter_zmq_client::{
     create_kernel_control_connection, create_kernel_heartbeat_connection,
     create_kernel_iopub_connection, create_kernel_shell_connection, create_kernel_stdin_connection,
-    RawMessage, RouterSendConnection,
+    Connection, RawMessage, RouterSendConnection, RuntimeError,
 };
 use tokio::sync::{mpsc, oneshot};
-use zeromq::SocketRecv;
+use zeromq::{SocketRecv, ZmqMessage};
 
 use super::display::{bundle, plain_text};
 use super::history::{complete, Entry, History, Query, SESSION};
@@ -51,8 +52,7 @@ pub async fn serve(info: ConnectionInfo) -> Result<()> {
     let mut iopub_socket = create_kernel_iopub_connection(&info, &session_id)
         .await
         .with_context(|| format!("binding the iopub socket {}", info.iopub_url()))?;
-    // Nothing asks for input yet; the socket is bound because the connection file names it.
-    let _stdin = create_kernel_stdin_connection(&info, &session_id)
+    let mut stdin = create_kernel_stdin_connection(&info, &session_id)
         .await
         .with_context(|| format!("binding the stdin socket {}", info.stdin_url()))?;
     let mut heartbeat = create_kernel_heartbeat_connection(&info)
@@ -60,6 +60,29 @@ pub async fn serve(info: ConnectionInfo) -> Result<()> {
         .with_context(|| format!("binding the heartbeat socket {}", info.hb_url()))?;
 
     tokio::spawn(async move { while heartbeat.single_heartbeat().await.is_ok() {} });
+    if info.key.is_empty() {
+        eprintln!("rlvr kernel: the connection file has no key: messages are not signed");
+    }
+
+    // Nothing asks for input: whatever arrives on stdin is read and dropped.
+    tokio::spawn(async move {
+        loop {
+            let parts = match stdin.socket.recv().await {
+                Ok(parts) => parts,
+                Err(err) => {
+                    eprintln!("rlvr kernel: stdin: {err}");
+                    break;
+                }
+            };
+            match signed_message(parts, &stdin) {
+                Ok(message) => eprintln!(
+                    "rlvr kernel: dropped a stdin message `{}`: no input was asked for",
+                    message.header.msg_type
+                ),
+                Err(err) => eprintln!("rlvr kernel: dropped a stdin message: {err}"),
+            }
+        }
+    });
 
     let (iopub, mut outgoing) = Iopub::new();
     tokio::spawn(async move {
@@ -102,13 +125,14 @@ pub async fn serve(info: ConnectionInfo) -> Result<()> {
     let (requests, mut queue) = mpsc::unbounded_channel();
     tokio::spawn(async move {
         loop {
-            let message = match shell_recv.socket.recv().await {
-                Ok(parts) => RawMessage::from_multipart(parts, &shell_recv.mac)
-                    .map_err(anyhow::Error::from)
-                    .and_then(shell_message),
-                Err(err) => Err(err.into()),
+            let parts = match shell_recv.socket.recv().await {
+                Ok(parts) => parts,
+                Err(err) => {
+                    eprintln!("rlvr kernel: shell: {err}");
+                    break;
+                }
             };
-            match message {
+            match signed_message(parts, &shell_recv) {
                 Ok(message) => {
                     if requests.send((message, Instant::now())).is_err() {
                         break;
@@ -137,7 +161,12 @@ pub async fn serve(info: ConnectionInfo) -> Result<()> {
     });
 
     loop {
-        let request = match control.read().await {
+        let parts = control
+            .socket
+            .recv()
+            .await
+            .context("reading the control socket")?;
+        let request = match signed_message(parts, &control) {
             Ok(message) => message,
             Err(err) => {
                 eprintln!("rlvr kernel: dropped a control message: {err}");
@@ -176,9 +205,17 @@ pub async fn serve(info: ConnectionInfo) -> Result<()> {
     }
 }
 
-/// A signed shell message read as jupyter-zmq-client reads one, except that a
-/// `history_request` may leave out what IPython lets a client leave out ([`complete`]).
-fn shell_message(raw: RawMessage) -> Result<JupyterMessage> {
+/// The message in `parts`, read off `socket` (shell, control or stdin) once its
+/// HMAC-SHA256 signature is verified with the connection file's key (in constant time, by
+/// `ring`): a message wrongly signed, unsigned or malformed is an error and is not read
+/// further. Read as jupyter-zmq-client reads one, except that a `history_request` may
+/// leave out what IPython lets a client leave out ([`complete`]).
+fn signed_message<S>(parts: ZmqMessage, socket: &Connection<S>) -> Result<JupyterMessage> {
+    let raw = RawMessage::from_multipart(parts, &socket.mac).map_err(|err| match err {
+        RuntimeError::VerifyError(_) => anyhow!("its signature does not match the key"),
+        RuntimeError::DecodeError(_) => anyhow!("its signature is not hexadecimal"),
+        other => anyhow!("{other}"),
+    })?;
     if raw.jparts.len() < 4 {
         bail!("a message of {} parts", raw.jparts.len());
     }
@@ -203,6 +240,12 @@ fn shell_message(raw: RawMessage) -> Result<JupyterMessage> {
 fn output_cancel(output: &KernelOutput) {
     use crate::script::Output;
     output.cancel().cancel();
+}
+
+/// Whether an interrupt arrived during the current cell.
+fn output_cancelled(output: &KernelOutput) -> bool {
+    use crate::script::Output;
+    output.cancel().is_cancelled()
 }
 
 /// The reply to `kernel_info_request`.
@@ -505,7 +548,10 @@ impl Shell {
                     error: None,
                 })
             }
-            Err(err) => {
+            Err(mut err) => {
+                // Long work stopped by the interrupt fails with its own error; the cell was
+                // interrupted all the same.
+                err.interrupted |= output_cancelled(&self.output);
                 let error = error_content(&err);
                 self.iopub.publish(error.clone(), Some(request));
                 self.remember(store, count, &execute.code, String::new());

@@ -106,6 +106,14 @@ impl Tokenizer {
         self.inner.get_vocab_size(false)
     }
 
+    /// The bytes of the longest token of the vocabulary, added tokens included, counted in
+    /// its own spelling (`▁` for a space, `<0x41>` for a byte): no token stands for more
+    /// bytes of text.
+    pub fn longest_token_bytes(&self) -> usize {
+        let vocab = self.inner.get_vocab(true);
+        vocab.keys().map(String::len).max().unwrap_or(0)
+    }
+
     /// The conversation rendered with the model's chat template, ready for generation
     /// when `add_generation_prompt`.
     pub fn chat(&self, messages: &[Message], add_generation_prompt: bool) -> Result<String> {

@@ -16,7 +16,7 @@ use crate::model::lm::LanguageModel;
 use crate::model::lora::LoraConfig;
 use crate::model::Placement;
 use crate::models::{Hub, Store};
-use crate::progress::Job;
+use crate::progress::{Cancel, Job};
 
 /// A model shared by every script value that refers to it (training changes it in place).
 #[derive(Clone)]
@@ -67,9 +67,68 @@ pub const AREA: Area = Area {
     register,
 };
 
-fn register(engine: &mut Engine, _output: &Arc<dyn Output>) {
+fn register(engine: &mut Engine, output: &Arc<dyn Output>) {
     engine.register_type_with_name::<ModelHandle>("Model");
     engine.register_global_module(exported_module!(model_functions).into());
+    register_generate(engine, output);
+}
+
+/// `generate` on a model, stopped between two decoding steps by an interrupt (the
+/// output's cancel flag).
+fn register_generate(engine: &mut Engine, output: &Arc<dyn Output>) {
+    let cancel = output.cancel();
+    FuncRegistration::new("generate")
+        .with_params_info([
+            "model: ModelHandle",
+            "prompt: String",
+            "options: Map",
+            "String",
+        ])
+        .with_comments([
+            "/// Completes `prompt`; options `max_tokens` (64), `temperature` (1.0; 0.0 is greedy),",
+            "/// `top_k`, `top_p`, `min_p`, `seed` (0), `stop` (a string or an array of strings: the",
+            "/// completion ends when its text contains one, and is cut before it). Stops at the",
+            "/// model's end-of-turn tokens too.",
+        ])
+        .register_into_engine(
+            engine,
+            move |model: &mut ModelHandle, prompt: &str, options: Map| -> RhaiResult<String> {
+                Ok(generate_texts(model, vec![prompt.to_string()], &options, &cancel)?.remove(0))
+            },
+        );
+    let cancel = output.cancel();
+    FuncRegistration::new("generate")
+        .with_params_info(["model: ModelHandle", "prompt: String", "String"])
+        .with_comments(["/// Completes `prompt` with the default options."])
+        .register_into_engine(
+            engine,
+            move |model: &mut ModelHandle, prompt: &str| -> RhaiResult<String> {
+                let texts = generate_texts(model, vec![prompt.to_string()], &Map::new(), &cancel);
+                Ok(texts?.remove(0))
+            },
+        );
+    let cancel = output.cancel();
+    FuncRegistration::new("generate")
+        .with_params_info([
+            "model: ModelHandle",
+            "prompts: Array",
+            "options: Map",
+            "Array",
+        ])
+        .with_comments([
+            "/// Completes every prompt of an array in one batch (prompt `i` uses seed \
+             `seed + i`).",
+        ])
+        .register_into_engine(
+            engine,
+            move |model: &mut ModelHandle, prompts: Array, options: Map| -> RhaiResult<Array> {
+                let prompts = strings(prompts, "prompts")?;
+                Ok(generate_texts(model, prompts, &options, &cancel)?
+                    .into_iter()
+                    .map(Dynamic::from)
+                    .collect())
+            },
+        );
 }
 
 const GENERATE_OPTIONS: [&str; 7] = [
@@ -119,16 +178,22 @@ fn sampling(opts: &Map) -> RhaiResult<Sampling> {
     Ok(s)
 }
 
+/// The completions of `prompts`; an interrupt (`cancel`) ends them after the decoding step
+/// in flight, with an error.
 fn generate_texts(
     handle: &ModelHandle,
     prompts: Vec<String>,
     opts: &Map,
+    cancel: &Cancel,
 ) -> RhaiResult<Vec<String>> {
     let sampling = sampling(opts)?;
     let lm = handle.read()?;
     let out = lm
-        .generate(&prompts, &sampling, &mut |_| true)
+        .generate(&prompts, &sampling, &mut |_| !cancel.is_cancelled())
         .map_err(error)?;
+    if cancel.is_cancelled() {
+        return Err(error("generate: interrupted"));
+    }
     Ok(out.into_iter().map(|g| g.text).collect())
 }
 
@@ -245,35 +310,6 @@ mod model_functions {
             })
             .collect::<RhaiResult<Vec<u32>>>()?;
         model.read()?.tokenizer.decode(&ids).map_err(error)
-    }
-
-    /// Completes `prompt`; options `max_tokens` (64), `temperature` (1.0; 0.0 is greedy),
-    /// `top_k`, `top_p`, `min_p`, `seed` (0), `stop` (a string or an array of strings: the
-    /// completion ends when its text contains one, and is cut before it). Stops at the
-    /// model's end-of-turn tokens too.
-    #[rhai_fn(name = "generate", pure, return_raw)]
-    pub fn generate_one(model: &mut ModelHandle, prompt: &str, options: Map) -> RhaiResult<String> {
-        Ok(generate_texts(model, vec![prompt.to_string()], &options)?.remove(0))
-    }
-
-    /// Completes `prompt` with the default options.
-    #[rhai_fn(name = "generate", pure, return_raw)]
-    pub fn generate_one_default(model: &mut ModelHandle, prompt: &str) -> RhaiResult<String> {
-        Ok(generate_texts(model, vec![prompt.to_string()], &Map::new())?.remove(0))
-    }
-
-    /// Completes every prompt of an array in one batch (prompt `i` uses seed `seed + i`).
-    #[rhai_fn(name = "generate", pure, return_raw)]
-    pub fn generate_many(
-        model: &mut ModelHandle,
-        prompts: Array,
-        options: Map,
-    ) -> RhaiResult<Array> {
-        let prompts = strings(prompts, "prompts")?;
-        Ok(generate_texts(model, prompts, &options)?
-            .into_iter()
-            .map(Dynamic::from)
-            .collect())
     }
 
     /// A user message rendered with the model's chat template, ready for `generate`.

@@ -7,6 +7,10 @@
 //! OpenAI's legacy format, so lm-eval's `local-completions` can score continuations),
 //! `GET /health`.
 //!
+//! A prompt is refused (HTTP 400, `context_length_exceeded`) when it does not fit the
+//! model's context: by its length in bytes before it is tokenized when it is longer than
+//! the context's tokens can spell, else by its token count.
+//!
 //! Each HTTP request is read and tokenized on its own thread; one generation thread owns
 //! the model. Requests that are waiting when it becomes free are run together as one batch
 //! (every prompt × `n` a row of one [`generate_until`] call, each row with its own sampling
@@ -87,6 +91,7 @@ pub fn serve(
         tokenizer: lm.tokenizer.clone(),
         vocab: lm.model.lm_head().dims()[0],
         context: options.max_model_len.or_else(|| lm.model.context_length()),
+        longest_token: lm.tokenizer.longest_token_bytes(),
     });
     let (jobs, queue) = mpsc::channel::<Job>();
     let max_batch = options.max_batch.max(1);
@@ -138,6 +143,9 @@ struct Context {
     /// The model's context length (`max_position_embeddings`), when its config states it:
     /// a prompt and its new tokens must fit in it.
     context: Option<usize>,
+    /// The bytes of the longest token of the vocabulary: a text longer than `context` times
+    /// this cannot fit in the context, and is refused before it is tokenized.
+    longest_token: usize,
 }
 
 /// One HTTP request's rows, sent to the generation thread; the results come back on
@@ -382,7 +390,20 @@ fn models(context: &Context) -> Value {
     })
 }
 
+/// The request's body as JSON: at most [`MAX_BODY`] bytes, refused unread when its
+/// `Content-Length` says more.
 fn read_json(request: &mut tiny_http::Request) -> Result<Value, Answer> {
+    let too_large = || {
+        error(
+            413,
+            "invalid_request_error",
+            None,
+            &format!("the body is larger than {MAX_BODY} bytes"),
+        )
+    };
+    if request.body_length().is_some_and(|n| n as u64 > MAX_BODY) {
+        return Err(too_large());
+    }
     let mut text = String::new();
     let read = request
         .as_reader()
@@ -397,12 +418,7 @@ fn read_json(request: &mut tiny_http::Request) -> Result<Value, Answer> {
         ));
     }
     if text.len() as u64 > MAX_BODY {
-        return Err(error(
-            413,
-            "invalid_request_error",
-            None,
-            &format!("the body is larger than {MAX_BODY} bytes"),
-        ));
+        return Err(too_large());
     }
     serde_json::from_str(&text).map_err(|e| {
         error(
@@ -425,20 +441,27 @@ fn complete(
     let tokenizer = &context.tokenizer;
     let mut prompt_ids = Vec::with_capacity(request.prompts.len());
     for (i, prompt) in request.prompts.iter().enumerate() {
-        let ids = match prompt {
-            Prompt::Chat(messages) => tokenizer
-                .chat(messages, true)
-                .and_then(|text| tokenizer.encode(&text))
-                .map_err(|e| bad_request(&BadRequest::field("messages", e.to_string())))?,
-            Prompt::Text(text) => tokenizer
-                .encode(text)
-                .map_err(|e| bad_request(&BadRequest::field("prompt", e.to_string())))?,
-            Prompt::Ids(ids) => ids.clone(),
-        };
         let param = if request.prompts.len() > 1 {
             format!("prompt[{i}]")
         } else {
             "prompt".to_string()
+        };
+        let ids = match prompt {
+            Prompt::Chat(messages) => {
+                let field = |e: crate::model::ModelError| {
+                    bad_request(&BadRequest::field("messages", e.to_string()))
+                };
+                let text = tokenizer.chat(messages, true).map_err(field)?;
+                fits_unread(context, &text, "messages")?;
+                tokenizer.encode(&text).map_err(field)?
+            }
+            Prompt::Text(text) => {
+                fits_unread(context, text, &param)?;
+                tokenizer
+                    .encode(text)
+                    .map_err(|e| bad_request(&BadRequest::field("prompt", e.to_string())))?
+            }
+            Prompt::Ids(ids) => ids.clone(),
         };
         if ids.is_empty() {
             return Err(bad_request(&BadRequest::field(&param, "has no tokens")));
@@ -554,6 +577,41 @@ fn complete(
     ))
 }
 
+/// Refuses (HTTP 400, `context_length_exceeded`) a prompt's `text` (named `param`) that
+/// cannot fit in the context whatever its tokens: each token of the vocabulary stands for at
+/// most [`Context::longest_token`] bytes, so a text of more than the context times that
+/// many bytes has more tokens than the context holds. The check reads only the text's
+/// length, so an oversized prompt costs no tokenizing. (The bound holds for tokenizers that
+/// do not shorten the text before splitting it and have no unknown token standing for a
+/// run of characters: byte-level BPE and SentencePiece BPE with byte fallback, as Gemma,
+/// SmolLM2, Llama and Qwen use.)
+fn fits_unread(context: &Context, text: &str, param: &str) -> Result<(), Answer> {
+    let Some(tokens) = context.context else {
+        return Ok(());
+    };
+    let limit = tokens.saturating_mul(context.longest_token.max(1));
+    if text.len() <= limit {
+        return Ok(());
+    }
+    Err(context_exceeded(
+        param,
+        &format!(
+            "This model's maximum context length is {tokens} tokens; the prompt has {} bytes, \
+             more than {tokens} tokens can hold (no token stands for more than {} bytes). \
+             Shorten the prompt.",
+            text.len(),
+            context.longest_token
+        ),
+    ))
+}
+
+/// A 400 with OpenAI's `context_length_exceeded` code.
+fn context_exceeded(param: &str, message: &str) -> Answer {
+    let (status, mut body) = error(400, "invalid_request_error", Some(param), message);
+    body["error"]["code"] = json!("context_length_exceeded");
+    (status, body)
+}
+
 /// The new tokens each sample may take: the request's `max_tokens` when the longest prompt
 /// and it fit the model's context (else an HTTP 400, as OpenAI answers), or, when the request
 /// named none, the default cut to what the context leaves.
@@ -567,11 +625,7 @@ fn fit_context(
     };
     let longest = prompt_ids.iter().map(Vec::len).max().unwrap_or(0);
     let left = context.saturating_sub(longest);
-    let too_long = |message: String| {
-        let (status, mut body) = error(400, "invalid_request_error", Some("max_tokens"), &message);
-        body["error"]["code"] = json!("context_length_exceeded");
-        (status, body)
-    };
+    let too_long = |message: String| context_exceeded("max_tokens", &message);
     if longest + usize::from(request.max_tokens > 0) > context {
         return Err(too_long(format!(
             "This model's maximum context length is {context} tokens; the prompt has {longest} \

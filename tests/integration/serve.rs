@@ -678,3 +678,71 @@ fn malformed_requests_never_stop_the_server() {
         "{statuses:?}"
     );
 }
+
+/// The resident memory of process `pid` in MiB (Linux).
+fn resident_mib(pid: u32) -> f64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let kib: f64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap();
+    kib / 1024.0
+}
+
+#[test]
+fn an_oversized_prompt_is_refused_before_it_is_tokenized() {
+    // the tiny fixture's context is 128 tokens and its longest token 15 bytes: a text of
+    // more than 1,920 bytes cannot fit
+    let served = Served::start(&[], &[]);
+    let normal = r#"{"prompt": "The patient has", "max_tokens": 4, "temperature": 0}"#;
+    let (status, first) = served.http("POST", "/v1/completions", normal, "");
+    assert_eq!(status, 200, "{first}");
+    let before = resident_mib(served.child.id());
+    let words = "fever ".repeat(200_000 / 6);
+    let bodies = [
+        (
+            "/v1/completions",
+            json!({"prompt": words, "max_tokens": 4}),
+            "prompt",
+        ),
+        (
+            "/v1/completions",
+            json!({"prompt": ["Hi", words], "max_tokens": 4}),
+            "prompt[1]",
+        ),
+        (
+            "/v1/chat/completions",
+            json!({"messages": [{"role": "user", "content": words}], "max_tokens": 4}),
+            "messages",
+        ),
+    ];
+    for (route, body, param) in bodies {
+        let started = std::time::Instant::now();
+        let (status, reply) = served.http("POST", route, &body.to_string(), "");
+        let took = started.elapsed();
+        assert_eq!(status, 400, "{reply}");
+        assert_eq!(reply["error"]["code"], "context_length_exceeded");
+        assert_eq!(reply["error"]["param"], param);
+        let message = reply["error"]["message"].as_str().unwrap();
+        assert!(
+            message.contains("maximum context length is 128 tokens") && message.contains("bytes"),
+            "{message}"
+        );
+        // tokenizing this text took more than 20 s before the bound
+        assert!(took.as_secs_f64() < 5.0, "{route}: {took:?}");
+    }
+    let after = resident_mib(served.child.id());
+    assert!(after - before < 100.0, "{before:.0} MiB → {after:.0} MiB");
+    // a text within the bound is tokenized, and refused by its token count
+    let long = json!({"prompt": "fever ".repeat(300), "max_tokens": 4}).to_string();
+    let (status, reply) = served.http("POST", "/v1/completions", &long, "");
+    assert_eq!(status, 400, "{reply}");
+    let message = reply["error"]["message"].as_str().unwrap();
+    assert!(message.contains("tokens and leaves no room"), "{message}");
+    // the server goes on answering
+    let (status, reply) = served.http("POST", "/v1/completions", normal, "");
+    assert_eq!(status, 200, "{reply}");
+    assert_eq!(reply["choices"][0]["text"], first["choices"][0]["text"]);
+}

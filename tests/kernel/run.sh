@@ -3,9 +3,10 @@
 # --user` into a scratch Jupyter data folder and checks `jupyter kernelspec list` shows it, runs
 # the conformance suite (jupyter_kernel_test + kernel_checks.py) against it, executes every
 # examples/*.ipynb headless (nbclient) checking its tables and images, and opens a notebook in
-# JupyterLab in headless Chromium (browser_check.py).
+# JupyterLab in headless Chromium (browser_check.py); the fault checks (test_faults.py: interrupts
+# during long work, wrongly signed messages on every channel) run between the first two.
 #
-#   tests/kernel/run.sh [conformance|notebooks|browser]...   (default: all three)
+#   tests/kernel/run.sh [conformance|faults|notebooks|browser]...   (default: all four)
 #
 # Needs python3 with venv, and the rlvr binary built (`cargo build`; $CARGO_TARGET_DIR is
 # honoured). The virtual environment (pinned requirements.txt) is kept in
@@ -21,7 +22,7 @@ RLVR="${RLVR_BIN:-${CARGO_TARGET_DIR:-$ROOT/target}/debug/rlvr}"
 REAL_RLVR_HOME="${RLVR_HOME:-$HOME/.cache/rlvr}"
 ARTIFACTS="$HERE/artifacts"
 STEPS=("$@")
-[ ${#STEPS[@]} -gt 0 ] || STEPS=(conformance notebooks browser)
+[ ${#STEPS[@]} -gt 0 ] || STEPS=(conformance faults notebooks browser)
 
 [ -x "$RLVR" ] || { echo "FAIL  no rlvr binary at $RLVR (run cargo build first)" >&2; exit 2; }
 
@@ -63,6 +64,17 @@ for step in "${STEPS[@]}"; do
       (cd "$HERE" && KERNEL_NAME=rhai PYTHONPATH="$HERE" "$VENV/bin/python" -m pytest -v -rs \
         --tb=short -p no:cacheprovider --timeout="${KERNEL_TEST_PER_TEST_TIMEOUT:-120}" \
         test_rhai_kernel.py </dev/null) || failed=1 ;;
+    faults)
+      echo "== fault checks: interrupts during long work, wrongly signed messages"
+      timings="$ARTIFACTS/interrupt_times.txt"
+      rm -f "$timings"
+      (cd "$HERE" && KERNEL_NAME=rhai KERNEL_TEST_TIMINGS="$timings" PYTHONPATH="$HERE" \
+        "$VENV/bin/python" -m pytest -v -rs --tb=short -p no:cacheprovider \
+        --timeout="${KERNEL_TEST_PER_TEST_TIMEOUT:-120}" test_faults.py </dev/null) || failed=1
+      if [ -f "$timings" ]; then
+        echo "seconds from the interrupt to the cell's reply:"
+        sed 's/^/    /' "$timings"
+      fi ;;
     notebooks)
       for nb in "$ROOT"/examples/*.ipynb; do
         name="$(basename "$nb" .ipynb)"
