@@ -292,3 +292,53 @@ fn a_group_of_one_prompt_prefills_it_once_and_equals_each_row_alone() {
         "the group's rows are sampled apart"
     );
 }
+
+#[test]
+fn a_long_prompt_is_prefilled_in_chunks_that_change_nothing_and_can_cancel() {
+    use rlvr::model::generate::PREFILL_CHUNK;
+    let model = tiny();
+    // two rows, left-padded to the longer: three chunks, the last one ragged
+    let long = |n: usize, salt: usize| -> Vec<u32> {
+        std::iter::once(2)
+            .chain((1..n).map(|i| ((i * 7 + salt) % 500 + 3) as u32))
+            .collect()
+    };
+    let prompts = vec![
+        long(2 * PREFILL_CHUNK + 76, 1),
+        long(PREFILL_CHUNK + 190, 5),
+    ];
+    let requests: Vec<Sampling> = (0..2)
+        .map(|i| Sampling {
+            max_tokens: 6,
+            temperature: 1.0,
+            seed: 11 + i,
+            ..Sampling::default()
+        })
+        .collect();
+    let mut calls = vec![];
+    let batch = generate(&model, &prompts, &requests, false, None, &mut |n| {
+        calls.push(n);
+        true
+    })
+    .unwrap();
+    // one call after each of the two full chunks, then one per decoding step
+    assert_eq!(calls[..3], [0, 0, 1]);
+    for (prompt, c) in prompts.iter().zip(&batch) {
+        // the sampled tokens' log-probabilities from one unchunked forward
+        let scored: Vec<f32> = model
+            .completion_logprobs(prompt, &c.ids, false)
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        assert_eq!(c.ids.len(), 6);
+        for (a, b) in c.logprobs.iter().zip(&scored) {
+            assert!((a - b).abs() < 1e-4, "{a} vs {b}");
+        }
+    }
+    // stopped after the first chunk: nothing generated, every row cancelled
+    let stopped = generate(&model, &prompts, &requests, false, None, &mut |_| false).unwrap();
+    for c in stopped {
+        assert_eq!(c.finish, Finish::Cancelled);
+        assert!(c.ids.is_empty());
+    }
+}
