@@ -242,8 +242,7 @@ pub fn train(
             .update(step as u64 + 1, &format!("loss {loss:.3}"));
     }
     job.progress.finish(&format!("{} steps", config.steps));
-    save(&dir, &vars, &metrics)?;
-    metrics.table()
+    save(&dir, &vars, &metrics)?.table()
 }
 
 /// The example indices of step `step`: consecutive slices of per-epoch shuffles.
@@ -301,8 +300,14 @@ const ADAPTER: &str = "adapter.safetensors";
 const METRICS: &str = "metrics.json";
 
 /// Writes the trained adapter and the metrics, the metrics last (a run whose metrics file
-/// exists is complete), each through a temporary file and a rename.
-fn save(dir: &std::path::Path, vars: &[(String, Var)], metrics: &Metrics) -> Result<(), SftError> {
+/// exists is complete), each through a temporary file and a rename. Returns the metrics as
+/// a rerun reads them back (JSON's reading of a float may differ in its last bit), so a
+/// run and its rerun return the same table.
+fn save(
+    dir: &std::path::Path,
+    vars: &[(String, Var)],
+    metrics: &Metrics,
+) -> Result<Metrics, SftError> {
     let store = |e: &dyn std::fmt::Display| SftError::Store(format!("{}: {e}", dir.display()));
     std::fs::create_dir_all(dir).map_err(|e| store(&e))?;
     let tensors: std::collections::HashMap<String, Tensor> = vars
@@ -314,9 +319,9 @@ fn save(dir: &std::path::Path, vars: &[(String, Var)], metrics: &Metrics) -> Res
     std::fs::rename(&tmp, dir.join(ADAPTER)).map_err(|e| store(&e))?;
     let tmp = dir.join(format!("{METRICS}.tmp"));
     let json = serde_json::to_vec(metrics).map_err(|e| store(&e))?;
-    std::fs::write(&tmp, json).map_err(|e| store(&e))?;
+    std::fs::write(&tmp, &json).map_err(|e| store(&e))?;
     std::fs::rename(&tmp, dir.join(METRICS)).map_err(|e| store(&e))?;
-    Ok(())
+    serde_json::from_slice(&json).map_err(|e| store(&e))
 }
 
 /// Loads a complete earlier run into `vars`; `None` when there is none.
