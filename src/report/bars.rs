@@ -271,6 +271,11 @@ fn default_size(
     (width, height)
 }
 
+/// Whether two (left, right, top, bottom) pixel boxes share any pixel.
+fn overlaps(a: (i32, i32, i32, i32), b: (i32, i32, i32, i32)) -> bool {
+    a.0 < b.1 && b.0 < a.1 && a.2 < b.3 && b.2 < a.3
+}
+
 /// How the category labels of vertical bars are laid out under the axis.
 enum Labels {
     /// Each label as lines side by side, horizontal.
@@ -476,6 +481,10 @@ impl Figure for BarChart {
                 widest <= bar_px + 6
             };
             if fits {
+                // Value labels a little wider than their bars would run into their
+                // neighbours' where the bars end at the same height: such a label is lifted
+                // above the labels it would touch.
+                let mut placed: Vec<(i32, i32, i32, i32)> = Vec::new();
                 for (bar, text) in self.bars.iter().zip(&texts) {
                     let (start, end) = self.slot(bar.category, bar.group);
                     let mid = (start + end) / 2.0;
@@ -487,12 +496,24 @@ impl Figure for BarChart {
                         bar.value.max(high)
                     };
                     let (x, y) = chart.backend_coord(&self.point(mid, tip));
-                    let (at, pos) = match (self.horizontal, negative) {
+                    let (mut at, pos) = match (self.horizontal, negative) {
                         (true, false) => ((x + 4, y), anchor(HPos::Left, VPos::Center)),
                         (true, true) => ((x - 4, y), anchor(HPos::Right, VPos::Center)),
                         (false, false) => ((x, y - 3), anchor(HPos::Center, VPos::Bottom)),
                         (false, true) => ((x, y + 3), anchor(HPos::Center, VPos::Top)),
                     };
+                    if !self.horizontal {
+                        let half = style::measure(text, &value_font).0 / 2 + 1;
+                        // (left, right, top, bottom) of the label, lifted while it touches one
+                        let span = |at: (i32, i32)| match negative {
+                            false => (at.0 - half, at.0 + half, at.1 - tall, at.1),
+                            true => (at.0 - half, at.0 + half, at.1, at.1 + tall),
+                        };
+                        while let Some(hit) = placed.iter().find(|r| overlaps(**r, span(at))) {
+                            at.1 = if negative { hit.3 + 1 } else { hit.2 - 1 };
+                        }
+                        placed.push(span(at));
+                    }
                     canvas::text(root, text, at, VALUE_SIZE, &INK, pos)?;
                 }
             }

@@ -330,6 +330,71 @@ fn values_at_the_top_of_a_given_range_are_written_clear_of_the_legend() {
 }
 
 #[test]
+fn value_labels_of_neighbouring_bars_of_equal_height_do_not_run_together() {
+    // five models, five benchmarks, equal values and intervals on some: the study's overall chart
+    let models = ["a", "b", "c", "d", "e"];
+    let mut category = Vec::new();
+    let mut model = Vec::new();
+    let (mut value, mut low, mut high) = (Vec::new(), Vec::new(), Vec::new());
+    for c in ["MMLU", "CMMLU", "MMLU-Pro", "GSM8K", "MedQA"] {
+        for (i, m) in models.iter().enumerate() {
+            category.push(c);
+            model.push(*m);
+            let v = if c == "MMLU" {
+                0.2 + 0.05 * i as f64
+            } else {
+                0.083
+            };
+            value.push(v);
+            low.push(v / 2.0);
+            high.push(v + 0.4);
+        }
+    }
+    let table = df!(
+        "benchmark" => category,
+        "model" => model,
+        "accuracy" => value,
+        "low" => low,
+        "high" => high,
+    )
+    .unwrap();
+    let opts = BarOptions {
+        interval: Some(("low".into(), "high".into())),
+        ..BarOptions::default()
+    };
+    let plot = report::bars(&table, "benchmark", "accuracy", &opts).unwrap();
+    let svg = plot.svg();
+    let attr = |t: &str, name: &str| -> f64 {
+        let start = t.find(&format!(" {name}=\"")).unwrap() + name.len() + 3;
+        t[start..start + t[start..].find('"').unwrap()]
+            .parse()
+            .unwrap()
+    };
+    // every value label's box: centred on x, bottom-anchored on y, 0.55 em a digit
+    let boxes: Vec<(f64, f64, f64, f64)> = svg
+        .split("<text")
+        .skip(1)
+        .filter_map(|t| {
+            let body = t[t.find('>').unwrap() + 1..t.find("</text>").unwrap()].trim();
+            (body.starts_with("0.") && body.len() == 5).then(|| {
+                let size = attr(t, "font-size");
+                let half = body.len() as f64 * size * 0.55 / 2.0;
+                let (x, y) = (attr(t, "x"), attr(t, "y"));
+                (x - half, x + half, y - size * 0.8, y)
+            })
+        })
+        .collect();
+    assert_eq!(boxes.len(), 25, "every bar has its value written");
+    for (i, a) in boxes.iter().enumerate() {
+        for b in &boxes[i + 1..] {
+            let apart = a.1 <= b.0 || b.1 <= a.0 || a.3 <= b.2 || b.3 <= a.2;
+            assert!(apart, "value labels overlap: {a:?} and {b:?}");
+        }
+    }
+    keep(&plot, "bars_equal_neighbours");
+}
+
+#[test]
 fn whiskers_span_the_intervals() {
     let plot = report::bars(&summary(), "category", "accuracy", &BarOptions::default()).unwrap();
     let whiskers = polylines(plot.svg(), INK);
