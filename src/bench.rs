@@ -306,13 +306,7 @@ pub fn grpo(settings: &GrpoBench) -> anyhow::Result<GrpoReport> {
         questions.len(),
         settings.prompts
     );
-    let preset = GrpoConfig::preset(&settings.preset).ok_or_else(|| {
-        anyhow::anyhow!(
-            "preset `{}` is not known; use one of: {}",
-            settings.preset,
-            trainer::config::PRESETS.join(", ")
-        )
-    })?;
+    let preset = GrpoConfig::preset(&settings.preset)?;
     let started = Instant::now();
     let base = LanguageModel::load_on(
         &settings.model,

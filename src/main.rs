@@ -210,8 +210,9 @@ enum Bench {
         /// Steps to time.
         #[arg(long, default_value_t = 1)]
         steps: usize,
-        /// The preset of the loss and sampling settings: `default` (TRL's) or
-        /// `open-medical-r1` (the study's); the sizes above replace the preset's.
+        /// The preset of the loss and sampling settings: `default` (TRL's),
+        /// `open-medical-r1` (the study's) or the path of a preset file
+        /// (`presets/grpo/*.json`); the sizes above replace the preset's.
         #[arg(long, default_value = "default")]
         preset: String,
         /// `cpu`, `cuda` or `cuda:N`.

@@ -2,8 +2,17 @@
 //!
 //! Each step draws prompts in a seeded order, samples a group of completions per prompt with
 //! the live adapters (one KV-cached batch), scores them with the rewards, turns the rewards
-//! into group advantages and takes `num_iterations` AdamW updates of the clipped surrogate
-//! loss (TRL's, [`loss`]), accumulating gradients over micro-batches. Every random choice is
+//! into group advantages and takes `num_iterations` AdamW updates of the loss (TRL 1.16's,
+//! [`loss`]: every loss type and knob of its `GRPOConfig`), accumulating gradients over
+//! micro-batches. The log-probs at sampling time (`old`, for μ > 1) are taken once per step,
+//! before its first update, as TRL takes them at generation. The KL reference is the model
+//! with its adapters off, or with `sync_ref_model` a copy of the adapters that starts as
+//! the starting adapter (adapters off for a fresh one, whose B is 0) and is mixed towards
+//! the policy every `ref_model_sync_steps` updates (TR-DPO's rule, applied to each LoRA
+//! tensor as TRL applies it to each parameter; it is checkpointed with the run). Rollouts
+//! from another engine carry the sampler's log-probs ([`Rollout`]'s `sampling_logps`) and
+//! go through the mismatch correction ([`loss::sampling_correction`]); local rollouts are
+//! sampled by the model being trained, so their mismatch is 0. Every random choice is
 //! a pure function of the seed and the step, so a run resumed from a checkpoint repeats the
 //! uninterrupted run exactly. Progress (metrics, sample completions, checkpoints) is written
 //! as it goes under `$RLVR_HOME/cache/grpo/<key>`, the key hashing the model, the starting
@@ -25,7 +34,7 @@ use rand_chacha::ChaCha8Rng;
 use sha2::{Digest, Sha256};
 
 pub use config::GrpoConfig;
-use loss::{advantages, LossSettings, LossStats};
+use loss::{aggregate_advantages, reward_moments, LossInputs, LossSettings, LossStats};
 use optim::{clip_grad_norm, AdamW};
 
 use crate::data::question::Question;
@@ -80,6 +89,9 @@ pub struct GrpoRun {
 struct Rollout {
     prompt: usize,
     ids: Vec<u32>,
+    /// The sampling engine's log-prob of each token, for rollouts from another engine
+    /// (none for local rollouts: the sampler is the model being trained).
+    sampling_logps: Option<Vec<f32>>,
     text: String,
     finish: Finish,
     rewards: Vec<f64>,
@@ -106,6 +118,19 @@ pub fn train(
             "the policy has no adapters; train `model.with_lora(...)`".into(),
         ));
     }
+    if let Some(w) = &config.reward_weights {
+        if w.len() != rewards.len() {
+            return Err(GrpoError::Setup(format!(
+                "{} reward_weights for {} rewards",
+                w.len(),
+                rewards.len()
+            )));
+        }
+    }
+    let weights: Vec<f64> = match &config.reward_weights {
+        Some(w) => w.clone(),
+        None => rewards.iter().map(|r| r.weight).collect(),
+    };
     let vars = lora::variables(&mut policy.model);
     let prompts = items
         .iter()
@@ -115,12 +140,22 @@ pub fn train(
         })
         .collect::<Result<Vec<_>, _>>()?;
 
-    let key = run_key(policy, &vars, items, &prompts, rewards, config)?;
+    let key = run_key(policy, &vars, items, &prompts, rewards, &weights, config)?;
     let dir = config.cache_dir.join("grpo").join(&key);
     let mut store = store::RunStore::open(&dir, config)?;
     let mut optimizer = AdamW::new(vars.clone(), config.adamw)?;
+    // the synced reference starts as the starting adapter
+    let mut reference: Option<Vec<Tensor>> = if config.sync_ref_model {
+        Some(
+            vars.iter()
+                .map(|(_, v)| v.as_tensor().copy())
+                .collect::<candle_core::Result<_>>()?,
+        )
+    } else {
+        None
+    };
     let resumed_from = if config.resume {
-        store.restore(&vars, &mut optimizer)?
+        store.restore(&vars, &mut optimizer, reference.as_mut())?
     } else {
         store.reset()?;
         0
@@ -135,21 +170,24 @@ pub fn train(
     while step < config.steps {
         if job.cancel.is_cancelled() {
             if saved != step {
-                store.checkpoint(step, policy, &optimizer)?;
+                store.checkpoint(step, policy, &optimizer, reference.as_deref())?;
             }
             return Err(GrpoError::Interrupted { step, dir });
         }
         // with several updates per step, a step stopped between two of them has changed the
-        // adapters and the optimiser: they go back to where the step started
-        let before = Snapshot::take(&vars, &optimizer)?;
+        // adapters, the optimiser and perhaps the synced reference: they go back to where
+        // the step started
+        let before = Snapshot::take(&vars, &optimizer, reference.as_deref())?;
         match one_step(
             policy,
             items,
             &prompts,
             rewards,
+            &weights,
             config,
             &vars,
             &mut optimizer,
+            reference.as_mut(),
             step,
             job,
         )? {
@@ -157,7 +195,7 @@ pub fn train(
                 step += 1;
                 store.append(&row, &completions)?;
                 if step % config.checkpoint_every == 0 || step == config.steps {
-                    store.checkpoint(step, policy, &optimizer)?;
+                    store.checkpoint(step, policy, &optimizer, reference.as_deref())?;
                     saved = step;
                 }
                 job.progress.update(
@@ -166,9 +204,9 @@ pub fn train(
                 );
             }
             None => {
-                before.restore(&vars, &mut optimizer)?;
+                before.restore(&vars, &mut optimizer, reference.as_mut())?;
                 if saved != step {
-                    store.checkpoint(step, policy, &optimizer)?;
+                    store.checkpoint(step, policy, &optimizer, reference.as_deref())?;
                 }
                 return Err(GrpoError::Interrupted { step, dir });
             }
@@ -184,14 +222,20 @@ pub fn train(
     })
 }
 
-/// The adapters' values and the optimiser's state at the start of a step.
+/// The adapters' values, the optimiser's state and the synced reference at the start of a
+/// step.
 struct Snapshot {
     values: Vec<Tensor>,
     optimizer: optim::AdamWState,
+    reference: Option<Vec<Tensor>>,
 }
 
 impl Snapshot {
-    fn take(vars: &[(String, Var)], optimizer: &AdamW) -> Result<Self, GrpoError> {
+    fn take(
+        vars: &[(String, Var)],
+        optimizer: &AdamW,
+        reference: Option<&[Tensor]>,
+    ) -> Result<Self, GrpoError> {
         Ok(Snapshot {
             // a copy: an update writes into the variables' storage
             values: vars
@@ -199,14 +243,23 @@ impl Snapshot {
                 .map(|(_, v)| v.as_tensor().copy())
                 .collect::<candle_core::Result<_>>()?,
             optimizer: optimizer.state(),
+            reference: reference.map(<[Tensor]>::to_vec),
         })
     }
 
-    fn restore(self, vars: &[(String, Var)], optimizer: &mut AdamW) -> Result<(), GrpoError> {
+    fn restore(
+        self,
+        vars: &[(String, Var)],
+        optimizer: &mut AdamW,
+        reference: Option<&mut Vec<Tensor>>,
+    ) -> Result<(), GrpoError> {
         for ((_, var), value) in vars.iter().zip(&self.values) {
             var.set(value)?;
         }
         optimizer.set_state(self.optimizer);
+        if let (Some(slot), Some(saved)) = (reference, self.reference) {
+            *slot = saved;
+        }
         Ok(())
     }
 }
@@ -224,6 +277,18 @@ pub struct StepMetrics {
     pub reward_std: f64,
     /// Mean of each reward function, in the order given.
     pub rewards: Vec<f64>,
+    /// Standard deviation of each reward function over the batch (TRL's
+    /// `rewards/<name>/std`).
+    #[serde(default)]
+    pub reward_stds: Vec<f64>,
+    /// Mean entropy of the policy's (temperature-scaled) distribution over the tokens in
+    /// the loss.
+    #[serde(default)]
+    pub entropy: f64,
+    /// Mean |sampling − training| log-prob of the sampled tokens (TRL's
+    /// `sampling/sampling_logp_difference/mean`): 0 by construction for local rollouts.
+    #[serde(default)]
+    pub logp_mismatch: f64,
     /// Mean k3 KL against the adapters-off reference (0 when beta is 0).
     pub kl: f64,
     /// Share of tokens whose ratio was clipped.
@@ -275,9 +340,11 @@ fn one_step(
     items: &[Question],
     prompts: &[Vec<u32>],
     rewards: &[Reward],
+    weights: &[f64],
     config: &GrpoConfig,
     vars: &[(String, Var)],
     optimizer: &mut AdamW,
+    mut reference: Option<&mut Vec<Tensor>>,
     step: usize,
     job: &Job,
 ) -> Result<Option<(StepMetrics, Vec<CompletionRow>)>, GrpoError> {
@@ -340,10 +407,11 @@ fn one_step(
                 step: step + 1,
                 message,
             })?;
-        let total = values.iter().zip(rewards).map(|(v, r)| v * r.weight).sum();
+        let total = values.iter().zip(weights).map(|(v, w)| v * w).sum();
         rollouts.push(Rollout {
             prompt,
             ids: c.ids,
+            sampling_logps: None,
             text,
             finish: c.finish,
             rewards: values,
@@ -351,7 +419,16 @@ fn one_step(
         });
     }
     let totals: Vec<f64> = rollouts.iter().map(|r| r.total).collect();
-    let (adv, zero_std) = advantages(&totals, g, config.scale_rewards, config.std_floor);
+    let per_func: Vec<Vec<f64>> = rollouts.iter().map(|r| r.rewards.clone()).collect();
+    let (adv, zero_std) = aggregate_advantages(
+        &per_func,
+        weights,
+        g,
+        config.scale_rewards,
+        config.std_floor,
+        config.multi_objective_aggregation,
+    );
+    let moments = reward_moments(&per_func, rewards.len());
     let reward_s = scoring.elapsed().as_secs_f64();
 
     // 3. optimise
@@ -369,9 +446,18 @@ fn one_step(
     let batch_tokens: f64 = masks.iter().flatten().map(|&m| m as f64).sum();
     let settings = LossSettings {
         loss_type: config.loss_type,
+        importance_sampling_level: config.importance_sampling_level,
         epsilon_low: config.epsilon_low,
         epsilon_high: config.epsilon_high,
+        delta: config.delta,
+        sapo_temperature_pos: config.sapo_temperature_pos,
+        sapo_temperature_neg: config.sapo_temperature_neg,
+        vespo: config.vespo,
         beta: config.beta,
+        use_bias_correction_kl: config.use_bias_correction_kl,
+        top_entropy_quantile: config.top_entropy_quantile,
+        entropy_coef: config.entropy_coef,
+        off_policy_mask_threshold: config.off_policy_mask_threshold,
         grad_accum: config.grad_accum,
         max_completion_length: config.sampling.max_tokens,
         batch_tokens,
@@ -415,7 +501,15 @@ fn one_step(
             )
         })?)
     };
-    let old: Option<Vec<Tensor>> = if config.num_iterations > 1 {
+    // rollouts from another engine: the trainer's log-probs before any update are compared
+    // with the sampler's (TRL computes them whenever the correction is on)
+    let remote = rollouts.iter().any(|r| r.sampling_logps.is_some());
+    let correction = if remote {
+        config.remote_correction()?
+    } else {
+        None
+    };
+    let old: Option<Vec<Tensor>> = if config.num_iterations > 1 || remote {
         Some(
             micro
                 .iter()
@@ -425,13 +519,66 @@ fn one_step(
     } else {
         None
     };
-    let reference: Option<Vec<Tensor>> = if config.beta != 0.0 {
+    let sampling: Option<Vec<Tensor>> = if remote {
         Some(
             micro
                 .iter()
+                .map(|rows| {
+                    padded(rows, &|i| {
+                        rollouts[i]
+                            .sampling_logps
+                            .clone()
+                            .unwrap_or_else(|| vec![f32::NAN; rollouts[i].ids.len()])
+                    })
+                })
+                .collect::<candle_core::Result<_>>()?,
+        )
+    } else {
+        None
+    };
+    // the correction's ratios and the measured mismatch, per micro-batch
+    let mut ratios: Vec<Option<Tensor>> = vec![None; micro.len()];
+    let mut mismatch = 0.0;
+    if let (Some(sampling), Some(old)) = (&sampling, &old) {
+        let (mut sum, mut tokens) = (0.0, 0.0);
+        for (k, rows) in micro.iter().enumerate() {
+            let mask = padded(rows, &|i| masks[i].clone())?;
+            let c = correction.unwrap_or_default();
+            let (ratio, m) = loss::sampling_correction(&old[k], &sampling[k], &mask, &c)?;
+            let n = mask.sum_all()?.to_scalar::<f32>()? as f64;
+            sum += m.logp_diff_mean * n;
+            tokens += n;
+            if correction.is_some() {
+                ratios[k] = Some(ratio);
+            }
+        }
+        mismatch = sum / f64::max(tokens, 1.0);
+    }
+    let reference_logps: Option<Vec<Tensor>> = if config.beta != 0.0 {
+        Some(match reference.as_deref() {
+            // the synced reference: its values in the adapters for the no-grad forwards
+            Some(values) => {
+                let current: Vec<Tensor> = vars
+                    .iter()
+                    .map(|(_, v)| v.as_tensor().copy())
+                    .collect::<candle_core::Result<_>>()?;
+                for ((_, var), value) in vars.iter().zip(values) {
+                    var.set(value)?;
+                }
+                let logps = micro
+                    .iter()
+                    .map(|rows| no_grad(rows, true))
+                    .collect::<Result<Vec<_>, _>>();
+                for ((_, var), value) in vars.iter().zip(&current) {
+                    var.set(value)?;
+                }
+                logps?
+            }
+            None => micro
+                .iter()
                 .map(|rows| no_grad(rows, false))
                 .collect::<Result<_, _>>()?,
-        )
+        })
     } else {
         None
     };
@@ -444,10 +591,11 @@ fn one_step(
             if job.cancel.is_cancelled() {
                 return Ok(None);
             }
-            let logps = policy.model.pair_logprobs(
+            let (logps, entropies) = policy.model.pair_logprobs_entropy(
                 &pairs_of(rows),
                 true,
                 config.sampling.temperature.max(1e-6),
+                config.entropy_coef != 0.0,
             )?;
             let mask = padded(rows, &|i| masks[i].clone())?;
             let adv_t = Tensor::from_vec(
@@ -460,11 +608,16 @@ fn one_step(
                 None => logps.detach(),
             };
             let (loss, stats) = loss::loss(
-                &logps,
-                &old_k,
-                reference.as_ref().map(|r| &r[k]),
-                &adv_t,
-                &mask,
+                &LossInputs {
+                    logps: &logps,
+                    old: &old_k,
+                    ref_logps: reference_logps.as_ref().map(|r| &r[k]),
+                    adv: &adv_t,
+                    mask: &mask,
+                    entropies: Some(&entropies),
+                    sampling_logps: sampling.as_ref().map(|s| &s[k]),
+                    is_ratio: ratios[k].as_ref(),
+                },
                 &settings,
             )?;
             let store = loss.backward()?;
@@ -479,6 +632,7 @@ fn one_step(
             stats_sum.loss += stats.loss;
             stats_sum.kl += stats.kl;
             stats_sum.clip_region += stats.clip_region;
+            stats_sum.entropy += stats.entropy;
             stats_n += 1.0;
         }
         let mut grads: Vec<Tensor> = grads
@@ -495,6 +649,18 @@ fn one_step(
             config.warmup_steps(),
         );
         optimizer.step(&grads, lr)?;
+        if let Some(values) = reference.as_deref_mut() {
+            if optimizer
+                .steps()
+                .is_multiple_of(config.ref_model_sync_steps)
+            {
+                // TR-DPO: ref ← α · policy + (1 − α) · ref
+                let alpha = config.ref_model_mixup_alpha;
+                for ((_, var), value) in vars.iter().zip(values.iter_mut()) {
+                    *value = ((var.as_tensor() * alpha)? + (&*value * (1.0 - alpha))?)?;
+                }
+            }
+        }
     }
     let train_s = training.elapsed().as_secs_f64();
 
@@ -511,9 +677,10 @@ fn one_step(
         loss: stats_sum.loss / stats_n.max(1.0),
         reward: mean,
         reward_std,
-        rewards: (0..rewards.len())
-            .map(|k| rollouts.iter().map(|r| r.rewards[k]).sum::<f64>() / n)
-            .collect(),
+        rewards: moments.iter().map(|m| m.0).collect(),
+        reward_stds: moments.iter().map(|m| m.1).collect(),
+        entropy: stats_sum.entropy / stats_n.max(1.0),
+        logp_mismatch: mismatch,
         kl: stats_sum.kl / stats_n.max(1.0),
         clip_ratio: stats_sum.clip_region / stats_n.max(1.0),
         completion_len: generated as f64 / n,
@@ -577,14 +744,16 @@ fn mix(a: u64, b: u64) -> u64 {
 /// configuration), the starting adapter's values, every field of every item (the rewards
 /// may read any of them), the tokenized prompts (question, choices, prompt template,
 /// system prompt and chat template as the model sees them), each reward's identity (a
-/// closure's code and captured values) and weight, and the settings. How often checkpoints
-/// are written changes nothing and is left out.
+/// closure's code and captured values) and weight, and the settings
+/// ([`GrpoConfig::key_settings`]: how often checkpoints are written changes nothing and is
+/// left out; `reward_weights` enters as the rewards' weights).
 fn run_key(
     policy: &LanguageModel,
     vars: &[(String, Var)],
     items: &[Question],
     prompts: &[Vec<u32>],
     rewards: &[Reward],
+    weights: &[f64],
     config: &GrpoConfig,
 ) -> Result<String, GrpoError> {
     let mut h = Sha256::new();
@@ -605,15 +774,11 @@ fn run_key(
         let bytes: Vec<u8> = prompt.iter().flat_map(|t| t.to_le_bytes()).collect();
         field(&bytes);
     }
-    for r in rewards {
+    for (r, w) in rewards.iter().zip(weights) {
         field(r.identity().as_bytes());
-        field(&r.weight.to_le_bytes());
+        field(&w.to_le_bytes());
     }
-    let mut settings = config.manifest();
-    if let Some(map) = settings.as_object_mut() {
-        map.remove("checkpoint_every");
-    }
-    field(settings.to_string().as_bytes());
+    field(config.key_settings().to_string().as_bytes());
     let digest = h.finalize();
     Ok(digest.iter().take(8).map(|b| format!("{b:02x}")).collect())
 }

@@ -1,12 +1,12 @@
 //! A training run's files: `manifest.json`, `metrics.jsonl` and `completions.jsonl`
 //! (appended after every step), and `checkpoint/` (adapter in PEFT format, optimiser state,
-//! step), replaced atomically.
+//! step, and with `sync_ref_model` the reference adapter), replaced atomically.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 
-use candle_core::Var;
+use candle_core::{Tensor, Var};
 use polars::prelude::*;
 use serde::de::DeserializeOwned;
 
@@ -18,6 +18,10 @@ use crate::model::lm::LanguageModel;
 pub(super) struct RunStore {
     dir: PathBuf,
 }
+
+/// The synced reference adapter's tensors in a checkpoint, named by their position in
+/// [`crate::model::lora::variables`]'s order.
+const REFERENCE: &str = "reference.safetensors";
 
 fn io(path: &Path, e: impl std::fmt::Display) -> GrpoError {
     GrpoError::Store(format!("{}: {e}", path.display()))
@@ -79,6 +83,7 @@ impl RunStore {
         &mut self,
         vars: &[(String, Var)],
         optimizer: &mut AdamW,
+        reference: Option<&mut Vec<Tensor>>,
     ) -> Result<usize, GrpoError> {
         let ckpt = self.checkpoint_dir();
         let old = self.old_checkpoint_dir();
@@ -113,6 +118,17 @@ impl RunStore {
         optimizer
             .load(&ckpt.join("optimizer.safetensors"))
             .map_err(|e| io(&ckpt, e))?;
+        if let Some(values) = reference {
+            let path = ckpt.join(REFERENCE);
+            let tensors =
+                candle_core::safetensors::load(&path, &device).map_err(|e| io(&path, e))?;
+            for (k, value) in values.iter_mut().enumerate() {
+                *value = tensors
+                    .get(&k.to_string())
+                    .ok_or_else(|| io(&path, format!("no tensor `{k}`")))?
+                    .clone();
+            }
+        }
         truncate::<StepMetrics>(&self.metrics_path(), |m| m.step <= step)?;
         truncate::<CompletionRow>(&self.completions_path(), |c| c.step <= step)?;
         Ok(step)
@@ -138,6 +154,7 @@ impl RunStore {
         step: usize,
         policy: &LanguageModel,
         optimizer: &AdamW,
+        reference: Option<&[Tensor]>,
     ) -> Result<(), GrpoError> {
         let tmp = self.dir.join("checkpoint.tmp");
         if tmp.exists() {
@@ -148,6 +165,15 @@ impl RunStore {
         optimizer
             .save(&tmp.join("optimizer.safetensors"))
             .map_err(|e| io(&tmp, e))?;
+        if let Some(values) = reference {
+            let path = tmp.join(REFERENCE);
+            let named: std::collections::HashMap<String, Tensor> = values
+                .iter()
+                .enumerate()
+                .map(|(k, t)| (k.to_string(), t.clone()))
+                .collect();
+            candle_core::safetensors::save(&named, &path).map_err(|e| io(&path, e))?;
+        }
         let state = tmp.join("state.json");
         fs::write(&state, serde_json::json!({ "step": step }).to_string())
             .map_err(|e| io(&state, e))?;
@@ -191,9 +217,18 @@ impl RunStore {
                     .map(|m| m.rewards.get(k).copied().unwrap_or(f64::NAN))
                     .collect::<Vec<_>>(),
             ));
+            columns.push(Column::new(
+                format!("reward_{name}_std").into(),
+                metrics
+                    .iter()
+                    .map(|m| m.reward_stds.get(k).copied().unwrap_or(f64::NAN))
+                    .collect::<Vec<_>>(),
+            ));
         }
         columns.extend([
             Column::new("kl".into(), f(|m| m.kl)),
+            Column::new("entropy".into(), f(|m| m.entropy)),
+            Column::new("logp_mismatch".into(), f(|m| m.logp_mismatch)),
             Column::new("clip_ratio".into(), f(|m| m.clip_ratio)),
             Column::new("completion_len".into(), f(|m| m.completion_len)),
             Column::new("frac_zero_std".into(), f(|m| m.frac_zero_std)),

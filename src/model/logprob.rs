@@ -31,9 +31,46 @@ pub fn gather_logprobs(
     softcap: Option<f64>,
     temperature: f64,
 ) -> Result<Tensor> {
+    Ok(gather(hidden, head, targets, softcap, temperature, None)?.0)
+}
+
+/// [`gather_logprobs`] and, per row, the entropy `−Σ p log p` of the temperature-scaled
+/// distribution, both `[n]`. The entropy carries a gradient with respect to `hidden` when
+/// `entropy_grad` is set (an entropy bonus), and is detached otherwise (a mask or a metric).
+pub fn gather_logprobs_entropy(
+    hidden: &Tensor,
+    head: &FrozenWeight,
+    targets: &Tensor,
+    softcap: Option<f64>,
+    temperature: f64,
+    entropy_grad: bool,
+) -> Result<(Tensor, Tensor)> {
+    let (lp, entropy) = gather(
+        hidden,
+        head,
+        targets,
+        softcap,
+        temperature,
+        Some(entropy_grad),
+    )?;
+    Ok((lp, entropy.expect("entropy asked for")))
+}
+
+/// Both of the above: `entropy` is `None` for log-probs alone, `Some(with_gradient)` for
+/// entropies too.
+fn gather(
+    hidden: &Tensor,
+    head: &FrozenWeight,
+    targets: &Tensor,
+    softcap: Option<f64>,
+    temperature: f64,
+    entropy: Option<bool>,
+) -> Result<(Tensor, Option<Tensor>)> {
     let n = hidden.dim(0)?;
     let track = hidden.track_op();
+    let entropy_grad = track && entropy == Some(true);
     let mut parts = Vec::with_capacity(n.div_ceil(CHUNK_ROWS));
+    let mut entropies = Vec::with_capacity(n.div_ceil(CHUNK_ROWS));
     for start in (0..n).step_by(CHUNK_ROWS) {
         let len = CHUNK_ROWS.min(n - start);
         let h = hidden.narrow(0, start, len)?;
@@ -43,12 +80,21 @@ pub fn gather_logprobs(
                 head: head.clone(),
                 temperature,
                 row_grads: track.then(|| Mutex::new(None)),
+                entropy: entropy.is_some(),
+                entropy_grads: entropy_grad.then(|| Mutex::new(None)),
             };
             let h = h.contiguous()?;
-            parts.push(match track {
+            let out = match track {
                 true => h.apply_op2(&t, op)?,
                 false => h.apply_op2_no_bwd(&t, &op)?,
-            });
+            };
+            if entropy.is_some() {
+                parts.push(out.narrow(1, 0, 1)?.squeeze(1)?);
+                let e = out.narrow(1, 1, 1)?.squeeze(1)?;
+                entropies.push(if entropy_grad { e } else { e.detach() });
+            } else {
+                parts.push(out);
+            }
             continue;
         }
         let raw = logits_of(&h.detach(), head, None)?;
@@ -60,30 +106,56 @@ pub fn gather_logprobs(
         let logz = logsumexp(&logits)?;
         let chosen = logits.gather(&t.unsqueeze(1)?, 1)?.squeeze(1)?;
         let value = (chosen - &logz)?;
+        let all = logits.broadcast_sub(&logz.unsqueeze(1)?)?;
+        let probs = all.exp()?;
+        let h_value = match entropy {
+            Some(_) => Some((&probs * &all)?.sum(1)?.neg()?),
+            None => None,
+        };
+        // d logit_v / d raw_v
+        let dcap = match softcap {
+            Some(cap) => Some((1.0 - (&raw / cap)?.tanh()?.sqr()?)?),
+            None => None,
+        };
+        // a surrogate whose value is 0 and whose gradient with respect to h is `weights · W`
+        let surrogate = |weights: Tensor| -> Result<Tensor> {
+            let mut weights = (weights / temperature)?;
+            if let Some(d) = &dcap {
+                weights = (weights * d)?;
+            }
+            // in the head's dtype: a bf16 head is never copied to f32
+            let grad = frozen::times_weight(&weights.to_dtype(head.dtype())?, head)?
+                .to_dtype(h.dtype())?;
+            let s = (&h * &grad)?.sum(1)?.to_dtype(value.dtype())?;
+            &s - s.detach()
+        };
+        if let Some(hv) = h_value {
+            entropies.push(if entropy_grad {
+                // d H / d logit_v = −p_v (log p_v + H)
+                let w = (&probs * all.broadcast_add(&hv.unsqueeze(1)?)?)?.neg()?;
+                (&hv + surrogate(w)?)?
+            } else {
+                hv
+            });
+        }
         if !track {
             parts.push(value);
             continue;
         }
-        // d logprob / d logit_v = 1[v = t] − p_v, times d logit_v / d raw_v
-        let probs = logits.broadcast_sub(&logz.unsqueeze(1)?)?.exp()?;
+        // d logprob / d logit_v = 1[v = t] − p_v
         let onehot = probs.zeros_like()?.scatter_add(
             &t.unsqueeze(1)?,
             &Tensor::ones((len, 1), probs.dtype(), probs.device())?,
             1,
         )?;
-        let mut weights = ((onehot - probs)? / temperature)?;
-        if let Some(cap) = softcap {
-            let tanh = (&raw / cap)?.tanh()?;
-            weights = (weights * (1.0 - tanh.sqr()?)?)?;
-        }
-        // in the head's dtype: a bf16 head is never copied to f32
-        let grad =
-            frozen::times_weight(&weights.to_dtype(head.dtype())?, head)?.to_dtype(h.dtype())?;
-        let surrogate = (&h * &grad)?.sum(1)?.to_dtype(value.dtype())?;
-        // the surrogate minus itself is exactly 0: the value is untouched, the gradient is `grad`
-        parts.push((value + (&surrogate - surrogate.detach())?)?);
+        let zero = surrogate((onehot - probs)?)?;
+        parts.push((value + zero)?);
     }
-    Tensor::cat(&parts, 0)
+    let entropy = match entropy {
+        Some(_) => Some(Tensor::cat(&entropies, 0)?),
+        None => None,
+    };
+    Ok((Tensor::cat(&parts, 0)?, entropy))
 }
 
 /// Whether the fused CPU op computes a chunk (f32 on the CPU, no soft cap).
@@ -107,6 +179,10 @@ struct ChosenLogprob {
     temperature: f64,
     /// `Some` when backward will run: filled with the rows' gradients by the forward pass.
     row_grads: Option<Mutex<Option<Tensor>>>,
+    /// Output `[n, 2]`: each row's log-prob and its distribution's entropy.
+    entropy: bool,
+    /// `Some` when the entropy's gradient is wanted: filled like `row_grads`.
+    entropy_grads: Option<Mutex<Option<Tensor>>>,
 }
 
 impl CustomOp2 for ChosenLogprob {
@@ -145,28 +221,69 @@ impl CustomOp2 for ChosenLogprob {
         let mut logits = frozen::cpu_times_t(hs, n, &self.head)?;
         let inv_t = (1.0 / self.temperature) as f32;
         let keep_grads = self.row_grads.is_some();
-        let mut out = vec![0f32; n];
-        // rows in parallel: each turns its logits into its log-prob and, for backward, into
-        // `(onehot − p) / T` in place
+        let width = if self.entropy { 2 } else { 1 };
+        let mut out = vec![0f32; n * width];
+        let mut entropy_weights = vec![
+            0f32;
+            if self.entropy_grads.is_some() {
+                n * vocab
+            } else {
+                0
+            }
+        ];
+        // rows in parallel: each turns its logits into its log-prob (and entropy) and, for
+        // backward, into `(onehot − p) / T` in place (and `−p (log p + H) / T` beside)
         let threads = candle_core::utils::get_num_threads().clamp(1, n.max(1));
         let rows_per = n.div_ceil(threads).max(1);
-        std::thread::scope(|scope| {
-            for ((rows, outs), ids) in logits
+        let chunks = n.div_ceil(rows_per);
+        let mut weight_chunks: Vec<Option<&mut [f32]>> = match entropy_weights.is_empty() {
+            true => (0..chunks).map(|_| None).collect(),
+            false => entropy_weights
                 .chunks_mut(rows_per * vocab)
-                .zip(out.chunks_mut(rows_per))
+                .map(Some)
+                .collect(),
+        };
+        let entropy = self.entropy;
+        std::thread::scope(|scope| {
+            for (((rows, outs), ids), ew) in logits
+                .chunks_mut(rows_per * vocab)
+                .zip(out.chunks_mut(rows_per * width))
                 .zip(ids.chunks(rows_per))
+                .zip(weight_chunks.iter_mut())
             {
                 scope.spawn(move || {
-                    for ((row, out), &id) in rows.chunks_exact_mut(vocab).zip(outs).zip(ids) {
-                        *out = row_logprob(row, id as usize, inv_t, keep_grads);
+                    let mut ew = ew.as_deref_mut().map(|w| w.chunks_exact_mut(vocab));
+                    for ((row, out), &id) in rows
+                        .chunks_exact_mut(vocab)
+                        .zip(outs.chunks_exact_mut(width))
+                        .zip(ids)
+                    {
+                        if entropy {
+                            let w = ew.as_mut().and_then(Iterator::next);
+                            let (lp, h) =
+                                row_logprob_entropy(row, id as usize, inv_t, keep_grads, w);
+                            out[0] = lp;
+                            out[1] = h;
+                        } else {
+                            out[0] = row_logprob(row, id as usize, inv_t, keep_grads);
+                        }
                     }
                 });
             }
         });
+        drop(weight_chunks);
         if let Some(slot) = &self.row_grads {
             let grads = frozen::cpu_times(&logits, n, &self.head)?;
             let grads = Tensor::from_vec(grads, (n, d), &candle_core::Device::Cpu)?;
             *slot.lock().unwrap_or_else(|e| e.into_inner()) = Some(grads);
+        }
+        if let Some(slot) = &self.entropy_grads {
+            let grads = frozen::cpu_times(&entropy_weights, n, &self.head)?;
+            let grads = Tensor::from_vec(grads, (n, d), &candle_core::Device::Cpu)?;
+            *slot.lock().unwrap_or_else(|e| e.into_inner()) = Some(grads);
+        }
+        if self.entropy {
+            return Ok((CpuStorage::F32(out), Shape::from((n, 2))));
         }
         Ok((CpuStorage::F32(out), Shape::from(n)))
     }
@@ -185,7 +302,16 @@ impl CustomOp2 for ChosenLogprob {
         let Some(row_grads) = row_grads else {
             bail!("chosen-logprob: the chunk's gradient was already used");
         };
-        Ok((Some(row_grads.broadcast_mul(&grad.unsqueeze(1)?)?), None))
+        if !self.entropy {
+            return Ok((Some(row_grads.broadcast_mul(&grad.unsqueeze(1)?)?), None));
+        }
+        let mut total = row_grads.broadcast_mul(&grad.narrow(1, 0, 1)?)?;
+        if let Some(slot) = &self.entropy_grads {
+            if let Some(e) = slot.lock().unwrap_or_else(|e| e.into_inner()).take() {
+                total = (total + e.broadcast_mul(&grad.narrow(1, 1, 1)?)?)?;
+            }
+        }
+        Ok((Some(total), None))
     }
 }
 
@@ -201,6 +327,37 @@ fn row_logprob(row: &mut [f32], target: usize, inv_t: f32, into_weights: bool) -
         row[target] += inv_t;
     }
     logprob
+}
+
+/// [`row_logprob`] and the entropy `H = −Σ p log p` of `softmax(row / T)`; with
+/// `entropy_weights` that slice receives `−p (log p + H) / T`, the entropy's gradient with
+/// respect to the logits.
+fn row_logprob_entropy(
+    row: &mut [f32],
+    target: usize,
+    inv_t: f32,
+    into_weights: bool,
+    entropy_weights: Option<&mut [f32]>,
+) -> (f32, f32) {
+    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max) * inv_t;
+    let log_z = max + super::exp::exp_sum(row, inv_t, max).ln() as f32;
+    let logprob = row[target] * inv_t - log_z;
+    let raw = row.to_vec();
+    // row ← −p / T
+    super::exp::exp_in_place(row, inv_t, log_z, -inv_t);
+    // H = log Z − Σ p · z / T = log Z + Σ (−p / T) · z
+    let dot: f64 = row.iter().zip(&raw).map(|(w, z)| (w * z) as f64).sum();
+    let entropy = log_z + dot as f32;
+    if let Some(weights) = entropy_weights {
+        // −p / T · (log p + H), log p = z / T − log Z
+        for ((w, r), z) in weights.iter_mut().zip(row.iter()).zip(&raw) {
+            *w = r * (z * inv_t - log_z + entropy);
+        }
+    }
+    if into_weights {
+        row[target] += inv_t;
+    }
+    (logprob, entropy)
 }
 
 /// Logits `[n, vocab]` in f32 for `hidden: [n, d]`.
@@ -262,5 +419,58 @@ mod tests {
             .unwrap();
         let (a, b) = (g_fused.get(&h).unwrap(), g_comp.get(&h).unwrap());
         assert!(max((a - b).unwrap()) < 1e-4);
+    }
+
+    #[test]
+    fn entropies_equal_the_softmax_definition_in_value_and_gradient() {
+        let device = Device::Cpu;
+        let head = FrozenWeight::from(Tensor::randn(0f32, 1.0, (50, 8), &device).unwrap());
+        let h = Var::randn(0f32, 1.0, (7, 8), &device).unwrap();
+        let targets = Tensor::new(&[3u32, 0, 49, 7, 7, 12, 30], &device).unwrap();
+        let weights = Tensor::randn(0f32, 1.0, 7, &device).unwrap();
+        let max = |t: Tensor| {
+            t.abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap()
+        };
+        // the definition, through candle's own autograd
+        let w = head.to_tensor().unwrap();
+        let logits = (h.as_tensor().matmul(&w.t().unwrap()).unwrap() / 0.7).unwrap();
+        let logp = candle_nn::ops::log_softmax(&logits, 1).unwrap();
+        let direct = (logp.exp().unwrap() * &logp)
+            .unwrap()
+            .sum(1)
+            .unwrap()
+            .neg()
+            .unwrap();
+        let g_direct = (&direct * &weights)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        // fused (CPU f32) and composite (a soft cap too large to change anything)
+        for cap in [None, Some(1e9)] {
+            let (lp, entropy) =
+                gather_logprobs_entropy(h.as_tensor(), &head, &targets, cap, 0.7, true).unwrap();
+            let plain = gather_logprobs(h.as_tensor(), &head, &targets, cap, 0.7).unwrap();
+            assert!(max((&lp - &plain).unwrap()) < 1e-6);
+            assert!(max((&entropy - &direct).unwrap()) < 1e-5, "{cap:?}");
+            let g = (entropy * &weights)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            let diff = max((g.get(&h).unwrap() - g_direct.get(&h).unwrap()).unwrap());
+            assert!(diff < 1e-4, "{cap:?}: entropy gradient differs by {diff}");
+            // detached when its gradient is not asked for
+            let (_, entropy) =
+                gather_logprobs_entropy(h.as_tensor(), &head, &targets, cap, 0.7, false).unwrap();
+            assert!(!entropy.track_op());
+        }
     }
 }

@@ -313,6 +313,32 @@ impl Model {
         adapters_on: bool,
         temperature: f64,
     ) -> Result<Tensor> {
+        Ok(self.pair_scores(pairs, adapters_on, temperature, None)?.0)
+    }
+
+    /// [`Model::pair_logprobs`] and the entropy of each position's temperature-scaled
+    /// distribution, both `[b, t]` (0 past each completion's end). The entropies carry a
+    /// gradient when `entropy_grad` is set and are detached otherwise.
+    pub fn pair_logprobs_entropy(
+        &self,
+        pairs: &[(&[u32], &[u32])],
+        adapters_on: bool,
+        temperature: f64,
+        entropy_grad: bool,
+    ) -> Result<(Tensor, Tensor)> {
+        let (lp, entropy) =
+            self.pair_scores(pairs, adapters_on, temperature, Some(entropy_grad))?;
+        Ok((lp, entropy.expect("entropy asked for")))
+    }
+
+    /// Log-probs, and entropies when `entropy` is `Some(with_gradient)`.
+    fn pair_scores(
+        &self,
+        pairs: &[(&[u32], &[u32])],
+        adapters_on: bool,
+        temperature: f64,
+        entropy: Option<bool>,
+    ) -> Result<(Tensor, Option<Tensor>)> {
         let device = self.device();
         let b = pairs.len();
         let p_max = pairs.iter().map(|(p, _)| p.len()).max().unwrap_or(0);
@@ -336,7 +362,14 @@ impl Model {
             })
             .collect();
         if distinct.len() < b && c_max > 0 {
-            return self.shared_prompt_logprobs(pairs, &distinct, source, adapters_on, temperature);
+            return self.shared_prompt_logprobs(
+                pairs,
+                &distinct,
+                source,
+                adapters_on,
+                temperature,
+                entropy,
+            );
         }
         let width = p_max + c_max;
         let mut ids = Vec::with_capacity(b * width);
@@ -357,7 +390,8 @@ impl Model {
             key_valid,
         };
         if c_max == 0 {
-            return Ok(Tensor::zeros((b, 0), candle_core::DType::F32, device)?);
+            let empty = Tensor::zeros((b, 0), candle_core::DType::F32, device)?;
+            return Ok((empty.clone(), entropy.map(|_| empty)));
         }
         let hidden = self.forward(&input, None, adapters_on)?;
         let d = hidden.dim(2)?;
@@ -365,7 +399,7 @@ impl Model {
         let scoring = hidden
             .narrow(1, p_max - 1, c_max)?
             .reshape((b * c_max, d))?;
-        self.completion_tokens_logprobs(&scoring, pairs, c_max, temperature)
+        self.completion_tokens_logprobs(&scoring, pairs, c_max, temperature, entropy)
     }
 
     /// [`Model::pair_logprobs`] where prompts repeat (a GRPO group): each distinct prompt
@@ -381,7 +415,8 @@ impl Model {
         source: Vec<u32>,
         adapters_on: bool,
         temperature: f64,
-    ) -> Result<Tensor> {
+        entropy: Option<bool>,
+    ) -> Result<(Tensor, Option<Tensor>)> {
         let device = self.device();
         let b = pairs.len();
         let p_max = distinct.iter().map(|p| p.len()).max().unwrap_or(0);
@@ -430,19 +465,20 @@ impl Model {
         let d = hidden.dim(2)?;
         let scoring =
             Tensor::cat(&[&first, &hidden.narrow(1, 0, c_max - 1)?], 1)?.reshape((b * c_max, d))?;
-        self.completion_tokens_logprobs(&scoring, pairs, c_max, temperature)
+        self.completion_tokens_logprobs(&scoring, pairs, c_max, temperature, entropy)
     }
 
     /// `[b, c_max]`: the log-probability of each pair's completion tokens from `scoring:
     /// [b · c_max, d]`, the states that predict them (row `i · c_max + t` predicts token `t`
-    /// of pair `i`), 0 past each completion's end.
+    /// of pair `i`), 0 past each completion's end; with `entropy`, the entropies too.
     fn completion_tokens_logprobs(
         &self,
         scoring: &Tensor,
         pairs: &[(&[u32], &[u32])],
         c_max: usize,
         temperature: f64,
-    ) -> Result<Tensor> {
+        entropy: Option<bool>,
+    ) -> Result<(Tensor, Option<Tensor>)> {
         let device = self.device();
         let b = pairs.len();
         let mut targets = Vec::with_capacity(b * c_max);
@@ -453,15 +489,36 @@ impl Model {
             mask.extend((0..c_max).map(|t| if t < completion.len() { 1f32 } else { 0.0 }));
         }
         let targets = Tensor::from_vec(targets, b * c_max, device)?;
-        let logprobs = logprob::gather_logprobs(
-            scoring,
-            self.lm_head(),
-            &targets,
-            self.logit_softcap(),
-            temperature,
-        )?
-        .reshape((b, c_max))?;
-        Ok((logprobs * Tensor::from_vec(mask, (b, c_max), device)?)?)
+        let mask = Tensor::from_vec(mask, (b, c_max), device)?;
+        let (logprobs, entropies) = match entropy {
+            None => (
+                logprob::gather_logprobs(
+                    scoring,
+                    self.lm_head(),
+                    &targets,
+                    self.logit_softcap(),
+                    temperature,
+                )?,
+                None,
+            ),
+            Some(grad) => {
+                let (lp, h) = logprob::gather_logprobs_entropy(
+                    scoring,
+                    self.lm_head(),
+                    &targets,
+                    self.logit_softcap(),
+                    temperature,
+                    grad,
+                )?;
+                (lp, Some(h))
+            }
+        };
+        let logprobs = (logprobs.reshape((b, c_max))? * &mask)?;
+        let entropies = match entropies {
+            Some(h) => Some((h.reshape((b, c_max))? * &mask)?),
+            None => None,
+        };
+        Ok((logprobs, entropies))
     }
 
     /// The `n` most likely next tokens one at a time from `prompt` (greedy decoding; no

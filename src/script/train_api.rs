@@ -11,8 +11,6 @@ use super::convert::{check_keys, count, error, text, RhaiResult};
 use super::model_api::ModelHandle;
 use super::{Area, Output};
 use crate::data::question::{questions, Question};
-use crate::grpo::loss::{LossType, ScaleRewards};
-use crate::grpo::optim::Schedule;
 use crate::grpo::{self, GrpoConfig, GrpoRun};
 use crate::judge::{self, JudgeConfig, Selection};
 use crate::model::generate::Sampling;
@@ -140,22 +138,7 @@ fn register(engine: &mut Engine, output: &Arc<dyn Output>) {
             "options: Map",
             "TrainingRun",
         ])
-        .with_comments([
-            "/// Trains `policy`'s LoRA adapters in place with GRPO on the questions of \
-             `items`. `rewards` is an array of built-in names (`accuracy`, `format`, \
-             `xmlcount`: the study's preset and default; `binary`, `numeric`, `length`), \
-             closures `|completion, item| -> number` (`item` is a map of the question's \
-             fields) and maps `#{ name, reward, weight }`. Options: `preset` (`default` or \
-             `open-medical-r1`), `group`, `batch` (completions per micro-batch), \
-             `grad_accum`, `steps`, `lr`, `schedule` (constant, linear, cosine), \
-             `warmup_ratio`, `weight_decay`, `max_grad_norm`, `loss_type` (grpo, bnpo, \
-             dr_grpo, dapo), `scale_rewards` (group, batch, none), `std_floor`, `epsilon`, \
-             `epsilon_high`, `beta`, `num_iterations`, `mask_truncated`, \
-             `filter_zero_std`, `max_tokens`, `temperature`, `top_p`, `top_k`, `min_p`, \
-             `stop`, `seed`, `system`, `user`, `checkpoint_every` (1: after every step), \
-             `resume` (true). A reward closure may not use the policy being trained (an \
-             error says so; score with another model).",
-        ])
+        .with_comments([grpo_doc()])
         .register_into_engine(
             engine,
             move |ctx: NativeCallContext, policy: ModelHandle, items: DataFrame, opts: Map| {
@@ -202,9 +185,11 @@ fn register(engine: &mut Engine, output: &Arc<dyn Output>) {
         .in_global_namespace()
         .with_params_info(["run: TrainingRun", "DataFrame"])
         .with_comments([
-            "/// One row per step: `step`, `loss`, `reward`, `reward_std`, `reward_<name>` per \
-             reward, `kl`, `clip_ratio`, `completion_len`, `frac_zero_std`, `grad_norm`, `lr`, \
-             `step_s`, `tokens_per_s`, `gen_s`, `reward_s`, `train_s`.",
+            "/// One row per step: `step`, `loss`, `reward`, `reward_std`, `reward_<name>` and \
+             `reward_<name>_std` per reward, `kl`, `entropy`, `logp_mismatch` (mean |sampling \
+             − training| log-prob: 0 for local rollouts), `clip_ratio`, `completion_len`, \
+             `frac_zero_std`, `grad_norm`, `lr`, `step_s`, `tokens_per_s`, `gen_s`, \
+             `reward_s`, `train_s`.",
         ])
         .register_into_engine(engine, |run: &mut TrainingRun| run.0.metrics.clone());
     FuncRegistration::new("completions")
@@ -230,6 +215,35 @@ fn register(engine: &mut Engine, output: &Arc<dyn Output>) {
     FuncRegistration::new("to_debug")
         .in_global_namespace()
         .register_into_engine(engine, |run: &mut TrainingRun| describe(&run.0));
+}
+
+/// `grpo`'s reference text: what it does, then every setting by its TRL name.
+fn grpo_doc() -> String {
+    let settings: Vec<String> = grpo::config::SETTINGS
+        .iter()
+        .map(|(name, what)| format!("`{name}`: {what}"))
+        .collect();
+    let aliases: Vec<String> = grpo::config::ALIASES
+        .iter()
+        .map(|(alias, name)| format!("`{alias}` for `{name}`"))
+        .collect();
+    format!(
+        "/// Trains `policy`'s LoRA adapters in place with GRPO on the questions of `items`. \
+         `rewards` is an array of built-in names (`accuracy`, `format`, `xmlcount`: the \
+         study's preset and default; `binary`, `numeric`, `length`), closures \
+         `|completion, item| -> number` (`item` is a map of the question's fields) and maps \
+         `#{{ name, reward, weight }}`. `preset` is a built-in preset ({}) or the path of a \
+         preset file (`presets/grpo/*.json`: `name`, `about`, `settings`); the other options \
+         override its settings, by the names of TRL 1.16's `GRPOConfig` where TRL has the \
+         setting — {}. TRL's other names are taken too: {}. An unknown option is an error. \
+         The mismatch correction (`vllm_importance_sampling_*`) applies to rollouts sampled by \
+         another engine; with local rollouts the sampler's log-probs are the trainer's and \
+         the measured mismatch (`logp_mismatch` in the metrics) is 0. A reward closure may not \
+         use the policy being trained (an error says so; score with another model).",
+        grpo::config::PRESETS.join(", "),
+        settings.join("; "),
+        aliases.join(", ")
+    )
 }
 
 fn describe(run: &GrpoRun) -> String {
@@ -352,121 +366,39 @@ fn judge_with(
     judge::judge(&*lm, items, &config, &job_of(output)).map_err(error)
 }
 
-const GRPO_OPTIONS: &[&str] = &[
-    "stop",
-    "include_stop",
-    "preset",
-    "rewards",
-    "group",
-    "batch",
-    "grad_accum",
-    "steps",
-    "lr",
-    "schedule",
-    "warmup_ratio",
-    "weight_decay",
-    "max_grad_norm",
-    "loss_type",
-    "scale_rewards",
-    "std_floor",
-    "epsilon",
-    "epsilon_high",
-    "beta",
-    "num_iterations",
-    "mask_truncated",
-    "filter_zero_std",
-    "max_tokens",
-    "temperature",
-    "top_p",
-    "top_k",
-    "min_p",
-    "seed",
-    "system",
-    "user",
-    "checkpoint_every",
-    "resume",
-    "reward_weights",
-];
+/// Options of `grpo` besides the settings of [`grpo::config::SETTINGS`] and their aliases.
+const GRPO_EXTRA_OPTIONS: [&str; 2] = ["preset", "rewards"];
 
+/// The settings of `grpo`'s options: the preset's (a built-in name or a preset file; the
+/// default preset without one), then every other option by its TRL name.
 fn grpo_config(opts: &Map) -> RhaiResult<GrpoConfig> {
-    check_keys(opts, GRPO_OPTIONS, "grpo")?;
+    for key in opts.keys() {
+        if !GRPO_EXTRA_OPTIONS.contains(&key.as_str()) && grpo::config::canonical(key).is_none() {
+            let names: Vec<&str> = GRPO_EXTRA_OPTIONS
+                .iter()
+                .copied()
+                .chain(grpo::config::SETTINGS.iter().map(|(k, _)| *k))
+                .collect();
+            return Err(error(format!(
+                "grpo: unknown option `{key}`; it takes {} (and TRL's names {})",
+                names.join(", "),
+                grpo::config::ALIASES
+                    .iter()
+                    .map(|(a, _)| *a)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )));
+        }
+    }
     let preset = text(opts, "preset")?.unwrap_or_else(|| "default".into());
-    let mut c = GrpoConfig::preset(&preset).ok_or_else(|| {
-        error(format!(
-            "grpo: unknown preset `{preset}`; presets: {}",
-            grpo::config::PRESETS.join(", ")
-        ))
-    })?;
-    for (key, slot) in [
-        ("group", &mut c.group),
-        ("batch", &mut c.batch),
-        ("grad_accum", &mut c.grad_accum),
-        ("steps", &mut c.steps),
-        ("num_iterations", &mut c.num_iterations),
-        ("checkpoint_every", &mut c.checkpoint_every),
-    ] {
-        if let Some(v) = opts.get(key) {
-            *slot = int(v, key)?;
-        }
-    }
-    if opts.contains_key("group") && !opts.contains_key("batch") {
-        // one prompt's group per micro-batch unless told otherwise
-        c.batch = c.group;
-    }
-    for (key, slot) in [
-        ("lr", &mut c.lr),
-        ("warmup_ratio", &mut c.warmup_ratio),
-        ("weight_decay", &mut c.adamw.weight_decay),
-        ("max_grad_norm", &mut c.max_grad_norm),
-        ("std_floor", &mut c.std_floor),
-        ("beta", &mut c.beta),
-    ] {
-        if let Some(v) = opts.get(key) {
-            *slot = float(v, key)?;
-        }
-    }
-    if let Some(v) = opts.get("epsilon") {
-        c.epsilon_low = float(v, "epsilon")?;
-        c.epsilon_high = c.epsilon_low;
-    }
-    if let Some(v) = opts.get("epsilon_high") {
-        c.epsilon_high = float(v, "epsilon_high")?;
-    }
-    if let Some(name) = text(opts, "schedule")? {
-        c.schedule = Schedule::by_name(&name).ok_or_else(|| {
-            error(format!(
-                "grpo: unknown schedule `{name}`; use constant, linear or cosine"
-            ))
-        })?;
-    }
-    if let Some(name) = text(opts, "loss_type")? {
-        c.loss_type = LossType::by_name(&name).ok_or_else(|| {
-            error(format!(
-                "grpo: unknown loss_type `{name}`; use grpo, bnpo, dr_grpo or dapo"
-            ))
-        })?;
-    }
-    if let Some(name) = text(opts, "scale_rewards")? {
-        c.scale_rewards = ScaleRewards::by_name(&name).ok_or_else(|| {
-            error(format!(
-                "grpo: unknown scale_rewards `{name}`; use group, batch or none"
-            ))
-        })?;
-    }
-    for (key, slot) in [
-        ("mask_truncated", &mut c.mask_truncated),
-        ("filter_zero_std", &mut c.filter_zero_std),
-        ("resume", &mut c.resume),
-    ] {
-        if let Some(v) = opts.get(key) {
-            *slot = boolean(v, key)?;
-        }
-    }
-    if let Some(v) = opts.get("seed") {
-        c.seed = int(v, "seed")? as u64;
-    }
-    apply_sampling(opts, &mut c.sampling)?;
-    apply_template(opts, &mut c.template)?;
+    let mut c = GrpoConfig::preset(&preset).map_err(error)?;
+    let values: Vec<(String, serde_json::Value)> = opts
+        .iter()
+        .filter(|(k, _)| !GRPO_EXTRA_OPTIONS.contains(&k.as_str()))
+        .map(|(k, v)| (k.to_string(), super::convert::to_json(v)))
+        .collect();
+    c.apply_all(values.iter().map(|(k, v)| (k.as_str(), v)))
+        .map_err(|m| error(format!("grpo: {m}")))?;
     Ok(c)
 }
 
@@ -719,22 +651,6 @@ fn rewards_of<'a>(ctx: &'a NativeCallContext, opts: &Map) -> RhaiResult<Vec<Rewa
                 "grpo: a reward is a name, a closure or a map, not {}",
                 item.type_name()
             )));
-        }
-    }
-    if let Some(v) = opts.get("reward_weights") {
-        let weights = v
-            .clone()
-            .try_cast::<Array>()
-            .ok_or_else(|| error("grpo: `reward_weights` must be an array of numbers"))?;
-        if weights.len() != rewards.len() {
-            return Err(error(format!(
-                "grpo: {} reward_weights for {} rewards",
-                weights.len(),
-                rewards.len()
-            )));
-        }
-        for (r, w) in rewards.iter_mut().zip(weights) {
-            r.weight = float(&w, "reward_weights")?;
         }
     }
     Ok(rewards)

@@ -173,6 +173,107 @@ fn a_resumed_run_equals_an_uninterrupted_one() {
     assert_eq!(resumed.completions.height(), 4 * 8);
 }
 
+/// TRL 1.16's knobs together, with a synced reference adapter mixed in after every update
+/// and two updates per step: a run stopped after two steps and resumed in a fresh process
+/// equals the uninterrupted one (the reference is checkpointed), the synced reference
+/// changes the KL from the second step on, and the metrics carry entropy, per-reward
+/// standard deviations and a zero mismatch for local rollouts.
+#[test]
+fn trl_knobs_and_a_synced_reference_resume_exactly() {
+    let items = toy_items();
+    let rewards = [
+        Reward::custom("alnum", 1.0, |s| Ok(alphanumeric_share(s.completion))),
+        Reward::custom("short", 1.0, |s| Ok(1.0 / (1.0 + s.tokens as f64))),
+    ];
+    let knobs = |cache: &str, sync: bool| {
+        let mut c = toy_config(4, cache);
+        c.loss_type = grpo::loss::LossType::Sapo;
+        c.importance_sampling_level = grpo::loss::ImportanceSampling::Sequence;
+        c.multi_objective_aggregation = grpo::loss::Aggregation::NormalizeThenSum;
+        c.reward_weights = Some(vec![1.0, 0.5]);
+        c.num_iterations = 2;
+        c.beta = 0.04;
+        c.top_entropy_quantile = 0.5;
+        c.entropy_coef = 0.01;
+        c.off_policy_mask_threshold = Some(0.5);
+        c.sync_ref_model = sync;
+        c.ref_model_sync_steps = 1;
+        c
+    };
+    let col = |df: &polars::prelude::DataFrame, c: &str| -> Vec<f64> {
+        df.column(c)
+            .unwrap()
+            .f64()
+            .unwrap()
+            .into_no_null_iter()
+            .collect()
+    };
+    let mut whole = tiny_policy(7);
+    let config = knobs("knobs-whole", true);
+    let uninterrupted = grpo::train(&mut whole, &items, &rewards, &config, &Job::silent()).unwrap();
+
+    let config = knobs("knobs-split", true);
+    let cancel = Cancel::new();
+    let job = Job {
+        progress: Arc::new(CancelAfter {
+            after: 2,
+            cancel: cancel.clone(),
+            updates: AtomicUsize::new(0),
+        }),
+        cancel,
+    };
+    let mut first = tiny_policy(7);
+    match grpo::train(&mut first, &items, &rewards, &config, &job) {
+        Err(GrpoError::Interrupted { step, .. }) => assert_eq!(step, 2),
+        other => panic!("expected an interruption, got {other:?}"),
+    }
+    let mut second = tiny_policy(7);
+    let resumed = grpo::train(&mut second, &items, &rewards, &config, &Job::silent()).unwrap();
+    assert_eq!(resumed.resumed_from, 2);
+    assert_eq!(adapter_values(&mut second), adapter_values(&mut whole));
+    for c in ["loss", "kl", "entropy"] {
+        assert_eq!(
+            col(&resumed.metrics, c),
+            col(&uninterrupted.metrics, c),
+            "{c}"
+        );
+    }
+    let entropy = col(&uninterrupted.metrics, "entropy");
+    assert!(entropy.iter().all(|&h| h > 0.0), "{entropy:?}");
+    assert!(col(&uninterrupted.metrics, "logp_mismatch")
+        .iter()
+        .all(|&m| m == 0.0));
+    assert_eq!(col(&uninterrupted.metrics, "reward_short_std").len(), 4);
+
+    // the adapters-off reference: the same first step, another KL after it
+    let mut plain = tiny_policy(7);
+    let off = grpo::train(
+        &mut plain,
+        &items,
+        &rewards,
+        &knobs("knobs-off", false),
+        &Job::silent(),
+    )
+    .unwrap();
+    let (kl_sync, kl_off) = (col(&uninterrupted.metrics, "kl"), col(&off.metrics, "kl"));
+    // a fresh adapter's B is 0: its copy is the adapters-off model
+    assert!(
+        (kl_sync[0] - kl_off[0]).abs() < 1e-7,
+        "{kl_sync:?} vs {kl_off:?}"
+    );
+    assert!(
+        kl_sync[1..]
+            .iter()
+            .zip(&kl_off[1..])
+            .any(|(a, b)| (a - b).abs() > 1e-6),
+        "{kl_sync:?} vs {kl_off:?}"
+    );
+    assert_ne!(
+        uninterrupted.dir, off.dir,
+        "the setting is part of the run's key"
+    );
+}
+
 /// Where the adapter check keeps its files: `$RLVR_PEFT_CHECK_DIR` when set (for
 /// `reference/check_grpo_adapter.py`, which loads them in PEFT), else a scratch folder.
 fn peft_check_dir() -> PathBuf {
@@ -549,4 +650,85 @@ fn a_reward_closure_that_uses_the_policy_being_trained_fails_clearly() {
         "{stderr}"
     );
     let _ = std::fs::remove_dir_all(&home);
+}
+
+/// A GRPO script with a preset file and extra options, printing the Metrics columns and the
+/// manifest's loss settings.
+fn options_script(dir: &Path, name: &str, preset: &Path, options: &str) -> PathBuf {
+    let path = dir.join(format!("{name}.rhai"));
+    std::fs::create_dir_all(dir).unwrap();
+    let text = format!(
+        r#"
+let base = model("tests/fixtures/tiny-gemma3", #{{ tokenizer: "tests/fixtures/tiny-tokenizer/tokenizer.json" }});
+let items = load("medqa", "data/samples/medqa", #{{ split: "test" }})
+    .sql("SELECT * FROM self ORDER BY length(question), id LIMIT 2");
+let policy = base.with_lora(#{{ rank: 4, alpha: 8, seed: 1 }});
+let run = grpo(policy, items, #{{ preset: "{}", system: (), rewards: [|c, item| c.len() / 10.0, "format"], {options} }});
+print(`columns: ${{run.metrics().columns()}}`);
+print(`folder: ${{run.folder()}}`);
+"#,
+        preset.display()
+    );
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+#[test]
+fn grpo_options_take_trl_names_and_preset_files_and_refuse_unknown_ones() {
+    let home = scratch("trl-options");
+    let dir = home.join("scripts");
+    std::fs::create_dir_all(&dir).unwrap();
+    let preset = dir.join("recipe.json");
+    std::fs::write(
+        &preset,
+        r#"{"name": "recipe", "about": "a test recipe", "settings": {
+            "loss_type": "cispo", "epsilon_high": 5.0, "num_generations": 2,
+            "max_completion_length": 4, "max_steps": 1}}"#,
+    )
+    .unwrap();
+    let script = options_script(
+        &dir,
+        "ok",
+        &preset,
+        r#"importance_sampling_level: "sequence", top_entropy_quantile: 0.5, mask_truncated_completions: true, reward_weights: [1.0, 0.5], multi_objective_aggregation: "normalize_then_sum""#,
+    );
+    let stdout = succeeded(rlvr_run(&script, &home, &home, &[]).output().unwrap());
+    for column in ["entropy", "logp_mismatch", "reward_format_std"] {
+        assert!(stdout.contains(column), "no `{column}` in {stdout}");
+    }
+    let folder = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("folder: "))
+        .unwrap();
+    let manifest: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(Path::new(folder).join("manifest.json")).unwrap(),
+    )
+    .unwrap();
+    let settings = manifest.get("settings").unwrap_or(&manifest);
+    assert_eq!(settings["preset"], "recipe", "{manifest}");
+    assert_eq!(settings["loss_type"], "cispo");
+    assert_eq!(settings["epsilon_high"], 5.0);
+    assert_eq!(settings["importance_sampling_level"], "sequence");
+    assert_eq!(settings["reward_weights"], serde_json::json!([1.0, 0.5]));
+
+    let fails = |name: &str, preset: &Path, options: &str| -> String {
+        let script = options_script(&dir, name, preset, options);
+        let out = rlvr_run(&script, &home, &home, &[]).output().unwrap();
+        assert!(!out.status.success());
+        String::from_utf8_lossy(&out.stderr).to_string()
+    };
+    let stderr = fails("unknown", &preset, "entropy_cof: 0.1");
+    assert!(
+        stderr.contains("unknown option `entropy_cof`") && stderr.contains("entropy_coef"),
+        "{stderr}"
+    );
+    let stderr = fails("twice", &preset, "group: 2, num_generations: 2");
+    assert!(stderr.contains("given twice"), "{stderr}");
+    let broken = dir.join("broken.json");
+    std::fs::write(&broken, r#"{"name": "broken", "settings": {"lr": "fast"}}"#).unwrap();
+    let stderr = fails("broken", &broken, "steps: 1");
+    assert!(
+        stderr.contains("broken.json") && stderr.contains("`lr` must be a number"),
+        "{stderr}"
+    );
 }
