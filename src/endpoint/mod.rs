@@ -10,6 +10,7 @@
 //! nothing when the server dies halfway.
 
 mod error;
+pub mod fleet;
 mod retry;
 mod wire;
 
@@ -23,6 +24,7 @@ use serde_json::Value;
 use tokio::sync::Semaphore;
 
 pub use error::EndpointError;
+pub use fleet::{Fleet, FleetError};
 use wire::{Input, Route};
 
 use crate::model::chat::Message;
@@ -312,6 +314,22 @@ impl Endpoint {
                     .ok_or_else(|| unexpected("a model without an `id`"))
             })
             .collect()
+    }
+
+    /// Whether the server answers `GET /models` now: one try, within 10 s (less when the
+    /// endpoint's `timeout` is shorter), without retries. A fleet asks after a failed
+    /// request, to tell a server that died from a request that failed.
+    pub fn alive(&self) -> bool {
+        let shared = self.shared.clone();
+        let url = format!("{}/models", shared.base);
+        let timeout = shared.options.timeout.min(Duration::from_secs(10));
+        self.wait(async move {
+            let mut request = shared.client.get(&url).timeout(timeout);
+            if let Some(key) = &shared.api_key {
+                request = request.bearer_auth(key);
+            }
+            request.send().await.is_ok_and(|r| r.status().is_success())
+        })
     }
 
     /// Sends every chat request, at most `concurrency` at a time, and returns their results

@@ -94,6 +94,35 @@ fn register(engine: &mut Engine, output: &Arc<dyn Output>) {
             },
         );
 
+    let out = output.clone();
+    FuncRegistration::new("judge")
+        .in_global_namespace()
+        .with_params_info([
+            "servers: Array",
+            "items: DataFrame",
+            "options: Map",
+            "DataFrame",
+        ])
+        .with_comments([
+            "/// `judge` spread over several servers of one model (an array of `endpoint(…)`s, \
+             e.g. one per GPU): each conversation goes to a server with a free slot (each \
+             server `concurrency` at a time; `batch` defaults to 4 × their sum), every \
+             response is cached as it arrives, a server that stops answering hands its \
+             conversations to the others, and each sample's seed comes from the item and \
+             the sample index, so the table is the one a single server gives.",
+        ])
+        .register_into_engine(
+            engine,
+            move |servers: Array, items: DataFrame, opts: Map| -> RhaiResult<DataFrame> {
+                let fleet = super::endpoint_api::fleet_of(servers, "judge")?;
+                let mut config = judge_config(&opts)?;
+                if !opts.contains_key("batch") {
+                    config.batch = (4 * fleet.concurrency()).max(8);
+                }
+                judge::judge(&fleet, &items, &config, &job_of(&out)).map_err(error)
+            },
+        );
+
     FuncRegistration::new("select_by_difficulty")
         .in_global_namespace()
         .with_params_info(["judged: DataFrame", "options: Map", "DataFrame"])

@@ -1,18 +1,29 @@
-//! Serving adapters at runtime, with real `rlvr serve` processes on the tiny Gemma 3:
-//! vLLM's `/v1/load_lora_adapter` and `/v1/unload_lora_adapter` with their replies and
-//! errors, a request naming a loaded adapter answered by it (log-probabilities equal to the
-//! local model with that adapter).
+//! Serving adapters at runtime and spreading a study over several servers, with real
+//! `rlvr serve` processes on the tiny Gemma 3: vLLM's `/v1/load_lora_adapter` and
+//! `/v1/unload_lora_adapter` with their replies and errors, a request naming a loaded
+//! adapter answered by it (log-probabilities equal to the local model with that adapter),
+//! and judging and evaluation over two servers, one of them killed mid-run, giving the
+//! tables one server gives with every response cached once.
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use candle_core::{Tensor, D};
+use polars::prelude::*;
+use rlvr::data::{self, LoadOptions};
+use rlvr::endpoint::{Endpoint, EndpointOptions, Fleet};
+use rlvr::eval::preset::Mode;
+use rlvr::eval::{self, EvalOptions};
+use rlvr::judge::{self, JudgeConfig};
 use rlvr::model::lm::LanguageModel;
 use rlvr::model::lora::{self, LoraConfig};
+use rlvr::progress::Job;
 use serde_json::{json, Value};
 
 use crate::serve::{local, Served};
+use crate::{kill_when, repo};
 
 fn scratch(name: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("rlvr-fleet-{}-{name}", std::process::id()));
@@ -277,4 +288,165 @@ fn lora_routes_need_enable_lora_and_modules_load_at_start() {
     let (model, values) = served_logprobs(&served, "sql", text);
     assert_eq!(model, "sql");
     assert!(close(&values, &local_logprobs(&tuned, &ids)));
+}
+
+fn load(kind: &str, split: &str, n: usize) -> DataFrame {
+    let options = LoadOptions {
+        split: Some(split.into()),
+        ..LoadOptions::default()
+    };
+    data::load(kind, &repo(&format!("data/samples/{kind}")), &options)
+        .unwrap()
+        .head(Some(n))
+}
+
+/// A client of `served` that sends one request at a time (so the server runs each alone
+/// and sampling is bit-identical whichever server answers) and gives up quickly on a
+/// dead server.
+fn one_at_a_time(served: &Served) -> Endpoint {
+    let options = EndpointOptions {
+        concurrency: 1,
+        retries: 1,
+        backoff: Duration::from_millis(20),
+        timeout: Duration::from_secs(60),
+        ..EndpointOptions::default()
+    };
+    Endpoint::new(&served.url, "tiny", options).unwrap()
+}
+
+/// The lines of the one cache file under `dir`.
+fn cache_lines(dir: &Path) -> Vec<Value> {
+    let mut lines = vec![];
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return lines;
+    };
+    for entry in entries {
+        let text = std::fs::read_to_string(entry.unwrap().path()).unwrap_or_default();
+        lines.extend(
+            text.lines()
+                .filter(|l| !l.trim().is_empty())
+                .filter_map(|l| serde_json::from_str(l).ok()),
+        );
+    }
+    lines
+}
+
+const SERVE_ARGS: [&str; 2] = ["--max-model-len", "4096"];
+
+#[test]
+fn judging_over_two_servers_one_killed_gives_one_servers_table() {
+    let items = load("medqa", "test", 12);
+    let mut config = JudgeConfig {
+        samples: 3,
+        batch: 64,
+        seed: 5,
+        cache_dir: scratch("judge-one"),
+        ..JudgeConfig::default()
+    };
+    config.sampling.max_tokens = 24;
+    config.sampling.temperature = 1.0;
+    let alone = Served::start(&SERVE_ARGS, &[]);
+    let reference = judge::judge(&one_at_a_time(&alone), &items, &config, &Job::silent()).unwrap();
+    drop(alone);
+
+    config.cache_dir = scratch("judge-fleet");
+    let cache = config.cache_dir.join("judge");
+    let first = Served::start(&SERVE_ARGS, &[]);
+    let mut second = Served::start(&SERVE_ARGS, &[]);
+    let fleet = Fleet::new(vec![one_at_a_time(&first), one_at_a_time(&second)]).unwrap();
+    let total = items.height() * config.samples;
+    let spread = std::thread::scope(|scope| {
+        let running = scope.spawn(|| judge::judge(&fleet, &items, &config, &Job::silent()));
+        // the second server dies with a third of the responses in
+        kill_when(&mut second.child, || cache_lines(&cache).len() >= total / 3);
+        running.join().unwrap().unwrap()
+    });
+    assert_eq!(fleet.down(), [second.url.clone()], "it died mid-run");
+    let without_judge = |df: &DataFrame| df.drop("judge").unwrap();
+    assert!(
+        without_judge(&reference).equals_missing(&without_judge(&spread)),
+        "{reference}\n{spread}"
+    );
+    // every response cached exactly once
+    let lines = cache_lines(&cache);
+    assert_eq!(lines.len(), total);
+    let mut keys: Vec<(String, u64)> = lines
+        .iter()
+        .map(|l| (l["id"].to_string(), l["sample"].as_u64().unwrap()))
+        .collect();
+    keys.sort();
+    keys.dedup();
+    assert_eq!(keys.len(), total, "nothing judged twice");
+    // the samples differ: the seeds reached the servers
+    let responses = spread.column("responses").unwrap().list().unwrap().clone();
+    assert!(responses.get_as_series(0).unwrap().n_unique().unwrap() > 1);
+}
+
+#[test]
+fn evaluating_over_two_servers_one_killed_gives_one_servers_results() {
+    let items = load("mmlu", "test", 24);
+    let options = EvalOptions {
+        mode: Some(Mode::Generate),
+        preset: Some("study".into()),
+        max_tokens: Some(16),
+        temperature: 1.0,
+        seed: 9,
+        batch: Some(8),
+        cache_dir: Some(scratch("eval-one")),
+        ..EvalOptions::default()
+    };
+    let alone = Served::start(&SERVE_ARGS, &[]);
+    let reference =
+        eval::evaluate(&one_at_a_time(&alone), &items, &options, &Job::silent()).unwrap();
+    drop(alone);
+
+    let cache = scratch("eval-fleet");
+    let options = EvalOptions {
+        cache_dir: Some(cache.clone()),
+        ..options
+    };
+    let first = Served::start(&SERVE_ARGS, &[]);
+    let mut second = Served::start(&SERVE_ARGS, &[]);
+    let fleet = Fleet::new(vec![one_at_a_time(&first), one_at_a_time(&second)]).unwrap();
+    let spread = std::thread::scope(|scope| {
+        let running = scope.spawn(|| eval::evaluate(&fleet, &items, &options, &Job::silent()));
+        // killed once the first batch is in
+        kill_when(&mut second.child, || !cache_lines(&cache).is_empty());
+        running.join().unwrap().unwrap()
+    });
+    assert_eq!(fleet.down(), [second.url.clone()], "it died mid-run");
+    assert!(reference.equals_missing(&spread), "{reference}\n{spread}");
+    assert_eq!(cache_lines(&cache).len(), items.height());
+}
+
+#[test]
+fn scripts_judge_and_evaluate_over_an_array_of_endpoints() {
+    let (first, second) = (
+        Served::start(&SERVE_ARGS, &[]),
+        Served::start(&SERVE_ARGS, &[]),
+    );
+    let urls = format!("urls={},{}", first.url, second.url);
+    let home = scratch("script-home");
+    let out = crate::rlvr(&["run", "tests/scripts/fleet.rhai", "--set", &urls])
+        .env("RLVR_HOME", &home)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "stdout: {stdout}\nstderr: {stderr}");
+    assert!(
+        stdout.contains("judged: 4 rows, 4 response lists"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("evaluated: 6 rows, model tiny"), "{stdout}");
+    assert!(
+        stdout.contains("element 1 of the servers is a i64, not an endpoint"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("serves model `another`") && stdout.contains("servers of one model"),
+        "{stdout}"
+    );
+    // every response went into the judge's one cache
+    assert_eq!(cache_lines(&home.join("cache/judge")).len(), 8);
 }
