@@ -9,6 +9,7 @@
 //! caller's thread as it finishes, so a caller can persist results as they come and lose
 //! nothing when the server dies halfway.
 
+pub mod adapters;
 mod error;
 pub mod fleet;
 mod retry;
@@ -23,6 +24,7 @@ use std::time::{Duration, SystemTime};
 use serde_json::Value;
 use tokio::sync::Semaphore;
 
+pub use adapters::{TokenRequest, TokenSample};
 pub use error::EndpointError;
 pub use fleet::{Fleet, FleetError};
 use wire::{Input, Route};

@@ -12,6 +12,7 @@
 pub mod config;
 pub mod loss;
 pub mod optim;
+pub mod rollout;
 mod store;
 
 use std::path::PathBuf;
@@ -29,7 +30,7 @@ use loss::{advantages, LossSettings, LossStats};
 use optim::{clip_grad_norm, AdamW};
 
 use crate::data::question::Question;
-use crate::model::generate::{generate, Finish, Sampling};
+use crate::model::generate::{Finish, Sampling};
 use crate::model::lm::LanguageModel;
 use crate::model::lora;
 use crate::progress::Job;
@@ -94,6 +95,19 @@ pub fn train(
     config: &GrpoConfig,
     job: &Job,
 ) -> Result<GrpoRun, GrpoError> {
+    train_with(policy, items, rewards, config, &mut rollout::Local, job)
+}
+
+/// [`train`] with the completions of each step from `rollouts` (e.g. a server holding the
+/// policy's current adapter, [`rollout::Served`]).
+pub fn train_with(
+    policy: &mut LanguageModel,
+    items: &[Question],
+    rewards: &[Reward],
+    config: &GrpoConfig,
+    rollouts: &mut dyn rollout::Rollouts,
+    job: &Job,
+) -> Result<GrpoRun, GrpoError> {
     config.validate()?;
     if items.is_empty() {
         return Err(GrpoError::Setup("no items to train on".into()));
@@ -150,6 +164,7 @@ pub fn train(
             config,
             &vars,
             &mut optimizer,
+            rollouts,
             step,
             job,
         )? {
@@ -278,6 +293,7 @@ fn one_step(
     config: &GrpoConfig,
     vars: &[(String, Var)],
     optimizer: &mut AdamW,
+    rollouts: &mut dyn rollout::Rollouts,
     step: usize,
     job: &Job,
 ) -> Result<Option<(StepMetrics, Vec<CompletionRow>)>, GrpoError> {
@@ -301,22 +317,9 @@ fn one_step(
             ..config.sampling.clone()
         })
         .collect();
-    let mut cancelled = false;
-    let decode = |ids: &[u32]| policy.tokenizer.decode(ids);
-    let completions = generate(
-        &policy.model,
-        &row_prompts,
-        &requests,
-        true,
-        Some(&decode),
-        &mut |_| {
-            cancelled = job.cancel.is_cancelled();
-            !cancelled
-        },
-    )?;
-    if cancelled {
+    let Some(completions) = rollouts.sample(policy, &row_prompts, &requests, step, job)? else {
         return Ok(None);
-    }
+    };
     let gen_s = started.elapsed().as_secs_f64();
 
     // 2. score

@@ -184,6 +184,10 @@ fn register(engine: &mut Engine, output: &Arc<dyn Output>) {
              `stop`, `seed`, `system`, `user`, `checkpoint_every` (1: after every step), \
              `resume` (true). A reward closure may not use the policy being trained (an \
              error says so; score with another model).",
+            "/// `rollout`: an `endpoint(…)` of a server with vLLM's runtime LoRA API (vLLM, \
+             `rlvr serve --enable-lora`) that samples each step's completions with the \
+             policy's adapter loaded; training stays here, and each step's log-probability \
+             mismatch between the server and the trainer is printed.",
         ])
         .register_into_engine(
             engine,
@@ -382,6 +386,7 @@ fn judge_with(
 }
 
 const GRPO_OPTIONS: &[&str] = &[
+    "rollout",
     "stop",
     "include_stop",
     "preset",
@@ -780,7 +785,34 @@ fn grpo_with(
     let rewards = rewards_of(ctx, opts)?;
     let qs = questions(items).map_err(error)?;
     let mut lm = policy.write()?;
-    let run = grpo::train(&mut lm, &qs, &rewards, &config, &job_of(output)).map_err(error)?;
+    let job = job_of(output);
+    let run = match opts.get("rollout") {
+        None => grpo::train(&mut lm, &qs, &rewards, &config, &job).map_err(error)?,
+        Some(server) => {
+            let server = server.clone().try_cast::<crate::endpoint::Endpoint>().ok_or_else(|| {
+                error("grpo: option `rollout` must be an endpoint(…) of a server with runtime LoRA adapters")
+            })?;
+            let dir = config.cache_dir.join("rollout-adapters").join(format!(
+                "{}-{}",
+                std::process::id(),
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_millis())
+            ));
+            let mut served = grpo::rollout::Served::new(server, dir, "rlvr-policy");
+            let run = grpo::train_with(&mut lm, &qs, &rewards, &config, &mut served, &job);
+            let unloaded = served.finish();
+            let run = run.map_err(error)?;
+            unloaded.map_err(error)?;
+            for m in &served.mismatch {
+                output.print(&format!(
+                    "step {}: rollout log-prob mismatch mean |Δ| {:.2e}, max |Δ| {:.2e} over {} tokens",
+                    m.step, m.mean_abs, m.max_abs, m.tokens
+                ));
+            }
+            run
+        }
+    };
     Ok(TrainingRun(Arc::new(run)))
 }
 

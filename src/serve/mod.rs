@@ -424,7 +424,11 @@ fn answer(
             };
             let parsed = parsed.map_err(|e| bad_request(&e))?;
             let adapter = requested_adapter(context, &body);
-            complete(context, jobs, &parsed, chat, adapter)
+            let token_ids = body
+                .get("return_tokens_as_token_ids")
+                .and_then(Value::as_bool)
+                .unwrap_or(false);
+            complete(context, jobs, &parsed, chat, adapter, token_ids)
         }
         (Method::Post, "/v1/load_lora_adapter" | "/v1/unload_lora_adapter") => {
             lora_route(request, route, context)
@@ -560,6 +564,7 @@ fn complete(
     request: &GenerationRequest,
     chat: bool,
     adapter: Option<Arc<Adapter>>,
+    token_ids: bool,
 ) -> Result<Answer, Answer> {
     let tokenizer = &context.tokenizer;
     let mut prompt_ids = Vec::with_capacity(request.prompts.len());
@@ -662,6 +667,9 @@ fn complete(
         }
         let prompt = &prompt_ids[index / request.n];
         let logprobs = match request.logprobs {
+            Some(_) if token_ids => {
+                token_id_logprobs(prompt, &row.completion, &row.scores, request.echo)
+            }
             Some(_) => choice_logprobs(tokenizer, prompt, shown, &text, &row.scores, request.echo)
                 .map_err(decoding)?,
             None => Value::Null,
@@ -837,6 +845,58 @@ fn choice_logprobs(
         });
     }
     logprobs::legacy(tokenizer, &entries)
+}
+
+/// vLLM's `return_tokens_as_token_ids`: the `logprobs` of a `/v1/completions` choice with
+/// each token written `token_id:<id>` (in `tokens` and as the keys of `top_logprobs`), and
+/// every generated token listed, the stop token that ended the sample included, so that a
+/// trainer gets exactly the tokens that were sampled. With `echo` the prompt's come first.
+fn token_id_logprobs(
+    prompt: &[u32],
+    completion: &Completion,
+    scores: &[TokenScore],
+    echo: bool,
+) -> Value {
+    let mut listed: Vec<(u32, Option<&TokenScore>)> = Vec::new();
+    if echo {
+        listed.extend(
+            prompt
+                .iter()
+                .enumerate()
+                .map(|(i, &id)| (id, i.checked_sub(1).map(|s| &scores[s]))),
+        );
+    }
+    let first = if echo { prompt.len() - 1 } else { 0 };
+    listed.extend(
+        completion
+            .ids
+            .iter()
+            .enumerate()
+            .map(|(t, &id)| (id, Some(&scores[first + t]))),
+    );
+    let name = |id: u32| format!("token_id:{id}");
+    let mut tokens = Vec::with_capacity(listed.len());
+    let mut values = Vec::with_capacity(listed.len());
+    let mut top = Vec::with_capacity(listed.len());
+    for (id, score) in listed {
+        tokens.push(json!(name(id)));
+        match score {
+            None => {
+                values.push(Value::Null);
+                top.push(Value::Null);
+            }
+            Some(score) => {
+                values.push(json!(score.logprob));
+                let mut alternatives = serde_json::Map::new();
+                for (alt, logprob) in score.top.iter().copied().chain([(id, score.logprob)]) {
+                    alternatives.entry(name(alt)).or_insert(json!(logprob));
+                }
+                top.push(Value::Object(alternatives));
+            }
+        }
+    }
+    let offsets = vec![0; tokens.len()];
+    json!({"tokens": tokens, "token_logprobs": values, "top_logprobs": top, "text_offset": offsets})
 }
 
 fn bad_request(e: &BadRequest) -> Answer {

@@ -12,18 +12,23 @@ use std::time::Duration;
 
 use candle_core::{Tensor, D};
 use polars::prelude::*;
+use rlvr::data::question::Question;
 use rlvr::data::{self, LoadOptions};
 use rlvr::endpoint::{Endpoint, EndpointOptions, Fleet};
 use rlvr::eval::preset::Mode;
 use rlvr::eval::{self, EvalOptions};
+use rlvr::grpo::optim::Schedule;
+use rlvr::grpo::{self, rollout, GrpoConfig};
 use rlvr::judge::{self, JudgeConfig};
 use rlvr::model::lm::LanguageModel;
 use rlvr::model::lora::{self, LoraConfig};
 use rlvr::progress::Job;
+use rlvr::prompt::PromptTemplate;
+use rlvr::reward::Reward;
 use serde_json::{json, Value};
 
 use crate::serve::{local, Served};
-use crate::{kill_when, repo};
+use crate::{kill_when, repo, tiny_policy};
 
 fn scratch(name: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("rlvr-fleet-{}-{name}", std::process::id()));
@@ -449,4 +454,125 @@ fn scripts_judge_and_evaluate_over_an_array_of_endpoints() {
     );
     // every response went into the judge's one cache
     assert_eq!(cache_lines(&home.join("cache/judge")).len(), 8);
+}
+
+fn toy_items() -> Vec<Question> {
+    [
+        "Say something.",
+        "Write a word.",
+        "Count to three.",
+        "Name a colour.",
+    ]
+    .iter()
+    .enumerate()
+    .map(|(i, q)| Question {
+        id: format!("toy/{i}"),
+        question: q.to_string(),
+        answer: "x".into(),
+        ..Question::default()
+    })
+    .collect()
+}
+
+#[test]
+fn grpo_sampling_in_a_second_process_ends_with_the_local_runs_adapter() {
+    let items = toy_items();
+    let rewards = [Reward::custom("alnum", 1.0, |s| {
+        let n = s.completion.chars().count().max(1) as f64;
+        Ok(s.completion
+            .chars()
+            .filter(char::is_ascii_alphanumeric)
+            .count() as f64
+            / n)
+    })];
+    let mut config = GrpoConfig {
+        group: 4,
+        batch: 4,
+        grad_accum: 1,
+        steps: 3,
+        lr: 2e-2,
+        schedule: Schedule::Constant,
+        template: PromptTemplate {
+            system: None,
+            user: "{question}".into(),
+        },
+        cache_dir: scratch("grpo-local"),
+        ..GrpoConfig::default()
+    };
+    config.sampling.max_tokens = 8;
+    let mut here = tiny_policy(1);
+    let local = grpo::train(&mut here, &items, &rewards, &config, &Job::silent()).unwrap();
+
+    let server = Served::start(&["--enable-lora"], &[]);
+    config.cache_dir = scratch("grpo-served");
+    let mut there = tiny_policy(1);
+    let mut rollouts = rollout::Served::new(server.client(), scratch("grpo-adapters"), "policy");
+    let served = grpo::train_with(
+        &mut there,
+        &items,
+        &rewards,
+        &config,
+        &mut rollouts,
+        &Job::silent(),
+    )
+    .unwrap();
+    // the server sampled what the policy samples in process (each row with its own seed)
+    let sampled = |run: &rlvr::grpo::GrpoRun| {
+        run.completions
+            .select(["step", "id", "completion", "reward", "advantage"])
+            .unwrap()
+    };
+    assert!(
+        sampled(&local).equals_missing(&sampled(&served)),
+        "{}\n{}",
+        local.completions,
+        served.completions
+    );
+    // and the trainer learnt the same adapter from it
+    let (a, b) = (
+        lora::variables(&mut here.model),
+        lora::variables(&mut there.model),
+    );
+    assert_eq!(a.len(), b.len());
+    let moved = a
+        .iter()
+        .map(|(_, v)| crate::max_abs(v.as_tensor()))
+        .fold(0f32, f32::max);
+    assert!(moved > 0.0);
+    for ((name, x), (_, y)) in a.iter().zip(&b) {
+        let d = crate::max_abs_diff(x.as_tensor(), y.as_tensor());
+        assert!(d < 1e-6, "{name}: {d}");
+    }
+    // the server's log-probabilities are the trainer's
+    assert_eq!(rollouts.mismatch.len(), 3);
+    for m in &rollouts.mismatch {
+        assert!(m.tokens > 0 && m.max_abs < 1e-4, "{m:?}");
+    }
+    // one adapter was live at a time, and none is left
+    rollouts.finish().unwrap();
+    let (_, _, models) = exchange(&server, "GET", "/v1/models", "");
+    let models: Value = serde_json::from_str(&models).unwrap();
+    assert_eq!(models["data"].as_array().unwrap().len(), 1, "{models}");
+}
+
+#[test]
+fn scripts_train_with_rollouts_from_a_server() {
+    let server = Served::start(&["--enable-lora", "--max-model-len", "4096"], &[]);
+    let url = format!("url={}", server.url);
+    let home = scratch("grpo-script-home");
+    let out = crate::rlvr(&["run", "tests/scripts/grpo_rollout.rhai", "--set", &url])
+        .env("RLVR_HOME", &home)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "stdout: {stdout}\nstderr: {stderr}");
+    assert!(stdout.contains("trained alike"), "{stdout}");
+    // the measured mismatch, printed per step
+    let lines: Vec<&str> = stdout
+        .lines()
+        .filter(|l| l.contains("rollout log-prob mismatch"))
+        .collect();
+    assert_eq!(lines.len(), 2, "{stdout}");
+    assert!(lines[0].starts_with("step 1: "), "{stdout}");
 }
