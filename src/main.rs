@@ -114,6 +114,15 @@ struct ServeArgs {
     /// `Authorization: Bearer <key>`.
     #[arg(long)]
     api_key_env: Option<String>,
+    /// Serve LoRA adapters as vLLM does: a request whose `model` names a loaded adapter runs
+    /// with it, and POST /v1/load_lora_adapter and /v1/unload_lora_adapter load and unload
+    /// PEFT adapter folders at runtime.
+    #[arg(long)]
+    enable_lora: bool,
+    /// Adapters to load at start, as vLLM's `--lora-modules name=path …` (needs
+    /// --enable-lora).
+    #[arg(long, num_args = 1.., value_name = "NAME=PATH")]
+    lora_modules: Vec<String>,
 }
 
 #[derive(Subcommand)]
@@ -416,6 +425,19 @@ fn serve(args: ServeArgs) -> Result<ExitCode> {
         ),
         None => None,
     };
+    let lora_modules = args
+        .lora_modules
+        .iter()
+        .map(|m| match m.split_once('=') {
+            Some((name, path)) if !name.is_empty() && !path.is_empty() => {
+                Ok((name.to_string(), path.to_string()))
+            }
+            _ => anyhow::bail!("--lora-modules: `{m}` is not NAME=PATH"),
+        })
+        .collect::<Result<Vec<_>>>()?;
+    if !lora_modules.is_empty() && !args.enable_lora {
+        anyhow::bail!("--lora-modules needs --enable-lora");
+    }
     let options = ServeOptions {
         name: args.served_model_name.unwrap_or_else(|| args.model.clone()),
         host: args.host,
@@ -423,6 +445,8 @@ fn serve(args: ServeArgs) -> Result<ExitCode> {
         max_batch: args.max_batch,
         max_model_len: args.max_model_len,
         api_key,
+        enable_lora: args.enable_lora,
+        lora_modules,
     };
     let name = options.name.clone();
     let open = options.api_key.is_none();

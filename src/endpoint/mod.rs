@@ -9,7 +9,9 @@
 //! caller's thread as it finishes, so a caller can persist results as they come and lose
 //! nothing when the server dies halfway.
 
+pub mod adapters;
 mod error;
+pub mod fleet;
 mod retry;
 mod wire;
 
@@ -22,7 +24,9 @@ use std::time::{Duration, SystemTime};
 use serde_json::Value;
 use tokio::sync::Semaphore;
 
+pub use adapters::{TokenRequest, TokenSample};
 pub use error::EndpointError;
+pub use fleet::{Fleet, FleetError};
 use wire::{Input, Route};
 
 use crate::model::chat::Message;
@@ -312,6 +316,22 @@ impl Endpoint {
                     .ok_or_else(|| unexpected("a model without an `id`"))
             })
             .collect()
+    }
+
+    /// Whether the server answers `GET /models` now: one try, within 10 s (less when the
+    /// endpoint's `timeout` is shorter), without retries. A fleet asks after a failed
+    /// request, to tell a server that died from a request that failed.
+    pub fn alive(&self) -> bool {
+        let shared = self.shared.clone();
+        let url = format!("{}/models", shared.base);
+        let timeout = shared.options.timeout.min(Duration::from_secs(10));
+        self.wait(async move {
+            let mut request = shared.client.get(&url).timeout(timeout);
+            if let Some(key) = &shared.api_key {
+                request = request.bearer_auth(key);
+            }
+            request.send().await.is_ok_and(|r| r.status().is_success())
+        })
     }
 
     /// Sends every chat request, at most `concurrency` at a time, and returns their results

@@ -26,7 +26,8 @@ use super::backend::{cut_at_stop, Backend, Choices, Completed, GenerateOptions, 
 use super::render::Prompt;
 use super::EvalError;
 use crate::endpoint::{
-    ChatRequest, CompletionRequest, Endpoint, EndpointError, Reply, RequestParams,
+    ChatRequest, CompletionRequest, Endpoint, EndpointError, Fleet, FleetError, Reply,
+    RequestParams,
 };
 use crate::progress::{Cancelled, Job, Silent};
 
@@ -221,4 +222,72 @@ fn first_failure<T>(
         }
     }
     Ok(out)
+}
+
+/// Servers of one model as one backend: each prompt of a batch (each question, for
+/// loglik) goes to a server with a free slot as [`Endpoint`] would send it, prompt `i`
+/// still seeded `seed + i`; a server that dies hands its prompts to the others. Results
+/// and the cache are those of any one server of that model.
+impl Backend for Fleet {
+    fn model_name(&self) -> String {
+        self.model().to_string()
+    }
+
+    fn adapter(&self) -> Option<String> {
+        None
+    }
+
+    fn label(&self) -> String {
+        self.model().to_string()
+    }
+
+    fn served(&self) -> bool {
+        true
+    }
+
+    fn complete(
+        &self,
+        prompts: &[Prompt],
+        options: &GenerateOptions,
+        job: &Job,
+    ) -> Result<Vec<Completed>, EvalError> {
+        let work = |server: &Endpoint, i: usize| {
+            let options = GenerateOptions {
+                seed: options.seed.wrapping_add(i as u64),
+                ..options.clone()
+            };
+            let mut one = Backend::complete(server, &prompts[i..=i], &options, job)?;
+            Ok::<Completed, EvalError>(one.remove(0))
+        };
+        gather(self, prompts.len(), job, &work)
+    }
+
+    fn loglik(&self, requests: &[Choices], job: &Job) -> Result<Vec<Scored>, EvalError> {
+        let work = |server: &Endpoint, i: usize| {
+            let mut one = Backend::loglik(server, &requests[i..=i], job)?;
+            Ok::<Scored, EvalError>(one.remove(0))
+        };
+        gather(self, requests.len(), job, &work)
+    }
+}
+
+/// Every item's result from `fleet`, in order.
+fn gather<T: Send>(
+    fleet: &Fleet,
+    n: usize,
+    job: &Job,
+    work: &(dyn Fn(&Endpoint, usize) -> Result<T, EvalError> + Sync),
+) -> Result<Vec<T>, EvalError> {
+    let mut out: Vec<Option<T>> = (0..n).map(|_| None).collect();
+    fleet
+        .spread(n, job, work, &mut |i, value| out[i] = Some(value))
+        .map_err(|e| match e {
+            FleetError::Item { error, .. } => error,
+            FleetError::Cancelled => Cancelled.into(),
+            down @ FleetError::Down { .. } => EvalError::Model(down.to_string()),
+        })?;
+    Ok(out
+        .into_iter()
+        .map(|v| v.expect("spread reports every item"))
+        .collect())
 }

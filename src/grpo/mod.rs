@@ -21,6 +21,7 @@
 pub mod config;
 pub mod loss;
 pub mod optim;
+pub mod rollout;
 mod store;
 
 use std::path::PathBuf;
@@ -38,7 +39,7 @@ use loss::{aggregate_advantages, reward_moments, LossInputs, LossSettings, LossS
 use optim::{clip_grad_norm, AdamW};
 
 use crate::data::question::Question;
-use crate::model::generate::{generate, Finish, Sampling};
+use crate::model::generate::{Finish, Sampling};
 use crate::model::lm::LanguageModel;
 use crate::model::lora;
 use crate::progress::Job;
@@ -104,6 +105,19 @@ pub fn train(
     items: &[Question],
     rewards: &[Reward],
     config: &GrpoConfig,
+    job: &Job,
+) -> Result<GrpoRun, GrpoError> {
+    train_with(policy, items, rewards, config, &mut rollout::Local, job)
+}
+
+/// [`train`] with the completions of each step from `rollouts` (e.g. a server holding the
+/// policy's current adapter, [`rollout::Served`]).
+pub fn train_with(
+    policy: &mut LanguageModel,
+    items: &[Question],
+    rewards: &[Reward],
+    config: &GrpoConfig,
+    rollouts: &mut dyn rollout::Rollouts,
     job: &Job,
 ) -> Result<GrpoRun, GrpoError> {
     config.validate()?;
@@ -188,6 +202,7 @@ pub fn train(
             &vars,
             &mut optimizer,
             reference.as_mut(),
+            rollouts,
             step,
             job,
         )? {
@@ -345,6 +360,7 @@ fn one_step(
     vars: &[(String, Var)],
     optimizer: &mut AdamW,
     mut reference: Option<&mut Vec<Tensor>>,
+    rollouts: &mut dyn rollout::Rollouts,
     step: usize,
     job: &Job,
 ) -> Result<Option<(StepMetrics, Vec<CompletionRow>)>, GrpoError> {
@@ -368,22 +384,19 @@ fn one_step(
             ..config.sampling.clone()
         })
         .collect();
-    let mut cancelled = false;
-    let decode = |ids: &[u32]| policy.tokenizer.decode(ids);
-    let completions = generate(
-        &policy.model,
-        &row_prompts,
-        &requests,
-        true,
-        Some(&decode),
-        &mut |_| {
-            cancelled = job.cancel.is_cancelled();
-            !cancelled
-        },
-    )?;
-    if cancelled {
-        return Ok(None);
+    let served = rollouts.from_another_engine();
+    if served && config.vllm_importance_sampling_correction && config.sampling.temperature != 1.0 {
+        // a server's log-probs are the model's at temperature 1; the trainer's are tempered
+        return Err(GrpoError::Setup(format!(
+            "the mismatch correction compares the server's log-probs (temperature 1) with \
+             the trainer's at the sampling temperature {}: sample at temperature 1 or set \
+             vllm_importance_sampling_correction to false",
+            config.sampling.temperature
+        )));
     }
+    let Some(completions) = rollouts.sample(policy, &row_prompts, &requests, step, job)? else {
+        return Ok(None);
+    };
     let gen_s = started.elapsed().as_secs_f64();
 
     // 2. score
@@ -410,8 +423,8 @@ fn one_step(
         let total = values.iter().zip(weights).map(|(v, w)| v * w).sum();
         rollouts.push(Rollout {
             prompt,
+            sampling_logps: served.then(|| c.logprobs.clone()),
             ids: c.ids,
-            sampling_logps: None,
             text,
             finish: c.finish,
             rewards: values,

@@ -3,7 +3,7 @@
 //! of responses that are both is the question's pass rate. The study's selection then takes
 //! hard and easy questions by pass rate ([`select_by_difficulty`]).
 //!
-//! Responses are appended to `$RLVR_HOME/cache/judge/<key>.jsonl` as each batch finishes,
+//! Responses are appended to `$RLVR_HOME/cache/judge/<key>.jsonl` as each finishes,
 //! keyed by the judge (a local model with its adapter's fingerprint, or a server's model
 //! name whatever its address), the sampling settings, the item id, the prompt's hash and the sample
 //! index: a rerun, or a run after a crash, only asks for what is missing. Each sample's seed
@@ -65,6 +65,23 @@ pub trait Responder {
         sampling: &Sampling,
         job: &Job,
     ) -> Result<Vec<String>, JudgeError>;
+    /// As [`Responder::respond`], reporting each response as `on_done(i, response)` as it
+    /// finishes, so that the judge keeps it at once; by default the batch's responses are
+    /// reported when all are done.
+    fn respond_each(
+        &self,
+        conversations: &[Vec<Message>],
+        seeds: &[u64],
+        sampling: &Sampling,
+        job: &Job,
+        on_done: &mut dyn FnMut(usize, String),
+    ) -> Result<(), JudgeError> {
+        let responses = self.respond(conversations, seeds, sampling, job)?;
+        for (i, response) in responses.into_iter().enumerate() {
+            on_done(i, response);
+        }
+        Ok(())
+    }
 }
 
 impl Responder for LanguageModel {
@@ -191,6 +208,58 @@ impl Responder for crate::endpoint::Endpoint {
     }
 }
 
+/// Servers of one model as one judge: each conversation goes to a server with a free slot,
+/// a server that dies hands its conversations to the others, and each response is reported
+/// as it arrives. The cache is the one of any server of that model.
+impl Responder for crate::endpoint::Fleet {
+    fn name(&self) -> String {
+        let urls: Vec<&str> = self.endpoints().iter().map(|e| e.base_url()).collect();
+        format!("{} at {}", self.model(), urls.join(", "))
+    }
+
+    fn cache_name(&self) -> String {
+        self.endpoints()[0].cache_name()
+    }
+
+    fn respond(
+        &self,
+        conversations: &[Vec<Message>],
+        seeds: &[u64],
+        sampling: &Sampling,
+        job: &Job,
+    ) -> Result<Vec<String>, JudgeError> {
+        let mut out = vec![String::new(); conversations.len()];
+        self.respond_each(conversations, seeds, sampling, job, &mut |i, r| out[i] = r)?;
+        Ok(out)
+    }
+
+    fn respond_each(
+        &self,
+        conversations: &[Vec<Message>],
+        seeds: &[u64],
+        sampling: &Sampling,
+        job: &Job,
+        on_done: &mut dyn FnMut(usize, String),
+    ) -> Result<(), JudgeError> {
+        use crate::endpoint::{Endpoint, FleetError};
+        let work = |server: &Endpoint, i: usize| {
+            let mut one = server.respond(
+                std::slice::from_ref(&conversations[i]),
+                &seeds[i..=i],
+                sampling,
+                job,
+            )?;
+            Ok::<String, JudgeError>(one.remove(0))
+        };
+        self.spread(conversations.len(), job, &work, on_done)
+            .map_err(|e| match e {
+                FleetError::Item { error, .. } => error,
+                FleetError::Cancelled => JudgeError::Interrupted { done: 0, total: 0 },
+                down @ FleetError::Down { .. } => JudgeError::Setup(down.to_string()),
+            })
+    }
+}
+
 /// How to judge.
 #[derive(Debug, Clone, PartialEq)]
 pub struct JudgeConfig {
@@ -279,28 +348,36 @@ pub fn judge(
             .iter()
             .map(|&(i, s)| sample_seed(config.seed, &qs[i].id, s))
             .collect();
-        let responses = match judge.respond(&conversations, &seeds, &config.sampling, job) {
+        // each response is kept as it arrives: a crash loses only those in flight
+        let mut kept: Result<(), JudgeError> = Ok(());
+        let answered = judge.respond_each(
+            &conversations,
+            &seeds,
+            &config.sampling,
+            job,
+            &mut |k, response| {
+                let (i, s) = chunk[k];
+                let record = CachedResponse {
+                    id: qs[i].id.clone(),
+                    prompt: prompt_hashes[i].clone(),
+                    sample: s,
+                    response,
+                };
+                if kept.is_ok() {
+                    kept = append_cache(&cache_path, std::slice::from_ref(&record));
+                }
+                cache.insert((record.id, record.prompt, record.sample), record.response);
+                done += 1;
+                job.progress.update(done as u64, "");
+            },
+        );
+        kept?;
+        match answered {
             Err(JudgeError::Interrupted { .. }) => {
                 return Err(JudgeError::Interrupted { done, total })
             }
             other => other?,
-        };
-        let records: Vec<CachedResponse> = chunk
-            .iter()
-            .zip(responses)
-            .map(|(&(i, s), response)| CachedResponse {
-                id: qs[i].id.clone(),
-                prompt: prompt_hashes[i].clone(),
-                sample: s,
-                response,
-            })
-            .collect();
-        append_cache(&cache_path, &records)?;
-        for r in records {
-            cache.insert((r.id, r.prompt, r.sample), r.response);
         }
-        done += chunk.len();
-        job.progress.update(done as u64, "");
     }
     job.progress
         .finish(&format!("{} questions judged", qs.len()));

@@ -11,7 +11,8 @@ use rhai::{Array, Dynamic, Engine, FuncRegistration, Map};
 use super::convert::{check_keys, count, error, strings, text, text_list, RhaiResult};
 use super::{Area, Output};
 use crate::endpoint::{
-    ChatRequest, CompletionRequest, Endpoint, EndpointError, EndpointOptions, Reply, RequestParams,
+    ChatRequest, CompletionRequest, Endpoint, EndpointError, EndpointOptions, Fleet, Reply,
+    RequestParams,
 };
 use crate::model::chat::Message;
 use crate::progress::Job;
@@ -216,6 +217,24 @@ fn conversations(items: Array) -> RhaiResult<(Vec<Vec<Message>>, bool)> {
         })
         .collect::<RhaiResult<Vec<_>>>()?;
     Ok((many, false))
+}
+
+/// The fleet of an array of endpoints (`judge` and `evaluate` take one): every element an
+/// `endpoint(…)` of one model.
+pub(crate) fn fleet_of(servers: Array, function: &str) -> RhaiResult<Fleet> {
+    let endpoints = servers
+        .into_iter()
+        .enumerate()
+        .map(|(i, v)| {
+            let kind = v.type_name().to_string();
+            v.try_cast::<Endpoint>().ok_or_else(|| {
+                error(format!(
+                    "{function}: element {i} of the servers is a {kind}, not an endpoint(…)"
+                ))
+            })
+        })
+        .collect::<RhaiResult<Vec<Endpoint>>>()?;
+    Fleet::new(endpoints).map_err(|e| error(format!("{function}: {e}")))
 }
 
 fn register(engine: &mut Engine, output: &Arc<dyn Output>) {

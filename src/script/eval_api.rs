@@ -6,6 +6,7 @@ use polars::prelude::DataFrame;
 use rhai::{Array, Dynamic, Engine, FuncRegistration, Map};
 
 use super::convert::{check_keys, count, error, text, RhaiResult};
+use super::endpoint_api::fleet_of;
 use super::model_api::ModelHandle;
 use super::{Area, Output};
 use crate::endpoint::Endpoint;
@@ -242,6 +243,34 @@ fn register(engine: &mut Engine, output: &Arc<dyn Output>) {
             engine,
             move |endpoint: Endpoint, items: DataFrame, opts: Map| {
                 run_endpoint(&out, &endpoint, &items, &opts)
+            },
+        );
+    let out = output.clone();
+    FuncRegistration::new("evaluate")
+        .in_global_namespace()
+        .with_params_info([
+            "servers: Array",
+            "items: DataFrame",
+            "options: Map",
+            "DataFrame",
+        ])
+        .with_comments([
+            "/// `evaluate` spread over several servers of one model (an array of \
+             `endpoint(…)`s, e.g. one per GPU): each question of a batch goes to a server \
+             with a free slot (each server `concurrency` at a time; `batch` defaults to \
+             their sum, at least 8), a server that stops answering hands its questions to \
+             the others, and the Results and the cache are those of one server of that \
+             model.",
+        ])
+        .register_into_engine(
+            engine,
+            move |servers: Array, items: DataFrame, opts: Map| -> RhaiResult<DataFrame> {
+                let fleet = fleet_of(servers, "evaluate")?;
+                let (mut options, limit) = options(&opts)?;
+                if !opts.contains_key("batch") {
+                    options.batch = Some(GENERATE_BATCH.max(fleet.concurrency()));
+                }
+                run_on(&out, &fleet, &items, &options, limit)
             },
         );
     let out = output.clone();

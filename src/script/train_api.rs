@@ -92,6 +92,35 @@ fn register(engine: &mut Engine, output: &Arc<dyn Output>) {
             },
         );
 
+    let out = output.clone();
+    FuncRegistration::new("judge")
+        .in_global_namespace()
+        .with_params_info([
+            "servers: Array",
+            "items: DataFrame",
+            "options: Map",
+            "DataFrame",
+        ])
+        .with_comments([
+            "/// `judge` spread over several servers of one model (an array of `endpoint(…)`s, \
+             e.g. one per GPU): each conversation goes to a server with a free slot (each \
+             server `concurrency` at a time; `batch` defaults to 4 × their sum), every \
+             response is cached as it arrives, a server that stops answering hands its \
+             conversations to the others, and each sample's seed comes from the item and \
+             the sample index, so the table is the one a single server gives.",
+        ])
+        .register_into_engine(
+            engine,
+            move |servers: Array, items: DataFrame, opts: Map| -> RhaiResult<DataFrame> {
+                let fleet = super::endpoint_api::fleet_of(servers, "judge")?;
+                let mut config = judge_config(&opts)?;
+                if !opts.contains_key("batch") {
+                    config.batch = (4 * fleet.concurrency()).max(8);
+                }
+                judge::judge(&fleet, &items, &config, &job_of(&out)).map_err(error)
+            },
+        );
+
     FuncRegistration::new("select_by_difficulty")
         .in_global_namespace()
         .with_params_info(["judged: DataFrame", "options: Map", "DataFrame"])
@@ -238,8 +267,12 @@ fn grpo_doc() -> String {
          setting — {}. TRL's other names are taken too: {}. An unknown option is an error. \
          The mismatch correction (`vllm_importance_sampling_*`) applies to rollouts sampled by \
          another engine; with local rollouts the sampler's log-probs are the trainer's and \
-         the measured mismatch (`logp_mismatch` in the metrics) is 0. A reward closure may not \
-         use the policy being trained (an error says so; score with another model).",
+         the measured mismatch (`logp_mismatch` in the metrics) is 0. `rollout`: an \
+         `endpoint(…)` of a server with vLLM's runtime LoRA API (vLLM, `rlvr serve \
+         --enable-lora`) that samples each step's completions with the policy's adapter \
+         loaded; training stays here, the server's log-probs go through the correction, and \
+         each step's mismatch between server and trainer is printed. A reward closure may \
+         not use the policy being trained (an error says so; score with another model).",
         grpo::config::PRESETS.join(", "),
         settings.join("; "),
         aliases.join(", ")
@@ -367,7 +400,7 @@ fn judge_with(
 }
 
 /// Options of `grpo` besides the settings of [`grpo::config::SETTINGS`] and their aliases.
-const GRPO_EXTRA_OPTIONS: [&str; 2] = ["preset", "rewards"];
+const GRPO_EXTRA_OPTIONS: [&str; 3] = ["preset", "rewards", "rollout"];
 
 /// The settings of `grpo`'s options: the preset's (a built-in name or a preset file; the
 /// default preset without one), then every other option by its TRL name.
@@ -667,7 +700,34 @@ fn grpo_with(
     let rewards = rewards_of(ctx, opts)?;
     let qs = questions(items).map_err(error)?;
     let mut lm = policy.write()?;
-    let run = grpo::train(&mut lm, &qs, &rewards, &config, &job_of(output)).map_err(error)?;
+    let job = job_of(output);
+    let run = match opts.get("rollout") {
+        None => grpo::train(&mut lm, &qs, &rewards, &config, &job).map_err(error)?,
+        Some(server) => {
+            let server = server.clone().try_cast::<crate::endpoint::Endpoint>().ok_or_else(|| {
+                error("grpo: option `rollout` must be an endpoint(…) of a server with runtime LoRA adapters")
+            })?;
+            let dir = config.cache_dir.join("rollout-adapters").join(format!(
+                "{}-{}",
+                std::process::id(),
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_millis())
+            ));
+            let mut served = grpo::rollout::Served::new(server, dir, "rlvr-policy");
+            let run = grpo::train_with(&mut lm, &qs, &rewards, &config, &mut served, &job);
+            let unloaded = served.finish();
+            let run = run.map_err(error)?;
+            unloaded.map_err(error)?;
+            for m in &served.mismatch {
+                output.print(&format!(
+                    "step {}: rollout log-prob mismatch mean |Δ| {:.2e}, max |Δ| {:.2e} over {} tokens",
+                    m.step, m.mean_abs, m.max_abs, m.tokens
+                ));
+            }
+            run
+        }
+    };
     Ok(TrainingRun(Arc::new(run)))
 }
 

@@ -5,7 +5,9 @@
 //! Routes: `GET /v1/models`, `POST /v1/chat/completions` (the chat template applied by the
 //! model's tokenizer), `POST /v1/completions` (text or token ids; `echo` and `logprobs` in
 //! OpenAI's legacy format, so lm-eval's `local-completions` can score continuations),
-//! `GET /health`.
+//! `GET /health`; with `--enable-lora`, vLLM's runtime LoRA API ([`lora`]):
+//! `POST /v1/load_lora_adapter`, `POST /v1/unload_lora_adapter`, and requests whose `model`
+//! names a loaded adapter run with it.
 //!
 //! A prompt is refused (HTTP 400, `context_length_exceeded`) when it does not fit the
 //! model's context: by its length in bytes before it is tokenized when it is longer than
@@ -19,6 +21,7 @@
 //! twice the tokens per second of one row. A request arriving during a batch waits for it.
 
 pub mod logprobs;
+pub mod lora;
 pub mod request;
 
 use std::io::Read;
@@ -35,6 +38,7 @@ use crate::model::generate::{generate_until, Completion, Finish, Sampling};
 use crate::model::lm::LanguageModel;
 use crate::model::tokenizer::Tokenizer;
 use logprobs::{Entry, TokenScore};
+use lora::{Adapter, Adapters};
 use request::{BadRequest, GenerationRequest, Prompt};
 
 /// The largest request body read, in bytes.
@@ -57,6 +61,13 @@ pub struct ServeOptions {
     pub max_model_len: Option<usize>,
     /// When set, every request must carry `Authorization: Bearer <key>`.
     pub api_key: Option<String>,
+    /// vLLM's `--enable-lora`: requests may name a loaded adapter as their `model`, and
+    /// adapters are loaded and unloaded at runtime (`/v1/load_lora_adapter`,
+    /// `/v1/unload_lora_adapter`).
+    pub enable_lora: bool,
+    /// Adapters loaded at start (vLLM's `--lora-modules name=path`), as names and PEFT
+    /// folders; needs `enable_lora`.
+    pub lora_modules: Vec<(String, String)>,
 }
 
 /// The server could not start.
@@ -84,9 +95,21 @@ pub fn serve(
         address: address.clone(),
         message: "not an IP address".into(),
     })?;
+    let created = unix_time();
+    let adapters = match options.enable_lora {
+        true => Some(start_adapters(&lm, options, created, &address)?),
+        false if options.lora_modules.is_empty() => None,
+        false => {
+            return Err(ServeError {
+                address,
+                message: "LoRA modules need --enable-lora".into(),
+            })
+        }
+    };
     let context = Arc::new(Context {
         name: options.name.clone(),
-        created: unix_time(),
+        created,
+        adapters,
         api_key: options.api_key.clone(),
         tokenizer: lm.tokenizer.clone(),
         vocab: lm.model.lm_head().dims()[0],
@@ -109,6 +132,29 @@ pub fn serve(
         std::thread::spawn(move || handle(request, &context, &jobs));
     }
     Ok(())
+}
+
+/// The adapter registry of `--enable-lora`, with the `--lora-modules` loaded.
+fn start_adapters(
+    lm: &LanguageModel,
+    options: &ServeOptions,
+    created: u64,
+    address: &str,
+) -> Result<Adapters, ServeError> {
+    let adapters = Adapters::new(lm.clone(), &options.name, created);
+    for (name, path) in &options.lora_modules {
+        let (status, body) = adapters.load(&json!({"lora_name": name, "lora_path": path}));
+        if status != 200 {
+            return Err(ServeError {
+                address: address.to_string(),
+                message: format!(
+                    "LoRA module {name}={path}: {}",
+                    body["error"]["message"].as_str().unwrap_or_default()
+                ),
+            });
+        }
+    }
+    Ok(adapters)
 }
 
 /// tiny_http 0.12 gives each connection a thread of its pool for as long as the client keeps
@@ -136,6 +182,8 @@ fn keep_connection_pool_moving(bound: SocketAddr) {
 struct Context {
     name: String,
     created: u64,
+    /// The runtime adapters (`None` without `--enable-lora`).
+    adapters: Option<Adapters>,
     api_key: Option<String>,
     tokenizer: Tokenizer,
     /// Rows of the embedding table: token ids must be below it.
@@ -156,6 +204,8 @@ struct Job {
     stop: Vec<String>,
     /// Which tokens to score, when the request asks for log-probabilities.
     scoring: Option<Scoring>,
+    /// The adapter the request named (`None`: the served model as loaded).
+    adapter: Option<Arc<Adapter>>,
     reply: Sender<Result<Vec<Row>, String>>,
 }
 
@@ -175,8 +225,9 @@ struct Row {
     scores: Vec<TokenScore>,
 }
 
-/// The generation thread: takes every job waiting (up to `max_batch` rows), runs them as
-/// one batch, scores the rows of jobs that ask for log-probabilities, answers each.
+/// The generation thread: takes every job waiting (up to `max_batch` rows), runs the jobs
+/// of each adapter as one batch, scores the rows of jobs that ask for log-probabilities,
+/// answers each.
 fn run_batches(lm: &LanguageModel, queue: &Receiver<Job>, max_batch: usize) {
     while let Ok(first) = queue.recv() {
         let mut rows = first.rows.len();
@@ -186,20 +237,45 @@ fn run_batches(lm: &LanguageModel, queue: &Receiver<Job>, max_batch: usize) {
             rows += job.rows.len();
             batch.push(job);
         }
-        match run_batch(lm, &batch) {
-            Ok(mut results) => {
-                for job in batch.iter().rev() {
-                    let mine = results.split_off(results.len() - job.rows.len());
-                    let _ = job.reply.send(Ok(mine));
-                }
+        for group in by_adapter(batch) {
+            let model = group[0].adapter.as_ref().map_or(lm, |a| &a.lm);
+            answer_batch(model, &group);
+        }
+    }
+}
+
+/// The jobs of a batch grouped by the adapter they run with, in order of first appearance.
+fn by_adapter(batch: Vec<Job>) -> Vec<Vec<Job>> {
+    let mut groups: Vec<Vec<Job>> = Vec::new();
+    for job in batch {
+        let same = |other: &Job| match (&job.adapter, &other.adapter) {
+            (None, None) => true,
+            (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+            _ => false,
+        };
+        match groups.iter_mut().find(|g| same(&g[0])) {
+            Some(group) => group.push(job),
+            None => groups.push(vec![job]),
+        }
+    }
+    groups
+}
+
+/// Runs `batch` on `lm` and sends each job its rows, or the failure.
+fn answer_batch(lm: &LanguageModel, batch: &[Job]) {
+    match run_batch(lm, batch) {
+        Ok(mut results) => {
+            for job in batch.iter().rev() {
+                let mine = results.split_off(results.len() - job.rows.len());
+                let _ = job.reply.send(Ok(mine));
             }
-            Err(e) => {
-                // candle appends a backtrace to some errors; the first line says what failed
-                let message = e.to_string();
-                let message = message.lines().next().unwrap_or_default();
-                for job in &batch {
-                    let _ = job.reply.send(Err(message.to_string()));
-                }
+        }
+        Err(e) => {
+            // candle appends a backtrace to some errors; the first line says what failed
+            let message = e.to_string();
+            let message = message.lines().next().unwrap_or_default();
+            for job in batch {
+                let _ = job.reply.send(Err(message.to_string()));
             }
         }
     }
@@ -288,8 +364,13 @@ fn handle(mut request: tiny_http::Request, context: &Context, jobs: &Sender<Job>
         "{method} {path} {status} {:.2} s {note}",
         started.elapsed().as_secs_f64()
     );
-    let header = Header::from_bytes("Content-Type", "application/json").expect("a valid header");
-    let response = Response::from_string(body.to_string())
+    // vLLM's LoRA routes answer a success in plain text
+    let (kind, text) = match body {
+        Value::String(text) => ("text/plain; charset=utf-8", text),
+        body => ("application/json", body.to_string()),
+    };
+    let header = Header::from_bytes("Content-Type", kind).expect("a valid header");
+    let response = Response::from_string(text)
         .with_status_code(status)
         .with_header(header);
     let _ = request.respond(response);
@@ -342,11 +423,25 @@ fn answer(
                 request::completion(&body)
             };
             let parsed = parsed.map_err(|e| bad_request(&e))?;
-            complete(context, jobs, &parsed, chat)
+            let adapter = requested_adapter(context, &body);
+            let token_ids = body
+                .get("return_tokens_as_token_ids")
+                .and_then(Value::as_bool)
+                .unwrap_or(false);
+            complete(context, jobs, &parsed, chat, adapter, token_ids)
+        }
+        (Method::Post, "/v1/load_lora_adapter" | "/v1/unload_lora_adapter") => {
+            lora_route(request, route, context)
         }
         (
             _,
-            "/v1/models" | "/health" | "/v1/health" | "/v1/chat/completions" | "/v1/completions",
+            "/v1/models"
+            | "/health"
+            | "/v1/health"
+            | "/v1/chat/completions"
+            | "/v1/completions"
+            | "/v1/load_lora_adapter"
+            | "/v1/unload_lora_adapter",
         ) => Err(error(
             405,
             "invalid_request_error",
@@ -359,7 +454,8 @@ fn answer(
             None,
             &format!(
                 "no route {method} {path}; routes: GET /v1/models, POST /v1/chat/completions, \
-                 POST /v1/completions"
+                 POST /v1/completions, POST /v1/load_lora_adapter and POST \
+                 /v1/unload_lora_adapter (with --enable-lora)"
             ),
         )),
     }
@@ -379,15 +475,45 @@ fn key_matches(given: &str, key: &str) -> bool {
 }
 
 fn models(context: &Context) -> Value {
-    json!({
-        "object": "list",
-        "data": [{
-            "id": context.name,
-            "object": "model",
-            "created": context.created,
-            "owned_by": "rlvr",
-        }],
-    })
+    let mut data = vec![json!({
+        "id": context.name,
+        "object": "model",
+        "created": context.created,
+        "owned_by": "rlvr",
+    })];
+    if let Some(adapters) = &context.adapters {
+        data.extend(adapters.cards());
+    }
+    json!({"object": "list", "data": data})
+}
+
+/// The loaded adapter a completion request names as its `model`, when LoRA is on (any
+/// other name runs the served model).
+fn requested_adapter(context: &Context, body: &Value) -> Option<Arc<Adapter>> {
+    let name = body.get("model").and_then(Value::as_str)?;
+    context.adapters.as_ref()?.get(name)
+}
+
+/// `POST /v1/load_lora_adapter` and `POST /v1/unload_lora_adapter`, as vLLM answers them.
+fn lora_route(
+    request: &mut tiny_http::Request,
+    route: &str,
+    context: &Context,
+) -> Result<Answer, Answer> {
+    let Some(adapters) = &context.adapters else {
+        return Err(lora::disabled(route));
+    };
+    let body = read_json(request)?;
+    let (status, body) = if route == "/v1/load_lora_adapter" {
+        adapters.load(&body)
+    } else {
+        adapters.unload(&body)
+    };
+    if status == 200 {
+        Ok((status, body))
+    } else {
+        Err((status, body))
+    }
 }
 
 /// The request's body as JSON: at most [`MAX_BODY`] bytes, refused unread when its
@@ -437,6 +563,8 @@ fn complete(
     jobs: &Sender<Job>,
     request: &GenerationRequest,
     chat: bool,
+    adapter: Option<Arc<Adapter>>,
+    token_ids: bool,
 ) -> Result<Answer, Answer> {
     let tokenizer = &context.tokenizer;
     let mut prompt_ids = Vec::with_capacity(request.prompts.len());
@@ -510,10 +638,12 @@ fn complete(
         prompt: request.echo,
         top,
     });
+    let model = adapter.as_ref().map_or(&context.name, |a| &a.name).clone();
     jobs.send(Job {
         rows,
         stop,
         scoring,
+        adapter,
         reply,
     })
     .map_err(|_| server_error("the generation thread has stopped".into()))?;
@@ -537,6 +667,9 @@ fn complete(
         }
         let prompt = &prompt_ids[index / request.n];
         let logprobs = match request.logprobs {
+            Some(_) if token_ids => {
+                token_id_logprobs(prompt, &row.completion, &row.scores, request.echo)
+            }
             Some(_) => choice_logprobs(tokenizer, prompt, shown, &text, &row.scores, request.echo)
                 .map_err(decoding)?,
             None => Value::Null,
@@ -566,7 +699,7 @@ fn complete(
             "id": format!("{id_prefix}-{:016x}", rand::random::<u64>()),
             "object": object,
             "created": unix_time(),
-            "model": context.name,
+            "model": model,
             "choices": choices,
             "usage": {
                 "prompt_tokens": prompt_tokens,
@@ -712,6 +845,58 @@ fn choice_logprobs(
         });
     }
     logprobs::legacy(tokenizer, &entries)
+}
+
+/// vLLM's `return_tokens_as_token_ids`: the `logprobs` of a `/v1/completions` choice with
+/// each token written `token_id:<id>` (in `tokens` and as the keys of `top_logprobs`), and
+/// every generated token listed, the stop token that ended the sample included, so that a
+/// trainer gets exactly the tokens that were sampled. With `echo` the prompt's come first.
+fn token_id_logprobs(
+    prompt: &[u32],
+    completion: &Completion,
+    scores: &[TokenScore],
+    echo: bool,
+) -> Value {
+    let mut listed: Vec<(u32, Option<&TokenScore>)> = Vec::new();
+    if echo {
+        listed.extend(
+            prompt
+                .iter()
+                .enumerate()
+                .map(|(i, &id)| (id, i.checked_sub(1).map(|s| &scores[s]))),
+        );
+    }
+    let first = if echo { prompt.len() - 1 } else { 0 };
+    listed.extend(
+        completion
+            .ids
+            .iter()
+            .enumerate()
+            .map(|(t, &id)| (id, Some(&scores[first + t]))),
+    );
+    let name = |id: u32| format!("token_id:{id}");
+    let mut tokens = Vec::with_capacity(listed.len());
+    let mut values = Vec::with_capacity(listed.len());
+    let mut top = Vec::with_capacity(listed.len());
+    for (id, score) in listed {
+        tokens.push(json!(name(id)));
+        match score {
+            None => {
+                values.push(Value::Null);
+                top.push(Value::Null);
+            }
+            Some(score) => {
+                values.push(json!(score.logprob));
+                let mut alternatives = serde_json::Map::new();
+                for (alt, logprob) in score.top.iter().copied().chain([(id, score.logprob)]) {
+                    alternatives.entry(name(alt)).or_insert(json!(logprob));
+                }
+                top.push(Value::Object(alternatives));
+            }
+        }
+    }
+    let offsets = vec![0; tokens.len()];
+    json!({"tokens": tokens, "token_logprobs": values, "top_logprobs": top, "text_offset": offsets})
 }
 
 fn bad_request(e: &BadRequest) -> Answer {

@@ -9,6 +9,7 @@ mod endpoint;
 mod eval;
 mod export;
 mod faults;
+mod fleet;
 mod generation;
 mod gguf;
 mod grpo;
