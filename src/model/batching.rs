@@ -301,13 +301,30 @@ pub struct Scheduler<'a> {
 
 impl<'a> Scheduler<'a> {
     /// A scheduler for `model` (its adapters on with `adapters_on`); stop strings need
-    /// `decode`. The batch holds [`FEW_ROWS`] rows on the CPU, 64 elsewhere.
+    /// `decode`. The batch holds [`Scheduler::default_rows`] rows.
     pub fn new(model: &'a Model, adapters_on: bool, decode: Option<Decode<'a>>) -> Self {
-        let rows = if model.device().is_cpu() {
+        Scheduler::with_rows(model, adapters_on, decode, Scheduler::default_rows(model))
+    }
+
+    /// Rows a batch holds by default: [`FEW_ROWS`] on the CPU (more rows would take
+    /// another kernel, and a row's last bits would depend on the rows beside it), 64
+    /// elsewhere.
+    pub fn default_rows(model: &Model) -> usize {
+        if model.device().is_cpu() {
             FEW_ROWS
         } else {
             64
-        };
+        }
+    }
+
+    /// [`Scheduler::new`] with a batch of `rows` rows at most (at least one).
+    pub fn with_rows(
+        model: &'a Model,
+        adapters_on: bool,
+        decode: Option<Decode<'a>>,
+        rows: usize,
+    ) -> Self {
+        let rows = rows.max(1);
         Scheduler {
             model,
             adapters_on,

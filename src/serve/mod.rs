@@ -12,15 +12,16 @@
 //! the context's tokens can spell, else by its token count.
 //!
 //! Each HTTP request is read and tokenized on its own thread; one generation thread owns
-//! the model. Requests that are waiting when it becomes free are run together as one batch
-//! (every prompt × `n` a row of one [`generate_until`] call, each row with its own sampling
-//! and stop texts), so
-//! concurrent clients share decoding steps: on the CPU a batch of 8 rows decodes at more than
-//! twice the tokens per second of one row. A request arriving during a batch waits for it.
+//! the model and runs every request's rows (every prompt × `n`, each with its own sampling
+//! and stop texts) in one continuous batch ([`Scheduler`]): a request joins the running
+//! batch at the next step, as soon as slots are free, and is answered when its last row
+//! ends, so concurrent clients share decoding steps and a short request does not wait for a
+//! long one to finish.
 
 pub mod logprobs;
 pub mod request;
 
+use std::collections::HashMap;
 use std::io::Read;
 use std::net::{SocketAddr, TcpStream};
 use std::sync::mpsc::{self, Receiver, Sender};
@@ -31,7 +32,8 @@ use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 use tiny_http::{Header, Method, Response, Server};
 
-use crate::model::generate::{generate_until, Completion, Finish, Sampling};
+use crate::model::batching::Scheduler;
+use crate::model::generate::{Completion, Finish, Sampling};
 use crate::model::lm::LanguageModel;
 use crate::model::tokenizer::Tokenizer;
 use logprobs::{Entry, TokenScore};
@@ -49,9 +51,11 @@ pub struct ServeOptions {
     pub port: u16,
     /// The model id reported by `/v1/models` and in replies.
     pub name: String,
-    /// Rows (prompts × `n`) at most in one generation batch; a single request larger than
-    /// this still runs, alone.
+    /// Rows (prompts × `n`) at most in the running batch; more wait for free slots.
     pub max_batch: usize,
+    /// The most new tokens a request may ask for (`max_tokens`); more is an HTTP 400, and a
+    /// request that names none gets at most this many.
+    pub max_tokens: Option<usize>,
     /// The context a prompt and its new tokens must fit in; `None`: the model config's
     /// `max_position_embeddings` (no limit when it states none).
     pub max_model_len: Option<usize>,
@@ -91,13 +95,14 @@ pub fn serve(
         tokenizer: lm.tokenizer.clone(),
         vocab: lm.model.lm_head().dims()[0],
         context: options.max_model_len.or_else(|| lm.model.context_length()),
+        max_tokens: options.max_tokens,
         longest_token: lm.tokenizer.longest_token_bytes(),
     });
     let (jobs, queue) = mpsc::channel::<Job>();
     let max_batch = options.max_batch.max(1);
     std::thread::Builder::new()
         .name("rlvr-serve-generate".into())
-        .spawn(move || run_batches(&lm, &queue, max_batch))
+        .spawn(move || run_engine(&lm, &queue, max_batch))
         .map_err(|e| ServeError {
             address: address.clone(),
             message: format!("cannot start the generation thread: {e}"),
@@ -146,6 +151,8 @@ struct Context {
     /// The bytes of the longest token of the vocabulary: a text longer than `context` times
     /// this cannot fit in the context, and is refused before it is tokenized.
     longest_token: usize,
+    /// `--max-tokens`: the most new tokens a request may ask for.
+    max_tokens: Option<usize>,
 }
 
 /// One HTTP request's rows, sent to the generation thread; the results come back on
@@ -175,83 +182,98 @@ struct Row {
     scores: Vec<TokenScore>,
 }
 
-/// The generation thread: takes every job waiting (up to `max_batch` rows), runs them as
-/// one batch, scores the rows of jobs that ask for log-probabilities, answers each.
-fn run_batches(lm: &LanguageModel, queue: &Receiver<Job>, max_batch: usize) {
-    while let Ok(first) = queue.recv() {
-        let mut rows = first.rows.len();
-        let mut batch = vec![first];
-        while rows < max_batch {
-            let Ok(job) = queue.try_recv() else { break };
-            rows += job.rows.len();
-            batch.push(job);
-        }
-        match run_batch(lm, &batch) {
-            Ok(mut results) => {
-                for job in batch.iter().rev() {
-                    let mine = results.split_off(results.len() - job.rows.len());
-                    let _ = job.reply.send(Ok(mine));
-                }
+/// A request on the generation thread: its job, and its rows' completions as they end.
+struct Running {
+    job: Job,
+    completions: Vec<Option<Completion>>,
+}
+
+/// The generation thread: one [`Scheduler`] of `max_batch` rows runs the rows of every
+/// request in a continuous batch. Requests that arrive join it at the next step; each is
+/// answered as soon as its last row ends (scored first when it asks for log-probabilities).
+/// A step that fails fails the requests running in it.
+fn run_engine(lm: &LanguageModel, queue: &Receiver<Job>, max_batch: usize) {
+    let mut scheduler = Scheduler::with_rows(&lm.model, lm.lora.is_some(), None, max_batch);
+    let mut running: HashMap<usize, Running> = HashMap::new();
+    // each scheduled row's request and its index there
+    let mut rows: HashMap<usize, (usize, usize)> = HashMap::new();
+    let (mut next_request, mut next_row) = (0, 0);
+    loop {
+        let first = if scheduler.is_idle() {
+            let Ok(job) = queue.recv() else { return };
+            Some(job)
+        } else {
+            None
+        };
+        for job in first
+            .into_iter()
+            .chain(std::iter::from_fn(|| queue.try_recv().ok()))
+        {
+            for (r, (prompt, sampling)) in job.rows.iter().enumerate() {
+                rows.insert(next_row, (next_request, r));
+                scheduler.submit(next_row, prompt.clone(), sampling.clone());
+                next_row += 1;
             }
+            let completions = vec![None; job.rows.len()];
+            running.insert(next_request, Running { job, completions });
+            next_request += 1;
+        }
+        let step = crate::model::linear::no_grad(|| {
+            scheduler.step(&mut |row, ids| {
+                let stop = &running[&rows[&row].0].job.stop;
+                ends_with_stop(&lm.tokenizer, ids, stop)
+            })
+        });
+        let ended = match step {
+            Ok(ended) => ended,
             Err(e) => {
-                // candle appends a backtrace to some errors; the first line says what failed
-                let message = e.to_string();
-                let message = message.lines().next().unwrap_or_default();
-                for job in &batch {
-                    let _ = job.reply.send(Err(message.to_string()));
+                scheduler.cancel_all();
+                rows.clear();
+                for (_, request) in running.drain() {
+                    let _ = request.job.reply.send(Err(first_line(&e)));
                 }
+                continue;
+            }
+        };
+        for (row, completion) in ended {
+            let (id, r) = rows.remove(&row).expect("a scheduled row");
+            let request = running.get_mut(&id).expect("a running request");
+            request.completions[r] = Some(completion);
+            if request.completions.iter().all(Option::is_some) {
+                let request = running.remove(&id).expect("a running request");
+                let answer = scored(lm, &request).map_err(|e| first_line(&e));
+                let _ = request.job.reply.send(answer);
             }
         }
     }
 }
 
-/// Every row of `batch`, in order: the rows with a token budget generated as one batch
-/// (`max_tokens: 0` rows only echo their prompt), then the scores asked for.
-fn run_batch(lm: &LanguageModel, batch: &[Job]) -> crate::model::Result<Vec<Row>> {
+/// The first line of an error (candle appends a backtrace to some).
+fn first_line(e: &crate::model::ModelError) -> String {
+    e.to_string().lines().next().unwrap_or_default().to_string()
+}
+
+/// A finished request's rows, each with the scores it asks for: the prompt's tokens after
+/// the first (with `echo`) and the completion's.
+fn scored(lm: &LanguageModel, request: &Running) -> crate::model::Result<Vec<Row>> {
     let adapters_on = lm.lora.is_some();
-    let rows: Vec<(&Job, &(Vec<u32>, Sampling))> = batch
+    let job = &request.job;
+    job.rows
         .iter()
-        .flat_map(|job| job.rows.iter().map(move |row| (job, row)))
-        .collect();
-    let generating: Vec<usize> = (0..rows.len())
-        .filter(|&r| rows[r].1 .1.max_tokens > 0)
-        .collect();
-    let (ids, samplings): (Vec<Vec<u32>>, Vec<Sampling>) =
-        generating.iter().map(|&r| rows[r].1.clone()).unzip();
-    let mut holds_stop =
-        |row: usize, ids: &[u32]| ends_with_stop(&lm.tokenizer, ids, &rows[generating[row]].0.stop);
-    let mut generated = generate_until(
-        &lm.model,
-        &ids,
-        &samplings,
-        adapters_on,
-        None,
-        &mut |_| true,
-        &mut holds_stop,
-    )?
-    .into_iter();
-    let mut results = Vec::with_capacity(rows.len());
-    for (job, (prompt, sampling)) in rows {
-        let completion = if sampling.max_tokens > 0 {
-            generated.next().expect("one completion per generating row")
-        } else {
-            Completion {
-                ids: vec![],
-                logprobs: vec![],
-                finish: Finish::Length,
-            }
-        };
-        let scores = match job.scoring {
-            Some(scoring) => {
-                let whole: Vec<u32> = prompt.iter().chain(&completion.ids).copied().collect();
-                let from = if scoring.prompt { 1 } else { prompt.len() };
-                logprobs::score(&lm.model, &whole, from, scoring.top, adapters_on)?
-            }
-            None => vec![],
-        };
-        results.push(Row { completion, scores });
-    }
-    Ok(results)
+        .zip(&request.completions)
+        .map(|((prompt, _), completion)| {
+            let completion = completion.clone().expect("every row ended");
+            let scores = match job.scoring {
+                Some(scoring) => {
+                    let whole: Vec<u32> = prompt.iter().chain(&completion.ids).copied().collect();
+                    let from = if scoring.prompt { 1 } else { prompt.len() };
+                    logprobs::score(&lm.model, &whole, from, scoring.top, adapters_on)?
+                }
+                None => vec![],
+            };
+            Ok(Row { completion, scores })
+        })
+        .collect()
 }
 
 /// Whether the text of `ids` now holds one of the `stop` texts. A stop text that was not
@@ -475,7 +497,8 @@ fn complete(
         }
         prompt_ids.push(ids);
     }
-    let max_tokens = fit_context(context.context, &prompt_ids, request)?;
+    let max_tokens = within_limit(context.max_tokens, request)?;
+    let max_tokens = fit_context(context.context, &prompt_ids, max_tokens, request)?;
     let mut stop_ids = tokenizer.stop_ids();
     // A stop text that is one token of its own stops generation at once; others are found
     // in the decoded text.
@@ -612,39 +635,60 @@ fn context_exceeded(param: &str, message: &str) -> Answer {
     (status, body)
 }
 
-/// The new tokens each sample may take: the request's `max_tokens` when the longest prompt
-/// and it fit the model's context (else an HTTP 400, as OpenAI answers), or, when the request
-/// named none, the default cut to what the context leaves.
+/// The request's `max_tokens` within the server's `--max-tokens` `limit`: an HTTP 400 past
+/// it, and the default cut to it when the request names none.
+fn within_limit(limit: Option<usize>, request: &GenerationRequest) -> Result<usize, Answer> {
+    match limit {
+        Some(limit) if request.max_tokens > limit && request.max_tokens_given => Err(error(
+            400,
+            "invalid_request_error",
+            Some("max_tokens"),
+            &format!(
+                "max_tokens is {}, more than this server's limit of {limit} new tokens \
+                 (--max-tokens)",
+                request.max_tokens
+            ),
+        )),
+        Some(limit) => Ok(request.max_tokens.min(limit)),
+        None => Ok(request.max_tokens),
+    }
+}
+
+/// The new tokens each sample may take: `max_tokens` (the request's, within the server's
+/// limit) when the longest prompt and it fit the model's context (else an HTTP 400, as
+/// OpenAI answers), or, when the request named none, the default cut to what the context
+/// leaves.
 fn fit_context(
     context: Option<usize>,
     prompt_ids: &[Vec<u32>],
+    max_tokens: usize,
     request: &GenerationRequest,
 ) -> Result<usize, Answer> {
     let Some(context) = context else {
-        return Ok(request.max_tokens);
+        return Ok(max_tokens);
     };
     let longest = prompt_ids.iter().map(Vec::len).max().unwrap_or(0);
     let left = context.saturating_sub(longest);
     let too_long = |message: String| context_exceeded("max_tokens", &message);
-    if longest + usize::from(request.max_tokens > 0) > context {
+    if longest + usize::from(max_tokens > 0) > context {
         return Err(too_long(format!(
             "This model's maximum context length is {context} tokens; the prompt has {longest} \
              tokens and leaves no room for new ones. Shorten the prompt."
         )));
     }
     if !request.max_tokens_given {
-        return Ok(request.max_tokens.min(left));
+        return Ok(max_tokens.min(left));
     }
-    if longest + request.max_tokens > context {
+    if longest + max_tokens > context {
         return Err(too_long(format!(
             "This model's maximum context length is {context} tokens. However, you requested \
              {} tokens ({longest} in the prompt, {} in the completion). Ask for at most {left} \
              new tokens (`max_tokens`) or shorten the prompt.",
-            longest + request.max_tokens,
-            request.max_tokens
+            longest + max_tokens,
+            max_tokens
         )));
     }
-    Ok(request.max_tokens)
+    Ok(max_tokens)
 }
 
 /// A completion's text, finish reason, token count and the tokens its text comes from:

@@ -746,3 +746,58 @@ fn an_oversized_prompt_is_refused_before_it_is_tokenized() {
     assert_eq!(status, 200, "{reply}");
     assert_eq!(reply["choices"][0]["text"], first["choices"][0]["text"]);
 }
+
+#[test]
+fn a_short_request_is_answered_while_a_long_one_runs() {
+    // the long request decodes 3,000 tokens (greedy, no stop token on this prompt); the
+    // short one joins the running batch instead of waiting for it to end
+    let served = Served::start(&["--max-model-len", "4096"], &[]);
+    let body = |max_tokens: usize| {
+        format!(
+            r#"{{"model": "tiny", "prompt": "The patient", "max_tokens": {max_tokens}, "temperature": 0}}"#
+        )
+    };
+    let long_done = std::sync::atomic::AtomicBool::new(false);
+    std::thread::scope(|scope| {
+        let long = scope.spawn(|| {
+            let reply = served.http("POST", "/v1/completions", &body(3000), "");
+            long_done.store(true, std::sync::atomic::Ordering::SeqCst);
+            reply
+        });
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        let (status, short) = served.http("POST", "/v1/completions", &body(2), "");
+        let answered_first = !long_done.load(std::sync::atomic::Ordering::SeqCst);
+        assert_eq!(status, 200, "{short}");
+        assert_eq!(short["usage"]["completion_tokens"], 2, "{short}");
+        let (status, long) = long.join().unwrap();
+        assert_eq!(status, 200, "{long}");
+        assert_eq!(long["usage"]["completion_tokens"], 3000, "{long}");
+        assert!(answered_first, "the short request waited for the long one");
+        // the same tokens as alone: the short reply's text starts the long one's
+        let short_text = short["choices"][0]["text"].as_str().unwrap();
+        let long_text = long["choices"][0]["text"].as_str().unwrap();
+        assert!(long_text.starts_with(short_text), "{short_text:?}");
+    });
+}
+
+#[test]
+fn max_tokens_past_the_servers_limit_is_a_400() {
+    let served = Served::start(&["--max-tokens", "8"], &[]);
+    let body = |max_tokens: &str| {
+        format!(r#"{{"model": "tiny", "prompt": "The patient", {max_tokens} "temperature": 0}}"#)
+    };
+    let (status, reply) = served.http("POST", "/v1/completions", &body(r#""max_tokens": 9,"#), "");
+    assert_eq!(status, 400, "{reply}");
+    assert_eq!(reply["error"]["param"], "max_tokens");
+    let message = reply["error"]["message"].as_str().unwrap();
+    assert!(message.contains("limit of 8"), "{message}");
+    let (status, reply) = served.http("POST", "/v1/completions", &body(r#""max_tokens": 8,"#), "");
+    assert_eq!(status, 200, "{reply}");
+    // a request naming none gets at most the limit
+    let (status, reply) = served.http("POST", "/v1/completions", &body(""), "");
+    assert_eq!(status, 200, "{reply}");
+    assert!(
+        reply["usage"]["completion_tokens"].as_u64().unwrap() <= 8,
+        "{reply}"
+    );
+}
