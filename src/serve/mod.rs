@@ -22,7 +22,7 @@ pub mod logprobs;
 pub mod request;
 
 use std::collections::HashMap;
-use std::io::Read;
+use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::Arc;
@@ -164,6 +164,9 @@ struct Job {
     /// Which tokens to score, when the request asks for log-probabilities.
     scoring: Option<Scoring>,
     reply: Sender<Result<Vec<Row>, String>>,
+    /// With `stream`: each row's new tokens as they come, `(row, token)`; a row ends once
+    /// the receiver is gone (its client has left).
+    tokens: Option<Sender<(usize, u32)>>,
 }
 
 /// What a request wants scored.
@@ -220,8 +223,14 @@ fn run_engine(lm: &LanguageModel, queue: &Receiver<Job>, max_batch: usize) {
         }
         let step = crate::model::linear::no_grad(|| {
             scheduler.step(&mut |row, ids| {
-                let stop = &running[&rows[&row].0].job.stop;
-                ends_with_stop(&lm.tokenizer, ids, stop)
+                let (id, r) = rows[&row];
+                let job = &running[&id].job;
+                let last = *ids.last().expect("a new token");
+                ends_with_stop(&lm.tokenizer, ids, &job.stop)
+                    || job
+                        .tokens
+                        .as_ref()
+                        .is_some_and(|t| t.send((r, last)).is_err())
             })
         });
         let ended = match step {
@@ -296,7 +305,15 @@ fn handle(mut request: tiny_http::Request, context: &Context, jobs: &Sender<Job>
     let started = Instant::now();
     let method = request.method().clone();
     let path = request.url().split('?').next().unwrap_or("").to_string();
-    let (status, body, note) = match answer(&mut request, &method, &path, context, jobs) {
+    let mut events = None;
+    let answered = answer(&mut request, &method, &path, context, jobs, &mut events);
+    if let (Ok(_), Some(events)) = (&answered, events) {
+        let note = stream_events(request, events);
+        let seconds = started.elapsed().as_secs_f64();
+        eprintln!("{method} {path} 200 {seconds:.2} s {note}");
+        return;
+    }
+    let (status, body, note) = match answered {
         Ok((status, body)) => {
             let note = usage_note(&body);
             (status, body, note)
@@ -335,6 +352,7 @@ fn answer(
     path: &str,
     context: &Context,
     jobs: &Sender<Job>,
+    events: &mut Option<Events>,
 ) -> Result<Answer, Answer> {
     if let Some(key) = &context.api_key {
         let given = request
@@ -364,6 +382,10 @@ fn answer(
                 request::completion(&body)
             };
             let parsed = parsed.map_err(|e| bad_request(&e))?;
+            if parsed.stream {
+                *events = Some(start_stream(context, jobs, &parsed, chat)?);
+                return Ok((200, Value::Null));
+            }
             complete(context, jobs, &parsed, chat)
         }
         (
@@ -460,6 +482,92 @@ fn complete(
     request: &GenerationRequest,
     chat: bool,
 ) -> Result<Answer, Answer> {
+    let (prompt_ids, rows) = request_rows(context, request)?;
+    let tokenizer = &context.tokenizer;
+    let (reply, results) = mpsc::channel();
+    let server_error = |message: String| error(500, "server_error", None, &message);
+    let stop = request.stop.clone();
+    let scoring = request.logprobs.map(|top| Scoring {
+        prompt: request.echo,
+        top,
+    });
+    jobs.send(Job {
+        rows,
+        stop,
+        scoring,
+        reply,
+        tokens: None,
+    })
+    .map_err(|_| server_error("the generation thread has stopped".into()))?;
+    let results = results
+        .recv()
+        .map_err(|_| server_error("the generation thread has stopped".into()))?
+        .map_err(|e| server_error(format!("generation failed: {e}")))?;
+    let mut choices = Vec::with_capacity(results.len());
+    let mut completion_tokens = 0;
+    for (index, row) in results.iter().enumerate() {
+        let decoding = |e: crate::model::ModelError| server_error(format!("decoding failed: {e}"));
+        let (text, finish, tokens, shown) =
+            finish_text(tokenizer, &row.completion, &request.stop).map_err(decoding)?;
+        completion_tokens += tokens;
+        if chat {
+            choices.push(
+                json!({"index": index, "message": {"role": "assistant", "content": text},
+                   "finish_reason": finish, "logprobs": null}),
+            );
+            continue;
+        }
+        let prompt = &prompt_ids[index / request.n];
+        let logprobs = match request.logprobs {
+            Some(_) => choice_logprobs(tokenizer, prompt, shown, &text, &row.scores, request.echo)
+                .map_err(decoding)?,
+            None => Value::Null,
+        };
+        let text = if request.echo {
+            let echoed = match &request.prompts[index / request.n] {
+                Prompt::Text(prompt) => prompt.clone(),
+                _ => tokenizer.decode(prompt).map_err(decoding)?,
+            };
+            echoed + text.as_str()
+        } else {
+            text
+        };
+        choices.push(
+            json!({"index": index, "text": text, "finish_reason": finish, "logprobs": logprobs}),
+        );
+    }
+    let prompt_tokens: usize = prompt_ids.iter().map(Vec::len).sum();
+    let (id_prefix, object) = if chat {
+        ("chatcmpl", "chat.completion")
+    } else {
+        ("cmpl", "text_completion")
+    };
+    Ok((
+        200,
+        json!({
+            "id": format!("{id_prefix}-{:016x}", rand::random::<u64>()),
+            "object": object,
+            "created": unix_time(),
+            "model": context.name,
+            "choices": choices,
+            "usage": {
+                "prompt_tokens": prompt_tokens,
+                "completion_tokens": completion_tokens,
+                "total_tokens": prompt_tokens + completion_tokens,
+            },
+        }),
+    ))
+}
+
+/// A row to generate: its prompt's tokens and its sampling.
+type Scheduled = (Vec<u32>, Sampling);
+
+/// The prompts' token ids and the rows (prompt × `n`, each with its sampling) of a
+/// request, or the HTTP error that refuses it.
+fn request_rows(
+    context: &Context,
+    request: &GenerationRequest,
+) -> Result<(Vec<Vec<u32>>, Vec<Scheduled>), Answer> {
     let tokenizer = &context.tokenizer;
     let mut prompt_ids = Vec::with_capacity(request.prompts.len());
     for (i, prompt) in request.prompts.iter().enumerate() {
@@ -526,78 +634,162 @@ fn complete(
             })
         })
         .collect();
+    Ok((prompt_ids, rows))
+}
+
+/// A streamed request's replies as the generation thread sends them.
+struct Events {
+    tokens: Receiver<(usize, u32)>,
+    results: Receiver<Result<Vec<Row>, String>>,
+    tokenizer: Tokenizer,
+    stop: Vec<String>,
+    chat: bool,
+    id: String,
+    created: u64,
+    model: String,
+    /// Per row: its tokens so far and the text sent.
+    rows: Vec<(Vec<u32>, String)>,
+}
+
+/// Queues a `stream: true` request's rows, their tokens to come back one at a time.
+fn start_stream(
+    context: &Context,
+    jobs: &Sender<Job>,
+    request: &GenerationRequest,
+    chat: bool,
+) -> Result<Events, Answer> {
+    let (_, rows) = request_rows(context, request)?;
     let (reply, results) = mpsc::channel();
-    let server_error = |message: String| error(500, "server_error", None, &message);
-    let stop = request.stop.clone();
-    let scoring = request.logprobs.map(|top| Scoring {
-        prompt: request.echo,
-        top,
-    });
+    let (tokens_to, tokens) = mpsc::channel();
+    let count = rows.len();
     jobs.send(Job {
         rows,
-        stop,
-        scoring,
+        stop: request.stop.clone(),
+        scoring: None,
         reply,
+        tokens: Some(tokens_to),
     })
-    .map_err(|_| server_error("the generation thread has stopped".into()))?;
-    let results = results
-        .recv()
-        .map_err(|_| server_error("the generation thread has stopped".into()))?
-        .map_err(|e| server_error(format!("generation failed: {e}")))?;
-    let mut choices = Vec::with_capacity(results.len());
-    let mut completion_tokens = 0;
-    for (index, row) in results.iter().enumerate() {
-        let decoding = |e: crate::model::ModelError| server_error(format!("decoding failed: {e}"));
-        let (text, finish, tokens, shown) =
-            finish_text(tokenizer, &row.completion, &request.stop).map_err(decoding)?;
-        completion_tokens += tokens;
-        if chat {
-            choices.push(
-                json!({"index": index, "message": {"role": "assistant", "content": text},
-                   "finish_reason": finish, "logprobs": null}),
-            );
+    .map_err(|_| {
+        error(
+            500,
+            "server_error",
+            None,
+            "the generation thread has stopped",
+        )
+    })?;
+    let id_prefix = if chat { "chatcmpl" } else { "cmpl" };
+    Ok(Events {
+        tokens,
+        results,
+        tokenizer: context.tokenizer.clone(),
+        stop: request.stop.clone(),
+        chat,
+        id: format!("{id_prefix}-{:016x}", rand::random::<u64>()),
+        created: unix_time(),
+        model: context.name.clone(),
+        rows: vec![(vec![], String::new()); count],
+    })
+}
+
+/// Answers a streamed request on its own connection, as OpenAI's API does: server-sent
+/// events, a chunk with each row's new text as its tokens come (text held back while it
+/// could still be the start of a stop text, or half a character), a last chunk per row with
+/// its finish reason, then `data: [DONE]`; the connection closes after it. A write that fails
+/// (the client has left) drops the token channel, which ends the request's rows at their
+/// next token. Returns a note for the log.
+fn stream_events(request: tiny_http::Request, mut events: Events) -> String {
+    let mut out = request.into_writer();
+    let head = "HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: no-cache\r\n\
+                Connection: close\r\n\r\n";
+    let send = |out: &mut Box<dyn Write + Send>, chunk: &str| {
+        out.write_all(chunk.as_bytes()).and_then(|()| out.flush())
+    };
+    if send(&mut out, head).is_err() {
+        return "(stream: the client left)".into();
+    }
+    let hold = events.stop.iter().map(String::len).max().unwrap_or(1) - 1;
+    while let Ok((row, token)) = events.tokens.recv() {
+        let (ids, sent) = &mut events.rows[row];
+        ids.push(token);
+        let Ok(text) = events.tokenizer.decode(ids) else {
+            continue;
+        };
+        let mut end = text.len().saturating_sub(hold);
+        while !text.is_char_boundary(end) {
+            end -= 1;
+        }
+        let shown = text[..end].trim_end_matches('\u{FFFD}');
+        if shown.len() <= sent.len() || !shown.starts_with(sent.as_str()) {
             continue;
         }
-        let prompt = &prompt_ids[index / request.n];
-        let logprobs = match request.logprobs {
-            Some(_) => choice_logprobs(tokenizer, prompt, shown, &text, &row.scores, request.echo)
-                .map_err(decoding)?,
-            None => Value::Null,
-        };
-        let text = if request.echo {
-            let echoed = match &request.prompts[index / request.n] {
-                Prompt::Text(prompt) => prompt.clone(),
-                _ => tokenizer.decode(prompt).map_err(decoding)?,
-            };
-            echoed + text.as_str()
-        } else {
-            text
-        };
-        choices.push(
-            json!({"index": index, "text": text, "finish_reason": finish, "logprobs": logprobs}),
-        );
+        let first = sent.is_empty();
+        let delta = shown[sent.len()..].to_string();
+        *sent = shown.to_string();
+        let chunk = events.chunk(row, Some(&delta), None, first);
+        if send(&mut out, &chunk).is_err() {
+            return "(stream: the client left)".into();
+        }
     }
-    let prompt_tokens: usize = prompt_ids.iter().map(Vec::len).sum();
-    let (id_prefix, object) = if chat {
-        ("chatcmpl", "chat.completion")
-    } else {
-        ("cmpl", "text_completion")
+    // every row has ended
+    let mut tail = String::new();
+    let note = match events.results.recv() {
+        Ok(Ok(rows)) => {
+            let mut tokens = 0;
+            for (index, row) in rows.iter().enumerate() {
+                let Ok((text, finish, n, _)) =
+                    finish_text(&events.tokenizer, &row.completion, &events.stop)
+                else {
+                    continue;
+                };
+                tokens += n;
+                let sent = events.rows[index].1.as_str();
+                let rest = text.strip_prefix(sent).unwrap_or("");
+                let rest = Some(rest).filter(|r| !r.is_empty());
+                tail += &events.chunk(index, rest, Some(finish), sent.is_empty());
+            }
+            format!(
+                "(stream: {} choices, {tokens} completion tokens)",
+                rows.len()
+            )
+        }
+        Ok(Err(message)) => {
+            let message = format!("generation failed: {message}");
+            tail += &format!("data: {}\n\n", error(500, "server_error", None, &message).1);
+            message
+        }
+        Err(_) => "(stream: the generation thread has stopped)".into(),
     };
-    Ok((
-        200,
-        json!({
-            "id": format!("{id_prefix}-{:016x}", rand::random::<u64>()),
-            "object": object,
-            "created": unix_time(),
-            "model": context.name,
-            "choices": choices,
-            "usage": {
-                "prompt_tokens": prompt_tokens,
-                "completion_tokens": completion_tokens,
-                "total_tokens": prompt_tokens + completion_tokens,
-            },
-        }),
-    ))
+    tail += "data: [DONE]\n\n";
+    let _ = send(&mut out, &tail);
+    note
+}
+
+impl Events {
+    /// One server-sent event: a chunk of row `index` with new `text` and, on its last one,
+    /// its `finish` reason; a chat's `first` chunk of a row names the role.
+    fn chunk(&self, index: usize, text: Option<&str>, finish: Option<&str>, first: bool) -> String {
+        let choice = if self.chat {
+            let mut delta = json!({});
+            if first {
+                delta["role"] = json!("assistant");
+            }
+            if let Some(text) = text {
+                delta["content"] = json!(text);
+            }
+            json!({"index": index, "delta": delta, "finish_reason": finish, "logprobs": null})
+        } else {
+            json!({"index": index, "text": text.unwrap_or(""), "finish_reason": finish,
+                   "logprobs": null})
+        };
+        let object = if self.chat {
+            "chat.completion.chunk"
+        } else {
+            "text_completion"
+        };
+        let chunk = json!({"id": self.id, "object": object, "created": self.created,
+                           "model": self.model, "choices": [choice]});
+        format!("data: {chunk}\n\n")
+    }
 }
 
 /// Refuses (HTTP 400, `context_length_exceeded`) a prompt's `text` (named `param`) that

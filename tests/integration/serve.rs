@@ -281,7 +281,7 @@ fn bad_requests_get_openai_errors_naming_the_field() {
         (chat(r#", "n": 0"#), "n"),
         (chat(r#", "max_tokens": "many""#), "max_tokens"),
         (chat(r#", "stop": 5"#), "stop"),
-        (chat(r#", "stream": true"#), "stream"),
+        (chat(r#", "stream": "yes""#), "stream"),
         (r#"{"messages": "Hi"}"#.to_string(), "messages"),
     ] {
         let (status, reply) = served.http("POST", "/v1/chat/completions", &body, "");
@@ -800,4 +800,126 @@ fn max_tokens_past_the_servers_limit_is_a_400() {
         reply["usage"]["completion_tokens"].as_u64().unwrap() <= 8,
         "{reply}"
     );
+}
+
+/// The status and the `data:` payloads of a streamed reply (read until the server closes).
+fn streamed(served: &Served, path: &str, body: &str) -> (u16, Vec<String>) {
+    let address = served
+        .url
+        .trim_start_matches("http://")
+        .trim_end_matches("/v1");
+    let mut stream = TcpStream::connect(address).unwrap();
+    write!(
+        stream,
+        "POST {path} HTTP/1.1\r\nHost: {address}\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).unwrap();
+    let (head, body) = answer.split_once("\r\n\r\n").unwrap();
+    let status = head.split_whitespace().nth(1).unwrap().parse().unwrap();
+    assert!(head.contains("text/event-stream"), "{head}");
+    let events = body
+        .split("\n\n")
+        .filter_map(|e| e.strip_prefix("data: "))
+        .map(str::to_string)
+        .collect();
+    (status, events)
+}
+
+#[test]
+fn a_streamed_reply_carries_the_text_of_a_whole_one() {
+    let served = Served::start(&[], &[]);
+    let routes = [
+        ("/v1/completions", r#""prompt": "The patient""#),
+        (
+            "/v1/chat/completions",
+            r#""messages": [{"role": "user", "content": "Hi"}]"#,
+        ),
+    ];
+    for (path, input) in routes {
+        let body = |stop: &str, stream: bool| {
+            format!(
+                r#"{{"model": "tiny", {input}, "max_tokens": 24, "temperature": 0, "stop": {stop}, "stream": {stream}}}"#
+            )
+        };
+        let text_of = |choice: &Value| {
+            let text = choice
+                .get("text")
+                .or_else(|| choice["message"].get("content"));
+            text.and_then(Value::as_str).unwrap().to_string()
+        };
+        // without a stop text, then with one from the free completion (so the stream must
+        // hold back text that could start it)
+        let (_, free) = served.http("POST", path, &body("[]", false), "");
+        let free: Vec<char> = text_of(&free["choices"][0]).chars().collect();
+        assert!(free.len() > 12, "{free:?}");
+        let at = free.len() * 2 / 3;
+        let stop: String = free[at..at + 3].iter().collect();
+        for stops in ["[]".to_string(), json!([stop]).to_string()] {
+            let (status, whole) = served.http("POST", path, &body(&stops, false), "");
+            assert_eq!(status, 200, "{whole}");
+            let (status, events) = streamed(&served, path, &body(&stops, true));
+            assert_eq!(status, 200);
+            assert_eq!(events.last().map(String::as_str), Some("[DONE]"));
+            let chunks: Vec<Value> = events[..events.len() - 1]
+                .iter()
+                .map(|e| serde_json::from_str(e).unwrap())
+                .collect();
+            let text: String = chunks
+                .iter()
+                .map(|c| {
+                    let choice = &c["choices"][0];
+                    let piece = choice
+                        .get("text")
+                        .or_else(|| choice["delta"].get("content"));
+                    piece.and_then(Value::as_str).unwrap_or("").to_string()
+                })
+                .collect();
+            assert_eq!(text, text_of(&whole["choices"][0]), "{path} {stops}");
+            let finish = &chunks.last().unwrap()["choices"][0]["finish_reason"];
+            assert_eq!(
+                finish, &whole["choices"][0]["finish_reason"],
+                "{path} {stops}"
+            );
+            if stops == "[]" {
+                assert!(chunks.len() > 12, "a chunk per token: {events:?}");
+            }
+        }
+    }
+}
+
+#[test]
+fn a_client_that_leaves_a_stream_stops_its_sequence() {
+    // one slot: the next request can only run once the abandoned stream's row has ended
+    let served = Served::start(&["--max-batch", "1", "--max-model-len", "200000"], &[]);
+    let address = served
+        .url
+        .trim_start_matches("http://")
+        .trim_end_matches("/v1");
+    let body = r#"{"model": "tiny", "prompt": "The patient", "max_tokens": 100000, "temperature": 0, "stream": true}"#;
+    let mut stream = TcpStream::connect(address).unwrap();
+    write!(
+        stream,
+        "POST /v1/completions HTTP/1.1\r\nHost: {address}\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut first = [0u8; 512];
+    let n = stream.read(&mut first).unwrap();
+    assert!(n > 0);
+    drop(stream);
+    let started = std::time::Instant::now();
+    let (status, reply) = served.http(
+        "POST",
+        "/v1/completions",
+        r#"{"model": "tiny", "prompt": "Hi", "max_tokens": 2}"#,
+        "",
+    );
+    assert_eq!(status, 200, "{reply}");
+    let waited = started.elapsed().as_secs_f64();
+    assert!(waited < 20.0, "the abandoned row ran on: {waited:.1} s");
 }
