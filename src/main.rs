@@ -103,9 +103,14 @@ struct ServeArgs {
     /// The model id in /v1/models and in replies (default: the --model argument).
     #[arg(long)]
     served_model_name: Option<String>,
-    /// Rows (prompts × n) at most in one generation batch.
-    #[arg(long, default_value_t = 32)]
+    /// Rows (prompts × n) at most in the running batch; more wait for a free slot. Up to 16
+    /// on a CPU, a row's tokens do not depend on the rows beside it.
+    #[arg(long, default_value_t = 16)]
     max_batch: usize,
+    /// The most new tokens a request may ask for (`max_tokens`); a request asking for more
+    /// gets an HTTP 400, one naming none gets at most this many.
+    #[arg(long)]
+    max_tokens: Option<usize>,
     /// The context a prompt and its new tokens must fit in (default: the model config's
     /// max_position_embeddings); a request beyond it is an HTTP 400.
     #[arg(long)]
@@ -443,6 +448,7 @@ fn serve(args: ServeArgs) -> Result<ExitCode> {
         host: args.host,
         port: args.port,
         max_batch: args.max_batch,
+        max_tokens: args.max_tokens,
         max_model_len: args.max_model_len,
         api_key,
         enable_lora: args.enable_lora,

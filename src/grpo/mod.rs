@@ -384,7 +384,7 @@ fn one_step(
             ..config.sampling.clone()
         })
         .collect();
-    let served = rollouts.from_another_engine();
+    let served = rollouts.sampled_elsewhere();
     if served && config.vllm_importance_sampling_correction && config.sampling.temperature != 1.0 {
         // a server's log-probs are the model's at temperature 1; the trainer's are tempered
         return Err(GrpoError::Setup(format!(

@@ -29,7 +29,7 @@ pub trait Rollouts {
     /// Whether the completions' log-probs come from another engine (the model's
     /// distribution at temperature 1, as vLLM's default `raw_logprobs`): they then go
     /// through the mismatch correction. Local sampling's are the trainer's own.
-    fn from_another_engine(&self) -> bool {
+    fn sampled_elsewhere(&self) -> bool {
         false
     }
 }
@@ -120,7 +120,7 @@ fn served(e: EndpointError) -> GrpoError {
 }
 
 impl Rollouts for Served {
-    fn from_another_engine(&self) -> bool {
+    fn sampled_elsewhere(&self) -> bool {
         true
     }
 

@@ -71,16 +71,17 @@ pub fn mask(
     Tensor::from_vec(values, (batch, 1, queries, keys), device)
 }
 
-/// Scaled dot-product attention with an additive mask, softmax in f32, grouped-query:
-/// `q: [b, h, s, hd]`, `k, v: [b, kv, t, hd]` with `h` a multiple of `kv` (query head `i`
-/// uses key/value head `i / (h / kv)`), `mask: [b, 1, s, t]` → `[b, h, s, hd]`. The query
-/// heads of one key/value head are stacked into one matrix instead of copying the keys and
-/// values once per query head.
+/// Scaled dot-product attention with an additive mask (none: every key visible), softmax
+/// in f32, grouped-query: `q: [b, h, s, hd]`, `k, v: [b, kv, t, hd]` with `h` a multiple of
+/// `kv` (query head `i` uses key/value head `i / (h / kv)`), `mask: [b, 1, s, t]` →
+/// `[b, h, s, hd]`. The query heads of one key/value head are stacked into one matrix
+/// instead of copying the keys and values once per query head. Keys and values may be
+/// views whose rows are a stride apart (a slot's first `t` rows of a longer buffer).
 pub fn attend(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
-    mask: &Tensor,
+    mask: Option<&Tensor>,
     scale: f64,
     softcap: Option<f64>,
 ) -> Result<Tensor> {
@@ -89,30 +90,118 @@ pub fn attend(
     // [b, h, s, hd] → [b, kv, groups · s, hd]: heads of a group are adjacent
     let q = q.contiguous()?.reshape((b, kv, (h / kv) * s, hd))?;
     let scores = q
-        .matmul(&k.contiguous()?.t()?)?
+        .matmul(&rows_packed(k)?.t()?)?
         .reshape((b, h, s, t))?
         .to_dtype(DType::F32)?;
-    let probs = match softcap {
-        None => super::fused::masked_softmax(&scores, mask, scale)?,
-        Some(cap) => {
+    let probs = match (softcap, mask) {
+        (None, Some(mask)) => super::fused::masked_softmax(&scores, mask, scale)?,
+        (None, None) => candle_nn::ops::softmax_last_dim(&(scores * scale)?)?,
+        (Some(cap), mask) => {
             let scores = (((scores * scale)? / cap)?.tanh()? * cap)?;
-            candle_nn::ops::softmax(&scores.broadcast_add(mask)?, D::Minus1)?
+            let scores = match mask {
+                Some(mask) => scores.broadcast_add(mask)?,
+                None => scores,
+            };
+            candle_nn::ops::softmax(&scores, D::Minus1)?
         }
     };
     probs
         .to_dtype(v.dtype())?
         .reshape((b, kv, (h / kv) * s, t))?
-        .matmul(&v.contiguous()?)?
+        .matmul(&rows_packed(v)?)?
         .reshape((b, h, s, hd))
 }
 
-/// The keys and values seen so far, one entry per layer; owned by the caller, so a batch of
-/// sequences can be generated (or several batches interleaved) without touching the model.
+/// `x: [b, kv, t, hd]` as it is where a matmul can read it in place (each row packed, the
+/// heads of one batch row a constant stride apart), else a packed copy.
+fn rows_packed(x: &Tensor) -> Result<Tensor> {
+    let hd = x.dim(3)?;
+    let stride = x.stride();
+    let in_place = x.dim(0)? == 1 && stride[3] == 1 && stride[2] == hd;
+    if in_place {
+        Ok(x.clone())
+    } else {
+        x.contiguous()
+    }
+}
+
+/// Where a forward pass's attention finds the keys and values it attends to: its own, a
+/// [`KvCache`] of a padded batch, or the slots of [`super::batching::SlotCache`].
+pub trait KeyValues {
+    /// The attention output `[b, h, s, hd]` of layer `layer` for this pass's
+    /// `q: [b, h, s, hd]` and `k, v: [b, kv, s, hd]` (rotated), over these keys and any
+    /// kept before; a query sees only the `window` most recent keys of a sliding layer.
+    #[allow(clippy::too_many_arguments)]
+    fn attend(
+        &mut self,
+        layer: usize,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        window: Option<usize>,
+        scale: f64,
+        softcap: Option<f64>,
+    ) -> Result<Tensor>;
+}
+
+/// Attention over a left-padded batch ([`super::Input::key_valid`]'s masks), appending
+/// to a [`KvCache`] when one is given.
+pub struct Padded<'a> {
+    full: Tensor,
+    windowed: Option<Tensor>,
+    cache: Option<&'a mut KvCache>,
+}
+
+impl<'a> Padded<'a> {
+    /// The masks of `input`'s queries after `cache`'s keys; `window`: the sliding layers'.
+    pub fn new(
+        input: &super::Input,
+        cache: Option<&'a mut KvCache>,
+        window: Option<usize>,
+    ) -> Result<Self> {
+        let s = input.ids.dim(1)?;
+        let device = input.ids.device();
+        let offset = cache.as_ref().map_or(0, |c| c.len());
+        Ok(Padded {
+            full: mask(&input.key_valid, offset, s, None, device)?,
+            windowed: window
+                .map(|w| mask(&input.key_valid, offset, s, Some(w), device))
+                .transpose()?,
+            cache,
+        })
+    }
+}
+
+impl KeyValues for Padded<'_> {
+    fn attend(
+        &mut self,
+        layer: usize,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        window: Option<usize>,
+        scale: f64,
+        softcap: Option<f64>,
+    ) -> Result<Tensor> {
+        let (k, v) = match self.cache.as_deref_mut() {
+            Some(cache) => cache.append(layer, k, v)?,
+            None => (k.clone(), v.clone()),
+        };
+        let mask = match (window, &self.windowed) {
+            (Some(_), Some(windowed)) => windowed,
+            _ => &self.full,
+        };
+        attend(q, &k, &v, Some(mask), scale, softcap)
+    }
+}
+
+/// The keys and values seen so far in a padded batch, one entry per layer, kept in the graph
+/// that computed them so that a loss on later tokens reaches the adapters through the
+/// cached ones too: a prompt run once for the group of completions that follow it in
+/// training. (Generation keeps its keys in [`super::batching::SlotCache`].)
 #[derive(Debug, Clone, Default)]
 pub struct KvCache {
     layers: Vec<Option<(Tensor, Tensor)>>,
-    /// Whether keys and values keep the graph that computed them (see [`KvCache::tracked`]).
-    tracked: bool,
 }
 
 impl KvCache {
@@ -120,17 +209,6 @@ impl KvCache {
     pub fn new(layers: usize) -> Self {
         KvCache {
             layers: vec![None; layers],
-            tracked: false,
-        }
-    }
-
-    /// An empty cache whose keys and values stay in the graph, so that a loss on later
-    /// tokens reaches the adapters through the cached ones too: a prompt run once for the
-    /// group of completions that follow it in training.
-    pub fn tracked(layers: usize) -> Self {
-        KvCache {
-            layers: vec![None; layers],
-            tracked: true,
         }
     }
 
@@ -147,19 +225,11 @@ impl KvCache {
         self.len() == 0
     }
 
-    /// Appends this step's keys and values of `layer` and returns all of them. Unless
-    /// [`KvCache::tracked`], the cache keeps values only, detached from the graph that
-    /// computed them: with adapters on, that graph would otherwise chain every decoding
-    /// step's activations to the next and hold them all until generation ends.
+    /// Appends this step's keys and values of `layer` and returns all of them.
     pub fn append(&mut self, layer: usize, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
-        let (k, v) = if self.tracked {
-            (k.clone(), v.clone())
-        } else {
-            (k.detach(), v.detach())
-        };
         let (k, v) = match &self.layers[layer] {
-            Some((pk, pv)) => (Tensor::cat(&[pk, &k], 2)?, Tensor::cat(&[pv, &v], 2)?),
-            None => (k, v),
+            Some((pk, pv)) => (Tensor::cat(&[pk, k], 2)?, Tensor::cat(&[pv, v], 2)?),
+            None => (k.clone(), v.clone()),
         };
         self.layers[layer] = Some((k.clone(), v.clone()));
         Ok((k, v))
@@ -180,25 +250,4 @@ impl KvCache {
 /// Gemma's `(1 + w)` is folded into `scale` at load time.
 pub fn rms_norm(x: &Tensor, scale: &Tensor, eps: f64) -> Result<Tensor> {
     super::fused::rms_norm(x, scale, eps)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn the_cache_keeps_values_without_their_graph() {
-        let device = Device::Cpu;
-        let w = candle_core::Var::ones((1, 1, 2, 3), DType::F32, &device).unwrap();
-        let k = (w.as_tensor() * 2.0).unwrap();
-        let mut cache = KvCache::new(1);
-        cache.append(0, &k, &k).unwrap();
-        let (all_k, _) = cache.append(0, &k, &k).unwrap();
-        assert_eq!(all_k.dims(), &[1, 1, 4, 3]);
-        let grads = all_k.sum_all().unwrap().backward().unwrap();
-        assert!(
-            grads.get(w.as_tensor()).is_none(),
-            "cached keys must not chain back to the adapters"
-        );
-    }
 }

@@ -352,14 +352,31 @@ impl CustomOp3 for FrozenLora {
                 b_layout.dims()
             );
         }
-        let x2 = Layout::contiguous_with_offset((m, k), x_layout.start_offset());
-        let xa = x.matmul(a, (1, m, rank, k), &x2, &a_layout.transpose(0, 1)?)?;
-        let low = xa.matmul(
-            b,
-            (1, m, n, rank),
-            &Layout::contiguous((m, rank)),
-            &b_layout.transpose(0, 1)?,
-        )?;
+        let packed = (a_layout.contiguous_offsets(), b_layout.contiguous_offsets());
+        let low = match (x, a, b, packed) {
+            // a decoding step's few rows: the kernel of the frozen product, whose rows do not
+            // depend on each other (gemm's may change with the number of rows)
+            (
+                CpuStorage::F32(xs),
+                CpuStorage::F32(av),
+                CpuStorage::F32(bv),
+                (Some(ao), Some(bo)),
+            ) if m <= cpu_matmul::FEW_ROWS => {
+                let xs = &xs[x_layout.start_offset()..];
+                let xa = cpu_matmul::few_rows(xs, (m, k), &av[ao.0..ao.1], rank);
+                CpuStorage::F32(cpu_matmul::few_rows(&xa, (m, rank), &bv[bo.0..bo.1], n))
+            }
+            _ => {
+                let x2 = Layout::contiguous_with_offset((m, k), x_layout.start_offset());
+                let xa = x.matmul(a, (1, m, rank, k), &x2, &a_layout.transpose(0, 1)?)?;
+                xa.matmul(
+                    b,
+                    (1, m, n, rank),
+                    &Layout::contiguous((m, rank)),
+                    &b_layout.transpose(0, 1)?,
+                )?
+            }
+        };
         let (CpuStorage::F32(mut y), CpuStorage::F32(low)) = (y, low) else {
             bail!("frozen-lora takes f32 tensors");
         };

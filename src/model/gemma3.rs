@@ -8,7 +8,7 @@
 use candle_core::{Device, Result, Tensor};
 use serde_json::Value;
 
-use super::attention::{apply_rope, attend, mask, rms_norm, KvCache, Rope};
+use super::attention::{apply_rope, rms_norm, KeyValues, KvCache, Padded, Rope};
 use super::config::{self, ConfigError};
 use super::frozen::FrozenWeight;
 use super::linear::{block_linears, Linear};
@@ -143,8 +143,7 @@ impl Attention {
         &self,
         x: &Tensor,
         (cos, sin): (&Tensor, &Tensor),
-        mask: &Tensor,
-        cache: Option<(&mut KvCache, usize)>,
+        (kv, layer, window): (&mut dyn KeyValues, usize, Option<usize>),
         adapters_on: bool,
     ) -> Result<Tensor> {
         // x: [b, s, d]; q: [b, h, s, hd]; k, v: [b, kv, s, hd]
@@ -158,11 +157,7 @@ impl Attention {
         let k = rms_norm(&k, &self.k_norm, self.eps)?.transpose(1, 2)?;
         let q = apply_rope(&q, cos, sin)?;
         let k = apply_rope(&k, cos, sin)?;
-        let (k, v) = match cache {
-            Some((cache, layer)) => cache.append(layer, &k, &v)?,
-            None => (k, v),
-        };
-        let out = attend(&q, &k, &v, mask, self.scale, self.softcap)?;
+        let out = kv.attend(layer, &q, &k, &v, window, self.scale, self.softcap)?;
         let out = out
             .transpose(1, 2)?
             .reshape((b, s, self.heads * self.head_dim))?;
@@ -265,45 +260,45 @@ impl Gemma3 {
     pub fn forward(
         &self,
         input: &Input,
-        mut cache: Option<&mut KvCache>,
+        cache: Option<&mut KvCache>,
         adapters_on: bool,
     ) -> Result<Tensor> {
-        let (b, s) = input.ids.dims2()?;
-        let device = input.ids.device();
-        let offset = cache.as_ref().map_or(0, |c| c.len());
-        let hidden =
-            self.embed_tokens
-                .rows(&input.ids)?
-                .reshape((b, s, self.config.hidden_size))?;
+        let mut kv = Padded::new(input, cache, Some(self.config.sliding_window))?;
+        self.forward_with(&input.ids, &input.positions, &mut kv, adapters_on)
+    }
+
+    /// The final hidden states `[b, s, hidden]` for tokens `ids: [b, s]` at `positions`,
+    /// attention reading and writing its keys and values through `kv`.
+    pub fn forward_with(
+        &self,
+        ids: &Tensor,
+        positions: &Tensor,
+        kv: &mut dyn KeyValues,
+        adapters_on: bool,
+    ) -> Result<Tensor> {
+        let (b, s) = ids.dims2()?;
+        let device = ids.device();
+        let hidden = self
+            .embed_tokens
+            .rows(ids)?
+            .reshape((b, s, self.config.hidden_size))?;
         // transformers rounds the scale to the activations' dtype
         let normalizer = Tensor::new((self.config.hidden_size as f32).sqrt(), device)?
             .to_dtype(hidden.dtype())?;
         let mut x = hidden.broadcast_mul(&normalizer)?;
-        let global = self.rope_global.cos_sin(&input.positions)?;
-        let local = self.rope_local.cos_sin(&input.positions)?;
-        let full_mask = mask(&input.key_valid, offset, s, None, device)?;
-        let window_mask = mask(
-            &input.key_valid,
-            offset,
-            s,
-            Some(self.config.sliding_window),
-            device,
-        )?;
+        let global = self.rope_global.cos_sin(positions)?;
+        let local = self.rope_local.cos_sin(positions)?;
         let eps = self.config.rms_norm_eps;
         for (i, layer) in self.layers.iter().enumerate() {
-            let (rope, mask) = if layer.sliding {
-                ((&local.0, &local.1), &window_mask)
+            let (rope, window) = if layer.sliding {
+                ((&local.0, &local.1), Some(self.config.sliding_window))
             } else {
-                ((&global.0, &global.1), &full_mask)
+                ((&global.0, &global.1), None)
             };
             let h = rms_norm(&x, &layer.input_layernorm, eps)?;
-            let h = layer.self_attn.forward(
-                &h,
-                rope,
-                mask,
-                cache.as_deref_mut().map(|c| (c, i)),
-                adapters_on,
-            )?;
+            let h = layer
+                .self_attn
+                .forward(&h, rope, (&mut *kv, i, window), adapters_on)?;
             x = (x + rms_norm(&h, &layer.post_attention_layernorm, eps)?)?;
             let h = rms_norm(&x, &layer.pre_feedforward_layernorm, eps)?;
             let h = layer.mlp.forward(&h, adapters_on)?;

@@ -1,13 +1,12 @@
-//! Batched sampling with a KV cache: many prompts (of any lengths, left-padded) decoded in
-//! one batch, each with its own seeded sampler (temperature, top-k, top-p, min-p), stopping
-//! on its stop tokens, its stop strings or its token budget. Finished rows leave the batch.
+//! Sampling: many prompts decoded in the continuous batch of [`super::batching`], each with
+//! its own seeded sampler (temperature, top-k, top-p, min-p), stopping on its stop tokens,
+//! its stop strings or its token budget.
 
-use candle_core::Tensor;
-use rand::{Rng, SeedableRng};
+use rand::Rng;
 use rand_chacha::ChaCha8Rng;
-use rayon::prelude::*;
 
-use super::{Input, KvCache, Model, Result};
+use super::batching::Scheduler;
+use super::{Model, Result};
 
 /// How one request is sampled.
 #[derive(Debug, Clone, PartialEq)]
@@ -73,16 +72,17 @@ pub struct Completion {
     pub finish: Finish,
 }
 
-/// The most prompt tokens a prefill runs through the model at once.
+/// The most prompt tokens a prefill runs through the model in one step.
 pub const PREFILL_CHUNK: usize = 512;
 
 /// Turns token ids into text (the tokenizer's decoding), for stop strings.
 pub type Decode<'a> = &'a dyn Fn(&[u32]) -> Result<String>;
 
-/// Generates a completion for every prompt in one batch. `requests[i]` samples
-/// `prompts[i]`. Stop strings need `decode`. `on_step(tokens_so_far)` runs after every
-/// decoding step (and with 0 after each chunk of a long prompt's prefill); returning false
-/// cancels the rest (finished completions are kept, the others end as `Cancelled`).
+/// Generates a completion for every prompt through one [`Scheduler`]: `requests[i]`
+/// samples `prompts[i]`, each completion the same as if it ran alone. Stop strings need
+/// `decode`. `on_step(steps)` runs after every step of the batch (a decoding step, and a
+/// chunk of each prompt being prefilled); returning false cancels the rest (finished
+/// completions are kept, the others end as `Cancelled`).
 pub fn generate(
     model: &Model,
     prompts: &[Vec<u32>],
@@ -115,214 +115,30 @@ pub fn generate_until(
     on_step: &mut dyn FnMut(usize) -> bool,
     ends: &mut dyn FnMut(usize, &[u32]) -> bool,
 ) -> Result<Vec<Completion>> {
-    super::linear::no_grad(|| {
-        generate_batch(model, prompts, requests, adapters_on, decode, on_step, ends)
-    })
-}
-
-fn generate_batch(
-    model: &Model,
-    prompts: &[Vec<u32>],
-    requests: &[Sampling],
-    adapters_on: bool,
-    decode: Option<Decode>,
-    on_step: &mut dyn FnMut(usize) -> bool,
-    ends: &mut dyn FnMut(usize, &[u32]) -> bool,
-) -> Result<Vec<Completion>> {
     assert_eq!(prompts.len(), requests.len(), "one request per prompt");
-    assert!(
-        decode.is_some() || requests.iter().all(|r| r.stop_strings.is_empty()),
-        "stop strings need a decoder"
-    );
-    let device = model.device().clone();
-    let mut done: Vec<Option<Completion>> = vec![None; prompts.len()];
-    let mut partial: Vec<Completion> = prompts
-        .iter()
-        .map(|_| Completion {
-            ids: vec![],
-            logprobs: vec![],
-            finish: Finish::Length,
-        })
-        .collect();
-    let mut rngs: Vec<ChaCha8Rng> = requests
-        .iter()
-        .map(|r| ChaCha8Rng::seed_from_u64(r.seed))
-        .collect();
-    // active[j] = the request in batch row j
-    let mut active: Vec<usize> = (0..prompts.len())
-        .filter(|&i| requests[i].max_tokens > 0 && !prompts[i].is_empty())
-        .collect();
-    for (i, slot) in done.iter_mut().enumerate() {
-        if !active.contains(&i) {
-            *slot = Some(partial[i].clone());
+    super::linear::no_grad(|| {
+        let mut scheduler = Scheduler::new(model, adapters_on, decode);
+        for (i, (prompt, request)) in prompts.iter().zip(requests).enumerate() {
+            scheduler.submit(i, prompt.clone(), request.clone());
         }
-    }
-    if active.is_empty() {
-        return Ok(done.into_iter().map(|c| c.expect("all done")).collect());
-    }
-
-    // Prefill each distinct prompt once (GRPO samples a group of completions per prompt),
-    // left-padded to the longest; positions count real tokens only. After the first step
-    // the keys, values and logits are copied out to every request's row.
-    let mut distinct: Vec<&[u32]> = Vec::new();
-    let source: Vec<u32> = active
-        .iter()
-        .map(|&i| {
-            let prompt = prompts[i].as_slice();
-            let at = distinct
-                .iter()
-                .position(|p| *p == prompt)
-                .unwrap_or_else(|| {
-                    distinct.push(prompt);
-                    distinct.len() - 1
-                });
-            at as u32
-        })
-        .collect();
-    let width = distinct.iter().map(|p| p.len()).max().unwrap_or(0);
-    let mut key_valid = Vec::with_capacity(distinct.len());
-    let mut ids = Vec::with_capacity(distinct.len() * width);
-    let mut positions = Vec::with_capacity(distinct.len() * width);
-    for prompt in &distinct {
-        let pad = width - prompt.len();
-        key_valid.push((0..width).map(|s| s >= pad).collect::<Vec<bool>>());
-        ids.extend(std::iter::repeat_n(0u32, pad).chain(prompt.iter().copied()));
-        positions.extend((0..width).map(|s| s.saturating_sub(pad) as u32));
-    }
-    let mut next_position: Vec<u32> = active.iter().map(|&i| prompts[i].len() as u32).collect();
-    let mut expand = (distinct.len() < active.len())
-        .then(|| Tensor::from_vec(source.clone(), source.len(), &device))
-        .transpose()?;
-    let b = distinct.len();
-    let mut input = Input {
-        ids: Tensor::from_vec(ids, (b, width), &device)?,
-        positions: Tensor::from_vec(positions, (b, width), &device)?,
-        key_valid,
-    };
-    let mut cache = KvCache::new(model.num_layers());
-    // A long prompt is prefilled in chunks: attention then holds the scores of one chunk
-    // against the keys so far, never a whole prompt's against itself (an 8,000-token prompt
-    // took 4.6 GB at once). Each chunk may cancel; the last one goes through the loop below.
-    let mut start = 0;
-    while width - start > PREFILL_CHUNK {
-        let chunk = Input {
-            ids: input.ids.narrow(1, start, PREFILL_CHUNK)?,
-            positions: input.positions.narrow(1, start, PREFILL_CHUNK)?,
-            key_valid: input
-                .key_valid
-                .iter()
-                .map(|v| v[..start + PREFILL_CHUNK].to_vec())
-                .collect(),
-        };
-        model.forward(&chunk, Some(&mut cache), adapters_on)?;
-        start += PREFILL_CHUNK;
-        if !on_step(0) {
-            for &i in &active {
-                partial[i].finish = Finish::Cancelled;
-                done[i] = Some(partial[i].clone());
+        let mut done: Vec<Option<Completion>> = vec![None; prompts.len()];
+        let mut steps = 0;
+        while !scheduler.is_idle() {
+            for (i, c) in scheduler.step(ends)? {
+                done[i] = Some(c);
             }
-            return Ok(done.into_iter().map(|c| c.expect("all done")).collect());
-        }
-    }
-    if start > 0 {
-        input.ids = input.ids.narrow(1, start, width - start)?;
-        input.positions = input.positions.narrow(1, start, width - start)?;
-    }
-    let mut steps = 0;
-    loop {
-        let hidden = model.forward(&input, Some(&mut cache), adapters_on)?;
-        let s = hidden.dim(1)?;
-        let last = hidden.narrow(1, s - 1, 1)?.squeeze(1)?; // [b, d]
-        let mut logits = model.head_logits(&last)?;
-        if let Some(rows) = expand.take() {
-            logits = logits.index_select(&rows, 0)?;
-            cache.select_rows(&rows)?;
-            input.key_valid = source
-                .iter()
-                .map(|&u| input.key_valid[u as usize].clone())
-                .collect();
-        }
-        let rows: Vec<Vec<f32>> = logits.to_vec2()?;
-        steps += 1;
-        // the rows are sampled in parallel (a row of Gemma's logits takes milliseconds),
-        // each request from its own generator
-        let picks: Vec<(u32, f32, ChaCha8Rng)> = rows
-            .par_iter()
-            .zip(active.par_iter())
-            .map(|(row, &i)| {
-                let mut rng = rngs[i].clone();
-                let (token, logprob) = sample(row, &requests[i], &mut rng);
-                (token, logprob, rng)
-            })
-            .collect();
-        let mut keep = Vec::with_capacity(active.len());
-        let mut next_ids = Vec::with_capacity(active.len());
-        for (j, (token, logprob, rng)) in picks.into_iter().enumerate() {
-            let i = active[j];
-            let request = &requests[i];
-            rngs[i] = rng;
-            let c = &mut partial[i];
-            c.ids.push(token);
-            c.logprobs.push(logprob);
-            let stopped = request.stop_ids.contains(&token)
-                || match decode {
-                    Some(decode) => reaches_stop_string(&c.ids, &request.stop_strings, decode)?,
-                    None => false,
-                };
-            let ended = !stopped && ends(i, &c.ids);
-            if stopped || ended || c.ids.len() >= request.max_tokens {
-                c.finish = if stopped {
-                    Finish::Stop
-                } else if ended {
-                    Finish::Cancelled
-                } else {
-                    Finish::Length
-                };
-                done[i] = Some(c.clone());
-            } else {
-                keep.push(j);
-                next_ids.push(token);
+            steps += 1;
+            if !on_step(steps) {
+                for (i, c) in scheduler.cancel_all() {
+                    done[i] = Some(c);
+                }
             }
         }
-        let go_on = on_step(steps);
-        if keep.is_empty() || !go_on {
-            for &j in &keep {
-                let i = active[j];
-                partial[i].finish = Finish::Cancelled;
-                done[i] = Some(partial[i].clone());
-            }
-            break;
-        }
-        if keep.len() < active.len() {
-            let rows = Tensor::from_vec(
-                keep.iter().map(|&j| j as u32).collect::<Vec<u32>>(),
-                keep.len(),
-                &device,
-            )?;
-            cache.select_rows(&rows)?;
-        }
-        let key_valid: Vec<Vec<bool>> = keep
-            .iter()
-            .map(|&j| {
-                let mut v = input.key_valid[j].clone();
-                v.push(true);
-                v
-            })
-            .collect();
-        let positions: Vec<u32> = keep.iter().map(|&j| next_position[j]).collect();
-        next_position = positions.iter().map(|p| p + 1).collect();
-        active = keep.iter().map(|&j| active[j]).collect();
-        let b = active.len();
-        input = Input {
-            ids: Tensor::from_vec(next_ids, (b, 1), &device)?,
-            positions: Tensor::from_vec(positions, (b, 1), &device)?,
-            key_valid,
-        };
-    }
-    Ok(done
-        .into_iter()
-        .map(|c| c.expect("every request finished"))
-        .collect())
+        Ok(done
+            .into_iter()
+            .map(|c| c.expect("every request finished"))
+            .collect())
+    })
 }
 
 /// Whether the text of `ids` contains one of `stops`, which it did not before the last
@@ -330,7 +146,7 @@ fn generate_batch(
 /// every token adds at least one byte, so a stop string of `n` bytes spans at most `n`
 /// tokens; a few more keep its first token clear of the tail's start (where decoders
 /// strip a leading space or meet half a UTF-8 sequence).
-fn reaches_stop_string(ids: &[u32], stops: &[String], decode: Decode) -> Result<bool> {
+pub(super) fn reaches_stop_string(ids: &[u32], stops: &[String], decode: Decode) -> Result<bool> {
     let Some(longest) = stops.iter().map(String::len).max() else {
         return Ok(false);
     };
@@ -361,7 +177,7 @@ fn stop_string_at(text: &str, stops: &[String]) -> Option<(usize, usize)> {
 
 /// Picks the next token from one row of logits and returns it with its log-probability
 /// under the unmodified distribution.
-fn sample(logits: &[f32], request: &Sampling, rng: &mut ChaCha8Rng) -> (u32, f32) {
+pub(super) fn sample(logits: &[f32], request: &Sampling, rng: &mut ChaCha8Rng) -> (u32, f32) {
     let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
     let log_z = max + super::exp::exp_sum(logits, 1.0, max).ln() as f32;
     let token = if request.temperature <= 0.0 {
@@ -472,6 +288,7 @@ impl<'a> TopOrder<'a> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use rand::SeedableRng;
 
     #[test]
     fn the_earliest_stop_string_is_cut_before_or_kept() {

@@ -6,7 +6,7 @@
 use candle_core::{Device, Result, Tensor};
 use serde_json::Value;
 
-use super::attention::{apply_rope, attend, mask, rms_norm, KvCache, Rope};
+use super::attention::{apply_rope, rms_norm, KeyValues, KvCache, Padded, Rope};
 use super::config::{self, ConfigError};
 use super::frozen::FrozenWeight;
 use super::linear::{block_linears, Linear};
@@ -253,17 +253,28 @@ impl Llama {
     pub fn forward(
         &self,
         input: &Input,
-        mut cache: Option<&mut KvCache>,
+        cache: Option<&mut KvCache>,
         adapters_on: bool,
     ) -> Result<Tensor> {
-        let (b, s) = input.ids.dims2()?;
-        let offset = cache.as_ref().map_or(0, |c| c.len());
+        let mut kv = Padded::new(input, cache, None)?;
+        self.forward_with(&input.ids, &input.positions, &mut kv, adapters_on)
+    }
+
+    /// The final hidden states `[b, s, hidden]` for tokens `ids: [b, s]` at `positions`,
+    /// attention reading and writing its keys and values through `kv`.
+    pub fn forward_with(
+        &self,
+        ids: &Tensor,
+        positions: &Tensor,
+        kv: &mut dyn KeyValues,
+        adapters_on: bool,
+    ) -> Result<Tensor> {
+        let (b, s) = ids.dims2()?;
         let mut x = self
             .embed_tokens
-            .rows(&input.ids)?
+            .rows(ids)?
             .reshape((b, s, self.config.hidden_size))?;
-        let (cos, sin) = self.rope.cos_sin(&input.positions)?;
-        let mask = mask(&input.key_valid, offset, s, None, input.ids.device())?;
+        let (cos, sin) = self.rope.cos_sin(positions)?;
         let eps = self.config.rms_norm_eps;
         for (i, layer) in self.layers.iter().enumerate() {
             // q: [b, h, s, hd]; k, v: [b, kv, s, hd]
@@ -276,12 +287,8 @@ impl Llama {
             let v = split(a.v_proj.forward(&h, adapters_on)?, a.kv_heads)?;
             let q = apply_rope(&q, &cos, &sin)?;
             let k = apply_rope(&k, &cos, &sin)?;
-            let (k, v) = match cache.as_deref_mut() {
-                Some(cache) => cache.append(i, &k, &v)?,
-                None => (k, v),
-            };
             let scale = (a.head_dim as f64).powf(-0.5);
-            let out = attend(&q, &k, &v, &mask, scale, None)?;
+            let out = kv.attend(i, &q, &k, &v, None, scale, None)?;
             let out = out.transpose(1, 2)?.reshape((b, s, a.heads * a.head_dim))?;
             x = (x + a.o_proj.forward(&out, adapters_on)?)?;
             let h = rms_norm(&x, &layer.post_attention_layernorm, eps)?;

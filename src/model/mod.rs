@@ -3,6 +3,7 @@
 //! and loading from Hugging Face directories and GGUF files.
 
 pub mod attention;
+pub mod batching;
 pub mod chat;
 pub mod config;
 pub mod cpu_matmul;
@@ -195,6 +196,22 @@ impl Model {
         Ok(match &self.arch {
             Architecture::Gemma3(m) => m.forward(input, cache, adapters_on)?,
             Architecture::Llama(m) => m.forward(input, cache, adapters_on)?,
+        })
+    }
+
+    /// Final hidden states `[b, s, hidden]` for tokens `ids: [b, s]` at `positions`, the
+    /// attention's keys and values read and written through `kv` (see
+    /// [`batching::SlotCache::forward`]).
+    pub fn forward_with(
+        &self,
+        ids: &Tensor,
+        positions: &Tensor,
+        kv: &mut dyn attention::KeyValues,
+        adapters_on: bool,
+    ) -> Result<Tensor> {
+        Ok(match &self.arch {
+            Architecture::Gemma3(m) => m.forward_with(ids, positions, kv, adapters_on)?,
+            Architecture::Llama(m) => m.forward_with(ids, positions, kv, adapters_on)?,
         })
     }
 
@@ -421,7 +438,7 @@ impl Model {
         let b = pairs.len();
         let p_max = distinct.iter().map(|p| p.len()).max().unwrap_or(0);
         let c_max = pairs.iter().map(|(_, c)| c.len()).max().unwrap_or(0);
-        let mut cache = KvCache::tracked(self.num_layers());
+        let mut cache = KvCache::new(self.num_layers());
         let mut ids = Vec::with_capacity(distinct.len() * p_max);
         let mut positions = Vec::with_capacity(distinct.len() * p_max);
         let mut key_valid = Vec::with_capacity(distinct.len());

@@ -14,17 +14,18 @@
 //! the context's tokens can spell, else by its token count.
 //!
 //! Each HTTP request is read and tokenized on its own thread; one generation thread owns
-//! the model. Requests that are waiting when it becomes free are run together as one batch
-//! (every prompt × `n` a row of one [`generate_until`] call, each row with its own sampling
-//! and stop texts), so
-//! concurrent clients share decoding steps: on the CPU a batch of 8 rows decodes at more than
-//! twice the tokens per second of one row. A request arriving during a batch waits for it.
+//! the model and runs every request's rows (every prompt × `n`, each with its own sampling
+//! and stop texts) in one continuous batch ([`Scheduler`]): a request joins the running
+//! batch at the next step, as soon as slots are free, and is answered when its last row
+//! ends, so concurrent clients share decoding steps and a short request does not wait for a
+//! long one to finish.
 
 pub mod logprobs;
 pub mod lora;
 pub mod request;
 
-use std::io::Read;
+use std::collections::HashMap;
+use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::Arc;
@@ -34,7 +35,8 @@ use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 use tiny_http::{Header, Method, Response, Server};
 
-use crate::model::generate::{generate_until, Completion, Finish, Sampling};
+use crate::model::batching::Scheduler;
+use crate::model::generate::{Completion, Finish, Sampling};
 use crate::model::lm::LanguageModel;
 use crate::model::tokenizer::Tokenizer;
 use logprobs::{Entry, TokenScore};
@@ -53,9 +55,11 @@ pub struct ServeOptions {
     pub port: u16,
     /// The model id reported by `/v1/models` and in replies.
     pub name: String,
-    /// Rows (prompts × `n`) at most in one generation batch; a single request larger than
-    /// this still runs, alone.
+    /// Rows (prompts × `n`) at most in the running batch; more wait for free slots.
     pub max_batch: usize,
+    /// The most new tokens a request may ask for (`max_tokens`); more is an HTTP 400, and a
+    /// request that names none gets at most this many.
+    pub max_tokens: Option<usize>,
     /// The context a prompt and its new tokens must fit in; `None`: the model config's
     /// `max_position_embeddings` (no limit when it states none).
     pub max_model_len: Option<usize>,
@@ -114,13 +118,14 @@ pub fn serve(
         tokenizer: lm.tokenizer.clone(),
         vocab: lm.model.lm_head().dims()[0],
         context: options.max_model_len.or_else(|| lm.model.context_length()),
+        max_tokens: options.max_tokens,
         longest_token: lm.tokenizer.longest_token_bytes(),
     });
     let (jobs, queue) = mpsc::channel::<Job>();
     let max_batch = options.max_batch.max(1);
     std::thread::Builder::new()
         .name("rlvr-serve-generate".into())
-        .spawn(move || run_batches(&lm, &queue, max_batch))
+        .spawn(move || run_engine(&lm, &queue, max_batch))
         .map_err(|e| ServeError {
             address: address.clone(),
             message: format!("cannot start the generation thread: {e}"),
@@ -194,6 +199,8 @@ struct Context {
     /// The bytes of the longest token of the vocabulary: a text longer than `context` times
     /// this cannot fit in the context, and is refused before it is tokenized.
     longest_token: usize,
+    /// `--max-tokens`: the most new tokens a request may ask for.
+    max_tokens: Option<usize>,
 }
 
 /// One HTTP request's rows, sent to the generation thread; the results come back on
@@ -207,6 +214,9 @@ struct Job {
     /// The adapter the request named (`None`: the served model as loaded).
     adapter: Option<Arc<Adapter>>,
     reply: Sender<Result<Vec<Row>, String>>,
+    /// With `stream`: each row's new tokens as they come, `(row, token)`; a row ends once
+    /// the receiver is gone (its client has left).
+    tokens: Option<Sender<(usize, u32)>>,
 }
 
 /// What a request wants scored.
@@ -225,29 +235,142 @@ struct Row {
     scores: Vec<TokenScore>,
 }
 
-/// The generation thread: takes every job waiting (up to `max_batch` rows), runs the jobs
-/// of each adapter as one batch, scores the rows of jobs that ask for log-probabilities,
-/// answers each.
-fn run_batches(lm: &LanguageModel, queue: &Receiver<Job>, max_batch: usize) {
-    while let Ok(first) = queue.recv() {
-        let mut rows = first.rows.len();
-        let mut batch = vec![first];
-        while rows < max_batch {
-            let Ok(job) = queue.try_recv() else { break };
-            rows += job.rows.len();
-            batch.push(job);
+/// A request on the generation thread: its job, and its rows' completions as they end.
+struct Running {
+    job: Job,
+    completions: Vec<Option<Completion>>,
+}
+
+/// One continuous batch over one model (the served model, or the model with one loaded
+/// adapter): its [`Scheduler`], the requests running in it and which request each
+/// scheduled row belongs to.
+struct Batch<'a> {
+    lm: &'a LanguageModel,
+    scheduler: Scheduler<'a>,
+    running: HashMap<usize, Running>,
+    /// each scheduled row's request and its index there
+    rows: HashMap<usize, (usize, usize)>,
+    next_request: usize,
+    next_row: usize,
+}
+
+impl<'a> Batch<'a> {
+    /// An empty batch of at most `max_batch` rows on `lm`.
+    fn new(lm: &'a LanguageModel, max_batch: usize) -> Self {
+        Batch {
+            lm,
+            scheduler: Scheduler::with_rows(&lm.model, lm.lora.is_some(), None, max_batch),
+            running: HashMap::new(),
+            rows: HashMap::new(),
+            next_request: 0,
+            next_row: 0,
         }
-        for group in by_adapter(batch) {
-            let model = group[0].adapter.as_ref().map_or(lm, |a| &a.lm);
-            answer_batch(model, &group);
+    }
+
+    /// Whether no row is running or waiting.
+    fn is_idle(&self) -> bool {
+        self.scheduler.is_idle()
+    }
+
+    /// Queues every row of `job`; it joins at the next step.
+    fn admit(&mut self, job: Job) {
+        for (r, (prompt, sampling)) in job.rows.iter().enumerate() {
+            self.rows.insert(self.next_row, (self.next_request, r));
+            self.scheduler
+                .submit(self.next_row, prompt.clone(), sampling.clone());
+            self.next_row += 1;
+        }
+        let completions = vec![None; job.rows.len()];
+        self.running
+            .insert(self.next_request, Running { job, completions });
+        self.next_request += 1;
+    }
+
+    /// One decoding step; answers every request whose last row ended (scored first when
+    /// it asks for log-probabilities). A step that fails fails the requests running in it.
+    fn step(&mut self) {
+        let (lm, running, rows) = (self.lm, &self.running, &self.rows);
+        let step = crate::model::linear::no_grad(|| {
+            self.scheduler.step(&mut |row, ids| {
+                let (id, r) = rows[&row];
+                let job = &running[&id].job;
+                let last = *ids.last().expect("a new token");
+                ends_with_stop(&lm.tokenizer, ids, &job.stop)
+                    || job
+                        .tokens
+                        .as_ref()
+                        .is_some_and(|t| t.send((r, last)).is_err())
+            })
+        });
+        let ended = match step {
+            Ok(ended) => ended,
+            Err(e) => {
+                self.scheduler.cancel_all();
+                self.rows.clear();
+                for (_, request) in self.running.drain() {
+                    let _ = request.job.reply.send(Err(first_line(&e)));
+                }
+                return;
+            }
+        };
+        for (row, completion) in ended {
+            let (id, r) = self.rows.remove(&row).expect("a scheduled row");
+            let request = self.running.get_mut(&id).expect("a running request");
+            request.completions[r] = Some(completion);
+            if request.completions.iter().all(Option::is_some) {
+                let request = self.running.remove(&id).expect("a running request");
+                let answer = scored(lm, &request).map_err(|e| first_line(&e));
+                let _ = request.job.reply.send(answer);
+            }
         }
     }
 }
 
-/// The jobs of a batch grouped by the adapter they run with, in order of first appearance.
-fn by_adapter(batch: Vec<Job>) -> Vec<Vec<Job>> {
+/// The generation thread: one continuous batch of `max_batch` rows on the served model
+/// runs the rows of every request; requests that arrive join it at the next step, and each
+/// is answered as soon as its last row ends. Requests naming a loaded adapter run, adapter
+/// by adapter, in a batch of their own on that adapter's model, between two steps of the
+/// served model's batch.
+fn run_engine(lm: &LanguageModel, queue: &Receiver<Job>, max_batch: usize) {
+    let mut batch = Batch::new(lm, max_batch);
+    loop {
+        let first = if batch.is_idle() {
+            let Ok(job) = queue.recv() else { return };
+            Some(job)
+        } else {
+            None
+        };
+        let mut with_adapter = Vec::new();
+        for job in first
+            .into_iter()
+            .chain(std::iter::from_fn(|| queue.try_recv().ok()))
+        {
+            if job.adapter.is_some() {
+                with_adapter.push(job);
+            } else {
+                batch.admit(job);
+            }
+        }
+        for group in by_adapter(with_adapter) {
+            let adapter = group[0].adapter.clone().expect("an adapter");
+            let mut own = Batch::new(&adapter.lm, max_batch);
+            for job in group {
+                own.admit(job);
+            }
+            while !own.is_idle() {
+                own.step();
+            }
+        }
+        if !batch.is_idle() {
+            batch.step();
+        }
+    }
+}
+
+/// Jobs grouped by the adapter they run with, in order of first appearance.
+fn by_adapter(jobs: Vec<Job>) -> Vec<Vec<Job>> {
     let mut groups: Vec<Vec<Job>> = Vec::new();
-    for job in batch {
+    for job in jobs {
         let same = |other: &Job| match (&job.adapter, &other.adapter) {
             (None, None) => true,
             (Some(a), Some(b)) => Arc::ptr_eq(a, b),
@@ -261,73 +384,32 @@ fn by_adapter(batch: Vec<Job>) -> Vec<Vec<Job>> {
     groups
 }
 
-/// Runs `batch` on `lm` and sends each job its rows, or the failure.
-fn answer_batch(lm: &LanguageModel, batch: &[Job]) {
-    match run_batch(lm, batch) {
-        Ok(mut results) => {
-            for job in batch.iter().rev() {
-                let mine = results.split_off(results.len() - job.rows.len());
-                let _ = job.reply.send(Ok(mine));
-            }
-        }
-        Err(e) => {
-            // candle appends a backtrace to some errors; the first line says what failed
-            let message = e.to_string();
-            let message = message.lines().next().unwrap_or_default();
-            for job in batch {
-                let _ = job.reply.send(Err(message.to_string()));
-            }
-        }
-    }
+/// The first line of an error (candle appends a backtrace to some).
+fn first_line(e: &crate::model::ModelError) -> String {
+    e.to_string().lines().next().unwrap_or_default().to_string()
 }
 
-/// Every row of `batch`, in order: the rows with a token budget generated as one batch
-/// (`max_tokens: 0` rows only echo their prompt), then the scores asked for.
-fn run_batch(lm: &LanguageModel, batch: &[Job]) -> crate::model::Result<Vec<Row>> {
+/// A finished request's rows, each with the scores it asks for: the prompt's tokens after
+/// the first (with `echo`) and the completion's.
+fn scored(lm: &LanguageModel, request: &Running) -> crate::model::Result<Vec<Row>> {
     let adapters_on = lm.lora.is_some();
-    let rows: Vec<(&Job, &(Vec<u32>, Sampling))> = batch
+    let job = &request.job;
+    job.rows
         .iter()
-        .flat_map(|job| job.rows.iter().map(move |row| (job, row)))
-        .collect();
-    let generating: Vec<usize> = (0..rows.len())
-        .filter(|&r| rows[r].1 .1.max_tokens > 0)
-        .collect();
-    let (ids, samplings): (Vec<Vec<u32>>, Vec<Sampling>) =
-        generating.iter().map(|&r| rows[r].1.clone()).unzip();
-    let mut holds_stop =
-        |row: usize, ids: &[u32]| ends_with_stop(&lm.tokenizer, ids, &rows[generating[row]].0.stop);
-    let mut generated = generate_until(
-        &lm.model,
-        &ids,
-        &samplings,
-        adapters_on,
-        None,
-        &mut |_| true,
-        &mut holds_stop,
-    )?
-    .into_iter();
-    let mut results = Vec::with_capacity(rows.len());
-    for (job, (prompt, sampling)) in rows {
-        let completion = if sampling.max_tokens > 0 {
-            generated.next().expect("one completion per generating row")
-        } else {
-            Completion {
-                ids: vec![],
-                logprobs: vec![],
-                finish: Finish::Length,
-            }
-        };
-        let scores = match job.scoring {
-            Some(scoring) => {
-                let whole: Vec<u32> = prompt.iter().chain(&completion.ids).copied().collect();
-                let from = if scoring.prompt { 1 } else { prompt.len() };
-                logprobs::score(&lm.model, &whole, from, scoring.top, adapters_on)?
-            }
-            None => vec![],
-        };
-        results.push(Row { completion, scores });
-    }
-    Ok(results)
+        .zip(&request.completions)
+        .map(|((prompt, _), completion)| {
+            let completion = completion.clone().expect("every row ended");
+            let scores = match job.scoring {
+                Some(scoring) => {
+                    let whole: Vec<u32> = prompt.iter().chain(&completion.ids).copied().collect();
+                    let from = if scoring.prompt { 1 } else { prompt.len() };
+                    logprobs::score(&lm.model, &whole, from, scoring.top, adapters_on)?
+                }
+                None => vec![],
+            };
+            Ok(Row { completion, scores })
+        })
+        .collect()
 }
 
 /// Whether the text of `ids` now holds one of the `stop` texts. A stop text that was not
@@ -350,7 +432,15 @@ fn handle(mut request: tiny_http::Request, context: &Context, jobs: &Sender<Job>
     let started = Instant::now();
     let method = request.method().clone();
     let path = request.url().split('?').next().unwrap_or("").to_string();
-    let (status, body, note) = match answer(&mut request, &method, &path, context, jobs) {
+    let mut events = None;
+    let answered = answer(&mut request, &method, &path, context, jobs, &mut events);
+    if let (Ok(_), Some(events)) = (&answered, events) {
+        let note = stream_events(request, events);
+        let seconds = started.elapsed().as_secs_f64();
+        eprintln!("{method} {path} 200 {seconds:.2} s {note}");
+        return;
+    }
+    let (status, body, note) = match answered {
         Ok((status, body)) => {
             let note = usage_note(&body);
             (status, body, note)
@@ -394,6 +484,7 @@ fn answer(
     path: &str,
     context: &Context,
     jobs: &Sender<Job>,
+    events: &mut Option<Events>,
 ) -> Result<Answer, Answer> {
     if let Some(key) = &context.api_key {
         let given = request
@@ -428,6 +519,10 @@ fn answer(
                 .get("return_tokens_as_token_ids")
                 .and_then(Value::as_bool)
                 .unwrap_or(false);
+            if parsed.stream {
+                *events = Some(start_stream(context, jobs, &parsed, chat, adapter)?);
+                return Ok((200, Value::Null));
+            }
             complete(context, jobs, &parsed, chat, adapter, token_ids)
         }
         (Method::Post, "/v1/load_lora_adapter" | "/v1/unload_lora_adapter") => {
@@ -566,71 +661,8 @@ fn complete(
     adapter: Option<Arc<Adapter>>,
     token_ids: bool,
 ) -> Result<Answer, Answer> {
+    let (prompt_ids, rows) = request_rows(context, request)?;
     let tokenizer = &context.tokenizer;
-    let mut prompt_ids = Vec::with_capacity(request.prompts.len());
-    for (i, prompt) in request.prompts.iter().enumerate() {
-        let param = if request.prompts.len() > 1 {
-            format!("prompt[{i}]")
-        } else {
-            "prompt".to_string()
-        };
-        let ids = match prompt {
-            Prompt::Chat(messages) => {
-                let field = |e: crate::model::ModelError| {
-                    bad_request(&BadRequest::field("messages", e.to_string()))
-                };
-                let text = tokenizer.chat(messages, true).map_err(field)?;
-                fits_unread(context, &text, "messages")?;
-                tokenizer.encode(&text).map_err(field)?
-            }
-            Prompt::Text(text) => {
-                fits_unread(context, text, &param)?;
-                tokenizer
-                    .encode(text)
-                    .map_err(|e| bad_request(&BadRequest::field("prompt", e.to_string())))?
-            }
-            Prompt::Ids(ids) => ids.clone(),
-        };
-        if ids.is_empty() {
-            return Err(bad_request(&BadRequest::field(&param, "has no tokens")));
-        }
-        if let Some(id) = ids.iter().find(|&&id| id as usize >= context.vocab) {
-            let message = format!(
-                "token id {id} is outside the vocabulary of {}",
-                context.vocab
-            );
-            return Err(bad_request(&BadRequest::field(&param, message)));
-        }
-        prompt_ids.push(ids);
-    }
-    let max_tokens = fit_context(context.context, &prompt_ids, request)?;
-    let mut stop_ids = tokenizer.stop_ids();
-    // A stop text that is one token of its own stops generation at once; others are found
-    // in the decoded text.
-    stop_ids.extend(request.stop.iter().filter_map(|s| {
-        let id = tokenizer.token_id(s)?;
-        (tokenizer.decode(&[id]).ok()? == *s).then_some(id)
-    }));
-    let seed = request.seed.unwrap_or_else(rand::random);
-    let rows: Vec<(Vec<u32>, Sampling)> = prompt_ids
-        .iter()
-        .flat_map(|ids| {
-            (0..request.n).map(|j| {
-                let sampling = Sampling {
-                    stop_strings: vec![],
-                    include_stop: false,
-                    max_tokens,
-                    temperature: request.temperature,
-                    top_k: request.top_k,
-                    top_p: request.top_p,
-                    min_p: request.min_p,
-                    seed: seed.wrapping_add(j as u64),
-                    stop_ids: stop_ids.clone(),
-                };
-                (ids.clone(), sampling)
-            })
-        })
-        .collect();
     let (reply, results) = mpsc::channel();
     let server_error = |message: String| error(500, "server_error", None, &message);
     let stop = request.stop.clone();
@@ -645,6 +677,7 @@ fn complete(
         scoring,
         adapter,
         reply,
+        tokens: None,
     })
     .map_err(|_| server_error("the generation thread has stopped".into()))?;
     let results = results
@@ -710,6 +743,241 @@ fn complete(
     ))
 }
 
+/// A row to generate: its prompt's tokens and its sampling.
+type Scheduled = (Vec<u32>, Sampling);
+
+/// The prompts' token ids and the rows (prompt × `n`, each with its sampling) of a
+/// request, or the HTTP error that refuses it.
+fn request_rows(
+    context: &Context,
+    request: &GenerationRequest,
+) -> Result<(Vec<Vec<u32>>, Vec<Scheduled>), Answer> {
+    let tokenizer = &context.tokenizer;
+    let mut prompt_ids = Vec::with_capacity(request.prompts.len());
+    for (i, prompt) in request.prompts.iter().enumerate() {
+        let param = if request.prompts.len() > 1 {
+            format!("prompt[{i}]")
+        } else {
+            "prompt".to_string()
+        };
+        let ids = match prompt {
+            Prompt::Chat(messages) => {
+                let field = |e: crate::model::ModelError| {
+                    bad_request(&BadRequest::field("messages", e.to_string()))
+                };
+                let text = tokenizer.chat(messages, true).map_err(field)?;
+                fits_unread(context, &text, "messages")?;
+                tokenizer.encode(&text).map_err(field)?
+            }
+            Prompt::Text(text) => {
+                fits_unread(context, text, &param)?;
+                tokenizer
+                    .encode(text)
+                    .map_err(|e| bad_request(&BadRequest::field("prompt", e.to_string())))?
+            }
+            Prompt::Ids(ids) => ids.clone(),
+        };
+        if ids.is_empty() {
+            return Err(bad_request(&BadRequest::field(&param, "has no tokens")));
+        }
+        if let Some(id) = ids.iter().find(|&&id| id as usize >= context.vocab) {
+            let message = format!(
+                "token id {id} is outside the vocabulary of {}",
+                context.vocab
+            );
+            return Err(bad_request(&BadRequest::field(&param, message)));
+        }
+        prompt_ids.push(ids);
+    }
+    let max_tokens = within_limit(context.max_tokens, request)?;
+    let max_tokens = fit_context(context.context, &prompt_ids, max_tokens, request)?;
+    let mut stop_ids = tokenizer.stop_ids();
+    // A stop text that is one token of its own stops generation at once; others are found
+    // in the decoded text.
+    stop_ids.extend(request.stop.iter().filter_map(|s| {
+        let id = tokenizer.token_id(s)?;
+        (tokenizer.decode(&[id]).ok()? == *s).then_some(id)
+    }));
+    let seed = request.seed.unwrap_or_else(rand::random);
+    let rows: Vec<(Vec<u32>, Sampling)> = prompt_ids
+        .iter()
+        .flat_map(|ids| {
+            (0..request.n).map(|j| {
+                let sampling = Sampling {
+                    stop_strings: vec![],
+                    include_stop: false,
+                    max_tokens,
+                    temperature: request.temperature,
+                    top_k: request.top_k,
+                    top_p: request.top_p,
+                    min_p: request.min_p,
+                    seed: seed.wrapping_add(j as u64),
+                    stop_ids: stop_ids.clone(),
+                };
+                (ids.clone(), sampling)
+            })
+        })
+        .collect();
+    Ok((prompt_ids, rows))
+}
+
+/// A streamed request's replies as the generation thread sends them.
+struct Events {
+    tokens: Receiver<(usize, u32)>,
+    results: Receiver<Result<Vec<Row>, String>>,
+    tokenizer: Tokenizer,
+    stop: Vec<String>,
+    chat: bool,
+    id: String,
+    created: u64,
+    model: String,
+    /// Per row: its tokens so far and the text sent.
+    rows: Vec<(Vec<u32>, String)>,
+}
+
+/// Queues a `stream: true` request's rows, their tokens to come back one at a time.
+fn start_stream(
+    context: &Context,
+    jobs: &Sender<Job>,
+    request: &GenerationRequest,
+    chat: bool,
+    adapter: Option<Arc<Adapter>>,
+) -> Result<Events, Answer> {
+    let (_, rows) = request_rows(context, request)?;
+    let (reply, results) = mpsc::channel();
+    let (tokens_to, tokens) = mpsc::channel();
+    let count = rows.len();
+    jobs.send(Job {
+        rows,
+        stop: request.stop.clone(),
+        scoring: None,
+        adapter,
+        reply,
+        tokens: Some(tokens_to),
+    })
+    .map_err(|_| {
+        error(
+            500,
+            "server_error",
+            None,
+            "the generation thread has stopped",
+        )
+    })?;
+    let id_prefix = if chat { "chatcmpl" } else { "cmpl" };
+    Ok(Events {
+        tokens,
+        results,
+        tokenizer: context.tokenizer.clone(),
+        stop: request.stop.clone(),
+        chat,
+        id: format!("{id_prefix}-{:016x}", rand::random::<u64>()),
+        created: unix_time(),
+        model: context.name.clone(),
+        rows: vec![(vec![], String::new()); count],
+    })
+}
+
+/// Answers a streamed request on its own connection, as OpenAI's API does: server-sent
+/// events, a chunk with each row's new text as its tokens come (text held back while it
+/// could still be the start of a stop text, or half a character), a last chunk per row with
+/// its finish reason, then `data: [DONE]`; the connection closes after it. A write that fails
+/// (the client has left) drops the token channel, which ends the request's rows at their
+/// next token. Returns a note for the log.
+fn stream_events(request: tiny_http::Request, mut events: Events) -> String {
+    let mut out = request.into_writer();
+    let head = "HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: no-cache\r\n\
+                Connection: close\r\n\r\n";
+    let send = |out: &mut Box<dyn Write + Send>, chunk: &str| {
+        out.write_all(chunk.as_bytes()).and_then(|()| out.flush())
+    };
+    if send(&mut out, head).is_err() {
+        return "(stream: the client left)".into();
+    }
+    let hold = events.stop.iter().map(String::len).max().unwrap_or(1) - 1;
+    while let Ok((row, token)) = events.tokens.recv() {
+        let (ids, sent) = &mut events.rows[row];
+        ids.push(token);
+        let Ok(text) = events.tokenizer.decode(ids) else {
+            continue;
+        };
+        let mut end = text.len().saturating_sub(hold);
+        while !text.is_char_boundary(end) {
+            end -= 1;
+        }
+        let shown = text[..end].trim_end_matches('\u{FFFD}');
+        if shown.len() <= sent.len() || !shown.starts_with(sent.as_str()) {
+            continue;
+        }
+        let first = sent.is_empty();
+        let delta = shown[sent.len()..].to_string();
+        *sent = shown.to_string();
+        let chunk = events.chunk(row, Some(&delta), None, first);
+        if send(&mut out, &chunk).is_err() {
+            return "(stream: the client left)".into();
+        }
+    }
+    // every row has ended
+    let mut tail = String::new();
+    let note = match events.results.recv() {
+        Ok(Ok(rows)) => {
+            let mut tokens = 0;
+            for (index, row) in rows.iter().enumerate() {
+                let Ok((text, finish, n, _)) =
+                    finish_text(&events.tokenizer, &row.completion, &events.stop)
+                else {
+                    continue;
+                };
+                tokens += n;
+                let sent = events.rows[index].1.as_str();
+                let rest = text.strip_prefix(sent).unwrap_or("");
+                let rest = Some(rest).filter(|r| !r.is_empty());
+                tail += &events.chunk(index, rest, Some(finish), sent.is_empty());
+            }
+            format!(
+                "(stream: {} choices, {tokens} completion tokens)",
+                rows.len()
+            )
+        }
+        Ok(Err(message)) => {
+            let message = format!("generation failed: {message}");
+            tail += &format!("data: {}\n\n", error(500, "server_error", None, &message).1);
+            message
+        }
+        Err(_) => "(stream: the generation thread has stopped)".into(),
+    };
+    tail += "data: [DONE]\n\n";
+    let _ = send(&mut out, &tail);
+    note
+}
+
+impl Events {
+    /// One server-sent event: a chunk of row `index` with new `text` and, on its last one,
+    /// its `finish` reason; a chat's `first` chunk of a row names the role.
+    fn chunk(&self, index: usize, text: Option<&str>, finish: Option<&str>, first: bool) -> String {
+        let choice = if self.chat {
+            let mut delta = json!({});
+            if first {
+                delta["role"] = json!("assistant");
+            }
+            if let Some(text) = text {
+                delta["content"] = json!(text);
+            }
+            json!({"index": index, "delta": delta, "finish_reason": finish, "logprobs": null})
+        } else {
+            json!({"index": index, "text": text.unwrap_or(""), "finish_reason": finish,
+                   "logprobs": null})
+        };
+        let object = if self.chat {
+            "chat.completion.chunk"
+        } else {
+            "text_completion"
+        };
+        let chunk = json!({"id": self.id, "object": object, "created": self.created,
+                           "model": self.model, "choices": [choice]});
+        format!("data: {chunk}\n\n")
+    }
+}
+
 /// Refuses (HTTP 400, `context_length_exceeded`) a prompt's `text` (named `param`) that
 /// cannot fit in the context whatever its tokens: each token of the vocabulary stands for at
 /// most [`Context::longest_token`] bytes, so a text of more than the context times that
@@ -745,39 +1013,60 @@ fn context_exceeded(param: &str, message: &str) -> Answer {
     (status, body)
 }
 
-/// The new tokens each sample may take: the request's `max_tokens` when the longest prompt
-/// and it fit the model's context (else an HTTP 400, as OpenAI answers), or, when the request
-/// named none, the default cut to what the context leaves.
+/// The request's `max_tokens` within the server's `--max-tokens` `limit`: an HTTP 400 past
+/// it, and the default cut to it when the request names none.
+fn within_limit(limit: Option<usize>, request: &GenerationRequest) -> Result<usize, Answer> {
+    match limit {
+        Some(limit) if request.max_tokens > limit && request.max_tokens_given => Err(error(
+            400,
+            "invalid_request_error",
+            Some("max_tokens"),
+            &format!(
+                "max_tokens is {}, more than this server's limit of {limit} new tokens \
+                 (--max-tokens)",
+                request.max_tokens
+            ),
+        )),
+        Some(limit) => Ok(request.max_tokens.min(limit)),
+        None => Ok(request.max_tokens),
+    }
+}
+
+/// The new tokens each sample may take: `max_tokens` (the request's, within the server's
+/// limit) when the longest prompt and it fit the model's context (else an HTTP 400, as
+/// OpenAI answers), or, when the request named none, the default cut to what the context
+/// leaves.
 fn fit_context(
     context: Option<usize>,
     prompt_ids: &[Vec<u32>],
+    max_tokens: usize,
     request: &GenerationRequest,
 ) -> Result<usize, Answer> {
     let Some(context) = context else {
-        return Ok(request.max_tokens);
+        return Ok(max_tokens);
     };
     let longest = prompt_ids.iter().map(Vec::len).max().unwrap_or(0);
     let left = context.saturating_sub(longest);
     let too_long = |message: String| context_exceeded("max_tokens", &message);
-    if longest + usize::from(request.max_tokens > 0) > context {
+    if longest + usize::from(max_tokens > 0) > context {
         return Err(too_long(format!(
             "This model's maximum context length is {context} tokens; the prompt has {longest} \
              tokens and leaves no room for new ones. Shorten the prompt."
         )));
     }
     if !request.max_tokens_given {
-        return Ok(request.max_tokens.min(left));
+        return Ok(max_tokens.min(left));
     }
-    if longest + request.max_tokens > context {
+    if longest + max_tokens > context {
         return Err(too_long(format!(
             "This model's maximum context length is {context} tokens. However, you requested \
              {} tokens ({longest} in the prompt, {} in the completion). Ask for at most {left} \
              new tokens (`max_tokens`) or shorten the prompt.",
-            longest + request.max_tokens,
-            request.max_tokens
+            longest + max_tokens,
+            max_tokens
         )));
     }
-    Ok(request.max_tokens)
+    Ok(max_tokens)
 }
 
 /// A completion's text, finish reason, token count and the tokens its text comes from:

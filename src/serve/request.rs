@@ -67,6 +67,9 @@ pub struct GenerationRequest {
     pub n: usize,
     /// Seed of sample 0; sample `j` uses `seed + j`.
     pub seed: Option<u64>,
+    /// Whether the reply comes as server-sent events, a chunk per new token (OpenAI's
+    /// `stream`).
+    pub stream: bool,
     /// Texts that end a sample.
     pub stop: Vec<String>,
     /// `/v1/completions`: the prompt is returned before each sample (and with `max_tokens:
@@ -161,6 +164,12 @@ pub fn completion(body: &Value) -> Result<GenerationRequest, BadRequest> {
     }
     // OpenAI's legacy convention: `max_tokens: 0` with `echo` scores the prompt alone
     let mut request = sampling(fields, prompts, if echo { 0 } else { 1 })?;
+    if request.stream && (echo || logprobs.is_some()) {
+        return Err(BadRequest::field(
+            "stream",
+            "cannot be combined with `echo` or `logprobs`",
+        ));
+    }
     request.echo = echo;
     request.logprobs = logprobs;
     Ok(request)
@@ -228,12 +237,16 @@ fn sampling(
     prompts: Vec<Prompt>,
     min_tokens: usize,
 ) -> Result<GenerationRequest, BadRequest> {
-    if fields.get("stream").and_then(Value::as_bool) == Some(true) {
-        return Err(BadRequest::field(
-            "stream",
-            "streaming is not supported; send `stream: false`",
-        ));
-    }
+    let stream = match fields.get("stream") {
+        None | Some(Value::Null) => false,
+        Some(Value::Bool(b)) => *b,
+        Some(v) => {
+            return Err(BadRequest::field(
+                "stream",
+                format!("{v} is not true or false"),
+            ))
+        }
+    };
     let present = |key: &str| fields.get(key).filter(|v| !v.is_null());
     let max_tokens = match (present("max_tokens"), present("max_completion_tokens")) {
         (Some(v), _) => count(v, "max_tokens", min_tokens, usize::MAX)?,
@@ -317,6 +330,7 @@ fn sampling(
         min_p,
         n,
         seed,
+        stream,
         stop: stop.into_iter().filter(|s| !s.is_empty()).collect(),
         echo: false,
         logprobs: None,
@@ -428,7 +442,7 @@ mod tests {
         assert_eq!(param_of(chat(&json!({"messages": m, "seed": 1.5}))), "seed");
         assert_eq!(param_of(chat(&json!({"messages": m, "stop": [1]}))), "stop");
         assert_eq!(
-            param_of(chat(&json!({"messages": m, "stream": true}))),
+            param_of(chat(&json!({"messages": m, "stream": "yes"}))),
             "stream"
         );
         assert_eq!(

@@ -297,7 +297,7 @@ fn a_group_of_one_prompt_prefills_it_once_and_equals_each_row_alone() {
 fn a_long_prompt_is_prefilled_in_chunks_that_change_nothing_and_can_cancel() {
     use rlvr::model::generate::PREFILL_CHUNK;
     let model = tiny();
-    // two rows, left-padded to the longer: three chunks, the last one ragged
+    // two rows of three and two chunks, the last ones ragged
     let long = |n: usize, salt: usize| -> Vec<u32> {
         std::iter::once(2)
             .chain((1..n).map(|i| ((i * 7 + salt) % 500 + 3) as u32))
@@ -321,8 +321,9 @@ fn a_long_prompt_is_prefilled_in_chunks_that_change_nothing_and_can_cancel() {
         true
     })
     .unwrap();
-    // one call after each of the two full chunks, then one per decoding step
-    assert_eq!(calls[..3], [0, 0, 1]);
+    // one call per step: the longer prompt's three chunks (its first token comes with the
+    // last), then its five more tokens
+    assert_eq!(calls, (1..=8).collect::<Vec<usize>>());
     for (prompt, c) in prompts.iter().zip(&batch) {
         // the sampled tokens' log-probabilities from one unchunked forward
         let scored: Vec<f32> = model
@@ -340,5 +341,80 @@ fn a_long_prompt_is_prefilled_in_chunks_that_change_nothing_and_can_cancel() {
     for c in stopped {
         assert_eq!(c.finish, Finish::Cancelled);
         assert!(c.ids.is_empty());
+    }
+}
+
+/// 20 requests over 16 slots, so rows join as others leave: prompts of many lengths (past
+/// the sliding window of 4, one over a prefill chunk, two alike), budgets and stop tokens
+/// that end rows at different steps, temperatures 0 to 1.5. Each completion equals the
+/// same request run alone, to the bit: nothing of a row depends on the batch around it.
+#[test]
+fn a_sequence_is_the_same_alone_and_inside_a_busy_batch() {
+    use rlvr::model::generate::PREFILL_CHUNK;
+    let tokenizer = repo("tests/fixtures/tiny-tokenizer/tokenizer.json");
+    let adapted = LanguageModel::load(
+        &repo("tests/fixtures/tiny-gemma3"),
+        Some(&tokenizer),
+        &Device::Cpu,
+    )
+    .unwrap()
+    .load_adapter(&repo("tests/fixtures/tiny-gemma3/adapter"))
+    .unwrap();
+    let load = |path: &str| Model::load(&repo(path), &Device::Cpu).unwrap();
+    let models = [
+        ("tiny-gemma3", tiny(), false),
+        ("tiny-gemma3 + adapter", adapted.model, true),
+        (
+            "tiny-gemma3 q8_0",
+            load("tests/fixtures/tiny-gemma3-gguf/model-q8_0.gguf"),
+            false,
+        ),
+        ("tiny-llama", load("tests/fixtures/tiny-llama"), false),
+        ("tiny-qwen2", load("tests/fixtures/tiny-qwen2"), false),
+    ];
+    let prompt = |i: usize| -> Vec<u32> {
+        let len = match i {
+            3 => PREFILL_CHUNK + 40,
+            7 => 4,
+            _ => 1 + (i * 13) % 29,
+        };
+        std::iter::once(2)
+            .chain((1..len).map(|t| ((t * 31 + i * 17) % 500 + 3) as u32))
+            .collect()
+    };
+    let mut prompts: Vec<Vec<u32>> = (0..20).map(prompt).collect();
+    prompts[12] = prompts[5].clone();
+    let requests: Vec<Sampling> = (0..20)
+        .map(|i| Sampling {
+            max_tokens: 3 + (i * 7) % 17,
+            temperature: [0.0, 0.7, 1.0, 1.5][i % 4],
+            seed: 100 + i as u64,
+            stop_ids: vec![(i * 11 % 500) as u32],
+            ..Sampling::default()
+        })
+        .collect();
+    for (name, model, adapters_on) in &models {
+        let batch = generate(model, &prompts, &requests, *adapters_on, None, &mut |_| {
+            true
+        })
+        .unwrap();
+        for (i, (prompt, request)) in prompts.iter().zip(&requests).enumerate() {
+            let alone = generate(
+                model,
+                std::slice::from_ref(prompt),
+                std::slice::from_ref(request),
+                *adapters_on,
+                None,
+                &mut |_| true,
+            )
+            .unwrap()
+            .remove(0);
+            assert_eq!(batch[i], alone, "{name}, request {i}");
+        }
+        let lengths: Vec<usize> = batch.iter().map(|c| c.ids.len()).collect();
+        assert!(
+            lengths.iter().any(|&n| n < 5) && lengths.iter().any(|&n| n > 12),
+            "{name}: rows end at different steps: {lengths:?}"
+        );
     }
 }

@@ -281,7 +281,7 @@ fn bad_requests_get_openai_errors_naming_the_field() {
         (chat(r#", "n": 0"#), "n"),
         (chat(r#", "max_tokens": "many""#), "max_tokens"),
         (chat(r#", "stop": 5"#), "stop"),
-        (chat(r#", "stream": true"#), "stream"),
+        (chat(r#", "stream": "yes""#), "stream"),
         (r#"{"messages": "Hi"}"#.to_string(), "messages"),
     ] {
         let (status, reply) = served.http("POST", "/v1/chat/completions", &body, "");
@@ -745,4 +745,181 @@ fn an_oversized_prompt_is_refused_before_it_is_tokenized() {
     let (status, reply) = served.http("POST", "/v1/completions", normal, "");
     assert_eq!(status, 200, "{reply}");
     assert_eq!(reply["choices"][0]["text"], first["choices"][0]["text"]);
+}
+
+#[test]
+fn a_short_request_is_answered_while_a_long_one_runs() {
+    // the long request decodes 3,000 tokens (greedy, no stop token on this prompt); the
+    // short one joins the running batch instead of waiting for it to end
+    let served = Served::start(&["--max-model-len", "4096"], &[]);
+    let body = |max_tokens: usize| {
+        format!(
+            r#"{{"model": "tiny", "prompt": "The patient", "max_tokens": {max_tokens}, "temperature": 0}}"#
+        )
+    };
+    let long_done = std::sync::atomic::AtomicBool::new(false);
+    std::thread::scope(|scope| {
+        let long = scope.spawn(|| {
+            let reply = served.http("POST", "/v1/completions", &body(3000), "");
+            long_done.store(true, std::sync::atomic::Ordering::SeqCst);
+            reply
+        });
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        let (status, short) = served.http("POST", "/v1/completions", &body(2), "");
+        let answered_first = !long_done.load(std::sync::atomic::Ordering::SeqCst);
+        assert_eq!(status, 200, "{short}");
+        assert_eq!(short["usage"]["completion_tokens"], 2, "{short}");
+        let (status, long) = long.join().unwrap();
+        assert_eq!(status, 200, "{long}");
+        assert_eq!(long["usage"]["completion_tokens"], 3000, "{long}");
+        assert!(answered_first, "the short request waited for the long one");
+        // the same tokens as alone: the short reply's text starts the long one's
+        let short_text = short["choices"][0]["text"].as_str().unwrap();
+        let long_text = long["choices"][0]["text"].as_str().unwrap();
+        assert!(long_text.starts_with(short_text), "{short_text:?}");
+    });
+}
+
+#[test]
+fn max_tokens_past_the_servers_limit_is_a_400() {
+    let served = Served::start(&["--max-tokens", "8"], &[]);
+    let body = |max_tokens: &str| {
+        format!(r#"{{"model": "tiny", "prompt": "The patient", {max_tokens} "temperature": 0}}"#)
+    };
+    let (status, reply) = served.http("POST", "/v1/completions", &body(r#""max_tokens": 9,"#), "");
+    assert_eq!(status, 400, "{reply}");
+    assert_eq!(reply["error"]["param"], "max_tokens");
+    let message = reply["error"]["message"].as_str().unwrap();
+    assert!(message.contains("limit of 8"), "{message}");
+    let (status, reply) = served.http("POST", "/v1/completions", &body(r#""max_tokens": 8,"#), "");
+    assert_eq!(status, 200, "{reply}");
+    // a request naming none gets at most the limit
+    let (status, reply) = served.http("POST", "/v1/completions", &body(""), "");
+    assert_eq!(status, 200, "{reply}");
+    assert!(
+        reply["usage"]["completion_tokens"].as_u64().unwrap() <= 8,
+        "{reply}"
+    );
+}
+
+/// The status and the `data:` payloads of a streamed reply (read until the server closes).
+fn streamed(served: &Served, path: &str, body: &str) -> (u16, Vec<String>) {
+    let address = served
+        .url
+        .trim_start_matches("http://")
+        .trim_end_matches("/v1");
+    let mut stream = TcpStream::connect(address).unwrap();
+    write!(
+        stream,
+        "POST {path} HTTP/1.1\r\nHost: {address}\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).unwrap();
+    let (head, body) = answer.split_once("\r\n\r\n").unwrap();
+    let status = head.split_whitespace().nth(1).unwrap().parse().unwrap();
+    assert!(head.contains("text/event-stream"), "{head}");
+    let events = body
+        .split("\n\n")
+        .filter_map(|e| e.strip_prefix("data: "))
+        .map(str::to_string)
+        .collect();
+    (status, events)
+}
+
+#[test]
+fn a_streamed_reply_carries_the_text_of_a_whole_one() {
+    let served = Served::start(&[], &[]);
+    let routes = [
+        ("/v1/completions", r#""prompt": "The patient""#),
+        (
+            "/v1/chat/completions",
+            r#""messages": [{"role": "user", "content": "Hi"}]"#,
+        ),
+    ];
+    for (path, input) in routes {
+        let body = |stop: &str, stream: bool| {
+            format!(
+                r#"{{"model": "tiny", {input}, "max_tokens": 24, "temperature": 0, "stop": {stop}, "stream": {stream}}}"#
+            )
+        };
+        let text_of = |choice: &Value| {
+            let text = choice
+                .get("text")
+                .or_else(|| choice["message"].get("content"));
+            text.and_then(Value::as_str).unwrap().to_string()
+        };
+        // without a stop text, then with one from the free completion (so the stream must
+        // hold back text that could start it)
+        let (_, free) = served.http("POST", path, &body("[]", false), "");
+        let free: Vec<char> = text_of(&free["choices"][0]).chars().collect();
+        assert!(free.len() > 12, "{free:?}");
+        let at = free.len() * 2 / 3;
+        let stop: String = free[at..at + 3].iter().collect();
+        for stops in ["[]".to_string(), json!([stop]).to_string()] {
+            let (status, whole) = served.http("POST", path, &body(&stops, false), "");
+            assert_eq!(status, 200, "{whole}");
+            let (status, events) = streamed(&served, path, &body(&stops, true));
+            assert_eq!(status, 200);
+            assert_eq!(events.last().map(String::as_str), Some("[DONE]"));
+            let chunks: Vec<Value> = events[..events.len() - 1]
+                .iter()
+                .map(|e| serde_json::from_str(e).unwrap())
+                .collect();
+            let text: String = chunks
+                .iter()
+                .map(|c| {
+                    let choice = &c["choices"][0];
+                    let piece = choice
+                        .get("text")
+                        .or_else(|| choice["delta"].get("content"));
+                    piece.and_then(Value::as_str).unwrap_or("").to_string()
+                })
+                .collect();
+            assert_eq!(text, text_of(&whole["choices"][0]), "{path} {stops}");
+            let finish = &chunks.last().unwrap()["choices"][0]["finish_reason"];
+            assert_eq!(
+                finish, &whole["choices"][0]["finish_reason"],
+                "{path} {stops}"
+            );
+            if stops == "[]" {
+                assert!(chunks.len() > 12, "a chunk per token: {events:?}");
+            }
+        }
+    }
+}
+
+#[test]
+fn a_client_that_leaves_a_stream_stops_its_sequence() {
+    // one slot: the next request can only run once the abandoned stream's row has ended
+    let served = Served::start(&["--max-batch", "1", "--max-model-len", "200000"], &[]);
+    let address = served
+        .url
+        .trim_start_matches("http://")
+        .trim_end_matches("/v1");
+    let body = r#"{"model": "tiny", "prompt": "The patient", "max_tokens": 100000, "temperature": 0, "stream": true}"#;
+    let mut stream = TcpStream::connect(address).unwrap();
+    write!(
+        stream,
+        "POST /v1/completions HTTP/1.1\r\nHost: {address}\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut first = [0u8; 512];
+    let n = stream.read(&mut first).unwrap();
+    assert!(n > 0);
+    drop(stream);
+    let started = std::time::Instant::now();
+    let (status, reply) = served.http(
+        "POST",
+        "/v1/completions",
+        r#"{"model": "tiny", "prompt": "Hi", "max_tokens": 2}"#,
+        "",
+    );
+    assert_eq!(status, 200, "{reply}");
+    let waited = started.elapsed().as_secs_f64();
+    assert!(waited < 20.0, "the abandoned row ran on: {waited:.1} s");
 }

@@ -1,0 +1,520 @@
+//! The generation engine: a KV cache of slots written in place, and the scheduler that
+//! keeps a continuous batch of sequences decoding over them.
+//!
+//! Each running sequence owns a slot: per layer, a buffer of keys and values written at the
+//! sequence's own length (a sliding-window layer keeps a ring of its window). A sequence
+//! joins the batch as soon as a slot is free and leaves it the step it finishes; its slot's
+//! buffers wait for the next sequence. A step feeds every decoding row's last token through
+//! the linear layers together, while each row attends over its own slot alone, and a prompt
+//! is prefilled on its own, one chunk per step. So no number of a sequence depends on which
+//! others share its steps: its tokens are a function of its prompt and its [`Sampling`]
+//! (seed included). On the CPU a step holds at most [`FEW_ROWS`] rows, so every product of
+//! a decoding step takes the one kernel, whose rows are independent of each other.
+//!
+//! The layout follows vLLM's and candle's preallocated caches (per-sequence lengths, a
+//! rotating buffer for sliding windows) without paging: a slot's buffer grows by doubling
+//! where a sequence outgrows it, up to its prompt and token budget.
+
+use std::collections::VecDeque;
+
+use candle_core::Tensor;
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use rayon::prelude::*;
+
+use super::attention::{attend, mask, KeyValues};
+use super::cpu_matmul::FEW_ROWS;
+use super::generate::{
+    reaches_stop_string, sample, Completion, Decode, Finish, Sampling, PREFILL_CHUNK,
+};
+use super::{Model, Result};
+
+/// Key slots a buffer starts with (it doubles from there as its sequence grows).
+const FIRST_CAPACITY: usize = 256;
+
+/// Keys and values of the running sequences, one slot per sequence.
+#[derive(Debug, Default)]
+pub struct SlotCache {
+    slots: Vec<Slot>,
+}
+
+#[derive(Debug, Default)]
+struct Slot {
+    /// Tokens whose keys are written.
+    len: usize,
+    /// The most tokens its sequence may reach (prompt and token budget).
+    need: usize,
+    /// Per layer, keys and values `[1, kv, capacity, hd]`, allocated at the first write;
+    /// key `p` sits at `p mod capacity` (a ring only in a sliding layer, whose capacity is
+    /// then its window).
+    layers: Vec<Option<(Tensor, Tensor)>>,
+}
+
+impl SlotCache {
+    /// `slots` empty slots.
+    pub fn new(slots: usize) -> Self {
+        SlotCache {
+            slots: (0..slots).map(|_| Slot::default()).collect(),
+        }
+    }
+
+    /// Starts a sequence of at most `need` tokens in `slot`, keeping the buffers there.
+    fn open(&mut self, slot: usize, need: usize) {
+        let s = &mut self.slots[slot];
+        s.len = 0;
+        s.need = need;
+    }
+
+    /// Gives `to` a copy of `from`'s keys and values (a prompt prefilled once for a group).
+    fn copy(&mut self, from: usize, to: usize) -> Result<()> {
+        let layers = self.slots[from]
+            .layers
+            .iter()
+            .map(|l| {
+                l.as_ref()
+                    .map(|(k, v)| Ok((k.copy()?, v.copy()?)))
+                    .transpose()
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let len = self.slots[from].len;
+        let s = &mut self.slots[to];
+        s.layers = layers;
+        s.len = len;
+        Ok(())
+    }
+
+    /// Hidden states `[b, s, d]` of `tokens[r]` (all of one length `s`) continuing the
+    /// sequence in `slots[r]`, at positions from its length on; the keys and values are
+    /// written to the slots, whose lengths grow by `s`.
+    pub fn forward(
+        &mut self,
+        model: &Model,
+        slots: &[usize],
+        tokens: &[&[u32]],
+        adapters_on: bool,
+    ) -> Result<Tensor> {
+        let (b, s) = (tokens.len(), tokens.first().map_or(0, |t| t.len()));
+        let device = model.device();
+        let ids: Vec<u32> = tokens.iter().flat_map(|t| t.iter().copied()).collect();
+        let positions: Vec<u32> = slots
+            .iter()
+            .flat_map(|&slot| {
+                let len = self.slots[slot].len;
+                (len..len + s).map(|p| p as u32)
+            })
+            .collect();
+        let ids = Tensor::from_vec(ids, (b, s), device)?;
+        let positions = Tensor::from_vec(positions, (b, s), device)?;
+        let hidden = model.forward_with(
+            &ids,
+            &positions,
+            &mut SlotRows { cache: self, slots },
+            adapters_on,
+        )?;
+        for &slot in slots {
+            self.slots[slot].len += s;
+        }
+        Ok(hidden)
+    }
+}
+
+/// The rows of one forward pass, row `r` continuing the sequence in slot `slots[r]`.
+struct SlotRows<'a> {
+    cache: &'a mut SlotCache,
+    slots: &'a [usize],
+}
+
+impl KeyValues for SlotRows<'_> {
+    fn attend(
+        &mut self,
+        layer: usize,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        window: Option<usize>,
+        scale: f64,
+        softcap: Option<f64>,
+    ) -> candle_core::Result<Tensor> {
+        let outs = self
+            .slots
+            .iter()
+            .enumerate()
+            .map(|(r, &slot)| {
+                let row = |x: &Tensor| x.narrow(0, r, 1);
+                self.cache.slots[slot].attend(
+                    layer,
+                    &row(q)?,
+                    (&row(k)?, &row(v)?),
+                    window,
+                    scale,
+                    softcap,
+                )
+            })
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        Tensor::cat(&outs, 0)
+    }
+}
+
+impl Slot {
+    /// Attention of one row's `s` queries `q: [1, h, s, hd]` over the slot's keys and its
+    /// own `k, v: [1, kv, s, hd]`, which it then keeps.
+    fn attend(
+        &mut self,
+        layer: usize,
+        q: &Tensor,
+        (k, v): (&Tensor, &Tensor),
+        window: Option<usize>,
+        scale: f64,
+        softcap: Option<f64>,
+    ) -> candle_core::Result<Tensor> {
+        let (len, s) = (self.len, q.dim(2)?);
+        self.reserve(layer, k, len + s, window)?;
+        let (kb, vb) = self.layers[layer].as_ref().expect("reserved");
+        let capacity = kb.dim(2)?;
+        if len + s <= capacity || s == 1 {
+            // keys in position order (or a decoding query, which sees the whole ring)
+            write(kb, k, len)?;
+            write(vb, v, len)?;
+            let t = (len + s).min(capacity);
+            let keys = kb.narrow(2, 0, t)?;
+            let values = vb.narrow(2, 0, t)?;
+            let mask = (s > 1)
+                .then(|| mask(&[vec![true; t]], len, s, window, q.device()))
+                .transpose()?;
+            return attend(q, &keys, &values, mask.as_ref(), scale, softcap);
+        }
+        // a chunk past a full ring: the window's earlier keys in order, then the chunk's
+        let kept = len.min(capacity - 1);
+        let earlier = |b: &Tensor| ring_range(b, len - kept, kept);
+        let keys = Tensor::cat(&[&earlier(kb)?, &k.contiguous()?], 2)?;
+        let values = Tensor::cat(&[&earlier(vb)?, &v.contiguous()?], 2)?;
+        let mask = mask(&[vec![true; kept + s]], kept, s, window, q.device())?;
+        let out = attend(q, &keys, &values, Some(&mask), scale, softcap)?;
+        write(kb, k, len)?;
+        write(vb, v, len)?;
+        Ok(out)
+    }
+
+    /// Makes layer `layer`'s buffers hold `required` keys (a sliding layer: its window at
+    /// most), shaped as `k`, keeping what they hold.
+    fn reserve(
+        &mut self,
+        layer: usize,
+        k: &Tensor,
+        required: usize,
+        window: Option<usize>,
+    ) -> candle_core::Result<()> {
+        if self.layers.len() <= layer {
+            self.layers.resize(layer + 1, None);
+        }
+        let limit = window.unwrap_or(usize::MAX);
+        let capacity = self.layers[layer].as_ref().map_or(0, |(b, _)| b.dims()[2]);
+        if required <= capacity || capacity == limit {
+            return Ok(());
+        }
+        let grown = required
+            .max(
+                (2 * capacity)
+                    .max(FIRST_CAPACITY)
+                    .min(self.need.max(required)),
+            )
+            .min(limit);
+        let (_, kv, _, hd) = k.dims4()?;
+        let buffer = || Tensor::zeros((1, kv, grown, hd), k.dtype(), k.device());
+        let (kb, vb) = (buffer()?, buffer()?);
+        if let Some((old_k, old_v)) = &self.layers[layer] {
+            // below its limit a buffer has never wrapped: its keys sit in order
+            let kept = self.len.min(capacity);
+            if kept > 0 {
+                kb.slice_set(&old_k.narrow(2, 0, kept)?.contiguous()?, 2, 0)?;
+                vb.slice_set(&old_v.narrow(2, 0, kept)?.contiguous()?, 2, 0)?;
+            }
+        }
+        self.layers[layer] = Some((kb, vb));
+        Ok(())
+    }
+}
+
+/// Writes `x: [1, kv, s, hd]`, the keys of positions `from .. from + s`, into the ring
+/// `buffer: [1, kv, capacity, hd]` (the last `capacity` of them where more come).
+fn write(buffer: &Tensor, x: &Tensor, from: usize) -> candle_core::Result<()> {
+    let (capacity, s) = (buffer.dim(2)?, x.dim(2)?);
+    let n = s.min(capacity);
+    let skip = s - n;
+    let at = (from + skip) % capacity;
+    let first = n.min(capacity - at);
+    buffer.slice_set(&x.narrow(2, skip, first)?.contiguous()?, 2, at)?;
+    if first < n {
+        buffer.slice_set(&x.narrow(2, skip + first, n - first)?.contiguous()?, 2, 0)?;
+    }
+    Ok(())
+}
+
+/// The keys of positions `from .. from + n` from the ring `buffer`, in order.
+fn ring_range(buffer: &Tensor, from: usize, n: usize) -> candle_core::Result<Tensor> {
+    let capacity = buffer.dim(2)?;
+    let at = from % capacity;
+    let first = n.min(capacity - at);
+    let head = buffer.narrow(2, at, first)?;
+    if first == n {
+        return head.contiguous();
+    }
+    Tensor::cat(&[&head, &buffer.narrow(2, 0, n - first)?], 2)
+}
+
+/// What a running sequence does next.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    /// Its prompt is being prefilled; this many tokens are written.
+    Prefill(usize),
+    /// It waits for the sequence `id` to prefill the same prompt, then copies its slot.
+    Follows(usize),
+    /// It decodes; the token sampled last is not yet written.
+    Decode(u32),
+}
+
+/// One sequence the scheduler runs.
+#[derive(Debug)]
+struct Sequence {
+    id: usize,
+    prompt: Vec<u32>,
+    sampling: Sampling,
+    rng: ChaCha8Rng,
+    completion: Completion,
+    slot: usize,
+    state: State,
+}
+
+/// Runs sequences in a continuous batch: [`Scheduler::submit`] queues one, and every
+/// [`Scheduler::step`] admits waiting sequences into free slots, prefills a chunk of each
+/// new prompt, decodes one token for every other row, and hands back the ones that ended.
+/// Sequences that share a prompt and join together prefill it once.
+pub struct Scheduler<'a> {
+    model: &'a Model,
+    adapters_on: bool,
+    decode: Option<Decode<'a>>,
+    cache: SlotCache,
+    free: Vec<usize>,
+    waiting: VecDeque<(usize, Vec<u32>, Sampling)>,
+    running: Vec<Sequence>,
+}
+
+impl<'a> Scheduler<'a> {
+    /// A scheduler for `model` (its adapters on with `adapters_on`); stop strings need
+    /// `decode`. The batch holds [`Scheduler::default_rows`] rows.
+    pub fn new(model: &'a Model, adapters_on: bool, decode: Option<Decode<'a>>) -> Self {
+        Scheduler::with_rows(model, adapters_on, decode, Scheduler::default_rows(model))
+    }
+
+    /// Rows a batch holds by default: [`FEW_ROWS`] on the CPU (more rows would take
+    /// another kernel, and a row's last bits would depend on the rows beside it), 64
+    /// elsewhere.
+    pub fn default_rows(model: &Model) -> usize {
+        if model.device().is_cpu() {
+            FEW_ROWS
+        } else {
+            64
+        }
+    }
+
+    /// [`Scheduler::new`] with a batch of `rows` rows at most (at least one).
+    pub fn with_rows(
+        model: &'a Model,
+        adapters_on: bool,
+        decode: Option<Decode<'a>>,
+        rows: usize,
+    ) -> Self {
+        let rows = rows.max(1);
+        Scheduler {
+            model,
+            adapters_on,
+            decode,
+            cache: SlotCache::new(rows),
+            free: (0..rows).rev().collect(),
+            waiting: VecDeque::new(),
+            running: Vec::new(),
+        }
+    }
+
+    /// Queues the sequence `id` (the caller's name for it): `prompt` sampled by `sampling`.
+    pub fn submit(&mut self, id: usize, prompt: Vec<u32>, sampling: Sampling) {
+        assert!(
+            self.decode.is_some() || sampling.stop_strings.is_empty(),
+            "stop strings need a decoder"
+        );
+        self.waiting.push_back((id, prompt, sampling));
+    }
+
+    /// True when no sequence waits or runs.
+    pub fn is_idle(&self) -> bool {
+        self.waiting.is_empty() && self.running.is_empty()
+    }
+
+    /// Ends every sequence now, as [`Finish::Cancelled`], with the tokens it has.
+    pub fn cancel_all(&mut self) -> Vec<(usize, Completion)> {
+        let waiting = self.waiting.drain(..).map(|(id, _, _)| {
+            let mut c = empty();
+            c.finish = Finish::Cancelled;
+            (id, c)
+        });
+        let mut out: Vec<(usize, Completion)> = waiting.collect();
+        for mut seq in self.running.drain(..) {
+            self.free.push(seq.slot);
+            seq.completion.finish = Finish::Cancelled;
+            out.push((seq.id, seq.completion));
+        }
+        out
+    }
+
+    /// One step of the batch; returns the sequences that ended in it. `ends(id, ids)` runs
+    /// after each new token (the sequence's tokens so far); true ends the sequence there, as
+    /// [`Finish::Cancelled`].
+    pub fn step(
+        &mut self,
+        ends: &mut dyn FnMut(usize, &[u32]) -> bool,
+    ) -> Result<Vec<(usize, Completion)>> {
+        let mut finished = self.admit();
+        // rows that sample a token this step, each with the row of `logits` it samples from
+        let mut picks: Vec<(usize, usize)> = Vec::new();
+        let mut logits: Vec<Vec<f32>> = Vec::new();
+
+        let decoding: Vec<usize> = (0..self.running.len())
+            .filter(|&i| matches!(self.running[i].state, State::Decode(_)))
+            .collect();
+        if !decoding.is_empty() {
+            let slots: Vec<usize> = decoding.iter().map(|&i| self.running[i].slot).collect();
+            let last: Vec<[u32; 1]> = decoding
+                .iter()
+                .map(|&i| match self.running[i].state {
+                    State::Decode(token) => [token],
+                    _ => unreachable!("decoding rows only"),
+                })
+                .collect();
+            let tokens: Vec<&[u32]> = last.iter().map(|t| t.as_slice()).collect();
+            let hidden = self
+                .cache
+                .forward(self.model, &slots, &tokens, self.adapters_on)?;
+            let rows: Vec<Vec<f32>> = self.model.head_logits(&hidden.squeeze(1)?)?.to_vec2()?;
+            for (&i, row) in decoding.iter().zip(rows) {
+                picks.push((i, logits.len()));
+                logits.push(row);
+            }
+        }
+
+        for i in 0..self.running.len() {
+            let State::Prefill(done) = self.running[i].state else {
+                continue;
+            };
+            let seq = &self.running[i];
+            let end = seq.prompt.len().min(done + PREFILL_CHUNK);
+            let chunk = &seq.prompt[done..end];
+            let hidden = self
+                .cache
+                .forward(self.model, &[seq.slot], &[chunk], self.adapters_on)?;
+            if end < seq.prompt.len() {
+                self.running[i].state = State::Prefill(end);
+                continue;
+            }
+            let last = hidden.narrow(1, chunk.len() - 1, 1)?.squeeze(1)?;
+            let row = logits.len();
+            logits.push(self.model.head_logits(&last)?.squeeze(0)?.to_vec1()?);
+            picks.push((i, row));
+            let leader = seq.id;
+            for j in 0..self.running.len() {
+                if self.running[j].state == State::Follows(leader) {
+                    self.cache
+                        .copy(self.running[i].slot, self.running[j].slot)?;
+                    picks.push((j, row));
+                }
+            }
+        }
+
+        // the rows are sampled in parallel (a row of Gemma's logits takes milliseconds),
+        // each sequence from its own generator
+        let running = &self.running;
+        let drawn: Vec<(u32, f32, ChaCha8Rng)> = picks
+            .par_iter()
+            .map(|&(i, row)| {
+                let mut rng = running[i].rng.clone();
+                let (token, logprob) = sample(&logits[row], &running[i].sampling, &mut rng);
+                (token, logprob, rng)
+            })
+            .collect();
+        let mut ended = Vec::new();
+        for (&(i, _), (token, logprob, rng)) in picks.iter().zip(drawn) {
+            let seq = &mut self.running[i];
+            seq.rng = rng;
+            let c = &mut seq.completion;
+            c.ids.push(token);
+            c.logprobs.push(logprob);
+            let stopped = seq.sampling.stop_ids.contains(&token)
+                || match self.decode {
+                    Some(decode) => {
+                        reaches_stop_string(&c.ids, &seq.sampling.stop_strings, decode)?
+                    }
+                    None => false,
+                };
+            let cut = !stopped && ends(seq.id, &c.ids);
+            if stopped || cut || c.ids.len() >= seq.sampling.max_tokens {
+                c.finish = if stopped {
+                    Finish::Stop
+                } else if cut {
+                    Finish::Cancelled
+                } else {
+                    Finish::Length
+                };
+                ended.push(i);
+            } else {
+                seq.state = State::Decode(token);
+            }
+        }
+        ended.sort_unstable();
+        for i in ended.into_iter().rev() {
+            let seq = self.running.swap_remove(i);
+            self.free.push(seq.slot);
+            finished.push((seq.id, seq.completion));
+        }
+        Ok(finished)
+    }
+
+    /// Moves waiting sequences into free slots; returns those with nothing to generate.
+    fn admit(&mut self) -> Vec<(usize, Completion)> {
+        let mut finished = Vec::new();
+        while let Some((_, prompt, sampling)) = self.waiting.front() {
+            if sampling.max_tokens == 0 || prompt.is_empty() {
+                let (id, _, _) = self.waiting.pop_front().expect("a front");
+                finished.push((id, empty()));
+                continue;
+            }
+            let Some(slot) = self.free.pop() else {
+                break;
+            };
+            let (id, prompt, sampling) = self.waiting.pop_front().expect("a front");
+            let state = self
+                .running
+                .iter()
+                .find(|s| matches!(s.state, State::Prefill(_)) && s.prompt == prompt)
+                .map_or(State::Prefill(0), |leader| State::Follows(leader.id));
+            self.cache.open(slot, prompt.len() + sampling.max_tokens);
+            self.running.push(Sequence {
+                id,
+                rng: ChaCha8Rng::seed_from_u64(sampling.seed),
+                prompt,
+                sampling,
+                completion: empty(),
+                slot,
+                state,
+            });
+        }
+        finished
+    }
+}
+
+/// A completion with no tokens yet.
+fn empty() -> Completion {
+    Completion {
+        ids: vec![],
+        logprobs: vec![],
+        finish: Finish::Length,
+    }
+}
