@@ -423,7 +423,8 @@ fn one_step(
         let total = values.iter().zip(weights).map(|(v, w)| v * w).sum();
         rollouts.push(Rollout {
             prompt,
-            sampling_logps: served.then(|| c.logprobs.clone()),
+            sampling_logps: (served && config.vllm_importance_sampling_correction)
+                .then(|| c.logprobs.clone()),
             ids: c.ids,
             text,
             finish: c.finish,
