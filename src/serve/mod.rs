@@ -367,12 +367,11 @@ fn run_engine(lm: &LanguageModel, queue: &Receiver<Job>, max_batch: usize) {
     }
 }
 
-/// Jobs grouped by the adapter they run with, in order of first appearance.
+/// Jobs that name an adapter, grouped by it, in order of first appearance.
 fn by_adapter(jobs: Vec<Job>) -> Vec<Vec<Job>> {
     let mut groups: Vec<Vec<Job>> = Vec::new();
     for job in jobs {
         let same = |other: &Job| match (&job.adapter, &other.adapter) {
-            (None, None) => true,
             (Some(a), Some(b)) => Arc::ptr_eq(a, b),
             _ => false,
         };
