@@ -165,6 +165,16 @@ for t in ("prefill", "decode1", "decode8"):
         vs = f", rlvr / llama.cpp {r['tokens_per_s'] / x['tokens_per_s']:.2f}x" if r else ""
         print(f"llama.cpp {label[t]}: {x['tokens_per_s']:.1f} tokens/s, peak RSS "
               f"{x['peak_rss_mib']:.0f} MiB ({x['impl']}){vs}")
+for t in ("decode1", "decode8"):
+    r, x = load(t, "rlvr"), load(t, "llama")
+    roof = r.get("roofline") if r else None
+    if roof:
+        line = (f"roofline {label[t]}: {roof['weight_bytes'] / 1e6:.0f} MB of weights per step, "
+                f"copy {roof['copy_gb_s']:.1f} GB/s (read {roof['read_gb_s']:.1f} GB/s), "
+                f"bound {roof['bound_tokens_per_s']:.1f} tokens/s; rlvr at {100 * roof['fraction']:.0f} %")
+        if x:
+            line += f", llama.cpp at {100 * x['tokens_per_s'] / roof['bound_tokens_per_s']:.0f} %"
+        print(line)
 for impl, threads in impls.items():
     print(f"- {impl}" + (f" ({threads} threads)" if threads else ""))
 EOF

@@ -89,6 +89,86 @@ pub struct ModelReport {
     pub peak_rss_mib: f64,
     /// Peak GPU memory of the tensors (on a CUDA device; null on the CPU).
     pub peak_gpu: Option<GpuPeak>,
+    /// For decoding on the CPU: the memory-bandwidth bound on its speed.
+    pub roofline: Option<Roofline>,
+}
+
+/// The memory-bandwidth bound of a decoding step: every weight is read once per step, so a
+/// step cannot take less than the weights' bytes over the machine's memory bandwidth.
+#[derive(Debug, Serialize)]
+pub struct Roofline {
+    /// Bytes of weights one decoding step reads (the model file's tensors as stored: GGUF
+    /// blocks, or the safetensors' dtype; a tied embedding counted once, as the head).
+    pub weight_bytes: u64,
+    /// Copy bandwidth of this process's threads over buffers far larger than the caches
+    /// (STREAM's copy: bytes read plus bytes written, per second, the best of five), GB/s.
+    pub copy_gb_s: f64,
+    /// Read-only bandwidth (a sum over the same buffer, the best of five), GB/s.
+    pub read_gb_s: f64,
+    /// Tokens per second at the bound: `batch × copy_gb_s / weight_bytes`.
+    pub bound_tokens_per_s: f64,
+    /// The measured speed as a fraction of the bound.
+    pub fraction: f64,
+}
+
+/// Bytes of the weight tensors of `model_path` as stored: a GGUF's tensor data, or the
+/// sizes of a Hugging Face directory's `*.safetensors` files.
+fn stored_weight_bytes(model_path: &Path) -> anyhow::Result<u64> {
+    if model_path.is_dir() {
+        let mut total = 0;
+        for entry in std::fs::read_dir(model_path)? {
+            let path = entry?.path();
+            if path.extension().is_some_and(|e| e == "safetensors") {
+                total += std::fs::metadata(&path)?.len();
+            }
+        }
+        return Ok(total);
+    }
+    let content = crate::model::gguf::read_content(model_path)?;
+    Ok(content
+        .tensor_infos
+        .values()
+        .map(|t| {
+            let dtype = t.ggml_dtype;
+            (t.shape.elem_count() / dtype.block_size() * dtype.type_size()) as u64
+        })
+        .sum())
+}
+
+/// Measures the copy and read bandwidth of rayon's threads over two 512 MiB buffers.
+fn memory_bandwidth() -> (f64, f64) {
+    use rayon::prelude::*;
+    const FLOATS: usize = 128 << 20;
+    const CHUNK: usize = 1 << 16;
+    let source: Vec<f32> = (0..FLOATS).map(|i| i as f32).collect();
+    let mut target = vec![0f32; FLOATS];
+    let bytes = (FLOATS * std::mem::size_of::<f32>()) as f64;
+    let (mut copy, mut read) = (0f64, 0f64);
+    for _ in 0..5 {
+        let start = Instant::now();
+        target
+            .par_chunks_mut(CHUNK)
+            .zip(source.par_chunks(CHUNK))
+            .for_each(|(t, s)| t.copy_from_slice(s));
+        copy = copy.max(2.0 * bytes / start.elapsed().as_secs_f64());
+        let start = Instant::now();
+        let sum: f32 = target
+            .par_chunks(CHUNK)
+            .map(|c| {
+                // sixteen independent sums, so the loop vectorises and is bound by memory
+                let lanes = c.chunks_exact(16).fold([0f32; 16], |mut acc, x| {
+                    for (a, v) in acc.iter_mut().zip(x) {
+                        *a += v;
+                    }
+                    acc
+                });
+                lanes.iter().sum::<f32>()
+            })
+            .sum();
+        std::hint::black_box(sum);
+        read = read.max(bytes / start.elapsed().as_secs_f64());
+    }
+    (copy / 1e9, read / 1e9)
 }
 
 /// Runs one model benchmark on `model` with the token ids of `ids` (a JSON file with
@@ -181,15 +261,33 @@ pub fn model(
             (batch, prompt.len(), start.elapsed().as_secs_f64())
         }
     };
+    let tokens_per_s = (batch * tokens) as f64 / seconds;
+    // before the bandwidth measurement's buffers
+    let peak_rss_mib = peak_rss_mib();
+    let roofline = if task == ModelTask::Decode && device.is_cpu() {
+        let weight_bytes = stored_weight_bytes(model_path)?;
+        let (copy_gb_s, read_gb_s) = memory_bandwidth();
+        let bound_tokens_per_s = batch as f64 * copy_gb_s * 1e9 / weight_bytes as f64;
+        Some(Roofline {
+            weight_bytes,
+            copy_gb_s,
+            read_gb_s,
+            bound_tokens_per_s,
+            fraction: tokens_per_s / bound_tokens_per_s,
+        })
+    } else {
+        None
+    };
     Ok(ModelReport {
         implementation: format!("rlvr {}", env!("CARGO_PKG_VERSION")),
         task: format!("{task:?}").to_lowercase(),
         batch,
         tokens,
         seconds,
-        tokens_per_s: (batch * tokens) as f64 / seconds,
-        peak_rss_mib: peak_rss_mib(),
+        tokens_per_s,
+        peak_rss_mib,
         peak_gpu: gpu_peak(&device),
+        roofline,
     })
 }
 
