@@ -12,6 +12,7 @@ use rlvr::model::chat::Message;
 use rlvr::progress::Job;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
+    rlvr::runtime::init();
     let args: Vec<String> = std::env::args().collect();
     let [_, url, model, out] = &args[..] else {
         return Err("usage: endpoint URL MODEL OUT.jsonl".into());

@@ -8,6 +8,7 @@ use std::path::Path;
 use rlvr::data::{self, table, LoadOptions};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
+    rlvr::runtime::init();
     let options = LoadOptions::default();
     let mmlu = data::load("mmlu", Path::new("data/samples/mmlu"), &options)?;
     let medqa = data::load("medqa", Path::new("data/samples/medqa"), &options)?;

@@ -18,6 +18,19 @@ pub mod progress;
 pub mod prompt;
 pub mod report;
 pub mod reward;
+pub mod runtime;
 pub mod script;
 pub mod serve;
 pub mod sft;
+
+/// Unit tests run with the binary's process settings and allocator (see [`runtime`]).
+#[cfg(test)]
+mod test_runtime {
+    #[global_allocator]
+    static ALLOCATOR: crate::runtime::Allocator = crate::runtime::Allocator;
+
+    #[ctor::ctor(unsafe)]
+    fn runtime_settings() {
+        crate::runtime::init();
+    }
+}

@@ -239,44 +239,13 @@ enum Bench {
 }
 
 fn main() -> ExitCode {
-    keep_freed_memory();
-    set_table_format();
-    choose_threads();
+    rlvr::runtime::init();
     let cli = Cli::parse();
     match dispatch(cli.command, cli.quiet) {
         Ok(code) => code,
         Err(err) => {
             eprintln!("error: {err:#}");
             ExitCode::FAILURE
-        }
-    }
-}
-
-/// One pool of worker threads: rayon's, where the matrix products and the fused elementwise
-/// ops run. candle runs its own elementwise ops on a second pool whose threads spin between
-/// ops and take cores from the first (a 256-token prefill ran at 410 tokens/s with both, 530
-/// with rayon's alone), so unless `CANDLE_NUM_THREADS` is set those ops run on the calling
-/// thread. The count is also made once here: unless `RAYON_NUM_THREADS` is set, candle
-/// counts the physical cores anew by reading `/proc/cpuinfo` at every matrix product.
-fn choose_threads() {
-    if std::env::var_os("RAYON_NUM_THREADS").is_none() {
-        let threads = candle_core::utils::get_num_threads();
-        std::env::set_var("RAYON_NUM_THREADS", threads.to_string());
-    }
-    if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
-        std::env::set_var("CANDLE_NUM_THREADS", "1");
-    }
-}
-
-/// Tables print at most 30 rows and 60 characters a cell unless the user set otherwise.
-fn set_table_format() {
-    for (key, value) in [
-        ("POLARS_FMT_MAX_ROWS", "30"),
-        ("POLARS_FMT_STR_LEN", "60"),
-        ("POLARS_FMT_MAX_COLS", "14"),
-    ] {
-        if std::env::var_os(key).is_none() {
-            std::env::set_var(key, value);
         }
     }
 }
@@ -642,20 +611,6 @@ fn repl(quiet: bool) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// mimalloc: loading a dataset allocates and frees hundreds of thousands of small strings,
-/// which glibc's allocator handles several times slower.
+/// The library's allocator (mimalloc; see `rlvr::runtime`).
 #[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
-/// mimalloc's `mi_option_purge_delay` (its index in `mimalloc.h`'s `mi_option_t`).
-const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
-
-/// Keeps freed memory mapped for reuse instead of handing it back to the system: a training
-/// step frees and allocates the same large blocks (activations, a chunk of the output
-/// head's logits) over and over, and every block fetched afresh from the system is zeroed
-/// page by page first (a sixth of a LoRA step's time). The peak resident memory is
-/// unchanged; memory freed after the peak stays with the process until it exits.
-fn keep_freed_memory() {
-    // SAFETY: sets one of mimalloc's integer options; any value is valid for it.
-    unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, -1) };
-}
+static ALLOCATOR: rlvr::runtime::Allocator = rlvr::runtime::Allocator;

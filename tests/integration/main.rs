@@ -32,6 +32,30 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
+/// The allocator the binary runs with.
+#[global_allocator]
+static ALLOCATOR: rlvr::runtime::Allocator = rlvr::runtime::Allocator;
+
+/// The binary's process settings (threads, allocator options, table format), applied
+/// before the test harness starts its threads, so tests in this process run as the binary.
+#[ctor::ctor(unsafe)]
+fn runtime_settings() {
+    rlvr::runtime::init();
+}
+
+#[test]
+fn the_test_process_runs_with_the_runtime_settings() {
+    let settings = rlvr::runtime::applied().expect("init ran before the harness");
+    assert!(settings.threads >= 1);
+    let var = |key: &str| std::env::var(key).unwrap_or_default();
+    assert_eq!(var("RAYON_NUM_THREADS"), settings.threads.to_string());
+    assert_eq!(
+        var("CANDLE_NUM_THREADS"),
+        settings.candle_threads.to_string()
+    );
+    assert!(!var("POLARS_FMT_MAX_ROWS").is_empty());
+}
+
 /// The `rlvr` binary with `args`, run from the repository root. A `run` that names no run
 /// folder (`--out`, or `--set out=…`) gets a fresh one under the system's temporary folder,
 /// so that no test leaves a `runs/` folder in the checkout.
