@@ -720,8 +720,13 @@ fn grpo_with(
             let run = run.map_err(error)?;
             unloaded.map_err(error)?;
             for m in &served.mismatch {
+                let by = served
+                    .sampled_by
+                    .iter()
+                    .find(|(step, _)| *step == m.step)
+                    .map_or("", |(_, name)| name.as_str());
                 output.print(&format!(
-                    "step {}: rollout log-prob mismatch mean |Δ| {:.2e}, max |Δ| {:.2e} over {} tokens",
+                    "step {}: rollout log-prob mismatch mean |Δ| {:.2e}, max |Δ| {:.2e} over {} tokens (sampled by {by})",
                     m.step, m.mean_abs, m.max_abs, m.tokens
                 ));
             }
