@@ -94,6 +94,10 @@ pub struct GrpoConfig {
     pub vllm_importance_sampling_correction: bool,
     /// The correction's mode and bounds.
     pub correction: Correction,
+    /// Steps the policy sampling on a server may lag the trained one: step n (from 0) is
+    /// sampled by the policy after max(0, n − s) steps, so the server samples the next s
+    /// steps while one trains (0: synchronous).
+    pub max_staleness: usize,
     /// How completions are sampled (max_tokens is the completion budget).
     pub sampling: Sampling,
     /// Seed of data order, sampling and nothing else (adapters are seeded by `with_lora`).
@@ -152,6 +156,7 @@ impl Default for GrpoConfig {
             ref_model_sync_steps: 512,
             vllm_importance_sampling_correction: true,
             correction: Correction::default(),
+            max_staleness: 0,
             sampling: Sampling {
                 max_tokens: 64,
                 temperature: 1.0,
@@ -287,6 +292,10 @@ pub const SETTINGS: &[(&str, &str)] = &[
         "upper bound of the correction's ratio (none: off)",
     ),
     (
+        "max_staleness",
+        "steps the policy sampling on a server may lag the trained one (0: synchronous)",
+    ),
+    (
         "max_tokens",
         "completion budget (TRL `max_completion_length`)",
     ),
@@ -342,6 +351,7 @@ const ADDED: &[&str] = &[
     "vllm_importance_sampling_mode",
     "vllm_importance_sampling_clip_min",
     "vllm_importance_sampling_clip_max",
+    "max_staleness",
 ];
 
 /// The setting `key` names (itself, or the one an alias stands for).
@@ -495,6 +505,7 @@ impl GrpoConfig {
             "grad_accum" => self.grad_accum = whole(v, key)?,
             "steps" => self.steps = whole(v, key)?,
             "num_iterations" => self.num_iterations = whole(v, key)?,
+            "max_staleness" => self.max_staleness = whole(v, key)?,
             "checkpoint_every" => self.checkpoint_every = whole(v, key)?,
             "ref_model_sync_steps" => self.ref_model_sync_steps = whole(v, key)?,
             "max_tokens" => self.sampling.max_tokens = whole(v, key)?,
@@ -798,6 +809,7 @@ impl GrpoConfig {
             "vllm_importance_sampling_mode": self.correction.mode.name(),
             "vllm_importance_sampling_clip_min": self.correction.clip_min,
             "vllm_importance_sampling_clip_max": self.correction.clip_max,
+            "max_staleness": self.max_staleness,
         });
         if let (Some(map), Value::Object(added)) = (v.as_object_mut(), added) {
             map.extend(added);
@@ -884,6 +896,9 @@ mod tests {
         assert!(d.key_settings().get("entropy_coef").is_none());
         d.entropy_coef = 0.01;
         assert_eq!(d.key_settings()["entropy_coef"], json!(0.01));
+        assert!(d.key_settings().get("max_staleness").is_none());
+        d.max_staleness = 1;
+        assert_eq!(d.key_settings()["max_staleness"], json!(1));
     }
 
     #[test]

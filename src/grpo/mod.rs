@@ -12,7 +12,10 @@
 //! tensor as TRL applies it to each parameter; it is checkpointed with the run). Rollouts
 //! from another engine carry the sampler's log-probs ([`Rollout`]'s `sampling_logps`) and
 //! go through the mismatch correction ([`loss::sampling_correction`]); local rollouts are
-//! sampled by the model being trained, so their mismatch is 0. Every random choice is
+//! sampled by the model being trained, so their mismatch is 0. With `max_staleness` s a
+//! server samples step n with the policy after max(0, n − s) steps, the next s steps while
+//! one trains; the correction's ratio (trainer now / sampler) covers that lag too, and the
+//! checkpoint keeps the last s policies. Every random choice is
 //! a pure function of the seed and the step, so a run resumed from a checkpoint repeats the
 //! uninterrupted run exactly. Progress (metrics, sample completions, checkpoints) is written
 //! as it goes under `$RLVR_HOME/cache/grpo/<key>`, the key hashing the model, the starting
@@ -107,11 +110,21 @@ pub fn train(
     config: &GrpoConfig,
     job: &Job,
 ) -> Result<GrpoRun, GrpoError> {
-    train_with(policy, items, rewards, config, &mut rollout::Local, job)
+    train_with(
+        policy,
+        items,
+        rewards,
+        config,
+        &mut rollout::Local::default(),
+        job,
+    )
 }
 
 /// [`train`] with the completions of each step from `rollouts` (e.g. a server holding the
-/// policy's current adapter, [`rollout::Served`]).
+/// policy's adapters, [`rollout::Served`]). With `max_staleness` s, step n (from 0) is
+/// sampled by the policy after max(0, n − s) steps, submitted as soon as that policy
+/// exists: a pure function of the settings, whatever the timing. Any sampling still running
+/// when the run ends, fails or is interrupted is stopped.
 pub fn train_with(
     policy: &mut LanguageModel,
     items: &[Question],
@@ -120,7 +133,38 @@ pub fn train_with(
     rollouts: &mut dyn rollout::Rollouts,
     job: &Job,
 ) -> Result<GrpoRun, GrpoError> {
+    let run = train_steps(policy, items, rewards, config, rollouts, job);
+    rollouts.stop();
+    run
+}
+
+fn train_steps(
+    policy: &mut LanguageModel,
+    items: &[Question],
+    rewards: &[Reward],
+    config: &GrpoConfig,
+    rollouts: &mut dyn rollout::Rollouts,
+    job: &Job,
+) -> Result<GrpoRun, GrpoError> {
     config.validate()?;
+    let served = rollouts.sampled_elsewhere();
+    if config.max_staleness > 0 && !served {
+        return Err(GrpoError::Setup(format!(
+            "max_staleness {} needs rollouts on a server (`rollout: endpoint(...)`): local \
+             rollouts are sampled by the policy being trained, between its updates; set \
+             max_staleness to 0",
+            config.max_staleness
+        )));
+    }
+    if served && config.vllm_importance_sampling_correction && config.sampling.temperature != 1.0 {
+        // a server's log-probs are the model's at temperature 1; the trainer's are tempered
+        return Err(GrpoError::Setup(format!(
+            "the mismatch correction compares the server's log-probs (temperature 1) with \
+             the trainer's at the sampling temperature {}: sample at temperature 1 or set \
+             vllm_importance_sampling_correction to false",
+            config.sampling.temperature
+        )));
+    }
     if items.is_empty() {
         return Err(GrpoError::Setup("no items to train on".into()));
     }
@@ -168,8 +212,11 @@ pub fn train_with(
     } else {
         None
     };
+    // with max_staleness s, the policies of the last s steps (as each step found it): the
+    // steps still to train may be sampled by them, so they are checkpointed too
+    let mut stale: Vec<(usize, Vec<Tensor>)> = Vec::new();
     let resumed_from = if config.resume {
-        store.restore(&vars, &mut optimizer, reference.as_mut())?
+        store.restore(&vars, &mut optimizer, reference.as_mut(), &mut stale)?
     } else {
         store.reset()?;
         0
@@ -178,13 +225,30 @@ pub fn train_with(
     let reward_names: Vec<String> = rewards.iter().map(|r| r.name.clone()).collect();
     job.progress.start("GRPO", config.steps as u64);
     job.progress.update(resumed_from as u64, "");
+    let mut stop_ids = policy.tokenizer.stop_ids();
+    stop_ids.sort_unstable();
+    stop_ids.dedup();
+    let s = config.max_staleness;
+    // the policy (after how many steps) that samples step `m`
+    let version_of = |m: usize| m.saturating_sub(s);
     let mut step = resumed_from;
+    // the first steps: those sampled by policies that exist already
+    let mut published = None;
+    for m in step..(step + s + 1).min(config.steps) {
+        let version = version_of(m);
+        if published != Some(version) {
+            publish(policy, &vars, &stale, version, step, rollouts)?;
+            published = Some(version);
+        }
+        let (_, rows, requests) = step_batch(items.len(), &prompts, config, &stop_ids, m);
+        rollouts.submit(m, version, rows, requests)?;
+    }
     // the step of the checkpoint on disk
     let mut saved = resumed_from;
     while step < config.steps {
         if job.cancel.is_cancelled() {
             if saved != step {
-                store.checkpoint(step, policy, &optimizer, reference.as_deref())?;
+                store.checkpoint(step, policy, &optimizer, reference.as_deref(), &stale)?;
             }
             return Err(GrpoError::Interrupted { step, dir });
         }
@@ -192,26 +256,57 @@ pub fn train_with(
         // adapters, the optimiser and perhaps the synced reference: they go back to where
         // the step started
         let before = Snapshot::take(&vars, &optimizer, reference.as_deref())?;
-        match one_step(
-            policy,
-            items,
-            &prompts,
-            rewards,
-            &weights,
-            config,
-            &vars,
-            &mut optimizer,
-            reference.as_mut(),
-            rollouts,
-            step,
-            job,
-        )? {
+        let started = Instant::now();
+        let sampled = rollouts.take(policy, step, job)?;
+        let done = match sampled {
+            Some(sampled) => one_step(
+                policy,
+                items,
+                &prompts,
+                rewards,
+                &weights,
+                config,
+                &vars,
+                &mut optimizer,
+                reference.as_mut(),
+                Sampled {
+                    completions: sampled,
+                    served,
+                    staleness: step - version_of(step),
+                    started,
+                },
+                &stop_ids,
+                step,
+                job,
+            )?,
+            None => None,
+        };
+        match done {
             Some((row, completions)) => {
+                if s > 0 {
+                    stale.push((step, before.values));
+                    if stale.len() > s {
+                        stale.remove(0);
+                    }
+                }
                 step += 1;
                 store.append(&row, &completions)?;
                 if step % config.checkpoint_every == 0 || step == config.steps {
-                    store.checkpoint(step, policy, &optimizer, reference.as_deref())?;
+                    store.checkpoint(step, policy, &optimizer, reference.as_deref(), &stale)?;
                     saved = step;
+                }
+                // the policy that sampled the step just trained, once no later step needs it
+                let used = version_of(step - 1);
+                if step == config.steps || version_of(step) != used {
+                    rollouts.retire(used)?;
+                }
+                // the policy as it is now samples the step s ahead
+                let next = step + s;
+                if next < config.steps {
+                    rollouts.publish(policy, step)?;
+                    let (_, rows, requests) =
+                        step_batch(items.len(), &prompts, config, &stop_ids, next);
+                    rollouts.submit(next, step, rows, requests)?;
                 }
                 job.progress.update(
                     step as u64,
@@ -221,7 +316,7 @@ pub fn train_with(
             None => {
                 before.restore(&vars, &mut optimizer, reference.as_mut())?;
                 if saved != step {
-                    store.checkpoint(step, policy, &optimizer, reference.as_deref())?;
+                    store.checkpoint(step, policy, &optimizer, reference.as_deref(), &stale)?;
                 }
                 return Err(GrpoError::Interrupted { step, dir });
             }
@@ -235,6 +330,77 @@ pub fn train_with(
         dir,
         resumed_from,
     })
+}
+
+/// Makes the policy after `version` steps available to `rollouts`: the live adapters when
+/// `version` is the current step `at`, else the kept values of that earlier step, swapped in
+/// for the writing (a run resumed with `max_staleness` > 0).
+fn publish(
+    policy: &LanguageModel,
+    vars: &[(String, Var)],
+    stale: &[(usize, Vec<Tensor>)],
+    version: usize,
+    at: usize,
+    rollouts: &mut dyn rollout::Rollouts,
+) -> Result<(), GrpoError> {
+    if version == at {
+        return rollouts.publish(policy, version);
+    }
+    let (_, values) = stale.iter().find(|(k, _)| *k == version).ok_or_else(|| {
+        GrpoError::Store(format!(
+            "the checkpoint of step {at} lacks the policy of step {version} that \
+             max_staleness needs; start over with `resume: false`"
+        ))
+    })?;
+    let current: Vec<Tensor> = vars
+        .iter()
+        .map(|(_, v)| v.as_tensor().copy())
+        .collect::<candle_core::Result<_>>()?;
+    for ((_, var), value) in vars.iter().zip(values) {
+        var.set(value)?;
+    }
+    let published = rollouts.publish(policy, version);
+    for ((_, var), value) in vars.iter().zip(&current) {
+        var.set(value)?;
+    }
+    published
+}
+
+/// Step `step`'s draw: the chosen items, one prompt row per completion (each prompt `group`
+/// times) and each row's sampling request with its own seed.
+fn step_batch(
+    n_items: usize,
+    prompts: &[Vec<u32>],
+    config: &GrpoConfig,
+    stop_ids: &[u32],
+    step: usize,
+) -> (Vec<usize>, Vec<Vec<u32>>, Vec<Sampling>) {
+    let chosen = draw(n_items, config.prompts_per_step(), step, config.seed);
+    let rows: Vec<Vec<u32>> = chosen
+        .iter()
+        .flat_map(|&p| std::iter::repeat_n(prompts[p].clone(), config.group))
+        .collect();
+    let step_seed = mix(config.seed, step as u64);
+    let requests = (0..rows.len())
+        .map(|i| Sampling {
+            seed: mix(step_seed, i as u64),
+            stop_ids: stop_ids.to_vec(),
+            ..config.sampling.clone()
+        })
+        .collect();
+    (chosen, rows, requests)
+}
+
+/// A step's completions as they reach the trainer.
+struct Sampled {
+    /// The completions and their sampling time.
+    completions: rollout::Sampled,
+    /// Sampled by another engine (their log-probs go through the mismatch correction).
+    served: bool,
+    /// Steps between the sampling policy and the trained one.
+    staleness: usize,
+    /// When the step started waiting for them.
+    started: Instant,
 }
 
 /// The adapters' values, the optimiser's state and the synced reference at the start of a
@@ -304,6 +470,10 @@ pub struct StepMetrics {
     /// `sampling/sampling_logp_difference/mean`): 0 by construction for local rollouts.
     #[serde(default)]
     pub logp_mismatch: f64,
+    /// Steps the policy that sampled the step's completions lagged the trained one (at most
+    /// `max_staleness`; 0 for synchronous rollouts).
+    #[serde(default)]
+    pub staleness: usize,
     /// Mean k3 KL against the adapters-off reference (0 when beta is 0).
     pub kl: f64,
     /// Share of tokens whose ratio was clipped.
@@ -360,51 +530,32 @@ fn one_step(
     vars: &[(String, Var)],
     optimizer: &mut AdamW,
     mut reference: Option<&mut Vec<Tensor>>,
-    rollouts: &mut dyn rollout::Rollouts,
+    sampled: Sampled,
+    stop_ids: &[u32],
     step: usize,
     job: &Job,
 ) -> Result<Option<(StepMetrics, Vec<CompletionRow>)>, GrpoError> {
-    let started = Instant::now();
+    let Sampled {
+        completions:
+            rollout::Sampled {
+                completions,
+                seconds: gen_s,
+            },
+        served,
+        staleness,
+        started,
+    } = sampled;
     let g = config.group;
+    // 1. the step's completions, a group per prompt (sampled by the policy `staleness`
+    // steps back)
     let chosen = draw(items.len(), config.prompts_per_step(), step, config.seed);
-
-    // 1. sample a group per prompt with the live adapters
-    let mut stop_ids = policy.tokenizer.stop_ids();
-    stop_ids.sort_unstable();
-    stop_ids.dedup();
-    let row_prompts: Vec<Vec<u32>> = chosen
-        .iter()
-        .flat_map(|&p| std::iter::repeat_n(prompts[p].clone(), g))
-        .collect();
-    let step_seed = mix(config.seed, step as u64);
-    let requests: Vec<Sampling> = (0..row_prompts.len())
-        .map(|i| Sampling {
-            seed: mix(step_seed, i as u64),
-            stop_ids: stop_ids.clone(),
-            ..config.sampling.clone()
-        })
-        .collect();
-    let served = rollouts.sampled_elsewhere();
-    if served && config.vllm_importance_sampling_correction && config.sampling.temperature != 1.0 {
-        // a server's log-probs are the model's at temperature 1; the trainer's are tempered
-        return Err(GrpoError::Setup(format!(
-            "the mismatch correction compares the server's log-probs (temperature 1) with \
-             the trainer's at the sampling temperature {}: sample at temperature 1 or set \
-             vllm_importance_sampling_correction to false",
-            config.sampling.temperature
-        )));
-    }
-    let Some(completions) = rollouts.sample(policy, &row_prompts, &requests, step, job)? else {
-        return Ok(None);
-    };
-    let gen_s = started.elapsed().as_secs_f64();
 
     // 2. score
     let scoring = Instant::now();
     let mut rollouts = Vec::with_capacity(completions.len());
     for (row, c) in completions.into_iter().enumerate() {
         let prompt = chosen[row / g];
-        let text = policy.text_of(&c, &stop_ids, &config.sampling)?;
+        let text = policy.text_of(&c, stop_ids, &config.sampling)?;
         let scored = Scored {
             completion: &text,
             question: &items[prompt],
@@ -695,6 +846,7 @@ fn one_step(
         reward_stds: moments.iter().map(|m| m.1).collect(),
         entropy: stats_sum.entropy / stats_n.max(1.0),
         logp_mismatch: mismatch,
+        staleness,
         kl: stats_sum.kl / stats_n.max(1.0),
         clip_ratio: stats_sum.clip_region / stats_n.max(1.0),
         completion_len: generated as f64 / n,

@@ -1,57 +1,139 @@
 //! Where a GRPO step's completions come from: the policy itself, in process ([`Local`]), or
-//! a serving engine holding the policy's current adapter ([`Served`]: vLLM, SGLang's
+//! a serving engine holding adapters of the policy ([`Served`]: vLLM, SGLang's
 //! vLLM-compatible routes, or `rlvr serve --enable-lora` in another process). Training stays
 //! local either way; only sampling moves.
+//!
+//! The trainer drives a source in four calls: [`Rollouts::publish`] makes the policy as it
+//! is after `version` steps available for sampling, [`Rollouts::submit`] asks for a step's
+//! completions from a published version, [`Rollouts::take`] waits for them, and
+//! [`Rollouts::retire`] says no submitted step needs a version any more. With
+//! `max_staleness` s, step n (from 0) is sampled by version max(0, n − s) and submitted as
+//! soon as that version exists, so a server samples the next s steps while this one trains.
 
+use std::collections::HashMap;
 use std::path::PathBuf;
+use std::sync::mpsc::{channel, Receiver, RecvTimeoutError, Sender};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
-use crate::endpoint::{Endpoint, EndpointError, TokenRequest};
+use crate::endpoint::{Endpoint, EndpointError, TokenRequest, TokenSample};
 use crate::model::generate::{generate, Completion, Finish, Sampling};
 use crate::model::lm::LanguageModel;
-use crate::progress::{Job, Silent};
+use crate::progress::{Cancel, Job, Silent};
 
 use super::GrpoError;
 
+/// One step's completions and the seconds their sampling took.
+#[derive(Debug, Clone)]
+pub struct Sampled {
+    /// One completion per submitted prompt, in order.
+    pub completions: Vec<Completion>,
+    /// Wall time of the sampling itself (not of waiting for it).
+    pub seconds: f64,
+}
+
 /// A source of completions for a step.
 pub trait Rollouts {
-    /// One completion per prompt, prompt `i` sampled with `requests[i]` (its seed, budget
-    /// and stop tokens), from the policy as it is at `step` (0-based); `None` when the job
-    /// was cancelled.
-    fn sample(
+    /// Makes the policy as it is now, after `version` steps, available for sampling.
+    fn publish(&mut self, policy: &LanguageModel, version: usize) -> Result<(), GrpoError>;
+
+    /// Asks for step `step`'s completions (0-based), prompt `i` sampled with `requests[i]`
+    /// (its seed, budget and stop tokens), from the published `version`.
+    fn submit(
+        &mut self,
+        step: usize,
+        version: usize,
+        prompts: Vec<Vec<u32>>,
+        requests: Vec<Sampling>,
+    ) -> Result<(), GrpoError>;
+
+    /// The completions of the submitted `step`, waiting for them; `None` when the job was
+    /// cancelled. `policy` is the trainer's policy as it is now.
+    fn take(
         &mut self,
         policy: &LanguageModel,
-        prompts: &[Vec<u32>],
-        requests: &[Sampling],
         step: usize,
         job: &Job,
-    ) -> Result<Option<Vec<Completion>>, GrpoError>;
+    ) -> Result<Option<Sampled>, GrpoError>;
 
-    /// Whether the completions' log-probs come from another engine (the model's
-    /// distribution at temperature 1, as vLLM's default `raw_logprobs`): they then go
-    /// through the mismatch correction. Local sampling's are the trainer's own.
+    /// No submitted step samples with `version` any more.
+    fn retire(&mut self, _version: usize) -> Result<(), GrpoError> {
+        Ok(())
+    }
+
+    /// Stops any sampling still running (the run ended, failed or was interrupted).
+    fn stop(&mut self) {}
+
+    /// Whether sampling happens away from the trainer (another engine, possibly behind
+    /// the trainer by `max_staleness` steps). Its log-probs are then the model's
+    /// distribution at temperature 1, as vLLM's default `raw_logprobs`, and go through the
+    /// mismatch correction. Local sampling's are the trainer's own.
     fn sampled_elsewhere(&self) -> bool {
         false
     }
 }
 
-/// Sampling in process with the live adapters (one KV-cached batch).
-pub struct Local;
+/// A step submitted to [`Local`], sampled when taken.
+struct Pending {
+    step: usize,
+    prompts: Vec<Vec<u32>>,
+    requests: Vec<Sampling>,
+}
+
+/// Sampling in process with the live adapters (one KV-cached batch), when the step is
+/// taken: the policy sampling is always the one being trained (`max_staleness` 0).
+#[derive(Default)]
+pub struct Local {
+    pending: Option<Pending>,
+}
 
 impl Rollouts for Local {
-    fn sample(
+    fn publish(&mut self, _policy: &LanguageModel, _version: usize) -> Result<(), GrpoError> {
+        Ok(())
+    }
+
+    fn submit(
+        &mut self,
+        step: usize,
+        version: usize,
+        prompts: Vec<Vec<u32>>,
+        requests: Vec<Sampling>,
+    ) -> Result<(), GrpoError> {
+        if version != step {
+            return Err(GrpoError::Setup(format!(
+                "local rollouts sample with the live policy: step {} cannot be sampled by the \
+                 policy of step {version}",
+                step + 1
+            )));
+        }
+        self.pending = Some(Pending {
+            step,
+            prompts,
+            requests,
+        });
+        Ok(())
+    }
+
+    fn take(
         &mut self,
         policy: &LanguageModel,
-        prompts: &[Vec<u32>],
-        requests: &[Sampling],
-        _step: usize,
+        step: usize,
         job: &Job,
-    ) -> Result<Option<Vec<Completion>>, GrpoError> {
+    ) -> Result<Option<Sampled>, GrpoError> {
+        let Some(pending) = self.pending.take().filter(|p| p.step == step) else {
+            return Err(GrpoError::Setup(format!(
+                "step {} was taken before it was submitted",
+                step + 1
+            )));
+        };
+        let started = Instant::now();
         let mut cancelled = false;
         let decode = |ids: &[u32]| policy.tokenizer.decode(ids);
         let completions = generate(
             &policy.model,
-            prompts,
-            requests,
+            &pending.prompts,
+            &pending.requests,
             true,
             Some(&decode),
             &mut |_| {
@@ -59,13 +141,21 @@ impl Rollouts for Local {
                 !cancelled
             },
         )?;
-        Ok((!cancelled).then_some(completions))
+        Ok((!cancelled).then(|| Sampled {
+            completions,
+            seconds: started.elapsed().as_secs_f64(),
+        }))
+    }
+
+    fn stop(&mut self) {
+        self.pending = None;
     }
 }
 
 /// The log-probability mismatch of one step's served rollouts: the server's log-probability
-/// of each sampled token against the trainer's own (both under the model's distribution,
-/// temperature 1).
+/// of each sampled token against the trainer's own when the step trains (both under the
+/// model's distribution, temperature 1). With `max_staleness` s > 0 it holds the policy's
+/// change over s steps as well as the engines' difference.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Mismatch {
     /// 1-based step.
@@ -78,19 +168,154 @@ pub struct Mismatch {
     pub tokens: usize,
 }
 
-/// Sampling on a server: before each step the policy's adapter is written in PEFT's format
-/// under `dir`, loaded into the server as `<prefix>-step<n>` through vLLM's
-/// `/v1/load_lora_adapter` (the previous step's unloaded), and every prompt is sampled
-/// there by token ids with the adapter's name as the model, each generated token's id and
-/// log-probability returned. The server must read `dir` (the same machine, or a shared
-/// file system).
+/// What the background sampler is asked to do, in order.
+enum Command {
+    /// Load a PEFT folder into the server under a name.
+    Load { name: String, dir: PathBuf },
+    /// Sample a step's requests with a loaded adapter.
+    Sample {
+        step: usize,
+        name: String,
+        requests: Vec<TokenRequest>,
+    },
+    /// Unload an adapter.
+    Unload { name: String },
+}
+
+/// What the background sampler answers.
+enum Event {
+    /// A step's samples and the seconds they took.
+    Sampled {
+        step: usize,
+        samples: Vec<TokenSample>,
+        seconds: f64,
+    },
+    /// A step's sampling was stopped.
+    Cancelled,
+    /// The server failed.
+    Failed(EndpointError),
+}
+
+/// The thread that talks to the server, one command after the other, while the trainer
+/// trains.
+struct Worker {
+    commands: Sender<Command>,
+    events: Receiver<Event>,
+    stop: Cancel,
+    thread: JoinHandle<()>,
+}
+
+impl Worker {
+    /// Starts the thread; it records in `loaded` the adapters the server holds.
+    fn start(endpoint: Endpoint, loaded: Arc<Mutex<Vec<String>>>) -> Self {
+        let (commands, inbox) = channel::<Command>();
+        let (outbox, events) = channel();
+        let stop = Cancel::new();
+        let job = Job {
+            progress: Arc::new(Silent),
+            cancel: stop.clone(),
+        };
+        let thread = std::thread::spawn(move || {
+            for command in inbox {
+                if job.cancel.is_cancelled() {
+                    break;
+                }
+                let event = match command {
+                    Command::Load { name, dir } => {
+                        match endpoint.load_lora_adapter(&name, &dir, true) {
+                            Ok(()) => {
+                                let mut loaded = loaded.lock().expect("loaded adapters");
+                                if !loaded.contains(&name) {
+                                    loaded.push(name);
+                                }
+                                continue;
+                            }
+                            Err(e) => Event::Failed(e),
+                        }
+                    }
+                    Command::Unload { name } => match endpoint.unload_lora_adapter(&name) {
+                        Ok(()) => {
+                            loaded
+                                .lock()
+                                .expect("loaded adapters")
+                                .retain(|n| *n != name);
+                            continue;
+                        }
+                        Err(e) => Event::Failed(e),
+                    },
+                    Command::Sample {
+                        step,
+                        name,
+                        requests,
+                    } => {
+                        let started = Instant::now();
+                        let mut samples = Vec::with_capacity(requests.len());
+                        let mut failure = None;
+                        for result in endpoint.sample_tokens(&name, &requests, &job) {
+                            match result {
+                                Ok(sample) => samples.push(sample),
+                                Err(e) => {
+                                    failure = Some(e);
+                                    break;
+                                }
+                            }
+                        }
+                        match failure {
+                            None => Event::Sampled {
+                                step,
+                                samples,
+                                seconds: started.elapsed().as_secs_f64(),
+                            },
+                            Some(EndpointError::Cancelled) => Event::Cancelled,
+                            Some(e) => Event::Failed(e),
+                        }
+                    }
+                };
+                let failed = !matches!(event, Event::Sampled { .. });
+                if outbox.send(event).is_err() || failed {
+                    break;
+                }
+            }
+        });
+        Worker {
+            commands,
+            events,
+            stop,
+            thread,
+        }
+    }
+
+    /// Stops the sampling in flight and waits for the thread.
+    fn stop(self) {
+        self.stop.cancel();
+        drop(self.commands);
+        let _ = self.thread.join();
+    }
+}
+
+/// Sampling on a server: each published version of the policy's adapter is written in
+/// PEFT's format under `dir` and loaded into the server as `<prefix>-step<n>` through
+/// vLLM's `/v1/load_lora_adapter` (and unloaded through `/v1/unload_lora_adapter` once no
+/// submitted step uses it), and every prompt is sampled there by token ids with the
+/// adapter's name as the model, each generated token's id and log-probability returned.
+/// Loading, sampling and unloading run in order on a background thread, so sampling ahead
+/// (`max_staleness` > 0) overlaps the trainer's updates. The server must read `dir` (the
+/// same machine, or a shared file system).
 pub struct Served {
     endpoint: Endpoint,
     dir: PathBuf,
     prefix: String,
-    loaded: Option<String>,
+    /// The adapters the server holds, by name (kept by the background thread).
+    loaded: Arc<Mutex<Vec<String>>>,
+    worker: Option<Worker>,
+    /// The prompts of the steps submitted and not yet taken.
+    prompts: HashMap<usize, Vec<Vec<u32>>>,
+    /// Samples that arrived before their step was taken.
+    arrived: HashMap<usize, (Vec<TokenSample>, f64)>,
     /// Each step's measured mismatch, in order.
     pub mismatch: Vec<Mismatch>,
+    /// Each step (1-based) and the adapter that sampled it, in the order submitted.
+    pub sampled_by: Vec<(usize, String)>,
 }
 
 impl Served {
@@ -101,17 +326,40 @@ impl Served {
             endpoint,
             dir,
             prefix: prefix.to_string(),
-            loaded: None,
+            loaded: Arc::default(),
+            worker: None,
+            prompts: HashMap::new(),
+            arrived: HashMap::new(),
             mismatch: vec![],
+            sampled_by: vec![],
         }
     }
 
-    /// Unloads the last adapter from the server (called when training ends).
+    /// The server's name of the policy after `version` steps.
+    pub fn adapter_name(&self, version: usize) -> String {
+        format!("{}-step{version}", self.prefix)
+    }
+
+    /// Stops the background sampling and unloads every adapter still loaded from the
+    /// server (called when training ends).
     pub fn finish(&mut self) -> Result<(), GrpoError> {
-        if let Some(name) = self.loaded.take() {
+        self.stop();
+        let loaded = std::mem::take(&mut *self.loaded.lock().expect("loaded adapters"));
+        for name in loaded {
             self.endpoint.unload_lora_adapter(&name).map_err(served)?;
         }
         Ok(())
+    }
+
+    fn send(&mut self, command: Command) -> Result<(), GrpoError> {
+        let (endpoint, loaded) = (&self.endpoint, &self.loaded);
+        let worker = self
+            .worker
+            .get_or_insert_with(|| Worker::start(endpoint.clone(), loaded.clone()));
+        worker
+            .commands
+            .send(command)
+            .map_err(|_| GrpoError::Setup("rollout server: the sampler has stopped".into()))
     }
 }
 
@@ -124,60 +372,87 @@ impl Rollouts for Served {
         true
     }
 
-    fn sample(
-        &mut self,
-        policy: &LanguageModel,
-        prompts: &[Vec<u32>],
-        requests: &[Sampling],
-        step: usize,
-        job: &Job,
-    ) -> Result<Option<Vec<Completion>>, GrpoError> {
-        // 1. the adapter as it is now, on the server
-        let name = format!("{}-step{step}", self.prefix);
+    fn publish(&mut self, policy: &LanguageModel, version: usize) -> Result<(), GrpoError> {
+        let name = self.adapter_name(version);
         let dir = self.dir.join(&name);
         let mut copy = policy.clone();
         copy.save_adapter(&dir)?;
         let dir = dir.canonicalize().unwrap_or(dir);
-        self.endpoint
-            .load_lora_adapter(&name, &dir, true)
-            .map_err(served)?;
-        if let Some(previous) = self.loaded.replace(name.clone()) {
-            if previous != name {
-                self.endpoint
-                    .unload_lora_adapter(&previous)
-                    .map_err(served)?;
-            }
-        }
+        self.send(Command::Load { name, dir })
+    }
 
-        // 2. every prompt sampled there by token ids
-        let token_requests: Vec<TokenRequest> = prompts
-            .iter()
+    fn submit(
+        &mut self,
+        step: usize,
+        version: usize,
+        prompts: Vec<Vec<u32>>,
+        requests: Vec<Sampling>,
+    ) -> Result<(), GrpoError> {
+        self.prompts.insert(step, prompts.clone());
+        let requests = prompts
+            .into_iter()
             .zip(requests)
             .map(|(prompt, s)| TokenRequest {
-                prompt: prompt.clone(),
+                prompt,
                 max_tokens: s.max_tokens,
                 temperature: s.temperature,
                 top_p: s.top_p,
                 top_k: s.top_k,
                 min_p: s.min_p,
                 seed: s.seed,
-                stop: s.stop_strings.clone(),
+                stop: s.stop_strings,
             })
             .collect();
-        let quiet = Job {
-            progress: std::sync::Arc::new(Silent),
-            cancel: job.cancel.clone(),
-        };
-        let mut samples = Vec::with_capacity(prompts.len());
-        for result in self.endpoint.sample_tokens(&name, &token_requests, &quiet) {
-            match result {
-                Ok(sample) => samples.push(sample),
-                Err(EndpointError::Cancelled) => return Ok(None),
-                Err(e) => return Err(served(e)),
-            }
-        }
+        let name = self.adapter_name(version);
+        self.sampled_by.push((step + 1, name.clone()));
+        self.send(Command::Sample {
+            step,
+            name,
+            requests,
+        })
+    }
 
-        // 3. the trainer's own log-probabilities of the same tokens, against the server's
+    fn take(
+        &mut self,
+        policy: &LanguageModel,
+        step: usize,
+        job: &Job,
+    ) -> Result<Option<Sampled>, GrpoError> {
+        let (samples, seconds) = loop {
+            if let Some(done) = self.arrived.remove(&step) {
+                break done;
+            }
+            let Some(worker) = &self.worker else {
+                return Err(GrpoError::Setup(format!(
+                    "step {} was taken before it was submitted",
+                    step + 1
+                )));
+            };
+            if job.cancel.is_cancelled() {
+                worker.stop.cancel();
+                return Ok(None);
+            }
+            match worker.events.recv_timeout(Duration::from_millis(50)) {
+                Ok(Event::Sampled {
+                    step: done,
+                    samples,
+                    seconds,
+                }) => {
+                    self.arrived.insert(done, (samples, seconds));
+                }
+                Ok(Event::Cancelled) => return Ok(None),
+                Ok(Event::Failed(e)) => return Err(served(e)),
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => {
+                    return Err(GrpoError::Setup(
+                        "rollout server: the sampler stopped before the step was sampled".into(),
+                    ))
+                }
+            }
+        };
+        let prompts = self.prompts.remove(&step).unwrap_or_default();
+
+        // the trainer's own log-probabilities of the same tokens, against the server's
         let pairs: Vec<(&[u32], &[u32])> = prompts
             .iter()
             .zip(&samples)
@@ -216,6 +491,22 @@ impl Rollouts for Served {
                 ids: s.ids,
             })
             .collect();
-        Ok(Some(completions))
+        Ok(Some(Sampled {
+            completions,
+            seconds,
+        }))
+    }
+
+    fn retire(&mut self, version: usize) -> Result<(), GrpoError> {
+        let name = self.adapter_name(version);
+        self.send(Command::Unload { name })
+    }
+
+    fn stop(&mut self) {
+        if let Some(worker) = self.worker.take() {
+            worker.stop();
+        }
+        self.arrived.clear();
+        self.prompts.clear();
     }
 }

@@ -1,6 +1,7 @@
 //! A training run's files: `manifest.json`, `metrics.jsonl` and `completions.jsonl`
 //! (appended after every step), and `checkpoint/` (adapter in PEFT format, optimiser state,
-//! step, and with `sync_ref_model` the reference adapter), replaced atomically.
+//! step, with `sync_ref_model` the reference adapter, and with `max_staleness` s the
+//! policies of the last s steps), replaced atomically.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{BufRead, BufReader, Write};
@@ -22,6 +23,10 @@ pub(super) struct RunStore {
 /// The synced reference adapter's tensors in a checkpoint, named by their position in
 /// [`crate::model::lora::variables`]'s order.
 const REFERENCE: &str = "reference.safetensors";
+
+/// The policies of the last `max_staleness` steps in a checkpoint, tensor `<step>/<k>` the
+/// `k`-th adapter variable as step `<step>` (from 0) found it.
+const STALE: &str = "stale.safetensors";
 
 fn io(path: &Path, e: impl std::fmt::Display) -> GrpoError {
     GrpoError::Store(format!("{}: {e}", path.display()))
@@ -77,13 +82,15 @@ impl RunStore {
         Ok(())
     }
 
-    /// Loads the checkpoint into the adapters and optimiser, drops records of steps after
-    /// it, and returns its step (0 without a checkpoint).
+    /// Loads the checkpoint into the adapters and optimiser (and the kept policies of
+    /// earlier steps into `stale`), drops records of steps after it, and returns its step
+    /// (0 without a checkpoint).
     pub fn restore(
         &mut self,
         vars: &[(String, Var)],
         optimizer: &mut AdamW,
         reference: Option<&mut Vec<Tensor>>,
+        stale: &mut Vec<(usize, Vec<Tensor>)>,
     ) -> Result<usize, GrpoError> {
         let ckpt = self.checkpoint_dir();
         let old = self.old_checkpoint_dir();
@@ -129,6 +136,29 @@ impl RunStore {
                     .clone();
             }
         }
+        stale.clear();
+        let path = ckpt.join(STALE);
+        if path.exists() {
+            let tensors =
+                candle_core::safetensors::load(&path, &device).map_err(|e| io(&path, e))?;
+            let mut steps: Vec<usize> = tensors
+                .keys()
+                .filter_map(|k| k.split_once('/')?.0.parse().ok())
+                .collect();
+            steps.sort_unstable();
+            steps.dedup();
+            for at in steps {
+                let values = (0..vars.len())
+                    .map(|k| {
+                        tensors
+                            .get(&format!("{at}/{k}"))
+                            .cloned()
+                            .ok_or_else(|| io(&path, format!("no tensor `{at}/{k}`")))
+                    })
+                    .collect::<Result<_, _>>()?;
+                stale.push((at, values));
+            }
+        }
         truncate::<StepMetrics>(&self.metrics_path(), |m| m.step <= step)?;
         truncate::<CompletionRow>(&self.completions_path(), |c| c.step <= step)?;
         Ok(step)
@@ -148,13 +178,15 @@ impl RunStore {
     /// new one is written and synced in `checkpoint.tmp/`, the old one moved to
     /// `checkpoint.old/`, the new one renamed into place and only then the old one removed:
     /// a kill at any point leaves one whole checkpoint ([`RunStore::restore`] takes
-    /// `checkpoint.old/` when `checkpoint/` is missing).
+    /// `checkpoint.old/` when `checkpoint/` is missing). `stale` holds the policies of
+    /// earlier steps that steps after `step` are sampled by (`max_staleness`).
     pub fn checkpoint(
         &mut self,
         step: usize,
         policy: &LanguageModel,
         optimizer: &AdamW,
         reference: Option<&[Tensor]>,
+        stale: &[(usize, Vec<Tensor>)],
     ) -> Result<(), GrpoError> {
         let tmp = self.dir.join("checkpoint.tmp");
         if tmp.exists() {
@@ -171,6 +203,19 @@ impl RunStore {
                 .iter()
                 .enumerate()
                 .map(|(k, t)| (k.to_string(), t.clone()))
+                .collect();
+            candle_core::safetensors::save(&named, &path).map_err(|e| io(&path, e))?;
+        }
+        if !stale.is_empty() {
+            let path = tmp.join(STALE);
+            let named: std::collections::HashMap<String, Tensor> = stale
+                .iter()
+                .flat_map(|(at, values)| {
+                    values
+                        .iter()
+                        .enumerate()
+                        .map(move |(k, t)| (format!("{at}/{k}"), t.clone()))
+                })
                 .collect();
             candle_core::safetensors::save(&named, &path).map_err(|e| io(&path, e))?;
         }
@@ -229,6 +274,13 @@ impl RunStore {
             Column::new("kl".into(), f(|m| m.kl)),
             Column::new("entropy".into(), f(|m| m.entropy)),
             Column::new("logp_mismatch".into(), f(|m| m.logp_mismatch)),
+            Column::new(
+                "staleness".into(),
+                metrics
+                    .iter()
+                    .map(|m| m.staleness as u32)
+                    .collect::<Vec<_>>(),
+            ),
             Column::new("clip_ratio".into(), f(|m| m.clip_ratio)),
             Column::new("completion_len".into(), f(|m| m.completion_len)),
             Column::new("frac_zero_std".into(), f(|m| m.frac_zero_std)),

@@ -271,7 +271,10 @@ fn grpo_doc() -> String {
          `endpoint(…)` of a server with vLLM's runtime LoRA API (vLLM, `rlvr serve \
          --enable-lora`) that samples each step's completions with the policy's adapter \
          loaded; training stays here, the server's log-probs go through the correction, and \
-         each step's mismatch between server and trainer is printed. A reward closure may \
+         each step's mismatch between server and trainer is printed with the adapter that \
+         sampled it; with `max_staleness` s the server samples the next s steps while one \
+         trains, step n by the policy of step n − s (the metrics' `staleness`; refused with \
+         local rollouts). A reward closure may \
          not use the policy being trained (an error says so; score with another model).",
         grpo::config::PRESETS.join(", "),
         settings.join("; "),
@@ -720,8 +723,13 @@ fn grpo_with(
             let run = run.map_err(error)?;
             unloaded.map_err(error)?;
             for m in &served.mismatch {
+                let by = served
+                    .sampled_by
+                    .iter()
+                    .find(|(step, _)| *step == m.step)
+                    .map_or("", |(_, name)| name.as_str());
                 output.print(&format!(
-                    "step {}: rollout log-prob mismatch mean |Δ| {:.2e}, max |Δ| {:.2e} over {} tokens",
+                    "step {}: rollout log-prob mismatch mean |Δ| {:.2e}, max |Δ| {:.2e} over {} tokens (sampled by {by})",
                     m.step, m.mean_abs, m.max_abs, m.tokens
                 ));
             }

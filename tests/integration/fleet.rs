@@ -8,6 +8,7 @@
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use candle_core::{Tensor, D};
@@ -22,11 +23,12 @@ use rlvr::grpo::{self, rollout, GrpoConfig};
 use rlvr::judge::{self, JudgeConfig};
 use rlvr::model::lm::LanguageModel;
 use rlvr::model::lora::{self, LoraConfig};
-use rlvr::progress::Job;
+use rlvr::progress::{Cancel, Job, Progress};
 use rlvr::prompt::PromptTemplate;
 use rlvr::reward::Reward;
 use serde_json::{json, Value};
 
+use crate::endpoint::{Action, FaultServer};
 use crate::serve::{local, Served};
 use crate::{kill_when, repo, tiny_policy};
 
@@ -591,6 +593,238 @@ fn grpo_sampling_in_a_second_process_ends_with_the_local_runs_adapter() {
     let (_, _, models) = exchange(&server, "GET", "/v1/models", "");
     let models: Value = serde_json::from_str(&models).unwrap();
     assert_eq!(models["data"].as_array().unwrap().len(), 1, "{models}");
+}
+
+/// Cancels the run once `after` steps are done.
+struct CancelAfter {
+    after: u64,
+    cancel: Cancel,
+}
+
+impl Progress for CancelAfter {
+    fn start(&self, _: &str, _: u64) {}
+    fn update(&self, done: u64, _: &str) {
+        if done >= self.after {
+            self.cancel.cancel();
+        }
+    }
+    fn finish(&self, _: &str) {}
+}
+
+fn staleness_of(run: &rlvr::grpo::GrpoRun) -> Vec<u32> {
+    run.metrics
+        .column("staleness")
+        .unwrap()
+        .u32()
+        .unwrap()
+        .into_no_null_iter()
+        .collect()
+}
+
+/// With `max_staleness` 1 the server samples a step ahead with the policy one step back
+/// (steps 1 and 2 by the starting adapter, step 3 by the one after step 1), the metrics say
+/// so, and the run is a function of its settings: a second run, stopped after a step (its
+/// sampling ahead stopped with it) and resumed with a fresh server connection, samples the
+/// same completions and ends with the same adapter.
+#[test]
+fn grpo_with_max_staleness_samples_ahead_and_resumes_exactly() {
+    let items = toy_items();
+    let rewards = [Reward::custom("alnum", 1.0, |s| {
+        let n = s.completion.chars().count().max(1) as f64;
+        Ok(s.completion
+            .chars()
+            .filter(char::is_ascii_alphanumeric)
+            .count() as f64
+            / n)
+    })];
+    let mut config = GrpoConfig {
+        group: 4,
+        batch: 4,
+        grad_accum: 1,
+        steps: 3,
+        lr: 2e-2,
+        schedule: Schedule::Constant,
+        max_staleness: 1,
+        template: PromptTemplate {
+            system: None,
+            user: "{question}".into(),
+        },
+        cache_dir: scratch("stale-whole"),
+        ..GrpoConfig::default()
+    };
+    config.sampling.max_tokens = 8;
+    let server = Served::start(&["--enable-lora"], &[]);
+
+    let mut whole = tiny_policy(1);
+    let mut rollouts = rollout::Served::new(server.client(), scratch("stale-adapters"), "p");
+    let uninterrupted = grpo::train_with(
+        &mut whole,
+        &items,
+        &rewards,
+        &config,
+        &mut rollouts,
+        &Job::silent(),
+    )
+    .unwrap();
+    rollouts.finish().unwrap();
+    let by: Vec<(usize, &str)> = rollouts
+        .sampled_by
+        .iter()
+        .map(|(step, name)| (*step, name.as_str()))
+        .collect();
+    assert_eq!(by, [(1, "p-step0"), (2, "p-step0"), (3, "p-step1")]);
+    assert_eq!(staleness_of(&uninterrupted), [0, 1, 1]);
+    // stale rollouts are measured against the trainer's policy as it is: from step 2 on
+    // the mismatch holds a step of training
+    let mismatch: Vec<f64> = rollouts.mismatch.iter().map(|m| m.mean_abs).collect();
+    assert!(mismatch[0] < 1e-4 && mismatch[1] > 1e-4, "{mismatch:?}");
+    let moved = lora::variables(&mut whole.model)
+        .iter()
+        .map(|(_, v)| crate::max_abs(v.as_tensor()))
+        .fold(0f32, f32::max);
+    assert!(moved > 0.0);
+
+    config.cache_dir = scratch("stale-split");
+    let cancel = Cancel::new();
+    let job = Job {
+        progress: Arc::new(CancelAfter {
+            after: 1,
+            cancel: cancel.clone(),
+        }),
+        cancel,
+    };
+    let mut first = tiny_policy(1);
+    let mut rollouts = rollout::Served::new(server.client(), scratch("stale-adapters-2"), "q");
+    match grpo::train_with(&mut first, &items, &rewards, &config, &mut rollouts, &job) {
+        Err(grpo::GrpoError::Interrupted { step, .. }) => assert_eq!(step, 1),
+        other => panic!("expected an interruption, got {other:?}"),
+    }
+    rollouts.finish().unwrap();
+    let mut second = tiny_policy(1);
+    let mut rollouts = rollout::Served::new(server.client(), scratch("stale-adapters-3"), "r");
+    let resumed = grpo::train_with(
+        &mut second,
+        &items,
+        &rewards,
+        &config,
+        &mut rollouts,
+        &Job::silent(),
+    )
+    .unwrap();
+    rollouts.finish().unwrap();
+    assert_eq!(resumed.resumed_from, 1);
+    // step 2 is sampled by the starting adapter, kept in the checkpoint
+    let by: Vec<(usize, &str)> = rollouts
+        .sampled_by
+        .iter()
+        .map(|(step, name)| (*step, name.as_str()))
+        .collect();
+    assert_eq!(by, [(2, "r-step0"), (3, "r-step1")]);
+    let sampled = |run: &rlvr::grpo::GrpoRun| {
+        run.completions
+            .select(["step", "id", "completion", "reward", "advantage"])
+            .unwrap()
+    };
+    assert!(
+        sampled(&uninterrupted).equals_missing(&sampled(&resumed)),
+        "{}\n{}",
+        uninterrupted.completions,
+        resumed.completions
+    );
+    assert_eq!(staleness_of(&resumed), [0, 1, 1]);
+    let (a, b) = (
+        lora::variables(&mut whole.model),
+        lora::variables(&mut second.model),
+    );
+    for ((name, x), (_, y)) in a.iter().zip(&b) {
+        let d = crate::max_abs_diff(x.as_tensor(), y.as_tensor());
+        assert!(d < 1e-6, "{name}: {d}");
+    }
+    // every adapter was unloaded
+    let (_, _, models) = exchange(&server, "GET", "/v1/models", "");
+    let models: Value = serde_json::from_str(&models).unwrap();
+    assert_eq!(models["data"].as_array().unwrap().len(), 1, "{models}");
+}
+
+/// What a rollout server is asked, in order, with `max_staleness` 2 over 5 steps of 4
+/// completions (a scripted server that answers three fixed tokens): step n is sampled by
+/// the adapter of step max(0, n − 1 − 2) (1-based n), each adapter is loaded before its
+/// first use and unloaded only after its last, and at most three are loaded at once.
+#[test]
+fn stale_steps_ask_the_server_for_the_adapter_s_steps_back() {
+    let server = FaultServer::start(|_, seen| {
+        if !seen.path.ends_with("/completions") {
+            return Action::Reply(200, vec![], "Success".into());
+        }
+        let seed = seen.body["seed"].as_u64().unwrap();
+        let reply = json!({"choices": [{"text": "", "finish_reason": "length", "logprobs": {
+            "tokens": [format!("token_id:{}", 40 + seed % 50), "token_id:41", "token_id:42"],
+            "token_logprobs": [-1.0, -2.0, -3.0]}}]});
+        Action::Reply(200, vec![], reply.to_string())
+    });
+    let mut config = GrpoConfig {
+        group: 4,
+        batch: 4,
+        steps: 5,
+        lr: 1e-2,
+        max_staleness: 2,
+        vllm_importance_sampling_correction: false,
+        cache_dir: scratch("stale-scripted"),
+        ..GrpoConfig::default()
+    };
+    config.sampling.max_tokens = 3;
+    let rewards = [Reward::custom("first", 1.0, |s| {
+        Ok(s.completion.len() as f64)
+    })];
+    let endpoint = Endpoint::new(&server.url, "tiny", EndpointOptions::default()).unwrap();
+    let mut rollouts = rollout::Served::new(endpoint, scratch("stale-scripted-adapters"), "s");
+    let mut policy = tiny_policy(2);
+    let run = grpo::train_with(
+        &mut policy,
+        &toy_items(),
+        &rewards,
+        &config,
+        &mut rollouts,
+        &Job::silent(),
+    )
+    .unwrap();
+    rollouts.finish().unwrap();
+    assert_eq!(staleness_of(&run), [0, 1, 2, 2, 2]);
+
+    let mut loaded: Vec<String> = vec![];
+    let mut most = 0;
+    let mut completions = 0usize;
+    for seen in server.seen() {
+        let name = |key: &str| seen.body[key].as_str().unwrap().to_string();
+        if seen.path.ends_with("/load_lora_adapter") {
+            loaded.push(name("lora_name"));
+            most = most.max(loaded.len());
+        } else if seen.path.ends_with("/unload_lora_adapter") {
+            let gone = name("lora_name");
+            assert!(
+                loaded.contains(&gone),
+                "{gone} unloaded twice or never loaded"
+            );
+            // no later request samples with it
+            loaded.retain(|n| *n != gone);
+        } else {
+            let step = completions / 4 + 1;
+            let model = name("model");
+            assert_eq!(
+                model,
+                format!("s-step{}", step.saturating_sub(3)),
+                "step {step}"
+            );
+            assert!(
+                loaded.contains(&model),
+                "step {step}: {model} is not loaded"
+            );
+            completions += 1;
+        }
+    }
+    assert_eq!(completions, 5 * 4);
+    assert!(loaded.is_empty(), "left loaded: {loaded:?}");
+    assert!(most <= 3, "{most} adapters loaded at once");
 }
 
 #[test]

@@ -173,6 +173,25 @@ fn a_resumed_run_equals_an_uninterrupted_one() {
     assert_eq!(resumed.completions.height(), 4 * 8);
 }
 
+/// Local rollouts are sampled by the policy being trained: a staleness bound is refused,
+/// naming the setting, before anything is sampled.
+#[test]
+fn local_rollouts_refuse_max_staleness() {
+    let mut config = toy_config(2, "stale-local");
+    config.max_staleness = 1;
+    let mut policy = tiny_policy(7);
+    let rewards = [Reward::custom("alnum", 1.0, |s| {
+        Ok(alphanumeric_share(s.completion))
+    })];
+    match grpo::train(&mut policy, &toy_items(), &rewards, &config, &Job::silent()) {
+        Err(GrpoError::Setup(message)) => assert!(
+            message.contains("max_staleness 1") && message.contains("rollout: endpoint"),
+            "{message}"
+        ),
+        other => panic!("expected a setup error, got {other:?}"),
+    }
+}
+
 /// TRL 1.16's knobs together, with a synced reference adapter mixed in after every update
 /// and two updates per step: a run stopped after two steps and resumed in a fresh process
 /// equals the uninterrupted one (the reference is checkpointed), the synced reference
