@@ -267,23 +267,38 @@ fn dispatch(command: Command, quiet: bool) -> Result<ExitCode> {
             run(&script, &set, out, quiet)
         }
         Command::Repl => repl(quiet),
-        Command::Doc { out } => {
-            let text = script::doc::reference();
-            match out {
-                Some(path) => std::fs::write(&path, text)
-                    .with_context(|| format!("writing {}", path.display()))?,
-                None => print!("{text}"),
-            }
-            Ok(ExitCode::SUCCESS)
-        }
+        Command::Doc { out } => doc(out),
         Command::Models { which } => models(which),
         Command::Kernel {
-            action:
-                Some(KernelAction::Install {
-                    sys_prefix, prefix, ..
-                }),
-            ..
-        } => {
+            connection_file,
+            action,
+        } => kernel(connection_file, action),
+        Command::Serve(args) => serve(args),
+        Command::Bench { which } => bench(which),
+    }
+}
+
+/// `rlvr doc`: the script reference, to `out` or to stdout.
+fn doc(out: Option<PathBuf>) -> Result<ExitCode> {
+    let text = script::doc::reference();
+    match out {
+        Some(path) => {
+            std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?
+        }
+        None => print!("{text}"),
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `rlvr kernel`: installs the kernelspec, or runs the kernel on Jupyter's connection file.
+fn kernel(connection_file: Option<PathBuf>, action: Option<KernelAction>) -> Result<ExitCode> {
+    match (action, connection_file) {
+        (
+            Some(KernelAction::Install {
+                sys_prefix, prefix, ..
+            }),
+            _,
+        ) => {
             use rlvr::kernel::install::{self, Location};
             let location = match (sys_prefix, prefix) {
                 (true, _) => Location::SysPrefix,
@@ -302,60 +317,49 @@ fn dispatch(command: Command, quiet: bool) -> Result<ExitCode> {
             );
             Ok(ExitCode::SUCCESS)
         }
-        Command::Kernel {
-            connection_file: Some(file),
-            ..
-        } => {
+        (None, Some(file)) => {
             rlvr::kernel::run(&file)?;
             Ok(ExitCode::SUCCESS)
         }
-        Command::Kernel { .. } => {
+        (None, None) => {
             anyhow::bail!(
                 "`rlvr kernel` needs --connection-file FILE (Jupyter gives it) or `install`"
             )
         }
-        Command::Serve(args) => serve(args),
-        Command::Bench {
-            which: Bench::Load { data },
-        } => {
-            let report = rlvr::bench::load(&data)?;
-            println!("{}", serde_json::to_string(&report)?);
-            Ok(ExitCode::SUCCESS)
-        }
-        Command::Bench {
-            which:
-                Bench::Model {
-                    model,
-                    ids,
-                    task,
-                    batch,
-                    tokens,
-                    device,
-                    dtype,
-                },
+    }
+}
+
+/// `rlvr bench`: measures one capability and prints its figures as one JSON line.
+fn bench(which: Bench) -> Result<ExitCode> {
+    let report = match which {
+        Bench::Load { data } => serde_json::to_string(&rlvr::bench::load(&data)?)?,
+        Bench::Model {
+            model,
+            ids,
+            task,
+            batch,
+            tokens,
+            device,
+            dtype,
         } => {
             let placement = rlvr::model::Placement::parse(&device, dtype.as_deref())
                 .map_err(anyhow::Error::msg)?;
             let path = Store::default().resolve(&model, &Hub::default(), &download_job()?)?;
             let report = rlvr::bench::model(&path, &ids, task, batch, tokens, &placement)?;
-            println!("{}", serde_json::to_string(&report)?);
-            Ok(ExitCode::SUCCESS)
+            serde_json::to_string(&report)?
         }
-        Command::Bench {
-            which:
-                Bench::Grpo {
-                    model,
-                    tokenizer,
-                    data,
-                    group,
-                    prompts,
-                    max_tokens,
-                    rank,
-                    steps,
-                    preset,
-                    device,
-                    dtype,
-                },
+        Bench::Grpo {
+            model,
+            tokenizer,
+            data,
+            group,
+            prompts,
+            max_tokens,
+            rank,
+            steps,
+            preset,
+            device,
+            dtype,
         } => {
             let placement = rlvr::model::Placement::parse(&device, dtype.as_deref())
                 .map_err(anyhow::Error::msg)?;
@@ -371,10 +375,11 @@ fn dispatch(command: Command, quiet: bool) -> Result<ExitCode> {
                 rank,
                 steps,
             })?;
-            println!("{}", serde_json::to_string(&report)?);
-            Ok(ExitCode::SUCCESS)
+            serde_json::to_string(&report)?
         }
-    }
+    };
+    println!("{report}");
+    Ok(ExitCode::SUCCESS)
 }
 
 fn serve(args: ServeArgs) -> Result<ExitCode> {

@@ -319,8 +319,7 @@ fn score_batch(
     batch: &[Encoded],
     adapters_on: bool,
 ) -> crate::model::Result<Vec<Scored>> {
-    use crate::model::logprob::gather_logprobs;
-    use candle_core::{Tensor, D};
+    use candle_core::D;
     let single = batch
         .iter()
         .all(|e| e.continuations.iter().all(|c| c.len() == 1));
@@ -329,22 +328,8 @@ fn score_batch(
         return score_after_prefix(model, batch, shared, adapters_on);
     }
     let device = model.device().clone();
-    let b = batch.len();
     let width = batch.iter().map(|e| e.context.len()).max().unwrap_or(0);
-    let mut ids = Vec::with_capacity(b * width);
-    let mut positions = Vec::with_capacity(b * width);
-    let mut key_valid = Vec::with_capacity(b);
-    for e in batch {
-        let pad = width - e.context.len();
-        ids.extend(std::iter::repeat_n(0u32, pad).chain(e.context.iter().copied()));
-        positions.extend((0..width).map(|s| s.saturating_sub(pad) as u32));
-        key_valid.push((0..width).map(|s| s >= pad).collect::<Vec<bool>>());
-    }
-    let input = Input {
-        ids: Tensor::from_vec(ids, (b, width), &device)?,
-        positions: Tensor::from_vec(positions, (b, width), &device)?,
-        key_valid: key_valid.clone(),
-    };
+    let input = left_padded(batch, width, &device)?;
     let longer = batch
         .iter()
         .any(|e| e.continuations.iter().any(|c| c.len() > 1));
@@ -364,71 +349,14 @@ fn score_batch(
         })
         .collect();
     if let Some(cache) = cache {
-        // rows: (request, continuation) pairs with more than one token
-        let rows: Vec<(usize, usize)> = batch
-            .iter()
-            .enumerate()
-            .flat_map(|(i, e)| {
-                e.continuations
-                    .iter()
-                    .enumerate()
-                    .filter(|(_, c)| c.len() > 1)
-                    .map(move |(j, _)| (i, j))
-            })
-            .collect();
-        let steps = rows
-            .iter()
-            .map(|&(i, j)| batch[i].continuations[j].len() - 1)
-            .max()
-            .unwrap_or(0);
-        let mut cache = cache;
-        let index: Vec<u32> = rows.iter().map(|&(i, _)| i as u32).collect();
-        cache.select_rows(&Tensor::from_vec(index, rows.len(), &device)?)?;
-        let mut ids = Vec::with_capacity(rows.len() * steps);
-        let mut positions = Vec::with_capacity(rows.len() * steps);
-        let mut valid = Vec::with_capacity(rows.len());
-        let mut targets = Vec::new();
-        let mut picks = Vec::new(); // (row, step) whose state predicts a scored token
-        for (r, &(i, j)) in rows.iter().enumerate() {
-            let c = &batch[i].continuations[j];
-            let n = batch[i].context.len();
-            let mut v = key_valid[i].clone();
-            for s in 0..steps {
-                let real = s + 1 < c.len();
-                ids.push(if real { c[s] } else { 0 });
-                positions.push((n + s) as u32);
-                v.push(real);
-                if real {
-                    targets.push(c[s + 1]);
-                    picks.push((r * steps + s) as u32);
-                }
-            }
-            valid.push(v);
-        }
-        let input = Input {
-            ids: Tensor::from_vec(ids, (rows.len(), steps), &device)?,
-            positions: Tensor::from_vec(positions, (rows.len(), steps), &device)?,
-            key_valid: valid,
-        };
-        let hidden = model.forward(&input, Some(&mut cache), adapters_on)?;
-        let d = hidden.dim(2)?;
-        let flat = hidden.reshape((rows.len() * steps, d))?;
-        let picked = flat.index_select(&Tensor::new(picks.as_slice(), &device)?, 0)?;
-        let targets = Tensor::new(targets.as_slice(), &device)?;
-        let lp = gather_logprobs(
-            &picked,
-            model.lm_head(),
-            &targets,
-            model.logit_softcap(),
-            1.0,
-        )?
-        .to_vec1::<f32>()?;
-        let mut k = 0;
-        for &(i, j) in &rows {
-            let extra = batch[i].continuations[j].len() - 1;
-            scores[i][j] += lp[k..k + extra].iter().map(|&x| x as f64).sum::<f64>();
-            k += extra;
-        }
+        add_later_tokens(
+            model,
+            batch,
+            cache,
+            &input.key_valid,
+            &mut scores,
+            adapters_on,
+        )?;
     }
     Ok(batch
         .iter()
@@ -438,6 +366,112 @@ fn score_batch(
             prompt_tokens: e.context.len(),
         })
         .collect())
+}
+
+/// The batch's contexts left-padded to `width` tokens, positions counted from each
+/// context's first real token.
+fn left_padded(
+    batch: &[Encoded],
+    width: usize,
+    device: &candle_core::Device,
+) -> crate::model::Result<Input> {
+    use candle_core::Tensor;
+    let b = batch.len();
+    let mut ids = Vec::with_capacity(b * width);
+    let mut positions = Vec::with_capacity(b * width);
+    let mut key_valid = Vec::with_capacity(b);
+    for e in batch {
+        let pad = width - e.context.len();
+        ids.extend(std::iter::repeat_n(0u32, pad).chain(e.context.iter().copied()));
+        positions.extend((0..width).map(|s| s.saturating_sub(pad) as u32));
+        key_valid.push((0..width).map(|s| s >= pad).collect::<Vec<bool>>());
+    }
+    Ok(Input {
+        ids: Tensor::from_vec(ids, (b, width), device)?,
+        positions: Tensor::from_vec(positions, (b, width), device)?,
+        key_valid,
+    })
+}
+
+/// Adds to `scores` the log-probabilities of the continuations' tokens after their first:
+/// one row per continuation of several tokens, from a copy of its context's rows of `cache`
+/// (whose keys `key_valid` marks).
+fn add_later_tokens(
+    model: &crate::model::Model,
+    batch: &[Encoded],
+    mut cache: KvCache,
+    key_valid: &[Vec<bool>],
+    scores: &mut [Vec<f64>],
+    adapters_on: bool,
+) -> crate::model::Result<()> {
+    use crate::model::logprob::gather_logprobs;
+    use candle_core::Tensor;
+    let device = model.device().clone();
+    // rows: (request, continuation) pairs with more than one token
+    let rows: Vec<(usize, usize)> = batch
+        .iter()
+        .enumerate()
+        .flat_map(|(i, e)| {
+            e.continuations
+                .iter()
+                .enumerate()
+                .filter(|(_, c)| c.len() > 1)
+                .map(move |(j, _)| (i, j))
+        })
+        .collect();
+    let steps = rows
+        .iter()
+        .map(|&(i, j)| batch[i].continuations[j].len() - 1)
+        .max()
+        .unwrap_or(0);
+    let index: Vec<u32> = rows.iter().map(|&(i, _)| i as u32).collect();
+    cache.select_rows(&Tensor::from_vec(index, rows.len(), &device)?)?;
+    let mut ids = Vec::with_capacity(rows.len() * steps);
+    let mut positions = Vec::with_capacity(rows.len() * steps);
+    let mut valid = Vec::with_capacity(rows.len());
+    let mut targets = Vec::new();
+    let mut picks = Vec::new(); // (row, step) whose state predicts a scored token
+    for (r, &(i, j)) in rows.iter().enumerate() {
+        let c = &batch[i].continuations[j];
+        let n = batch[i].context.len();
+        let mut v = key_valid[i].clone();
+        for s in 0..steps {
+            let real = s + 1 < c.len();
+            ids.push(if real { c[s] } else { 0 });
+            positions.push((n + s) as u32);
+            v.push(real);
+            if real {
+                targets.push(c[s + 1]);
+                picks.push((r * steps + s) as u32);
+            }
+        }
+        valid.push(v);
+    }
+    let input = Input {
+        ids: Tensor::from_vec(ids, (rows.len(), steps), &device)?,
+        positions: Tensor::from_vec(positions, (rows.len(), steps), &device)?,
+        key_valid: valid,
+    };
+    let hidden = model.forward(&input, Some(&mut cache), adapters_on)?;
+    let d = hidden.dim(2)?;
+    let flat = hidden.reshape((rows.len() * steps, d))?;
+    let picked = flat.index_select(&Tensor::new(picks.as_slice(), &device)?, 0)?;
+    let targets = Tensor::new(targets.as_slice(), &device)?;
+    let lp = gather_logprobs(
+        &picked,
+        model.lm_head(),
+        &targets,
+        model.logit_softcap(),
+        1.0,
+    )?
+    .to_vec1::<f32>()?;
+    let mut k = 0;
+    for &(i, j) in &rows {
+        let extra = batch[i].continuations[j].len() - 1;
+        scores[i][j] += lp[k..k + extra].iter().map(|&x| x as f64).sum::<f64>();
+        k += extra;
+    }
+    Ok(())
 }
 
 /// Shared prefixes shorter than this are not worth a separate forward.

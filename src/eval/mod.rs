@@ -229,77 +229,28 @@ pub fn evaluate(
     let docs = docs(items)?;
     let preset = resolve(&docs, options)?;
     let shots = options.shots.unwrap_or(preset.shots);
-    let pool = match &options.fewshot {
-        Some(df) => self::docs(df)?,
-        None => vec![],
-    };
-    let rows: Vec<usize> = docs
-        .iter()
-        .enumerate()
-        .map(|(i, d)| row_of(&d.question.id, i))
-        .collect();
-    let renderer = Renderer::new(
-        &preset,
-        shots,
-        &pool,
-        rows.iter().copied().max().unwrap_or(0),
-    )?;
-    let prompts = docs
-        .iter()
-        .zip(&rows)
-        .map(|(d, &r)| renderer.prompt(d, r))
-        .collect::<Result<Vec<_>, _>>()?;
+    let prompts = render_prompts(&docs, &preset, shots, options)?;
     let generation = GenerateOptions {
         max_tokens: options.max_tokens.unwrap_or(preset.generation.max_tokens),
         temperature: options.temperature,
         until: preset.generation.until.clone(),
         seed: options.seed,
     };
-    let model_name = backend.model_name();
     let adapter = backend.adapter();
-    let mut setting = serde_json::json!({
-        "model": model_name, "adapter": adapter, "preset": preset.name,
-        "mode": preset.mode.name(), "shots": shots,
-        "max_tokens": generation.max_tokens, "temperature": generation.temperature,
-        "seed": if generation.temperature > 0.0 { options.seed } else { 0 },
-        "until": generation.until, "target_delimiter": preset.target_delimiter,
-    });
-    if backend.served() {
-        // a server's answers are kept by its model name, whatever its address
-        setting["served"] = serde_json::json!(true);
-    }
-    let setting = setting.to_string();
+    let setting = cache_setting(
+        backend,
+        adapter.as_deref(),
+        &preset,
+        shots,
+        &generation,
+        options,
+    );
     let mut cache = match &options.cache_dir {
         Some(dir) => Cache::open(dir, &setting)?,
         None => Cache::disabled(),
     };
-    // an item's record holds for the prompt it was asked with and, scored, its number of
-    // options (the continuations)
-    let hashes: Vec<String> = prompts
-        .iter()
-        .zip(&docs)
-        .map(|(p, d)| match preset.mode {
-            Mode::Loglik => cache::hash(&format!("{}\u{0}{}", p.text(), d.question.choices.len())),
-            Mode::Generate => cache::hash(&p.text()),
-        })
-        .collect();
-    let mut todo: Vec<usize> = (0..docs.len())
-        .filter(|&i| cache.get(&docs[i].question.id, &hashes[i]).is_none())
-        .collect();
-    // longest first, so that a batch holds prompts of about one length (little padding);
-    // with few-shot examples, one subject's questions together (they share that prefix)
-    todo.sort_by_key(|&i| {
-        let q = &docs[i].question;
-        (
-            q.dataset.clone(),
-            if shots > 0 {
-                q.subject.clone()
-            } else {
-                String::new()
-            },
-            std::cmp::Reverse(prompts[i].text().len()),
-        )
-    });
+    let hashes = prompt_hashes(&docs, &prompts, preset.mode);
+    let todo = pending(&docs, &prompts, &hashes, &cache, shots);
     let label = format!(
         "evaluate {} ({} of {} to do)",
         preset.name,
@@ -314,53 +265,17 @@ pub fn evaluate(
             Mode::Generate => GENERATE_BATCH,
         })
         .max(1);
+    let asked = Asked {
+        docs: &docs,
+        prompts: &prompts,
+        hashes: &hashes,
+    };
     let mut done = 0;
     for chunk in todo.chunks(batch) {
         job.check()?;
-        let records: Vec<Record> = match preset.mode {
-            Mode::Loglik => {
-                let requests: Vec<Choices> = chunk
-                    .iter()
-                    .map(|&i| Choices {
-                        context: prompts[i].text(),
-                        continuations: (0..docs[i].question.choices.len())
-                            .map(|k| format!("{}{}", preset.target_delimiter, letter(k)))
-                            .collect(),
-                    })
-                    .collect();
-                backend
-                    .loglik(&requests, job)?
-                    .into_iter()
-                    .zip(chunk)
-                    .map(|(s, &i)| Record {
-                        id: docs[i].question.id.clone(),
-                        prompt_hash: hashes[i].clone(),
-                        response: None,
-                        logprobs: Some(s.logprobs),
-                        prompt_tokens: s.prompt_tokens,
-                        tokens: 0,
-                    })
-                    .collect()
-            }
-            Mode::Generate => {
-                let batch_prompts: Vec<Prompt> =
-                    chunk.iter().map(|&i| prompts[i].clone()).collect();
-                let completed = backend.complete(&batch_prompts, &generation, job)?;
-                // a cancelled batch is cut short: keep none of it
-                job.check()?;
-                completed
-                    .into_iter()
-                    .zip(chunk)
-                    .map(|(c, &i)| Record {
-                        id: docs[i].question.id.clone(),
-                        prompt_hash: hashes[i].clone(),
-                        response: Some(c.text),
-                        logprobs: None,
-                        prompt_tokens: c.prompt_tokens,
-                        tokens: c.tokens,
-                    })
-                    .collect()
-            }
+        let records = match preset.mode {
+            Mode::Loglik => asked.by_loglik(backend, chunk, &preset.target_delimiter, job)?,
+            Mode::Generate => asked.by_generation(backend, chunk, &generation, job)?,
         };
         cache.append(&records)?;
         done += chunk.len();
@@ -378,6 +293,168 @@ pub fn evaluate(
     job.progress
         .finish(&format!("{} questions, accuracy {accuracy:.3}", docs.len()));
     Ok(table)
+}
+
+/// Each document's prompt as the preset renders it, with `shots` examples from the
+/// options' few-shot pool.
+fn render_prompts(
+    docs: &[Doc],
+    preset: &Preset,
+    shots: usize,
+    options: &EvalOptions,
+) -> Result<Vec<Prompt>, EvalError> {
+    let pool = match &options.fewshot {
+        Some(df) => self::docs(df)?,
+        None => vec![],
+    };
+    let rows: Vec<usize> = docs
+        .iter()
+        .enumerate()
+        .map(|(i, d)| row_of(&d.question.id, i))
+        .collect();
+    let renderer = Renderer::new(
+        preset,
+        shots,
+        &pool,
+        rows.iter().copied().max().unwrap_or(0),
+    )?;
+    docs.iter()
+        .zip(&rows)
+        .map(|(d, &r)| renderer.prompt(d, r))
+        .collect()
+}
+
+/// The setting the cache keeps its records under: everything that changes an answer.
+fn cache_setting(
+    backend: &dyn Backend,
+    adapter: Option<&str>,
+    preset: &Preset,
+    shots: usize,
+    generation: &GenerateOptions,
+    options: &EvalOptions,
+) -> String {
+    let model_name = backend.model_name();
+    let mut setting = serde_json::json!({
+        "model": model_name, "adapter": adapter, "preset": preset.name,
+        "mode": preset.mode.name(), "shots": shots,
+        "max_tokens": generation.max_tokens, "temperature": generation.temperature,
+        "seed": if generation.temperature > 0.0 { options.seed } else { 0 },
+        "until": generation.until, "target_delimiter": preset.target_delimiter,
+    });
+    if backend.served() {
+        // a server's answers are kept by its model name, whatever its address
+        setting["served"] = serde_json::json!(true);
+    }
+    setting.to_string()
+}
+
+/// Each item's record hash: an item's record holds for the prompt it was asked with and,
+/// scored, its number of options (the continuations).
+fn prompt_hashes(docs: &[Doc], prompts: &[Prompt], mode: Mode) -> Vec<String> {
+    prompts
+        .iter()
+        .zip(docs)
+        .map(|(p, d)| match mode {
+            Mode::Loglik => cache::hash(&format!("{}\u{0}{}", p.text(), d.question.choices.len())),
+            Mode::Generate => cache::hash(&p.text()),
+        })
+        .collect()
+}
+
+/// The items the cache has no record of, in the order they are asked.
+fn pending(
+    docs: &[Doc],
+    prompts: &[Prompt],
+    hashes: &[String],
+    cache: &Cache,
+    shots: usize,
+) -> Vec<usize> {
+    let mut todo: Vec<usize> = (0..docs.len())
+        .filter(|&i| cache.get(&docs[i].question.id, &hashes[i]).is_none())
+        .collect();
+    // longest first, so that a batch holds prompts of about one length (little padding);
+    // with few-shot examples, one subject's questions together (they share that prefix)
+    todo.sort_by_key(|&i| {
+        let q = &docs[i].question;
+        (
+            q.dataset.clone(),
+            if shots > 0 {
+                q.subject.clone()
+            } else {
+                String::new()
+            },
+            std::cmp::Reverse(prompts[i].text().len()),
+        )
+    });
+    todo
+}
+
+/// The items as asked: documents, their prompts and their records' hashes, by item.
+struct Asked<'a> {
+    docs: &'a [Doc],
+    prompts: &'a [Prompt],
+    hashes: &'a [String],
+}
+
+impl Asked<'_> {
+    /// The records of one batch scored by log-likelihood: each option's letter after
+    /// `delimiter`, as a continuation of the prompt.
+    fn by_loglik(
+        &self,
+        backend: &dyn Backend,
+        chunk: &[usize],
+        delimiter: &str,
+        job: &Job,
+    ) -> Result<Vec<Record>, EvalError> {
+        let requests: Vec<Choices> = chunk
+            .iter()
+            .map(|&i| Choices {
+                context: self.prompts[i].text(),
+                continuations: (0..self.docs[i].question.choices.len())
+                    .map(|k| format!("{}{}", delimiter, letter(k)))
+                    .collect(),
+            })
+            .collect();
+        Ok(backend
+            .loglik(&requests, job)?
+            .into_iter()
+            .zip(chunk)
+            .map(|(s, &i)| Record {
+                id: self.docs[i].question.id.clone(),
+                prompt_hash: self.hashes[i].clone(),
+                response: None,
+                logprobs: Some(s.logprobs),
+                prompt_tokens: s.prompt_tokens,
+                tokens: 0,
+            })
+            .collect())
+    }
+
+    /// The records of one batch answered by generation.
+    fn by_generation(
+        &self,
+        backend: &dyn Backend,
+        chunk: &[usize],
+        generation: &GenerateOptions,
+        job: &Job,
+    ) -> Result<Vec<Record>, EvalError> {
+        let batch_prompts: Vec<Prompt> = chunk.iter().map(|&i| self.prompts[i].clone()).collect();
+        let completed = backend.complete(&batch_prompts, generation, job)?;
+        // a cancelled batch is cut short: keep none of it
+        job.check()?;
+        Ok(completed
+            .into_iter()
+            .zip(chunk)
+            .map(|(c, &i)| Record {
+                id: self.docs[i].question.id.clone(),
+                prompt_hash: self.hashes[i].clone(),
+                response: Some(c.text),
+                logprobs: None,
+                prompt_tokens: c.prompt_tokens,
+                tokens: c.tokens,
+            })
+            .collect())
+    }
 }
 
 /// The default `model` label: the model file's stem, with the adapter's fingerprint.

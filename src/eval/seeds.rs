@@ -13,6 +13,9 @@ use super::EvalError;
 /// One run: question id → 0/1 correct.
 type Run = HashMap<String, f64>;
 
+/// Every label's runs, by seed.
+type Runs = HashMap<String, BTreeMap<u64, Run>>;
+
 /// Results tables of strategies run under several seeds, side by side per value of `by`
 /// (then `all` and the medical subsets) on the questions every run answered. A run is
 /// told apart by its `model` label (`evaluate`'s `label`, e.g. `random`) and its `seed`
@@ -47,9 +50,43 @@ pub fn compare_seeds(
         .iter()
         .map(|df| rows(df, by, column))
         .collect::<Result<_, _>>()?;
-    // labels in order of first appearance; runs keyed by (label, seed), each from one table
+    let (labels, runs) = runs_by_label(&tables)?;
+    let shared = shared_ids(&runs)?;
+    let reference = Reference {
+        label: &labels[0],
+        runs: &runs[&labels[0]],
+    };
+    // one row per shared id, for its group and medical flags
+    let mut first: BTreeMap<&str, &Row> = BTreeMap::new();
+    for r in tables.iter().flatten() {
+        if shared.contains(r.id.as_str()) {
+            first.entry(r.id.as_str()).or_insert(r);
+        }
+    }
+    let first: Vec<&Row> = first.into_values().collect();
+    let mut out = Table::default();
+    for group in group_labels(&first, by) {
+        let ids: Vec<&str> = first
+            .iter()
+            .filter(|r| in_group(r, &group, by))
+            .map(|r| r.id.as_str())
+            .collect();
+        if ids.is_empty() {
+            continue;
+        }
+        for label in &labels {
+            let versus = (label != reference.label).then_some(&reference);
+            push_label(&mut out, &group, label, &runs[label], &ids, versus)?;
+        }
+    }
+    out.frame(group_column(by))
+}
+
+/// The run labels in order of first appearance, and the runs keyed by (label, seed), each
+/// from one table.
+fn runs_by_label(tables: &[Vec<Row>]) -> Result<(Vec<String>, Runs), EvalError> {
     let mut labels: Vec<String> = vec![];
-    let mut runs: HashMap<String, BTreeMap<u64, Run>> = HashMap::new();
+    let mut runs: Runs = HashMap::new();
     let mut source: HashMap<(String, u64), usize> = HashMap::new();
     for (t, table) in tables.iter().enumerate() {
         for r in table {
@@ -74,6 +111,11 @@ pub fn compare_seeds(
                 .insert(r.id.clone(), r.correct);
         }
     }
+    Ok((labels, runs))
+}
+
+/// The question ids every run answered (an error when there are none).
+fn shared_ids(runs: &Runs) -> Result<HashSet<&str>, EvalError> {
     let mut shared: Option<HashSet<&str>> = None;
     for run in runs.values().flat_map(BTreeMap::values) {
         let these: HashSet<&str> = run.keys().map(String::as_str).collect();
@@ -88,106 +130,107 @@ pub fn compare_seeds(
             "the Results tables share no question id; compare needs the same questions".into(),
         ));
     }
-    let reference_label = &labels[0];
-    let reference_runs = &runs[reference_label];
-    let reference_of = |seed: u64| -> Result<&Run, EvalError> {
-        match reference_runs.get(&seed) {
+    Ok(shared)
+}
+
+/// The reference label's runs, by seed.
+struct Reference<'a> {
+    label: &'a str,
+    runs: &'a BTreeMap<u64, Run>,
+}
+
+impl Reference<'_> {
+    /// The reference's run to compare a run of `seed` with: its run of that seed, or its
+    /// only run.
+    fn of(&self, seed: u64) -> Result<&Run, EvalError> {
+        match self.runs.get(&seed) {
             Some(run) => Ok(run),
-            None if reference_runs.len() == 1 => Ok(reference_runs.values().next().unwrap()),
+            None if self.runs.len() == 1 => Ok(self.runs.values().next().unwrap()),
             None => Err(EvalError::Option(format!(
-                "the reference `{reference_label}` has runs with seeds {:?} but none with seed \
-                 {seed}; run it once, or under every seed",
-                reference_runs.keys().collect::<Vec<_>>()
+                "the reference `{}` has runs with seeds {:?} but none with seed {seed}; run it \
+                 once, or under every seed",
+                self.label,
+                self.runs.keys().collect::<Vec<_>>()
             ))),
         }
-    };
-    // one row per shared id, for its group and medical flags
-    let mut first: BTreeMap<&str, &Row> = BTreeMap::new();
-    for r in tables.iter().flatten() {
-        if shared.contains(r.id.as_str()) {
-            first.entry(r.id.as_str()).or_insert(r);
-        }
     }
-    let first: Vec<&Row> = first.into_values().collect();
-    let mut out = Table::default();
-    for group in group_labels(&first, by) {
-        let ids: Vec<&str> = first
-            .iter()
-            .filter(|r| in_group(r, &group, by))
-            .map(|r| r.id.as_str())
-            .collect();
-        if ids.is_empty() {
-            continue;
-        }
-        let n = ids.len() as f64;
-        for label in &labels {
-            let is_reference = label == reference_label;
-            let mut accs = vec![];
-            let mut diffs = vec![];
-            let mut zs = vec![];
-            let (mut better_all, mut worse_all) = (0, 0);
-            for (&seed, run) in &runs[label] {
-                let k: f64 = ids.iter().map(|id| run[*id]).sum();
-                let (low, high) = wilson(k, n);
-                accs.push(k / n);
-                let mut line = Line {
-                    group: group.clone(),
-                    model: label.clone(),
-                    seed: Some(seed),
-                    runs: 1,
-                    n: ids.len() as u64,
-                    accuracy: k / n,
-                    sd: None,
-                    ci: (low, high),
-                    ..Line::default()
-                };
-                if !is_reference {
-                    let reference = reference_of(seed)?;
-                    let better = ids.iter().filter(|id| run[**id] > reference[**id]).count();
-                    let worse = ids.iter().filter(|id| run[**id] < reference[**id]).count();
-                    let p = mcnemar_exact(better as u64, worse as u64);
-                    let diff = (better as f64 - worse as f64) / n;
-                    diffs.push(diff);
-                    zs.push(signed_z(p, better > worse));
-                    better_all += better;
-                    worse_all += worse;
-                    line.versus = Some(Versus {
-                        diff,
-                        diff_sd: None,
-                        better: better as u64,
-                        worse: worse as u64,
-                        p_value: p,
-                        test: "mcnemar",
-                    });
-                }
-                out.push(line);
-            }
-            let (accuracy, sd) = mean_sd(&accs);
-            let (low, high) = wilson(accuracy * n, n);
-            out.push(Line {
-                group: group.clone(),
-                model: label.clone(),
-                seed: None,
-                runs: accs.len() as u64,
-                n: ids.len() as u64,
-                accuracy,
-                sd: Some(sd),
-                ci: (low, high),
-                versus: (!is_reference).then(|| {
-                    let (diff, diff_sd) = mean_sd(&diffs);
-                    Versus {
-                        diff,
-                        diff_sd: Some(diff_sd),
-                        better: better_all as u64,
-                        worse: worse_all as u64,
-                        p_value: stouffer(&zs),
-                        test: "stouffer",
-                    }
-                }),
+}
+
+/// One label's rows for one group of questions `ids`: one per seed, then the combined row;
+/// compared with `reference` unless the label is the reference.
+fn push_label(
+    out: &mut Table,
+    group: &str,
+    label: &str,
+    runs: &BTreeMap<u64, Run>,
+    ids: &[&str],
+    reference: Option<&Reference>,
+) -> Result<(), EvalError> {
+    let n = ids.len() as f64;
+    let mut accs = vec![];
+    let mut diffs = vec![];
+    let mut zs = vec![];
+    let (mut better_all, mut worse_all) = (0, 0);
+    for (&seed, run) in runs {
+        let k: f64 = ids.iter().map(|id| run[*id]).sum();
+        let (low, high) = wilson(k, n);
+        accs.push(k / n);
+        let mut line = Line {
+            group: group.to_string(),
+            model: label.to_string(),
+            seed: Some(seed),
+            runs: 1,
+            n: ids.len() as u64,
+            accuracy: k / n,
+            sd: None,
+            ci: (low, high),
+            ..Line::default()
+        };
+        if let Some(reference) = reference {
+            let reference = reference.of(seed)?;
+            let better = ids.iter().filter(|id| run[**id] > reference[**id]).count();
+            let worse = ids.iter().filter(|id| run[**id] < reference[**id]).count();
+            let p = mcnemar_exact(better as u64, worse as u64);
+            let diff = (better as f64 - worse as f64) / n;
+            diffs.push(diff);
+            zs.push(signed_z(p, better > worse));
+            better_all += better;
+            worse_all += worse;
+            line.versus = Some(Versus {
+                diff,
+                diff_sd: None,
+                better: better as u64,
+                worse: worse as u64,
+                p_value: p,
+                test: "mcnemar",
             });
         }
+        out.push(line);
     }
-    out.frame(group_column(by))
+    let (accuracy, sd) = mean_sd(&accs);
+    let (low, high) = wilson(accuracy * n, n);
+    out.push(Line {
+        group: group.to_string(),
+        model: label.to_string(),
+        seed: None,
+        runs: accs.len() as u64,
+        n: ids.len() as u64,
+        accuracy,
+        sd: Some(sd),
+        ci: (low, high),
+        versus: reference.is_some().then(|| {
+            let (diff, diff_sd) = mean_sd(&diffs);
+            Versus {
+                diff,
+                diff_sd: Some(diff_sd),
+                better: better_all as u64,
+                worse: worse_all as u64,
+                p_value: stouffer(&zs),
+                test: "stouffer",
+            }
+        }),
+    });
+    Ok(())
 }
 
 /// A run's (or the combined) comparison with the reference.

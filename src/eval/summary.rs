@@ -314,38 +314,8 @@ pub fn compare(results: &[DataFrame], by: &str, column: &str) -> Result<DataFram
         .iter()
         .map(|df| rows(df, by, column))
         .collect::<Result<_, _>>()?;
-    // settings in order of first appearance; runs keyed by (setting, seed)
-    let mut settings: Vec<(String, String)> = vec![]; // (setting key, model label)
-    let mut runs: HashMap<String, BTreeMap<u64, HashMap<String, f64>>> = HashMap::new();
-    for table in &tables {
-        for r in table {
-            if !settings.iter().any(|(s, _)| *s == r.setting) {
-                settings.push((r.setting.clone(), r.model.clone()));
-            }
-            runs.entry(r.setting.clone())
-                .or_default()
-                .entry(r.seed)
-                .or_default()
-                .insert(r.id.clone(), r.correct);
-        }
-    }
-    // the questions every run of every setting answered
-    let mut shared: Option<HashSet<String>> = None;
-    for per_seed in runs.values() {
-        for ids in per_seed.values() {
-            let these: HashSet<String> = ids.keys().cloned().collect();
-            shared = Some(match shared {
-                None => these,
-                Some(s) => s.intersection(&these).cloned().collect(),
-            });
-        }
-    }
-    let shared = shared.unwrap_or_default();
-    if shared.is_empty() {
-        return Err(EvalError::Option(
-            "the Results tables share no question id; compare needs the same questions".into(),
-        ));
-    }
+    let (settings, runs) = setting_runs(&tables);
+    let shared = shared_questions(&runs)?;
     // one reference row per shared id, for its group and medical flags
     let mut reference: BTreeMap<&str, &Row> = BTreeMap::new();
     for r in tables.iter().flatten() {
@@ -365,21 +335,9 @@ pub fn compare(results: &[DataFrame], by: &str, column: &str) -> Result<DataFram
         if ids.is_empty() {
             continue;
         }
-        let per_item = |setting: &str| -> (Vec<f64>, Vec<f64>) {
-            let seeds = &runs[setting];
-            let item_means = ids
-                .iter()
-                .map(|id| seeds.values().map(|m| m[*id]).sum::<f64>() / seeds.len() as f64)
-                .collect();
-            let run_accs = seeds
-                .values()
-                .map(|m| ids.iter().map(|id| m[*id]).sum::<f64>() / ids.len() as f64)
-                .collect();
-            (item_means, run_accs)
-        };
-        let (base_items, base_runs) = per_item(&settings[0].0);
+        let (base_items, base_runs) = per_item(&runs[&settings[0].0], &ids);
         for (setting, model) in &settings {
-            let (items, run_accs) = per_item(setting);
+            let (items, run_accs) = per_item(&runs[setting], &ids);
             let n = items.len() as f64;
             let (accuracy, sd) = mean_sd(&run_accs);
             let (low, high) = wilson(items.iter().sum(), n);
@@ -401,24 +359,7 @@ pub fn compare(results: &[DataFrame], by: &str, column: &str) -> Result<DataFram
             }
             let diff = accuracy - mean_sd(&base_runs).0;
             let single = run_accs.len() == 1 && base_runs.len() == 1;
-            let (p, lo, hi, test) = if single {
-                let b = items
-                    .iter()
-                    .zip(&base_items)
-                    .filter(|(a, z)| **a > **z)
-                    .count() as f64;
-                let c = items
-                    .iter()
-                    .zip(&base_items)
-                    .filter(|(a, z)| **a < **z)
-                    .count() as f64;
-                let se = ((b + c) - (b - c).powi(2) / n).max(0.0).sqrt() / n;
-                let p = mcnemar_exact(b as u64, c as u64);
-                (p, diff - Z95 * se, diff + Z95 * se, "mcnemar")
-            } else {
-                let (p, lo, hi) = paired_bootstrap(&items, &base_items, 2000, 0);
-                (p, lo, hi, "bootstrap")
-            };
+            let (p, lo, hi, test) = paired_test(&items, &base_items, diff, single);
             out.diff.push(Some(diff));
             out.diff_low.push(Some(lo));
             out.diff_high.push(Some(hi));
@@ -426,28 +367,98 @@ pub fn compare(results: &[DataFrame], by: &str, column: &str) -> Result<DataFram
             out.test.push(Some(test.to_string()));
         }
     }
-    let group_name = group_column(by);
-    let height = out.group.len();
-    Ok(DataFrame::new(
-        height,
-        vec![
-            Column::new(group_name.into(), out.group),
-            Column::new("model".into(), out.model),
-            Column::new("runs".into(), out.runs),
-            Column::new("n".into(), out.n),
-            Column::new("accuracy".into(), out.accuracy),
-            Column::new("sd".into(), out.sd),
-            Column::new("ci_low".into(), out.ci_low),
-            Column::new("ci_high".into(), out.ci_high),
-            Column::new("diff".into(), out.diff),
-            Column::new("diff_low".into(), out.diff_low),
-            Column::new("diff_high".into(), out.diff_high),
-            Column::new("p_value".into(), out.p_value),
-            Column::new("test".into(), out.test),
-        ],
-    )?)
+    out.frame(group_column(by))
 }
 
+/// One setting's runs: seed → question id → 0/1 correct.
+type SeedRuns = BTreeMap<u64, HashMap<String, f64>>;
+
+/// The settings in order of first appearance, as (setting key, model label), and their
+/// runs keyed by (setting, seed).
+fn setting_runs(tables: &[Vec<Row>]) -> (Vec<(String, String)>, HashMap<String, SeedRuns>) {
+    let mut settings: Vec<(String, String)> = vec![];
+    let mut runs: HashMap<String, SeedRuns> = HashMap::new();
+    for table in tables {
+        for r in table {
+            if !settings.iter().any(|(s, _)| *s == r.setting) {
+                settings.push((r.setting.clone(), r.model.clone()));
+            }
+            runs.entry(r.setting.clone())
+                .or_default()
+                .entry(r.seed)
+                .or_default()
+                .insert(r.id.clone(), r.correct);
+        }
+    }
+    (settings, runs)
+}
+
+/// The questions every run of every setting answered (an error when there are none).
+fn shared_questions(runs: &HashMap<String, SeedRuns>) -> Result<HashSet<String>, EvalError> {
+    let mut shared: Option<HashSet<String>> = None;
+    for per_seed in runs.values() {
+        for ids in per_seed.values() {
+            let these: HashSet<String> = ids.keys().cloned().collect();
+            shared = Some(match shared {
+                None => these,
+                Some(s) => s.intersection(&these).cloned().collect(),
+            });
+        }
+    }
+    let shared = shared.unwrap_or_default();
+    if shared.is_empty() {
+        return Err(EvalError::Option(
+            "the Results tables share no question id; compare needs the same questions".into(),
+        ));
+    }
+    Ok(shared)
+}
+
+/// A setting's mean correctness per question of `ids` (over its runs), and each run's
+/// accuracy on them.
+fn per_item(seeds: &SeedRuns, ids: &[&str]) -> (Vec<f64>, Vec<f64>) {
+    let item_means = ids
+        .iter()
+        .map(|id| seeds.values().map(|m| m[*id]).sum::<f64>() / seeds.len() as f64)
+        .collect();
+    let run_accs = seeds
+        .values()
+        .map(|m| ids.iter().map(|id| m[*id]).sum::<f64>() / ids.len() as f64)
+        .collect();
+    (item_means, run_accs)
+}
+
+/// The paired test of `items` against `base_items` (per-question mean correctness) with
+/// accuracy difference `diff`: (p-value, interval low, interval high, test name), by
+/// McNemar's exact test when both sides are `single` runs, else a paired bootstrap.
+fn paired_test(
+    items: &[f64],
+    base_items: &[f64],
+    diff: f64,
+    single: bool,
+) -> (f64, f64, f64, &'static str) {
+    if single {
+        let n = items.len() as f64;
+        let b = items
+            .iter()
+            .zip(base_items)
+            .filter(|(a, z)| **a > **z)
+            .count() as f64;
+        let c = items
+            .iter()
+            .zip(base_items)
+            .filter(|(a, z)| **a < **z)
+            .count() as f64;
+        let se = ((b + c) - (b - c).powi(2) / n).max(0.0).sqrt() / n;
+        let p = mcnemar_exact(b as u64, c as u64);
+        (p, diff - Z95 * se, diff + Z95 * se, "mcnemar")
+    } else {
+        let (p, lo, hi) = paired_bootstrap(items, base_items, 2000, 0);
+        (p, lo, hi, "bootstrap")
+    }
+}
+
+/// The rows of [`compare`], gathered column by column.
 #[derive(Default)]
 struct Compared {
     group: Vec<String>,
@@ -463,6 +474,31 @@ struct Compared {
     diff_high: Vec<Option<f64>>,
     p_value: Vec<Option<f64>>,
     test: Vec<Option<String>>,
+}
+
+impl Compared {
+    /// The rows as a table whose first column is `group_name`.
+    fn frame(self, group_name: &str) -> Result<DataFrame, EvalError> {
+        let height = self.group.len();
+        Ok(DataFrame::new(
+            height,
+            vec![
+                Column::new(group_name.into(), self.group),
+                Column::new("model".into(), self.model),
+                Column::new("runs".into(), self.runs),
+                Column::new("n".into(), self.n),
+                Column::new("accuracy".into(), self.accuracy),
+                Column::new("sd".into(), self.sd),
+                Column::new("ci_low".into(), self.ci_low),
+                Column::new("ci_high".into(), self.ci_high),
+                Column::new("diff".into(), self.diff),
+                Column::new("diff_low".into(), self.diff_low),
+                Column::new("diff_high".into(), self.diff_high),
+                Column::new("p_value".into(), self.p_value),
+                Column::new("test".into(), self.test),
+            ],
+        )?)
+    }
 }
 
 #[cfg(test)]

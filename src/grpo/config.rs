@@ -499,6 +499,7 @@ impl GrpoConfig {
 
     /// Sets one setting (its canonical name, see [`canonical`]).
     pub fn apply(&mut self, key: &str, v: &Value) -> Result<(), String> {
+        // Left whole: a flat table of one arm per setting, read by looking a name up.
         match key {
             "group" => self.group = whole(v, key)?,
             "batch" => self.batch = whole(v, key)?,

@@ -21,7 +21,8 @@ use jupyter_protocol::{
 use jupyter_zmq_client::{
     create_kernel_control_connection, create_kernel_heartbeat_connection,
     create_kernel_iopub_connection, create_kernel_shell_connection, create_kernel_stdin_connection,
-    Connection, RawMessage, RouterSendConnection, RuntimeError,
+    Connection, KernelControlConnection, KernelIoPubConnection, KernelStdinConnection, RawMessage,
+    RouterRecvConnection, RouterSendConnection, RuntimeError,
 };
 use tokio::sync::{mpsc, oneshot};
 use zeromq::{SocketRecv, ZmqMessage};
@@ -46,13 +47,13 @@ pub async fn serve(info: ConnectionInfo) -> Result<()> {
     let shell = create_kernel_shell_connection(&info, &session_id)
         .await
         .with_context(|| format!("binding the shell socket {}", info.shell_url()))?;
-    let mut control = create_kernel_control_connection(&info, &session_id)
+    let control = create_kernel_control_connection(&info, &session_id)
         .await
         .with_context(|| format!("binding the control socket {}", info.control_url()))?;
-    let mut iopub_socket = create_kernel_iopub_connection(&info, &session_id)
+    let iopub_socket = create_kernel_iopub_connection(&info, &session_id)
         .await
         .with_context(|| format!("binding the iopub socket {}", info.iopub_url()))?;
-    let mut stdin = create_kernel_stdin_connection(&info, &session_id)
+    let stdin = create_kernel_stdin_connection(&info, &session_id)
         .await
         .with_context(|| format!("binding the stdin socket {}", info.stdin_url()))?;
     let mut heartbeat = create_kernel_heartbeat_connection(&info)
@@ -63,86 +64,16 @@ pub async fn serve(info: ConnectionInfo) -> Result<()> {
     if info.key.is_empty() {
         eprintln!("rlvr kernel: the connection file has no key: messages are not signed");
     }
-
-    // Nothing asks for input: whatever arrives on stdin is read and dropped.
-    tokio::spawn(async move {
-        loop {
-            let parts = match stdin.socket.recv().await {
-                Ok(parts) => parts,
-                Err(err) => {
-                    eprintln!("rlvr kernel: stdin: {err}");
-                    break;
-                }
-            };
-            match signed_message(parts, &stdin) {
-                Ok(message) => eprintln!(
-                    "rlvr kernel: dropped a stdin message `{}`: no input was asked for",
-                    message.header.msg_type
-                ),
-                Err(err) => eprintln!("rlvr kernel: dropped a stdin message: {err}"),
-            }
-        }
-    });
-
-    let (iopub, mut outgoing) = Iopub::new();
-    tokio::spawn(async move {
-        let mut next: Option<Outgoing> = None;
-        loop {
-            let item = match next.take() {
-                Some(item) => item,
-                None => match outgoing.recv().await {
-                    Some(item) => item,
-                    None => break,
-                },
-            };
-            match item {
-                Outgoing::Message(mut message) => {
-                    // Prints queued faster than the socket sends them leave as one message.
-                    while let Ok(queued) = outgoing.try_recv() {
-                        match queued {
-                            Outgoing::Message(m) if absorb(&mut message, &m) => {}
-                            other => {
-                                next = Some(other);
-                                break;
-                            }
-                        }
-                    }
-                    if let Err(err) = iopub_socket.send(*message).await {
-                        eprintln!("rlvr kernel: iopub: {err}");
-                    }
-                }
-                Outgoing::Flush(done) => {
-                    let _ = done.send(());
-                }
-            }
-        }
-    });
+    tokio::spawn(drop_stdin(stdin));
+    let (iopub, outgoing) = Iopub::new();
+    tokio::spawn(send_iopub(iopub_socket, outgoing));
 
     let output = Arc::new(KernelOutput::new(iopub.clone()));
     let evaluator = Evaluator::start(output.clone())?;
 
-    let (shell_send, mut shell_recv) = shell.split();
+    let (shell_send, shell_recv) = shell.split();
     let (requests, mut queue) = mpsc::unbounded_channel();
-    tokio::spawn(async move {
-        loop {
-            let parts = match shell_recv.socket.recv().await {
-                Ok(parts) => parts,
-                Err(err) => {
-                    eprintln!("rlvr kernel: shell: {err}");
-                    break;
-                }
-            };
-            match signed_message(parts, &shell_recv) {
-                Ok(message) => {
-                    if requests.send((message, Instant::now())).is_err() {
-                        break;
-                    }
-                }
-                Err(err) => eprintln!("rlvr kernel: dropped a shell message: {err}"),
-            }
-        }
-    });
-
+    tokio::spawn(read_shell(shell_recv, requests));
     let mut shell = Shell {
         reply: shell_send,
         iopub: iopub.clone(),
@@ -160,6 +91,97 @@ pub async fn serve(info: ConnectionInfo) -> Result<()> {
         }
     });
 
+    answer_control(control, &output, &iopub).await
+}
+
+/// Reads and drops whatever arrives on stdin: nothing asks for input.
+async fn drop_stdin(mut stdin: KernelStdinConnection) {
+    loop {
+        let parts = match stdin.socket.recv().await {
+            Ok(parts) => parts,
+            Err(err) => {
+                eprintln!("rlvr kernel: stdin: {err}");
+                break;
+            }
+        };
+        match signed_message(parts, &stdin) {
+            Ok(message) => eprintln!(
+                "rlvr kernel: dropped a stdin message `{}`: no input was asked for",
+                message.header.msg_type
+            ),
+            Err(err) => eprintln!("rlvr kernel: dropped a stdin message: {err}"),
+        }
+    }
+}
+
+/// Sends the queued iopub messages on `socket`, in order, until every sender is gone.
+async fn send_iopub(
+    mut socket: KernelIoPubConnection,
+    mut outgoing: mpsc::UnboundedReceiver<Outgoing>,
+) {
+    let mut next: Option<Outgoing> = None;
+    loop {
+        let item = match next.take() {
+            Some(item) => item,
+            None => match outgoing.recv().await {
+                Some(item) => item,
+                None => break,
+            },
+        };
+        match item {
+            Outgoing::Message(mut message) => {
+                // Prints queued faster than the socket sends them leave as one message.
+                while let Ok(queued) = outgoing.try_recv() {
+                    match queued {
+                        Outgoing::Message(m) if absorb(&mut message, &m) => {}
+                        other => {
+                            next = Some(other);
+                            break;
+                        }
+                    }
+                }
+                if let Err(err) = socket.send(*message).await {
+                    eprintln!("rlvr kernel: iopub: {err}");
+                }
+            }
+            Outgoing::Flush(done) => {
+                let _ = done.send(());
+            }
+        }
+    }
+}
+
+/// Passes the shell requests, signature checked, to `requests` with the instant each
+/// arrived.
+async fn read_shell(
+    mut shell_recv: RouterRecvConnection,
+    requests: mpsc::UnboundedSender<(JupyterMessage, Instant)>,
+) {
+    loop {
+        let parts = match shell_recv.socket.recv().await {
+            Ok(parts) => parts,
+            Err(err) => {
+                eprintln!("rlvr kernel: shell: {err}");
+                break;
+            }
+        };
+        match signed_message(parts, &shell_recv) {
+            Ok(message) => {
+                if requests.send((message, Instant::now())).is_err() {
+                    break;
+                }
+            }
+            Err(err) => eprintln!("rlvr kernel: dropped a shell message: {err}"),
+        }
+    }
+}
+
+/// Answers the control channel (interrupt, shutdown, kernel info) until a shutdown.
+async fn answer_control(
+    mut control: KernelControlConnection,
+    output: &KernelOutput,
+    iopub: &Iopub,
+) -> Result<()> {
     loop {
         let parts = control
             .socket
@@ -175,7 +197,7 @@ pub async fn serve(info: ConnectionInfo) -> Result<()> {
         };
         match &request.content {
             JupyterMessageContent::InterruptRequest(_) => {
-                output_cancel(&output);
+                output_cancel(output);
                 control
                     .send(InterruptReply::new().as_child_of(&request))
                     .await?;

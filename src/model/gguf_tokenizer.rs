@@ -60,6 +60,11 @@ impl GgufTokenizer {
     }
 }
 
+/// The GGUF metadata, by key.
+type Metadata = HashMap<String, GgufValue>;
+
+/// The tokenizer and its config rebuilt from `content`'s metadata; an error names the key
+/// at fault.
 fn build(content: &Content) -> std::result::Result<GgufTokenizer, String> {
     let md = &content.metadata;
     let model = string(md, "tokenizer.ggml.model")?;
@@ -69,82 +74,11 @@ fn build(content: &Content) -> std::result::Result<GgufTokenizer, String> {
              rebuilt from the metadata: put the model's tokenizer.json beside the file"
         ));
     }
-    let pre = md
-        .get("tokenizer.ggml.pre")
-        .and_then(|v| v.to_string().ok())
-        .map_or("default", String::as_str);
-    let split_digits = match pre {
-        "gpt2" | "default" => false,
-        "smollm" | "starcoder" => true,
-        other => {
-            return Err(format!(
-                "tokenizer.ggml.pre `{other}` is not supported (known: gpt2, default, smollm, \
-                 starcoder): put the model's tokenizer.json beside the file"
-            ))
-        }
-    };
+    let split_digits = splits_digits(md)?;
     let tokens = strings(md, "tokenizer.ggml.tokens")?;
-    let merges = strings(md, "tokenizer.ggml.merges")?
-        .into_iter()
-        .enumerate()
-        .map(|(i, m)| {
-            m.split_once(' ')
-                .map(|(a, b)| (a.to_string(), b.to_string()))
-                .ok_or_else(|| format!("tokenizer.ggml.merges[{i}] `{m}` is not two tokens"))
-        })
-        .collect::<std::result::Result<Vec<_>, _>>()?;
-    let types = match md.get("tokenizer.ggml.token_type") {
-        Some(v) => v
-            .to_vec()
-            .map_err(|e| format!("tokenizer.ggml.token_type: {e}"))?
-            .iter()
-            .map(|t| {
-                t.to_i32()
-                    .map_err(|e| format!("tokenizer.ggml.token_type: {e}"))
-            })
-            .collect::<std::result::Result<Vec<i32>, String>>()?,
-        None => vec![1; tokens.len()],
-    };
-    if types.len() != tokens.len() {
-        return Err(format!(
-            "tokenizer.ggml.token_type has {} entries for {} tokens",
-            types.len(),
-            tokens.len()
-        ));
-    }
-    let vocab: Vocab = tokens
-        .iter()
-        .enumerate()
-        .map(|(id, t)| (t.clone(), id as u32))
-        .collect();
-    if vocab.len() != tokens.len() {
-        return Err("tokenizer.ggml.tokens holds the same token twice".into());
-    }
-    let bpe = BPE::builder()
-        .vocab_and_merges(vocab, merges)
-        .build()
-        .map_err(|e| format!("tokenizer.ggml.merges: {e}"))?;
-    let mut tokenizer = Tokenizer::new(bpe);
-
-    let byte_level = ByteLevel::new(false, true, true);
-    let pre_tokenizer: PreTokenizerWrapper = if split_digits {
-        Sequence::new(vec![Digits::new(true).into(), byte_level.into()]).into()
-    } else {
-        byte_level.into()
-    };
-    tokenizer.with_pre_tokenizer(Some(pre_tokenizer));
-    tokenizer.with_decoder(Some(ByteLevelDecoder::default()));
-
-    let added: Vec<AddedToken> = tokens
-        .iter()
-        .zip(&types)
-        .filter(|(_, &t)| t == CONTROL || t == USER_DEFINED)
-        .map(|(token, &t)| AddedToken::from(token.clone(), t == CONTROL).normalized(false))
-        .collect();
-    tokenizer
-        .add_special_tokens(added)
-        .map_err(|e| format!("special tokens: {e}"))?;
-
+    let merges = merges(md)?;
+    let types = token_types(md, tokens.len())?;
+    let mut tokenizer = byte_level_bpe(&tokens, merges, &types, split_digits)?;
     let token_of = |key: &str| -> Option<String> {
         let id = md.get(key)?.to_u32().ok()? as usize;
         tokens.get(id).cloned()
@@ -160,14 +94,7 @@ fn build(content: &Content) -> std::result::Result<GgufTokenizer, String> {
                 .iter()
                 .position(|t| t == bos)
                 .expect("bos is a token") as u32;
-            let processor = TemplateProcessing::builder()
-                .try_single(format!("{bos} $A"))
-                .and_then(|b| b.try_pair(format!("{bos} $A {bos} $B")))
-                .map_err(|e| format!("BOS template: {e}"))?
-                .special_tokens(vec![(bos.clone(), id)])
-                .build()
-                .map_err(|e| format!("BOS template: {e}"))?;
-            tokenizer.with_post_processor(Some(processor));
+            tokenizer.with_post_processor(Some(bos_template(bos, id)?));
         }
         _ => {
             tokenizer.with_post_processor(Some(ByteLevel::new(false, true, true)));
@@ -197,7 +124,115 @@ fn build(content: &Content) -> std::result::Result<GgufTokenizer, String> {
     Ok(GgufTokenizer { tokenizer, config })
 }
 
-fn string(md: &HashMap<String, GgufValue>, key: &str) -> std::result::Result<String, String> {
+/// Whether the pre-tokenizer (`tokenizer.ggml.pre`) splits digits one by one before the
+/// GPT-2 split; an error for pre-tokenizers without a Hugging Face equivalent here.
+fn splits_digits(md: &Metadata) -> std::result::Result<bool, String> {
+    let pre = md
+        .get("tokenizer.ggml.pre")
+        .and_then(|v| v.to_string().ok())
+        .map_or("default", String::as_str);
+    match pre {
+        "gpt2" | "default" => Ok(false),
+        "smollm" | "starcoder" => Ok(true),
+        other => Err(format!(
+            "tokenizer.ggml.pre `{other}` is not supported (known: gpt2, default, smollm, \
+             starcoder): put the model's tokenizer.json beside the file"
+        )),
+    }
+}
+
+/// The BPE merges, each a pair of tokens.
+fn merges(md: &Metadata) -> std::result::Result<Vec<(String, String)>, String> {
+    strings(md, "tokenizer.ggml.merges")?
+        .into_iter()
+        .enumerate()
+        .map(|(i, m)| {
+            m.split_once(' ')
+                .map(|(a, b)| (a.to_string(), b.to_string()))
+                .ok_or_else(|| format!("tokenizer.ggml.merges[{i}] `{m}` is not two tokens"))
+        })
+        .collect()
+}
+
+/// llama.cpp's type of each of the `n` tokens (all normal when the metadata has none).
+fn token_types(md: &Metadata, n: usize) -> std::result::Result<Vec<i32>, String> {
+    let types = match md.get("tokenizer.ggml.token_type") {
+        Some(v) => v
+            .to_vec()
+            .map_err(|e| format!("tokenizer.ggml.token_type: {e}"))?
+            .iter()
+            .map(|t| {
+                t.to_i32()
+                    .map_err(|e| format!("tokenizer.ggml.token_type: {e}"))
+            })
+            .collect::<std::result::Result<Vec<i32>, String>>()?,
+        None => vec![1; n],
+    };
+    if types.len() != n {
+        return Err(format!(
+            "tokenizer.ggml.token_type has {} entries for {} tokens",
+            types.len(),
+            n
+        ));
+    }
+    Ok(types)
+}
+
+/// The byte-level BPE tokenizer of `tokens` and `merges`, digits split first if asked, with
+/// the control and user-defined tokens (by `types`) added as special tokens.
+fn byte_level_bpe(
+    tokens: &[String],
+    merges: Vec<(String, String)>,
+    types: &[i32],
+    split_digits: bool,
+) -> std::result::Result<Tokenizer, String> {
+    let vocab: Vocab = tokens
+        .iter()
+        .enumerate()
+        .map(|(id, t)| (t.clone(), id as u32))
+        .collect();
+    if vocab.len() != tokens.len() {
+        return Err("tokenizer.ggml.tokens holds the same token twice".into());
+    }
+    let bpe = BPE::builder()
+        .vocab_and_merges(vocab, merges)
+        .build()
+        .map_err(|e| format!("tokenizer.ggml.merges: {e}"))?;
+    let mut tokenizer = Tokenizer::new(bpe);
+
+    let byte_level = ByteLevel::new(false, true, true);
+    let pre_tokenizer: PreTokenizerWrapper = if split_digits {
+        Sequence::new(vec![Digits::new(true).into(), byte_level.into()]).into()
+    } else {
+        byte_level.into()
+    };
+    tokenizer.with_pre_tokenizer(Some(pre_tokenizer));
+    tokenizer.with_decoder(Some(ByteLevelDecoder::default()));
+
+    let added: Vec<AddedToken> = tokens
+        .iter()
+        .zip(types)
+        .filter(|(_, &t)| t == CONTROL || t == USER_DEFINED)
+        .map(|(token, &t)| AddedToken::from(token.clone(), t == CONTROL).normalized(false))
+        .collect();
+    tokenizer
+        .add_special_tokens(added)
+        .map_err(|e| format!("special tokens: {e}"))?;
+    Ok(tokenizer)
+}
+
+/// The post-processor that puts `bos` (token `id`) before each sequence.
+fn bos_template(bos: &str, id: u32) -> std::result::Result<TemplateProcessing, String> {
+    TemplateProcessing::builder()
+        .try_single(format!("{bos} $A"))
+        .and_then(|b| b.try_pair(format!("{bos} $A {bos} $B")))
+        .map_err(|e| format!("BOS template: {e}"))?
+        .special_tokens(vec![(bos.to_string(), id)])
+        .build()
+        .map_err(|e| format!("BOS template: {e}"))
+}
+
+fn string(md: &Metadata, key: &str) -> std::result::Result<String, String> {
     md.get(key)
         .ok_or_else(|| format!("metadata key `{key}` is missing"))?
         .to_string()
@@ -205,7 +240,7 @@ fn string(md: &HashMap<String, GgufValue>, key: &str) -> std::result::Result<Str
         .map_err(|e| format!("metadata key `{key}`: {e}"))
 }
 
-fn strings(md: &HashMap<String, GgufValue>, key: &str) -> std::result::Result<Vec<String>, String> {
+fn strings(md: &Metadata, key: &str) -> std::result::Result<Vec<String>, String> {
     md.get(key)
         .ok_or_else(|| format!("metadata key `{key}` is missing"))?
         .to_vec()

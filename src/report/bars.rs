@@ -5,7 +5,7 @@ use plotters::coord::Shift;
 use plotters::prelude::*;
 use plotters::style::text_anchor::{HPos, VPos};
 
-use super::canvas::{self, anchor, Drawn, Figure};
+use super::canvas::{self, anchor, Chart, Drawn, Figure};
 use super::style::{self, AXIS, GRID, INK, LABEL_SIZE, MARGIN, MUTED, TICK_SIZE, VALUE_SIZE};
 use super::{input, Frame, Group, Plot, PlotError};
 
@@ -341,25 +341,22 @@ fn tick_width(lo: f64, hi: f64) -> i32 {
         + 14
 }
 
-impl Figure for BarChart {
-    fn size(&self) -> (u32, u32) {
-        self.size
-    }
+/// The category labels as laid out: wrapped beside horizontal bars, or under vertical ones.
+enum CategoryLabels {
+    /// Each label as up to two lines, right-aligned left of the plot.
+    Beside(Vec<Vec<String>>),
+    /// Each label under its slot of the category axis.
+    Under(Labels),
+}
 
-    fn draw<DB: DrawingBackend>(&self, root: &DrawingArea<DB, Shift>) -> Drawn<DB> {
+impl BarChart {
+    /// The label areas' sizes (left, bottom) and the category labels laid out to fit them:
+    /// the category labels are drawn there by [`BarChart::draw_category_labels`], the value
+    /// ticks by plotters.
+    fn label_areas(&self, desc_height: i32) -> (i32, i32, CategoryLabels) {
         let (width, height) = (self.size.0 as i32, self.size.1 as i32);
-        let mut top = canvas::title(root, self.title.as_deref())?;
-        let colors: Vec<RGBColor> = (0..self.groups.len()).map(style::color).collect();
-        if self.show_legend {
-            top += canvas::legend(root, &self.groups, &colors, top, true)?;
-        }
-        let desc_height = style::measure("Ag", &style::font("Ag", LABEL_SIZE)).1 + 10;
-        let tick_w = tick_width(self.range.0, self.range.1);
-        let tick_h = style::measure("0", &style::font("0", TICK_SIZE)).1 + 12;
-        let n = self.categories.len() as f64;
-
-        // Label areas: the category labels are drawn here, the value ticks by plotters.
-        let (left, bottom, labels, label_lines) = if self.horizontal {
+        if self.horizontal {
+            let tick_h = style::measure("0", &style::font("0", TICK_SIZE)).1 + 12;
             let max_w = (width as f64 * 0.38) as i32;
             let lines: Vec<Vec<String>> = self
                 .categories
@@ -375,43 +372,53 @@ impl Figure for BarChart {
             (
                 widest + 14 + desc_height,
                 tick_h + desc_height,
-                None,
-                Some(lines),
+                CategoryLabels::Beside(lines),
             )
         } else {
-            let left = tick_w + desc_height;
+            let left = tick_width(self.range.0, self.range.1) + desc_height;
             let plot_w = width - left - 2 * MARGIN;
-            let slot_px = (plot_w as f64 / n) as i32;
+            let slot_px = (plot_w as f64 / self.categories.len() as f64) as i32;
             let upward = (height - VERTICAL_OVERHEAD).max(height * 3 / 10);
             let labels = vertical_labels(&self.categories, slot_px, upward);
             let bottom = labels.height() + 12 + desc_height;
-            (left, bottom, Some(labels), None)
-        };
+            (left, bottom, CategoryLabels::Under(labels))
+        }
+    }
+
+    /// Room (above, right of) the plot for the values written past the bars' ends: a given
+    /// range leaves no headroom inside the plot for them, so they get room outside it.
+    fn value_room(&self) -> (i32, i32) {
+        if !(self.values && self.fixed_range) {
+            return (0, 0);
+        }
+        let font = style::font("0", VALUE_SIZE);
+        if self.horizontal {
+            let widest = self
+                .bars
+                .iter()
+                .map(|b| style::measure(&format!("{:.*}", self.digits, b.value), &font).0)
+                .max()
+                .unwrap_or(0);
+            (0, widest + 4)
+        } else {
+            (style::measure("0", &font).1 + 4, 0)
+        }
+    }
+
+    /// The chart on `body` with its label areas, value ticks and grid drawn.
+    fn axes<'a, DB: DrawingBackend>(
+        &self,
+        body: &'a DrawingArea<DB, Shift>,
+        left: i32,
+        bottom: i32,
+    ) -> Result<Chart<'a, DB>, DrawingAreaErrorKind<DB::ErrorType>> {
+        let n = self.categories.len() as f64;
         let (x_range, y_range) = if self.horizontal {
             (self.range.0..self.range.1, 0.0..n)
         } else {
             (0.0..n, self.range.0..self.range.1)
         };
-        // A given range leaves no headroom inside the plot for the values written past the
-        // bars' ends: they get room outside it instead (above, or right of, the plot).
-        let (value_top, value_right) = if self.values && self.fixed_range {
-            let font = style::font("0", VALUE_SIZE);
-            if self.horizontal {
-                let widest = self
-                    .bars
-                    .iter()
-                    .map(|b| style::measure(&format!("{:.*}", self.digits, b.value), &font).0)
-                    .max()
-                    .unwrap_or(0);
-                (0, widest + 4)
-            } else {
-                (style::measure("0", &font).1 + 4, 0)
-            }
-        } else {
-            (0, 0)
-        };
-        let body = root.margin(top + value_top, MARGIN, MARGIN, MARGIN + 8 + value_right);
-        let mut chart = ChartBuilder::on(&body)
+        let mut chart = ChartBuilder::on(body)
             .x_label_area_size(bottom)
             .y_label_area_size(left)
             .build_cartesian_2d(x_range, y_range)?;
@@ -430,9 +437,16 @@ impl Figure for BarChart {
             mesh.disable_x_mesh().x_labels(0).y_labels(8);
         }
         mesh.draw()?;
+        Ok(chart)
+    }
 
-        // Bars, whiskers and values.
-        let base = 0.0f64.clamp(self.range.0, self.range.1);
+    /// Each bar from `base` to its value, in its group's colour.
+    fn draw_bars<DB: DrawingBackend>(
+        &self,
+        chart: &mut Chart<DB>,
+        colors: &[RGBColor],
+        base: f64,
+    ) -> Drawn<DB> {
         for bar in &self.bars {
             let (start, end) = self.slot(bar.category, bar.group);
             chart.draw_series(std::iter::once(Rectangle::new(
@@ -440,12 +454,19 @@ impl Figure for BarChart {
                 colors[bar.group].filled(),
             )))?;
         }
-        let bar_px = {
-            let (s, e) = self.slot(0, 0);
-            let a = chart.backend_coord(&self.point(s, base));
-            let b = chart.backend_coord(&self.point(e, base));
-            (a.0 - b.0).abs().max((a.1 - b.1).abs())
-        };
+        Ok(())
+    }
+
+    /// The thickness of one bar in pixels.
+    fn bar_px<DB: DrawingBackend>(&self, chart: &Chart<DB>, base: f64) -> i32 {
+        let (s, e) = self.slot(0, 0);
+        let a = chart.backend_coord(&self.point(s, base));
+        let b = chart.backend_coord(&self.point(e, base));
+        (a.0 - b.0).abs().max((a.1 - b.1).abs())
+    }
+
+    /// A whisker with caps over each bar that has an interval, thicker on thick bars.
+    fn draw_whiskers<DB: DrawingBackend>(&self, chart: &mut Chart<DB>, bar_px: i32) -> Drawn<DB> {
         let whisker = ShapeStyle::from(&INK).stroke_width(if bar_px >= 10 { 2 } else { 1 });
         for bar in &self.bars {
             let Some((low, high)) = bar.interval else {
@@ -462,68 +483,79 @@ impl Figure for BarChart {
                 chart.draw_series(std::iter::once(PathElement::new(vec![a, b], whisker)))?;
             }
         }
-        if self.values {
-            let texts: Vec<String> = self
-                .bars
-                .iter()
-                .map(|b| format!("{:.*}", self.digits, b.value))
-                .collect();
-            let value_font = style::font("0", VALUE_SIZE);
-            let widest = texts
-                .iter()
-                .map(|t| style::measure(t, &value_font).0)
-                .max()
-                .unwrap_or(0);
-            let tall = style::measure("0", &value_font).1;
-            let fits = if self.horizontal {
-                tall <= bar_px + 2
-            } else {
-                widest <= bar_px + 6
-            };
-            if fits {
-                // Value labels a little wider than their bars would run into their
-                // neighbours' where the bars end at the same height: such a label is lifted
-                // above the labels it would touch.
-                let mut placed: Vec<(i32, i32, i32, i32)> = Vec::new();
-                for (bar, text) in self.bars.iter().zip(&texts) {
-                    let (start, end) = self.slot(bar.category, bar.group);
-                    let mid = (start + end) / 2.0;
-                    let (low, high) = bar.interval.unwrap_or((bar.value, bar.value));
-                    let negative = bar.value < 0.0;
-                    let tip = if negative {
-                        bar.value.min(low)
-                    } else {
-                        bar.value.max(high)
-                    };
-                    let (x, y) = chart.backend_coord(&self.point(mid, tip));
-                    let (mut at, pos) = match (self.horizontal, negative) {
-                        (true, false) => ((x + 4, y), anchor(HPos::Left, VPos::Center)),
-                        (true, true) => ((x - 4, y), anchor(HPos::Right, VPos::Center)),
-                        (false, false) => ((x, y - 3), anchor(HPos::Center, VPos::Bottom)),
-                        (false, true) => ((x, y + 3), anchor(HPos::Center, VPos::Top)),
-                    };
-                    if !self.horizontal {
-                        let half = style::measure(text, &value_font).0 / 2 + 1;
-                        // (left, right, top, bottom) of the label, lifted while it touches one
-                        let span = |at: (i32, i32)| match negative {
-                            false => (at.0 - half, at.0 + half, at.1 - tall, at.1),
-                            true => (at.0 - half, at.0 + half, at.1, at.1 + tall),
-                        };
-                        while let Some(hit) = placed.iter().find(|r| overlaps(**r, span(at))) {
-                            at.1 = if negative { hit.3 + 1 } else { hit.2 - 1 };
-                        }
-                        placed.push(span(at));
-                    }
-                    canvas::text(root, text, at, VALUE_SIZE, &INK, pos)?;
-                }
-            }
-        }
+        Ok(())
+    }
 
-        // Category labels and axis descriptions.
-        let (px0, py0) = chart.backend_coord(&(chart.x_range().start, chart.y_range().end));
-        let (px1, py1) = chart.backend_coord(&(chart.x_range().end, chart.y_range().start));
-        match (&labels, &label_lines) {
-            (_, Some(lines)) => {
+    /// Each bar's value written past its end (or its whisker's), when the numbers fit the
+    /// bars' thickness.
+    fn draw_values<DB: DrawingBackend>(
+        &self,
+        root: &DrawingArea<DB, Shift>,
+        chart: &Chart<DB>,
+        bar_px: i32,
+    ) -> Drawn<DB> {
+        let texts: Vec<String> = self
+            .bars
+            .iter()
+            .map(|b| format!("{:.*}", self.digits, b.value))
+            .collect();
+        let value_font = style::font("0", VALUE_SIZE);
+        let widest = texts
+            .iter()
+            .map(|t| style::measure(t, &value_font).0)
+            .max()
+            .unwrap_or(0);
+        let tall = style::measure("0", &value_font).1;
+        let fits = if self.horizontal {
+            tall <= bar_px + 2
+        } else {
+            widest <= bar_px + 6
+        };
+        if !fits {
+            return Ok(());
+        }
+        // Value labels a little wider than their bars would run into their neighbours' where
+        // the bars end at the same height: such a label is lifted above the labels it would
+        // touch.
+        let mut placed: Vec<(i32, i32, i32, i32)> = Vec::new();
+        for (bar, text) in self.bars.iter().zip(&texts) {
+            let (start, end) = self.slot(bar.category, bar.group);
+            let mid = (start + end) / 2.0;
+            let (low, high) = bar.interval.unwrap_or((bar.value, bar.value));
+            let negative = bar.value < 0.0;
+            let tip = if negative {
+                bar.value.min(low)
+            } else {
+                bar.value.max(high)
+            };
+            let (x, y) = chart.backend_coord(&self.point(mid, tip));
+            let (mut at, pos) = match (self.horizontal, negative) {
+                (true, false) => ((x + 4, y), anchor(HPos::Left, VPos::Center)),
+                (true, true) => ((x - 4, y), anchor(HPos::Right, VPos::Center)),
+                (false, false) => ((x, y - 3), anchor(HPos::Center, VPos::Bottom)),
+                (false, true) => ((x, y + 3), anchor(HPos::Center, VPos::Top)),
+            };
+            if !self.horizontal {
+                let half = style::measure(text, &value_font).0 / 2 + 1;
+                at = lift_clear(&mut placed, at, half, tall, negative);
+            }
+            canvas::text(root, text, at, VALUE_SIZE, &INK, pos)?;
+        }
+        Ok(())
+    }
+
+    /// The category labels beside or under their slots.
+    fn draw_category_labels<DB: DrawingBackend>(
+        &self,
+        root: &DrawingArea<DB, Shift>,
+        chart: &Chart<DB>,
+        labels: &CategoryLabels,
+        base: f64,
+    ) -> Drawn<DB> {
+        let (px0, _) = chart.backend_coord(&(chart.x_range().start, chart.y_range().end));
+        let (_, py1) = chart.backend_coord(&(chart.x_range().end, chart.y_range().start));
+        match labels {
+            CategoryLabels::Beside(lines) => {
                 let line = line_height();
                 for (i, label) in lines.iter().enumerate() {
                     let (_, y) = chart.backend_coord(&self.point(i as f64 + 0.5, base));
@@ -540,7 +572,7 @@ impl Figure for BarChart {
                     }
                 }
             }
-            (Some(Labels::Lines(lines)), None) => {
+            CategoryLabels::Under(Labels::Lines(lines)) => {
                 let line = line_height();
                 for (i, label) in lines.iter().enumerate() {
                     let (x, _) = chart.backend_coord(&self.point(i as f64 + 0.5, base));
@@ -556,7 +588,7 @@ impl Figure for BarChart {
                     }
                 }
             }
-            (Some(Labels::Upward(texts)), None) => {
+            CategoryLabels::Under(Labels::Upward(texts)) => {
                 for (i, text) in texts.iter().enumerate() {
                     let (x, _) = chart.backend_coord(&self.point(i as f64 + 0.5, base));
                     canvas::text_upward(
@@ -569,8 +601,18 @@ impl Figure for BarChart {
                     )?;
                 }
             }
-            (None, None) => {}
         }
+        Ok(())
+    }
+
+    /// The axes' descriptions, centred under and left of the plot.
+    fn draw_axis_descriptions<DB: DrawingBackend>(
+        &self,
+        root: &DrawingArea<DB, Shift>,
+        chart: &Chart<DB>,
+    ) -> Drawn<DB> {
+        let (px0, py0) = chart.backend_coord(&(chart.x_range().start, chart.y_range().end));
+        let (px1, py1) = chart.backend_coord(&(chart.x_range().end, chart.y_range().start));
         let (x_desc, y_desc) = if self.horizontal {
             (&self.value_label, &self.category_label)
         } else {
@@ -579,7 +621,7 @@ impl Figure for BarChart {
         canvas::text(
             root,
             x_desc,
-            ((px0 + px1) / 2, height - MARGIN),
+            ((px0 + px1) / 2, self.size.1 as i32 - MARGIN),
             LABEL_SIZE,
             &INK,
             anchor(HPos::Center, VPos::Bottom),
@@ -591,7 +633,56 @@ impl Figure for BarChart {
             LABEL_SIZE,
             &INK,
             anchor(HPos::Center, VPos::Top),
-        )?;
-        Ok(())
+        )
+    }
+}
+
+/// The anchor `at` of a value label `half` wide and `tall` high (above its anchor, or below
+/// it for a `negative` bar), lifted past every label in `placed` it would touch; its box is
+/// added to `placed`.
+fn lift_clear(
+    placed: &mut Vec<(i32, i32, i32, i32)>,
+    mut at: (i32, i32),
+    half: i32,
+    tall: i32,
+    negative: bool,
+) -> (i32, i32) {
+    // (left, right, top, bottom) of the label, lifted while it touches one
+    let span = |at: (i32, i32)| match negative {
+        false => (at.0 - half, at.0 + half, at.1 - tall, at.1),
+        true => (at.0 - half, at.0 + half, at.1, at.1 + tall),
+    };
+    while let Some(hit) = placed.iter().find(|r| overlaps(**r, span(at))) {
+        at.1 = if negative { hit.3 + 1 } else { hit.2 - 1 };
+    }
+    placed.push(span(at));
+    at
+}
+
+impl Figure for BarChart {
+    fn size(&self) -> (u32, u32) {
+        self.size
+    }
+
+    fn draw<DB: DrawingBackend>(&self, root: &DrawingArea<DB, Shift>) -> Drawn<DB> {
+        let mut top = canvas::title(root, self.title.as_deref())?;
+        let colors: Vec<RGBColor> = (0..self.groups.len()).map(style::color).collect();
+        if self.show_legend {
+            top += canvas::legend(root, &self.groups, &colors, top, true)?;
+        }
+        let desc_height = style::measure("Ag", &style::font("Ag", LABEL_SIZE)).1 + 10;
+        let (left, bottom, labels) = self.label_areas(desc_height);
+        let (value_top, value_right) = self.value_room();
+        let body = root.margin(top + value_top, MARGIN, MARGIN, MARGIN + 8 + value_right);
+        let mut chart = self.axes(&body, left, bottom)?;
+        let base = 0.0f64.clamp(self.range.0, self.range.1);
+        self.draw_bars(&mut chart, &colors, base)?;
+        let bar_px = self.bar_px(&chart, base);
+        self.draw_whiskers(&mut chart, bar_px)?;
+        if self.values {
+            self.draw_values(root, &chart, bar_px)?;
+        }
+        self.draw_category_labels(root, &chart, &labels, base)?;
+        self.draw_axis_descriptions(root, &chart)
     }
 }

@@ -4,7 +4,7 @@
 use plotters::coord::Shift;
 use plotters::prelude::*;
 
-use super::canvas::{self, Drawn, Figure};
+use super::canvas::{self, Chart, Drawn, Figure};
 use super::style::{self, AXIS, GRID, INK, LABEL_SIZE, MARGIN, MUTED, TICK_SIZE};
 use super::{input, Frame, Group, Plot, PlotError};
 
@@ -64,21 +64,7 @@ pub fn curves(
     opts: &CurveOptions,
 ) -> Result<Plot, PlotError> {
     input::not_empty(df)?;
-    if columns.is_empty() {
-        return Err(PlotError::Option {
-            option: "columns".into(),
-            message: "name at least one column to plot".into(),
-        });
-    }
-    if !(0.0..1.0).contains(&opts.smooth) {
-        return Err(PlotError::Option {
-            option: "smooth".into(),
-            message: format!(
-                "the smoothing weight must be in [0, 1), not {}",
-                opts.smooth
-            ),
-        });
-    }
+    check_options(columns, opts)?;
     let xs = input::numbers(df, &opts.x)?;
     let group_column = opts.group.resolve(df, None);
     let group_of = match &group_column {
@@ -106,38 +92,8 @@ pub fn curves(
             let runs =
                 input::distinct(&rows.iter().map(|&r| run_of[r].clone()).collect::<Vec<_>>());
             runs_per_group[g] = runs.len();
-            let raw: Vec<Vec<(f64, f64)>> = runs
-                .iter()
-                .map(|run| {
-                    let mut points: Vec<(f64, f64)> = rows
-                        .iter()
-                        .filter(|&&row| run_of[row] == *run)
-                        .filter_map(|&row| Some((xs[row]?, ys[row]?)))
-                        .collect();
-                    points.sort_by(|a, b| a.0.total_cmp(&b.0));
-                    points
-                })
-                .collect();
-            let smoothed: Option<Vec<Vec<(f64, f64)>>> =
-                (opts.smooth > 0.0).then(|| raw.iter().map(|p| smooth(p, opts.smooth)).collect());
-            series.push(if opts.band.is_some() {
-                Series {
-                    column: c,
-                    group: g,
-                    points: mean_band(&raw).0,
-                    band: Some(mean_band(smoothed.as_ref().unwrap_or(&raw)).1),
-                    smoothed: smoothed.map(|runs| mean_band(&runs).0),
-                }
-            } else {
-                // without a band every row of the group is one run
-                Series {
-                    column: c,
-                    group: g,
-                    points: raw.into_iter().next().unwrap_or_default(),
-                    band: None,
-                    smoothed: smoothed.and_then(|runs| runs.into_iter().next()),
-                }
-            });
+            let raw = run_points(&rows, &runs, &run_of, &xs, &ys);
+            series.push(Series::of(c, g, raw, opts));
         }
     }
     if series.iter().all(|s| s.points.is_empty()) {
@@ -158,27 +114,13 @@ pub fn curves(
         })
         .clamp(1, panels);
     let rows = panels.div_ceil(per_row);
-    let group_names: Vec<String> = match &opts.band {
-        Some(_) => groups
-            .iter()
-            .zip(&runs_per_group)
-            .map(|(g, k)| {
-                let g = if g.is_empty() { "all" } else { g.as_str() };
-                format!("{g} (mean ± sd of {k} runs)")
-            })
-            .collect(),
-        None => groups.clone(),
-    };
-    let legend: Vec<String> = match (opts.layout, &group_column) {
-        (CurveLayout::Panels, Some(_)) => group_names.clone(),
-        (CurveLayout::Panels, None) if opts.band.is_some() => group_names.clone(),
-        (CurveLayout::Panels, None) => Vec::new(),
-        (CurveLayout::Shared, None) => columns.to_vec(),
-        (CurveLayout::Shared, Some(_)) => columns
-            .iter()
-            .flat_map(|c| group_names.iter().map(move |g| format!("{c} · {g}")))
-            .collect(),
-    };
+    let legend = legend(
+        columns,
+        &groups,
+        &runs_per_group,
+        group_column.is_some(),
+        opts,
+    );
     let chart = CurveChart {
         title: opts.frame.title.clone().or_else(|| match opts.layout {
             CurveLayout::Panels if columns.len() > 1 => Some("training curves".to_string()),
@@ -209,6 +151,80 @@ pub fn curves(
         series,
     };
     canvas::render(&chart)
+}
+
+/// An error when the options cannot draw: no column, or a smoothing weight outside [0, 1).
+fn check_options(columns: &[String], opts: &CurveOptions) -> Result<(), PlotError> {
+    if columns.is_empty() {
+        return Err(PlotError::Option {
+            option: "columns".into(),
+            message: "name at least one column to plot".into(),
+        });
+    }
+    if !(0.0..1.0).contains(&opts.smooth) {
+        return Err(PlotError::Option {
+            option: "smooth".into(),
+            message: format!(
+                "the smoothing weight must be in [0, 1), not {}",
+                opts.smooth
+            ),
+        });
+    }
+    Ok(())
+}
+
+/// Each run's (x, y) points among `rows`, sorted by x; rows without both values are left
+/// out.
+fn run_points(
+    rows: &[usize],
+    runs: &[String],
+    run_of: &[String],
+    xs: &[Option<f64>],
+    ys: &[Option<f64>],
+) -> Vec<Vec<(f64, f64)>> {
+    runs.iter()
+        .map(|run| {
+            let mut points: Vec<(f64, f64)> = rows
+                .iter()
+                .filter(|&&row| run_of[row] == *run)
+                .filter_map(|&row| Some((xs[row]?, ys[row]?)))
+                .collect();
+            points.sort_by(|a, b| a.0.total_cmp(&b.0));
+            points
+        })
+        .collect()
+}
+
+/// The legend's entries: groups (with their number of runs under a band) in panels, columns
+/// (per group) on a shared panel.
+fn legend(
+    columns: &[String],
+    groups: &[String],
+    runs_per_group: &[usize],
+    grouped: bool,
+    opts: &CurveOptions,
+) -> Vec<String> {
+    let group_names: Vec<String> = match &opts.band {
+        Some(_) => groups
+            .iter()
+            .zip(runs_per_group)
+            .map(|(g, k)| {
+                let g = if g.is_empty() { "all" } else { g.as_str() };
+                format!("{g} (mean ± sd of {k} runs)")
+            })
+            .collect(),
+        None => groups.to_vec(),
+    };
+    match (opts.layout, grouped) {
+        (CurveLayout::Panels, true) => group_names,
+        (CurveLayout::Panels, false) if opts.band.is_some() => group_names,
+        (CurveLayout::Panels, false) => Vec::new(),
+        (CurveLayout::Shared, false) => columns.to_vec(),
+        (CurveLayout::Shared, true) => columns
+            .iter()
+            .flat_map(|c| group_names.iter().map(move |g| format!("{c} · {g}")))
+            .collect(),
+    }
 }
 
 /// TensorBoard's exponential moving average with its start-up bias removed.
@@ -259,6 +275,33 @@ struct Series {
     band: Option<Band>,
 }
 
+impl Series {
+    /// The line of `column` for `group` from its runs' `raw` points: smoothed when the
+    /// options say so, and under a band the runs' mean with a band of one sd.
+    fn of(column: usize, group: usize, raw: Vec<Vec<(f64, f64)>>, opts: &CurveOptions) -> Series {
+        let smoothed: Option<Vec<Vec<(f64, f64)>>> =
+            (opts.smooth > 0.0).then(|| raw.iter().map(|p| smooth(p, opts.smooth)).collect());
+        if opts.band.is_some() {
+            Series {
+                column,
+                group,
+                points: mean_band(&raw).0,
+                band: Some(mean_band(smoothed.as_ref().unwrap_or(&raw)).1),
+                smoothed: smoothed.map(|runs| mean_band(&runs).0),
+            }
+        } else {
+            // without a band every row of the group is one run
+            Series {
+                column,
+                group,
+                points: raw.into_iter().next().unwrap_or_default(),
+                band: None,
+                smoothed: smoothed.and_then(|runs| runs.into_iter().next()),
+            }
+        }
+    }
+}
+
 struct CurveChart {
     title: Option<String>,
     x_label: String,
@@ -284,6 +327,7 @@ impl CurveChart {
         }
     }
 
+    /// One panel of the series: axes with ticks and descriptions, then bands and lines.
     fn draw_panel<DB: DrawingBackend>(
         &self,
         area: &DrawingArea<DB, Shift>,
@@ -291,38 +335,7 @@ impl CurveChart {
         y_desc: Option<&str>,
         series: &[&Series],
     ) -> Drawn<DB> {
-        let bands = series
-            .iter()
-            .flat_map(|s| s.band.iter().flatten())
-            .flat_map(|&(x, lo, hi)| [(x, lo), (x, hi)]);
-        let all = series
-            .iter()
-            .flat_map(|s| s.points.iter().copied())
-            .chain(bands);
-        let (mut x0, mut x1, mut y0, mut y1) = (
-            f64::INFINITY,
-            f64::NEG_INFINITY,
-            f64::INFINITY,
-            f64::NEG_INFINITY,
-        );
-        for (x, y) in all {
-            x0 = x0.min(x);
-            x1 = x1.max(x);
-            y0 = y0.min(y);
-            y1 = y1.max(y);
-        }
-        if !x0.is_finite() {
-            (x0, x1, y0, y1) = (0.0, 1.0, 0.0, 1.0);
-        }
-        if x1 - x0 < 1e-12 {
-            (x0, x1) = (x0 - 1.0, x1 + 1.0);
-        }
-        let pad = if y1 - y0 < 1e-12 {
-            y0.abs().max(1.0) * 0.1
-        } else {
-            (y1 - y0) * 0.06
-        };
-        let (y0, y1) = (y0 - pad, y1 + pad);
+        let (x0, x1, y0, y1) = panel_range(series);
         let desc_h = style::measure("Ag", &style::font("Ag", LABEL_SIZE)).1 + 8;
         let tick_h = style::measure("0", &style::font("0", TICK_SIZE)).1 + 10;
         let tick_w = [y0, y1, (y0 + y1) / 2.0]
@@ -375,6 +388,16 @@ impl CurveChart {
         }
         mesh.draw()?;
         // the bands first, so that every line stays on top of them
+        self.draw_bands(&mut chart, series)?;
+        self.draw_lines(&mut chart, series)
+    }
+
+    /// Each series' band, as a translucent polygon in its colour.
+    fn draw_bands<DB: DrawingBackend>(
+        &self,
+        chart: &mut Chart<DB>,
+        series: &[&Series],
+    ) -> Drawn<DB> {
         for s in series {
             if let Some(band) = &s.band {
                 let color = style::color(self.color_index(s));
@@ -389,6 +412,16 @@ impl CurveChart {
                 )))?;
             }
         }
+        Ok(())
+    }
+
+    /// Each series' raw line (faint under a smoothed one; a dot for a single point) and its
+    /// smoothed line.
+    fn draw_lines<DB: DrawingBackend>(
+        &self,
+        chart: &mut Chart<DB>,
+        series: &[&Series],
+    ) -> Drawn<DB> {
         for s in series {
             let color = style::color(self.color_index(s));
             let raw_style = match s.smoothed {
@@ -408,6 +441,43 @@ impl CurveChart {
         }
         Ok(())
     }
+}
+
+/// The axes' ranges (x0, x1, y0, y1) of a panel: every point and band end, with some room
+/// above and below the values; a unit range when there is nothing to draw.
+fn panel_range(series: &[&Series]) -> (f64, f64, f64, f64) {
+    let bands = series
+        .iter()
+        .flat_map(|s| s.band.iter().flatten())
+        .flat_map(|&(x, lo, hi)| [(x, lo), (x, hi)]);
+    let all = series
+        .iter()
+        .flat_map(|s| s.points.iter().copied())
+        .chain(bands);
+    let (mut x0, mut x1, mut y0, mut y1) = (
+        f64::INFINITY,
+        f64::NEG_INFINITY,
+        f64::INFINITY,
+        f64::NEG_INFINITY,
+    );
+    for (x, y) in all {
+        x0 = x0.min(x);
+        x1 = x1.max(x);
+        y0 = y0.min(y);
+        y1 = y1.max(y);
+    }
+    if !x0.is_finite() {
+        (x0, x1, y0, y1) = (0.0, 1.0, 0.0, 1.0);
+    }
+    if x1 - x0 < 1e-12 {
+        (x0, x1) = (x0 - 1.0, x1 + 1.0);
+    }
+    let pad = if y1 - y0 < 1e-12 {
+        y0.abs().max(1.0) * 0.1
+    } else {
+        (y1 - y0) * 0.06
+    };
+    (x0, x1, y0 - pad, y1 + pad)
 }
 
 /// A value-axis tick with as many decimals as the axis span needs; scientific notation for

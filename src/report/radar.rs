@@ -141,53 +141,42 @@ const RINGS: usize = 5;
 /// The widest a spoke label may be before it wraps.
 const LABEL_WIDTH: i32 = 170;
 
-impl Figure for RadarChart {
-    fn size(&self) -> (u32, u32) {
-        self.size
+/// Where the spokes lie on the canvas: `n` spokes from `center`, `radius` pixels long, the
+/// first pointing up.
+struct Wheel {
+    center: (i32, i32),
+    radius: i32,
+    n: usize,
+}
+
+impl Wheel {
+    /// The angle of spoke `i`, clockwise from the top.
+    fn angle(&self, i: usize) -> f64 {
+        -std::f64::consts::FRAC_PI_2 + 2.0 * std::f64::consts::PI * i as f64 / self.n as f64
     }
 
-    fn draw<DB: DrawingBackend>(&self, root: &DrawingArea<DB, Shift>) -> Drawn<DB> {
-        let (width, height) = (self.size.0 as i32, self.size.1 as i32);
-        let mut top = canvas::title(root, self.title.as_deref())?;
-        let colors: Vec<RGBColor> = (0..self.groups.len()).map(style::color).collect();
-        if self.show_legend {
-            top += canvas::legend(root, &self.groups, &colors, top, true)?;
-        }
-        let labels: Vec<Vec<String>> = self
-            .categories
-            .iter()
-            .map(|c| style::wrap(c, &style::font(c, LABEL_SIZE), LABEL_WIDTH, 2))
-            .collect();
-        let line = style::measure("Ag", &style::font("Ag", LABEL_SIZE)).1 + 3;
-        let widest = labels
-            .iter()
-            .flatten()
-            .map(|l| style::measure(l, &style::font(l, LABEL_SIZE)).0)
-            .max()
-            .unwrap_or(0);
-        let center = (width / 2, top + (height - top) / 2);
-        let radius = ((width / 2 - widest - MARGIN - 12)
-            .min((height - top) / 2 - 2 * line - MARGIN - 8))
-        .max(40);
-        let n = self.categories.len();
-        let angle = |i: usize| {
-            -std::f64::consts::FRAC_PI_2 + 2.0 * std::f64::consts::PI * i as f64 / n as f64
-        };
-        let at = |i: usize, fraction: f64| {
-            let a = angle(i);
-            (
-                center.0 + (a.cos() * radius as f64 * fraction).round() as i32,
-                center.1 + (a.sin() * radius as f64 * fraction).round() as i32,
-            )
-        };
-        let fraction =
-            |v: f64| ((v - self.range.0) / (self.range.1 - self.range.0)).clamp(0.0, 1.05);
+    /// The pixel `fraction` of the way out along spoke `i`.
+    fn at(&self, i: usize, fraction: f64) -> (i32, i32) {
+        let a = self.angle(i);
+        (
+            self.center.0 + (a.cos() * self.radius as f64 * fraction).round() as i32,
+            self.center.1 + (a.sin() * self.radius as f64 * fraction).round() as i32,
+        )
+    }
+}
 
-        // Grid: rings, spokes, ring values along the first spoke.
+impl RadarChart {
+    /// The grid: rings, spokes, and the rings' values.
+    fn draw_grid<DB: DrawingBackend>(
+        &self,
+        root: &DrawingArea<DB, Shift>,
+        wheel: &Wheel,
+    ) -> Drawn<DB> {
+        let n = wheel.n;
         for ring in 1..=RINGS {
             let f = ring as f64 / RINGS as f64;
-            let mut path: Vec<(i32, i32)> = (0..n).map(|i| at(i, f)).collect();
-            path.push(at(0, f));
+            let mut path: Vec<(i32, i32)> = (0..n).map(|i| wheel.at(i, f)).collect();
+            path.push(wheel.at(0, f));
             let color = if ring == RINGS { AXIS } else { GRID };
             root.draw(&PathElement::new(
                 path,
@@ -196,7 +185,7 @@ impl Figure for RadarChart {
         }
         for i in 0..n {
             root.draw(&PathElement::new(
-                vec![center, at(i, 1.0)],
+                vec![wheel.center, wheel.at(i, 1.0)],
                 ShapeStyle::from(&GRID).stroke_width(1),
             ))?;
         }
@@ -204,7 +193,7 @@ impl Figure for RadarChart {
         for ring in 1..=RINGS {
             let f = ring as f64 / RINGS as f64;
             let v = self.range.0 + f * (self.range.1 - self.range.0);
-            let ((x0, y0), (x1, y1)) = (at(0, f), at(1, f));
+            let ((x0, y0), (x1, y1)) = (wheel.at(0, f), wheel.at(1, f));
             canvas::text(
                 root,
                 &style::tick((v * 1000.0).round() / 1000.0),
@@ -214,13 +203,23 @@ impl Figure for RadarChart {
                 anchor(HPos::Left, VPos::Bottom),
             )?;
         }
+        Ok(())
+    }
 
-        // One polygon per group.
+    /// One polygon per group: filled if asked, outlined, a dot at each value.
+    fn draw_polygons<DB: DrawingBackend>(
+        &self,
+        root: &DrawingArea<DB, Shift>,
+        wheel: &Wheel,
+        colors: &[RGBColor],
+    ) -> Drawn<DB> {
+        let fraction =
+            |v: f64| ((v - self.range.0) / (self.range.1 - self.range.0)).clamp(0.0, 1.05);
         for (g, points) in self.points.iter().enumerate() {
             let vertices: Vec<(i32, i32)> = points
                 .iter()
                 .enumerate()
-                .filter_map(|(i, v)| v.map(|v| at(i, fraction(v))))
+                .filter_map(|(i, v)| v.map(|v| wheel.at(i, fraction(v))))
                 .collect();
             if vertices.len() >= 3 && self.fill {
                 root.draw(&Polygon::new(
@@ -240,11 +239,21 @@ impl Figure for RadarChart {
                 root.draw(&Circle::new(v, 3, colors[g].filled()))?;
             }
         }
+        Ok(())
+    }
 
-        // Spoke labels, placed outside the rim on the side they point to.
+    /// The spoke labels (`line` pixels a line), placed outside the rim on the side they
+    /// point to.
+    fn draw_spoke_labels<DB: DrawingBackend>(
+        &self,
+        root: &DrawingArea<DB, Shift>,
+        wheel: &Wheel,
+        labels: &[Vec<String>],
+        line: i32,
+    ) -> Drawn<DB> {
         for (i, label) in labels.iter().enumerate() {
-            let a = angle(i);
-            let (x, y) = at(i, 1.0);
+            let a = wheel.angle(i);
+            let (x, y) = wheel.at(i, 1.0);
             let (dx, dy) = (a.cos(), a.sin());
             let h = if dx > 0.3 {
                 HPos::Left
@@ -274,5 +283,42 @@ impl Figure for RadarChart {
             }
         }
         Ok(())
+    }
+}
+
+impl Figure for RadarChart {
+    fn size(&self) -> (u32, u32) {
+        self.size
+    }
+
+    fn draw<DB: DrawingBackend>(&self, root: &DrawingArea<DB, Shift>) -> Drawn<DB> {
+        let (width, height) = (self.size.0 as i32, self.size.1 as i32);
+        let mut top = canvas::title(root, self.title.as_deref())?;
+        let colors: Vec<RGBColor> = (0..self.groups.len()).map(style::color).collect();
+        if self.show_legend {
+            top += canvas::legend(root, &self.groups, &colors, top, true)?;
+        }
+        let labels: Vec<Vec<String>> = self
+            .categories
+            .iter()
+            .map(|c| style::wrap(c, &style::font(c, LABEL_SIZE), LABEL_WIDTH, 2))
+            .collect();
+        let line = style::measure("Ag", &style::font("Ag", LABEL_SIZE)).1 + 3;
+        let widest = labels
+            .iter()
+            .flatten()
+            .map(|l| style::measure(l, &style::font(l, LABEL_SIZE)).0)
+            .max()
+            .unwrap_or(0);
+        let wheel = Wheel {
+            center: (width / 2, top + (height - top) / 2),
+            radius: ((width / 2 - widest - MARGIN - 12)
+                .min((height - top) / 2 - 2 * line - MARGIN - 8))
+            .max(40),
+            n: self.categories.len(),
+        };
+        self.draw_grid(root, &wheel)?;
+        self.draw_polygons(root, &wheel, &colors)?;
+        self.draw_spoke_labels(root, &wheel, &labels, line)
     }
 }

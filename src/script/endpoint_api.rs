@@ -239,7 +239,14 @@ pub(crate) fn fleet_of(servers: Array, function: &str) -> RhaiResult<Fleet> {
 
 fn register(engine: &mut Engine, output: &Arc<dyn Output>) {
     engine.register_type_with_name::<Endpoint>("Endpoint");
+    register_endpoint(engine);
+    register_generate(engine, output);
+    register_chat(engine, output);
+    register_server_info(engine);
+}
 
+/// `endpoint`: a model on an OpenAI-compatible server, with or without options.
+fn register_endpoint(engine: &mut Engine) {
     FuncRegistration::new("endpoint")
         .with_params_info(["url: String", "model: String", "Endpoint"])
         .with_comments([
@@ -265,7 +272,10 @@ fn register(engine: &mut Engine, output: &Arc<dyn Output>) {
                 Endpoint::new(url, model, endpoint_options(&options)?).map_err(error)
             },
         );
+}
 
+/// `generate` by an endpoint: one prompt (with or without options), or an array of them.
+fn register_generate(engine: &mut Engine, output: &Arc<dyn Output>) {
     let out = output.clone();
     FuncRegistration::new("generate")
         .with_params_info([
@@ -315,7 +325,11 @@ fn register(engine: &mut Engine, output: &Arc<dyn Output>) {
                 complete(ep, &out, strings(prompts, "prompts")?, &options)
             },
         );
+}
 
+/// `chat` with an endpoint: one message (with or without options), or a conversation's
+/// messages.
+fn register_chat(engine: &mut Engine, output: &Arc<dyn Output>) {
     let out = output.clone();
     FuncRegistration::new("chat")
         .with_params_info([
@@ -373,7 +387,10 @@ fn register(engine: &mut Engine, output: &Arc<dyn Output>) {
                 })
             },
         );
+}
 
+/// An Endpoint's `models`, `usage` and text form.
+fn register_server_info(engine: &mut Engine) {
     FuncRegistration::new("models")
         .with_params_info(["endpoint: Endpoint", "Array"])
         .with_comments(["/// The ids of the models the server serves (`/models`)."])

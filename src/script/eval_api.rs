@@ -185,6 +185,15 @@ fn overlap_with(train: &DataFrame, benchmark: &DataFrame, opts: &Map) -> RhaiRes
 }
 
 fn register(engine: &mut Engine, output: &Arc<dyn Output>) {
+    register_evaluate(engine, output);
+    register_summary(engine);
+    register_compare(engine);
+    register_overlap(engine);
+    register_presets(engine);
+}
+
+/// `evaluate` over a local model or an endpoint, with or without options.
+fn register_evaluate(engine: &mut Engine, output: &Arc<dyn Output>) {
     // `evaluate` over a local model, and the same two overloads over an endpoint
     let out = output.clone();
     FuncRegistration::new("evaluate")
@@ -284,6 +293,10 @@ fn register(engine: &mut Engine, output: &Arc<dyn Output>) {
         .register_into_engine(engine, move |endpoint: Endpoint, items: DataFrame| {
             run_endpoint(&out, &endpoint, &items, &Map::new())
         });
+}
+
+/// `summary` of a Results table, by default or with options.
+fn register_summary(engine: &mut Engine) {
     FuncRegistration::new("summary")
         .in_global_namespace()
         .with_params_info(["results: DataFrame", "by: &str", "DataFrame"])
@@ -321,6 +334,10 @@ fn register(engine: &mut Engine, output: &Arc<dyn Output>) {
                 eval::summary(&res, by, average, &column).map_err(error)
             },
         );
+}
+
+/// `compare` of several Results tables.
+fn register_compare(engine: &mut Engine) {
     FuncRegistration::new("compare")
         .in_global_namespace()
         .with_params_info(["results: Array", "by: &str", "DataFrame"])
@@ -373,6 +390,10 @@ fn register(engine: &mut Engine, output: &Arc<dyn Output>) {
                 }
             },
         );
+}
+
+/// `overlap` between a training table and a benchmark.
+fn register_overlap(engine: &mut Engine) {
     FuncRegistration::new("overlap")
         .in_global_namespace()
         .with_params_info(["train: DataFrame", "benchmark: DataFrame", "DataFrame"])
@@ -405,6 +426,10 @@ fn register(engine: &mut Engine, output: &Arc<dyn Output>) {
                 overlap_with(&train, &benchmark, &opts)
             },
         );
+}
+
+/// `presets`: the built-in evaluation presets.
+fn register_presets(engine: &mut Engine) {
     FuncRegistration::new("presets")
         .in_global_namespace()
         .with_params_info(["Map"])

@@ -36,7 +36,15 @@ pub struct TrainingRun(pub Arc<GrpoRun>);
 fn register(engine: &mut Engine, output: &Arc<dyn Output>) {
     engine.register_type_with_name::<TrainingRun>("TrainingRun");
     super::sft_api::register(engine, output);
+    register_judge(engine, output);
+    register_select_by_difficulty(engine);
+    register_grpo(engine, output);
+    register_reward(engine);
+    register_training_run(engine);
+}
 
+/// `judge` by a local model, an endpoint or a fleet of servers, with or without options.
+fn register_judge(engine: &mut Engine, output: &Arc<dyn Output>) {
     let out = output.clone();
     FuncRegistration::new("judge")
         .in_global_namespace()
@@ -120,7 +128,10 @@ fn register(engine: &mut Engine, output: &Arc<dyn Output>) {
                 judge::judge(&fleet, &items, &config, &job_of(&out)).map_err(error)
             },
         );
+}
 
+/// `select_by_difficulty`: the study's hard/easy mix from a Judged table.
+fn register_select_by_difficulty(engine: &mut Engine) {
     FuncRegistration::new("select_by_difficulty")
         .in_global_namespace()
         .with_params_info(["judged: DataFrame", "options: Map", "DataFrame"])
@@ -157,7 +168,10 @@ fn register(engine: &mut Engine, output: &Arc<dyn Output>) {
                 judge::select_by_difficulty(&judged, &s).map_err(error)
             },
         );
+}
 
+/// `grpo`: training a model's LoRA adapters in place.
+fn register_grpo(engine: &mut Engine, output: &Arc<dyn Output>) {
     let out = output.clone();
     FuncRegistration::new("grpo")
         .in_global_namespace()
@@ -174,7 +188,10 @@ fn register(engine: &mut Engine, output: &Arc<dyn Output>) {
                 grpo_with(&ctx, &out, &policy, &items, &opts)
             },
         );
+}
 
+/// `reward`: one completion scored by a built-in reward.
+fn register_reward(engine: &mut Engine) {
     FuncRegistration::new("reward")
         .in_global_namespace()
         .with_params_info(["name: String", "completion: String", "item: Map", "float"])
@@ -209,7 +226,10 @@ fn register(engine: &mut Engine, output: &Arc<dyn Output>) {
                 Ok(builtin.score(&scored))
             },
         );
+}
 
+/// A TrainingRun's `metrics`, `completions`, `folder` and its text form.
+fn register_training_run(engine: &mut Engine) {
     FuncRegistration::new("metrics")
         .in_global_namespace()
         .with_params_info(["run: TrainingRun", "DataFrame"])
