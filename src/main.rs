@@ -243,6 +243,11 @@ fn main() -> ExitCode {
     set_table_format();
     choose_threads();
     let cli = Cli::parse();
+    // a bad prefix-cache budget fails here, naming the variable, before anything runs
+    if let Err(message) = rlvr::model::prefix::budget_from_env() {
+        eprintln!("error: {message}");
+        return ExitCode::FAILURE;
+    }
     match dispatch(cli.command, cli.quiet) {
         Ok(code) => code,
         Err(err) => {
