@@ -31,7 +31,7 @@ use super::cpu_matmul::FEW_ROWS;
 use super::generate::{
     reaches_stop_string, sample, Completion, Decode, Finish, Sampling, PREFILL_CHUNK,
 };
-use super::prefix::{Namespace, PrefillCounts, PrefixCache, BLOCK};
+use super::prefix::{LayerKeys, Namespace, PrefillCounts, PrefixCache, BLOCK};
 use super::{Model, Result};
 
 /// Key slots a buffer starts with (it doubles from there as its sequence grows).
@@ -76,7 +76,7 @@ impl SlotCache {
 
     /// Starts the sequence in `slot` from cached keys and values: per layer, those of its
     /// first `len` positions.
-    fn restore(&mut self, slot: usize, layers: Vec<(Tensor, Tensor)>, len: usize) {
+    fn restore(&mut self, slot: usize, layers: LayerKeys, len: usize) {
         let s = &mut self.slots[slot];
         s.pending = layers.into_iter().map(Some).collect();
         s.len = len;
@@ -111,7 +111,7 @@ impl SlotCache {
         slots: &[usize],
         tokens: &[&[u32]],
         adapters_on: bool,
-        capture: Option<&mut Vec<(Tensor, Tensor)>>,
+        capture: Option<&mut LayerKeys>,
     ) -> Result<Tensor> {
         let (b, s) = (tokens.len(), tokens.first().map_or(0, |t| t.len()));
         let device = model.device();
@@ -146,7 +146,7 @@ impl SlotCache {
 struct SlotRows<'a> {
     cache: &'a mut SlotCache,
     slots: &'a [usize],
-    capture: Option<&'a mut Vec<(Tensor, Tensor)>>,
+    capture: Option<&'a mut LayerKeys>,
 }
 
 impl KeyValues for SlotRows<'_> {

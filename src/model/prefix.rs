@@ -88,6 +88,9 @@ impl Namespace {
     }
 }
 
+/// Per layer, keys and values `[1, kv, positions, hd]`.
+pub type LayerKeys = Vec<(Tensor, Tensor)>;
+
 /// Prompt tokens of prefills: taken from the cache, or run through the model.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct PrefillCounts {
@@ -130,7 +133,7 @@ struct Entry {
     namespace: Namespace,
     tokens: Vec<u32>,
     /// Per layer, keys and values `[1, kv, BLOCK, hd]`.
-    layers: Vec<(Tensor, Tensor)>,
+    layers: LayerKeys,
     bytes: usize,
     stamp: u64,
 }
@@ -228,7 +231,7 @@ impl PrefixCache {
         &self,
         namespace: &Namespace,
         prompt: &[u32],
-    ) -> Result<Option<(usize, Vec<(Tensor, Tensor)>)>> {
+    ) -> Result<Option<(usize, LayerKeys)>> {
         let blocks = prompt.len().saturating_sub(1) / BLOCK;
         let mut inner = self.lock();
         if inner.budget == 0 || blocks == 0 {
@@ -239,7 +242,9 @@ impl PrefixCache {
         for (i, (parent, key)) in chain(namespace, prompt, blocks).into_iter().enumerate() {
             let tokens = &prompt[i * BLOCK..(i + 1) * BLOCK];
             match inner.entries.get(&key) {
-                Some(e) if e.parent == parent && e.namespace == *namespace && e.tokens == tokens => {
+                Some(e)
+                    if e.parent == parent && e.namespace == *namespace && e.tokens == tokens =>
+                {
                     found.push(key)
                 }
                 _ => break,
@@ -255,8 +260,14 @@ impl PrefixCache {
         let per_layer = inner.entries[&found[0]].layers.len();
         let layers = (0..per_layer)
             .map(|l| {
-                let keys: Vec<&Tensor> = found.iter().map(|k| &inner.entries[k].layers[l].0).collect();
-                let values: Vec<&Tensor> = found.iter().map(|k| &inner.entries[k].layers[l].1).collect();
+                let keys: Vec<&Tensor> = found
+                    .iter()
+                    .map(|k| &inner.entries[k].layers[l].0)
+                    .collect();
+                let values: Vec<&Tensor> = found
+                    .iter()
+                    .map(|k| &inner.entries[k].layers[l].1)
+                    .collect();
                 Ok((Tensor::cat(&keys, 2)?, Tensor::cat(&values, 2)?))
             })
             .collect::<Result<Vec<_>>>()?;
@@ -266,13 +277,7 @@ impl PrefixCache {
     /// Keeps block `index` of `prompt` (its keys and values per layer, `[1, kv, BLOCK,
     /// hd]`), where its parent is cached (else no lookup could reach it) and it fits the
     /// budget.
-    pub fn insert(
-        &self,
-        namespace: &Namespace,
-        prompt: &[u32],
-        index: usize,
-        layers: Vec<(Tensor, Tensor)>,
-    ) {
+    pub fn insert(&self, namespace: &Namespace, prompt: &[u32], index: usize, layers: LayerKeys) {
         let mut inner = self.lock();
         let bytes: usize = layers
             .iter()
@@ -374,8 +379,12 @@ pub fn budget_from_env() -> std::result::Result<usize, String> {
             .parse::<usize>()
             .ok()
             .and_then(|mib| mib.checked_mul(1 << 20))
-            .ok_or_else(|| 
-format!("{BUDGET_ENV}={text:?}: the prefix cache's budget must be a whole number of MiB (0 turns the cache off)")),
+            .ok_or_else(|| {
+                format!(
+                    "{BUDGET_ENV}={text:?}: the prefix cache's budget must be a whole number \
+                     of MiB (0 turns the cache off)"
+                )
+            }),
         Err(_) => Ok(DEFAULT_BUDGET_MIB << 20),
     }
 }
@@ -416,11 +425,19 @@ mod tests {
             cache.insert(&namespace(), &prompt, i, layers());
         }
         assert_eq!(cache.used(), 3 * BYTES);
-        assert_eq!(hit(&cache, &prompt), 2 * BLOCK, "the last token is computed");
+        assert_eq!(
+            hit(&cache, &prompt),
+            2 * BLOCK,
+            "the last token is computed"
+        );
         assert_eq!(hit(&cache, &prompt[..2 * BLOCK + 1]), 2 * BLOCK);
         let mut other = prompt.clone();
         other[BLOCK + 3] = 9999;
-        assert_eq!(hit(&cache, &other), BLOCK, "the chain stops at the first other token");
+        assert_eq!(
+            hit(&cache, &other),
+            BLOCK,
+            "the chain stops at the first other token"
+        );
         let elsewhere = Namespace {
             weights: 2,
             adapter: None,

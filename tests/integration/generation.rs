@@ -305,10 +305,7 @@ fn a_long_prompt_is_prefilled_in_chunks_that_change_nothing_and_can_cancel() {
             .chain((1..n).map(|i| ((i * 7 + salt) % 500 + 3) as u32))
             .collect()
     };
-    let prompts = vec![
-        long(2 * PREFILL_CHUNK + 20, 1),
-        long(PREFILL_CHUNK + 30, 5),
-    ];
+    let prompts = vec![long(2 * PREFILL_CHUNK + 20, 1), long(PREFILL_CHUNK + 30, 5)];
     let requests: Vec<Sampling> = (0..2)
         .map(|i| Sampling {
             max_tokens: 6,
@@ -458,7 +455,9 @@ fn engine_models() -> Vec<(&'static str, Model, bool)> {
 
 /// `n` tokens after BOS, from `salt`.
 fn tokens(n: usize, salt: usize) -> Vec<u32> {
-    (0..n).map(|t| ((t * 31 + salt * 17) % 500 + 3) as u32).collect()
+    (0..n)
+        .map(|t| ((t * 31 + salt * 17) % 500 + 3) as u32)
+        .collect()
 }
 
 /// Seeded requests at temperatures 0 to 1.5, one per prompt.
@@ -484,9 +483,13 @@ fn run_with(
     requests: &[Sampling],
 ) -> (Vec<rlvr::model::generate::Completion>, PrefillCounts) {
     let mut scheduler = Scheduler::with_cache(model, adapters_on, None, rows, cache);
-    let out = generate_in(&mut scheduler, prompts, requests, &mut |_| true, &mut |_, _| {
-        false
-    })
+    let out = generate_in(
+        &mut scheduler,
+        prompts,
+        requests,
+        &mut |_| true,
+        &mut |_, _| false,
+    )
     .unwrap();
     (out, scheduler.prefill_counts())
 }
@@ -512,20 +515,34 @@ fn a_prefix_shared_across_calls_is_computed_once_and_changes_no_bit() {
         let (a, counts) = run_with(&model, adapters_on, &cache, 16, &first, &requests[..1]);
         assert_eq!(counts.cached, 0, "{name}: nothing cached before");
         assert_eq!(counts.computed, first[0].len(), "{name}");
-        assert_eq!(cache.blocks(), first[0].len() / BLOCK, "{name}: whole blocks kept");
+        assert_eq!(
+            cache.blocks(),
+            first[0].len() / BLOCK,
+            "{name}: whole blocks kept"
+        );
         let (a_off, _) = run_with(&model, adapters_on, &off, 16, &first, &requests[..1]);
         assert_eq!(a, a_off, "{name}: the first call");
 
         let (b, counts) = run_with(&model, adapters_on, &cache, 16, &second, &requests);
         let (b_off, off_counts) = run_with(&model, adapters_on, &off, 16, &second, &requests);
         assert_eq!(b, b_off, "{name}: tokens and log-probabilities, to the bit");
-        assert_eq!(off_counts.cached, 0, "{name}: a cache of no budget keeps nothing");
+        assert_eq!(
+            off_counts.cached, 0,
+            "{name}: a cache of no budget keeps nothing"
+        );
         // five shared blocks each; the first prompt again: all its whole blocks but the last
         // token's
         let expected = 5 * BLOCK + 5 * BLOCK + (first[0].len() - 1) / BLOCK * BLOCK;
-        assert_eq!(counts.cached, expected, "{name}: blocks taken from the cache");
+        assert_eq!(
+            counts.cached, expected,
+            "{name}: blocks taken from the cache"
+        );
         let total: usize = second.iter().map(Vec::len).sum();
-        assert_eq!(counts.computed, total - expected, "{name}: only the new tokens");
+        assert_eq!(
+            counts.computed,
+            total - expected,
+            "{name}: only the new tokens"
+        );
         assert_eq!(
             cache.counts(),
             PrefillCounts {
@@ -544,7 +561,9 @@ fn a_prefix_shared_across_calls_is_computed_once_and_changes_no_bit() {
 fn the_cache_never_serves_keys_of_another_adapter_state() {
     let mut model = engine_models().remove(1).1;
     let vars = rlvr::model::lora::variables(&mut model);
-    let prompts = vec![std::iter::once(2).chain(tokens(3 * BLOCK, 7)).collect::<Vec<_>>()];
+    let prompts = vec![std::iter::once(2)
+        .chain(tokens(3 * BLOCK, 7))
+        .collect::<Vec<_>>()];
     let requests = sampled(1);
     let cache = PrefixCache::new(64 << 20);
     let off = PrefixCache::new(0);
@@ -552,11 +571,22 @@ fn the_cache_never_serves_keys_of_another_adapter_state() {
         run_with(&model, adapters_on, cache, 16, &prompts, &requests)
     };
     run(&cache, true);
-    assert_eq!(run(&cache, true).1.cached, 3 * BLOCK, "the same adapter hits");
+    assert_eq!(
+        run(&cache, true).1.cached,
+        3 * BLOCK,
+        "the same adapter hits"
+    );
     let (base, counts) = run(&cache, false);
-    assert_eq!(counts.cached, 0, "the adapter's keys never serve the base model");
+    assert_eq!(
+        counts.cached, 0,
+        "the adapter's keys never serve the base model"
+    );
     assert_eq!(base, run(&off, false).0);
-    assert_eq!(run(&cache, false).1.cached, 3 * BLOCK, "the base model's own keys do");
+    assert_eq!(
+        run(&cache, false).1.cached,
+        3 * BLOCK,
+        "the base model's own keys do"
+    );
 
     let before = run(&off, true).0;
     for (_, var) in &vars {
@@ -564,10 +594,17 @@ fn the_cache_never_serves_keys_of_another_adapter_state() {
         rlvr::model::lora::set(var, &noise).unwrap();
     }
     let (after, counts) = run(&cache, true);
-    assert_eq!(counts.cached, 0, "keys of the adapter before its update are never used");
+    assert_eq!(
+        counts.cached, 0,
+        "keys of the adapter before its update are never used"
+    );
     assert_eq!(after, run(&off, true).0, "equal to a run without the cache");
     assert_ne!(after, before, "the update changed the completion");
-    assert_eq!(run(&cache, false).1.cached, 3 * BLOCK, "the base model's keys still serve");
+    assert_eq!(
+        run(&cache, false).1.cached,
+        3 * BLOCK,
+        "the base model's keys still serve"
+    );
 }
 
 /// Nine sequences over three slots, each slot reused, their prompts sharing blocks in
@@ -593,7 +630,11 @@ fn slots_are_reused_and_the_cache_stays_within_its_budget() {
     let cache = PrefixCache::new(3 * block + block / 2);
     for round in 0..2 {
         let (out, counts) = run_with(&model, false, &cache, 3, &prompts, &requests);
-        assert!(cache.used() <= cache.budget(), "round {round}: {} bytes", cache.used());
+        assert!(
+            cache.used() <= cache.budget(),
+            "round {round}: {} bytes",
+            cache.used()
+        );
         assert_eq!(cache.blocks(), 3, "round {round}: full, having evicted");
         assert!(counts.cached > 0, "round {round}: {counts:?}");
         for (i, (prompt, request)) in prompts.iter().zip(&requests).enumerate() {
