@@ -241,6 +241,11 @@ enum Bench {
 fn main() -> ExitCode {
     rlvr::runtime::init();
     let cli = Cli::parse();
+    // a bad prefix-cache budget fails here, naming the variable, before anything runs
+    if let Err(message) = rlvr::model::prefix::budget_from_env() {
+        eprintln!("error: {message}");
+        return ExitCode::FAILURE;
+    }
     match dispatch(cli.command, cli.quiet) {
         Ok(code) => code,
         Err(err) => {

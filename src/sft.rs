@@ -193,7 +193,7 @@ pub fn train(
         .collect::<candle_core::Result<_>>()?;
     let put_back = |vars: &[(String, Var)]| -> Result<(), SftError> {
         for ((_, v), t) in vars.iter().zip(&start) {
-            v.set(t)?;
+            lora::set(v, t)?;
         }
         Ok(())
     };
@@ -340,7 +340,7 @@ fn restore(dir: &std::path::Path, vars: &[(String, Var)]) -> Result<Option<Metri
         let t = tensors
             .get(name)
             .ok_or_else(|| store(&format!("{ADAPTER} has no tensor `{name}`")))?;
-        var.set(t)?;
+        lora::set(var, t)?;
     }
     Ok(Some(metrics))
 }

@@ -435,7 +435,7 @@ impl Snapshot {
         reference: Option<&mut Vec<Tensor>>,
     ) -> Result<(), GrpoError> {
         for ((_, var), value) in vars.iter().zip(&self.values) {
-            var.set(value)?;
+            lora::set(var, value)?;
         }
         optimizer.set_state(self.optimizer);
         if let (Some(slot), Some(saved)) = (reference, self.reference) {
@@ -728,14 +728,14 @@ fn one_step(
                     .map(|(_, v)| v.as_tensor().copy())
                     .collect::<candle_core::Result<_>>()?;
                 for ((_, var), value) in vars.iter().zip(values) {
-                    var.set(value)?;
+                    lora::set(var, value)?;
                 }
                 let logps = micro
                     .iter()
                     .map(|rows| no_grad(rows, true))
                     .collect::<Result<Vec<_>, _>>();
                 for ((_, var), value) in vars.iter().zip(&current) {
-                    var.set(value)?;
+                    lora::set(var, value)?;
                 }
                 logps?
             }

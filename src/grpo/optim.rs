@@ -151,7 +151,7 @@ impl AdamW {
             }
             let denom = ((v.sqrt()? / bias2.sqrt())? + s.eps)?;
             let p = (p - ((&m / denom)? * (lr / bias1))?)?;
-            var.set(&p)?;
+            crate::model::lora::set(var, &p)?;
             self.m[i] = m;
             self.v[i] = v;
         }

@@ -120,7 +120,7 @@ impl RunStore {
             let t = tensors
                 .get(name)
                 .ok_or_else(|| io(&weights, format!("no tensor `{name}`")))?;
-            var.set(t).map_err(|e| io(&weights, e))?;
+            crate::model::lora::set(var, t).map_err(|e| io(&weights, e))?;
         }
         optimizer
             .load(&ckpt.join("optimizer.safetensors"))

@@ -14,6 +14,10 @@
 //! The layout follows vLLM's and candle's preallocated caches (per-sequence lengths, a
 //! rotating buffer for sliding windows) without paging: a slot's buffer grows by doubling
 //! where a sequence outgrows it, up to its prompt and token budget.
+//!
+//! A prompt is prefilled in chunks of one [`super::prefix::BLOCK`]; each whole block's keys
+//! and values go to the process's [`PrefixCache`], and a new prompt starts from the longest
+//! run of cached blocks it begins with (see [`super::prefix`]), in any later call too.
 
 use std::collections::VecDeque;
 
@@ -27,6 +31,7 @@ use super::cpu_matmul::FEW_ROWS;
 use super::generate::{
     reaches_stop_string, sample, Completion, Decode, Finish, Sampling, PREFILL_CHUNK,
 };
+use super::prefix::{LayerKeys, Namespace, PrefillCounts, PrefixCache, BLOCK};
 use super::{Model, Result};
 
 /// Key slots a buffer starts with (it doubles from there as its sequence grows).
@@ -48,6 +53,9 @@ struct Slot {
     /// key `p` sits at `p mod capacity` (a ring only in a sliding layer, whose capacity is
     /// then its window).
     layers: Vec<Option<(Tensor, Tensor)>>,
+    /// Per layer, the keys and values of positions `0 .. len` taken from the prefix cache,
+    /// written into the layer's buffers at its next pass (which knows its window).
+    pending: Vec<Option<(Tensor, Tensor)>>,
 }
 
 impl SlotCache {
@@ -63,6 +71,15 @@ impl SlotCache {
         let s = &mut self.slots[slot];
         s.len = 0;
         s.need = need;
+        s.pending.clear();
+    }
+
+    /// Starts the sequence in `slot` from cached keys and values: per layer, those of its
+    /// first `len` positions.
+    fn restore(&mut self, slot: usize, layers: LayerKeys, len: usize) {
+        let s = &mut self.slots[slot];
+        s.pending = layers.into_iter().map(Some).collect();
+        s.len = len;
     }
 
     /// Gives `to` a copy of `from`'s keys and values (a prompt prefilled once for a group).
@@ -80,18 +97,21 @@ impl SlotCache {
         let s = &mut self.slots[to];
         s.layers = layers;
         s.len = len;
+        s.pending.clear();
         Ok(())
     }
 
     /// Hidden states `[b, s, d]` of `tokens[r]` (all of one length `s`) continuing the
     /// sequence in `slots[r]`, at positions from its length on; the keys and values are
-    /// written to the slots, whose lengths grow by `s`.
+    /// written to the slots, whose lengths grow by `s`. With `capture`, a single row's keys
+    /// and values `[1, kv, s, hd]` are also pushed there, one pair per layer.
     pub fn forward(
         &mut self,
         model: &Model,
         slots: &[usize],
         tokens: &[&[u32]],
         adapters_on: bool,
+        capture: Option<&mut LayerKeys>,
     ) -> Result<Tensor> {
         let (b, s) = (tokens.len(), tokens.first().map_or(0, |t| t.len()));
         let device = model.device();
@@ -108,7 +128,11 @@ impl SlotCache {
         let hidden = model.forward_with(
             &ids,
             &positions,
-            &mut SlotRows { cache: self, slots },
+            &mut SlotRows {
+                cache: self,
+                slots,
+                capture,
+            },
             adapters_on,
         )?;
         for &slot in slots {
@@ -122,6 +146,7 @@ impl SlotCache {
 struct SlotRows<'a> {
     cache: &'a mut SlotCache,
     slots: &'a [usize],
+    capture: Option<&'a mut LayerKeys>,
 }
 
 impl KeyValues for SlotRows<'_> {
@@ -135,6 +160,10 @@ impl KeyValues for SlotRows<'_> {
         scale: f64,
         softcap: Option<f64>,
     ) -> candle_core::Result<Tensor> {
+        if let Some(capture) = self.capture.as_deref_mut() {
+            assert_eq!(capture.len(), layer, "layers run in order");
+            capture.push((k.copy()?, v.copy()?));
+        }
         let outs = self
             .slots
             .iter()
@@ -168,6 +197,12 @@ impl Slot {
         softcap: Option<f64>,
     ) -> candle_core::Result<Tensor> {
         let (len, s) = (self.len, q.dim(2)?);
+        if let Some((pk, pv)) = self.pending.get_mut(layer).and_then(Option::take) {
+            self.reserve(layer, k, len + s, window)?;
+            let (kb, vb) = self.layers[layer].as_ref().expect("reserved");
+            write(kb, &pk, 0)?;
+            write(vb, &pv, 0)?;
+        }
         self.reserve(layer, k, len + s, window)?;
         let (kb, vb) = self.layers[layer].as_ref().expect("reserved");
         let capacity = kb.dim(2)?;
@@ -283,16 +318,21 @@ struct Sequence {
     completion: Completion,
     slot: usize,
     state: State,
+    /// What its keys and values depend on besides its tokens (the prefix cache's key).
+    namespace: Namespace,
 }
 
 /// Runs sequences in a continuous batch: [`Scheduler::submit`] queues one, and every
 /// [`Scheduler::step`] admits waiting sequences into free slots, prefills a chunk of each
 /// new prompt, decodes one token for every other row, and hands back the ones that ended.
-/// Sequences that share a prompt and join together prefill it once.
+/// Sequences that share a prompt and join together prefill it once; a prompt that starts
+/// with blocks in the [`PrefixCache`] prefills only the rest.
 pub struct Scheduler<'a> {
     model: &'a Model,
     adapters_on: bool,
     decode: Option<Decode<'a>>,
+    prefix: &'a PrefixCache,
+    counts: PrefillCounts,
     cache: SlotCache,
     free: Vec<usize>,
     waiting: VecDeque<(usize, Vec<u32>, Sampling)>,
@@ -324,11 +364,24 @@ impl<'a> Scheduler<'a> {
         decode: Option<Decode<'a>>,
         rows: usize,
     ) -> Self {
+        Scheduler::with_cache(model, adapters_on, decode, rows, PrefixCache::global())
+    }
+
+    /// [`Scheduler::with_rows`] over the prefix cache `prefix` rather than the process's.
+    pub fn with_cache(
+        model: &'a Model,
+        adapters_on: bool,
+        decode: Option<Decode<'a>>,
+        rows: usize,
+        prefix: &'a PrefixCache,
+    ) -> Self {
         let rows = rows.max(1);
         Scheduler {
             model,
             adapters_on,
             decode,
+            prefix,
+            counts: PrefillCounts::default(),
             cache: SlotCache::new(rows),
             free: (0..rows).rev().collect(),
             waiting: VecDeque::new(),
@@ -343,6 +396,11 @@ impl<'a> Scheduler<'a> {
             "stop strings need a decoder"
         );
         self.waiting.push_back((id, prompt, sampling));
+    }
+
+    /// Prompt tokens this scheduler's prefills took from the prefix cache and computed.
+    pub fn prefill_counts(&self) -> PrefillCounts {
+        self.counts
     }
 
     /// True when no sequence waits or runs.
@@ -373,7 +431,7 @@ impl<'a> Scheduler<'a> {
         &mut self,
         ends: &mut dyn FnMut(usize, &[u32]) -> bool,
     ) -> Result<Vec<(usize, Completion)>> {
-        let mut finished = self.admit();
+        let mut finished = self.admit()?;
         // rows that sample a token this step, each with the row of `logits` it samples from
         let mut picks: Vec<(usize, usize)> = Vec::new();
         let mut logits: Vec<Vec<f32>> = Vec::new();
@@ -393,7 +451,7 @@ impl<'a> Scheduler<'a> {
             let tokens: Vec<&[u32]> = last.iter().map(|t| t.as_slice()).collect();
             let hidden = self
                 .cache
-                .forward(self.model, &slots, &tokens, self.adapters_on)?;
+                .forward(self.model, &slots, &tokens, self.adapters_on, None)?;
             let rows: Vec<Vec<f32>> = self.model.head_logits(&hidden.squeeze(1)?)?.to_vec2()?;
             for (&i, row) in decoding.iter().zip(rows) {
                 picks.push((i, logits.len()));
@@ -408,9 +466,25 @@ impl<'a> Scheduler<'a> {
             let seq = &self.running[i];
             let end = seq.prompt.len().min(done + PREFILL_CHUNK);
             let chunk = &seq.prompt[done..end];
-            let hidden = self
-                .cache
-                .forward(self.model, &[seq.slot], &[chunk], self.adapters_on)?;
+            // a whole block is kept for later prompts that start with the same tokens
+            let mut block = (chunk.len() == BLOCK && self.prefix.budget() > 0).then(Vec::new);
+            let hidden = self.cache.forward(
+                self.model,
+                &[seq.slot],
+                &[chunk],
+                self.adapters_on,
+                block.as_mut(),
+            )?;
+            let computed = PrefillCounts {
+                cached: 0,
+                computed: chunk.len(),
+            };
+            self.counts.add(computed);
+            self.prefix.record(computed);
+            if let Some(layers) = block {
+                self.prefix
+                    .insert(&seq.namespace, &seq.prompt, done / BLOCK, layers);
+            }
             if end < seq.prompt.len() {
                 self.running[i].state = State::Prefill(end);
                 continue;
@@ -477,9 +551,11 @@ impl<'a> Scheduler<'a> {
         Ok(finished)
     }
 
-    /// Moves waiting sequences into free slots; returns those with nothing to generate.
-    fn admit(&mut self) -> Vec<(usize, Completion)> {
+    /// Moves waiting sequences into free slots, each new prompt starting from the blocks of
+    /// it the prefix cache holds; returns those with nothing to generate.
+    fn admit(&mut self) -> Result<Vec<(usize, Completion)>> {
         let mut finished = Vec::new();
+        let mut namespace = None;
         while let Some((_, prompt, sampling)) = self.waiting.front() {
             if sampling.max_tokens == 0 || prompt.is_empty() {
                 let (id, _, _) = self.waiting.pop_front().expect("a front");
@@ -490,12 +566,26 @@ impl<'a> Scheduler<'a> {
                 break;
             };
             let (id, prompt, sampling) = self.waiting.pop_front().expect("a front");
-            let state = self
+            let namespace =
+                *namespace.get_or_insert_with(|| Namespace::of(self.model, self.adapters_on));
+            let mut state = self
                 .running
                 .iter()
                 .find(|s| matches!(s.state, State::Prefill(_)) && s.prompt == prompt)
                 .map_or(State::Prefill(0), |leader| State::Follows(leader.id));
             self.cache.open(slot, prompt.len() + sampling.max_tokens);
+            if state == State::Prefill(0) {
+                if let Some((len, layers)) = self.prefix.lookup(&namespace, &prompt)? {
+                    self.cache.restore(slot, layers, len);
+                    state = State::Prefill(len);
+                    let cached = PrefillCounts {
+                        cached: len,
+                        computed: 0,
+                    };
+                    self.counts.add(cached);
+                    self.prefix.record(cached);
+                }
+            }
             self.running.push(Sequence {
                 id,
                 rng: ChaCha8Rng::seed_from_u64(sampling.seed),
@@ -504,9 +594,10 @@ impl<'a> Scheduler<'a> {
                 completion: empty(),
                 slot,
                 state,
+                namespace,
             });
         }
-        finished
+        Ok(finished)
     }
 }
 

@@ -72,8 +72,10 @@ pub struct Completion {
     pub finish: Finish,
 }
 
-/// The most prompt tokens a prefill runs through the model in one step.
-pub const PREFILL_CHUNK: usize = 512;
+/// The most prompt tokens a prefill runs through the model in one step: one block of the
+/// prefix cache, so that a prompt's chunks start at the same positions whether or not its
+/// first blocks came from the cache, and every number equals the one computed without it.
+pub const PREFILL_CHUNK: usize = super::prefix::BLOCK;
 
 /// Turns token ids into text (the tokenizer's decoding), for stop strings.
 pub type Decode<'a> = &'a dyn Fn(&[u32]) -> Result<String>;
@@ -115,9 +117,26 @@ pub fn generate_until(
     on_step: &mut dyn FnMut(usize) -> bool,
     ends: &mut dyn FnMut(usize, &[u32]) -> bool,
 ) -> Result<Vec<Completion>> {
+    generate_in(
+        &mut Scheduler::new(model, adapters_on, decode),
+        prompts,
+        requests,
+        on_step,
+        ends,
+    )
+}
+
+/// [`generate_until`] on `scheduler` (idle), which then tells what its prefills took from
+/// the prefix cache ([`Scheduler::prefill_counts`]).
+pub fn generate_in(
+    scheduler: &mut Scheduler,
+    prompts: &[Vec<u32>],
+    requests: &[Sampling],
+    on_step: &mut dyn FnMut(usize) -> bool,
+    ends: &mut dyn FnMut(usize, &[u32]) -> bool,
+) -> Result<Vec<Completion>> {
     assert_eq!(prompts.len(), requests.len(), "one request per prompt");
     super::linear::no_grad(|| {
-        let mut scheduler = Scheduler::new(model, adapters_on, decode);
         for (i, (prompt, request)) in prompts.iter().zip(requests).enumerate() {
             scheduler.submit(i, prompt.clone(), request.clone());
         }

@@ -115,11 +115,7 @@ pub fn load_on(path: &Path, config: Option<&Value>, placement: &Placement) -> Re
         path: path.to_path_buf(),
         message,
     })??;
-    Ok(Model {
-        arch,
-        source: path.to_path_buf(),
-        config,
-    })
+    Ok(Model::new(arch, path.to_path_buf(), config))
 }
 
 /// The architecture name and a Hugging Face-style `config.json` built from the metadata.

@@ -168,8 +168,7 @@ mod tests {
         let mut rng = <ChaCha8Rng as rand::SeedableRng>::seed_from_u64(0);
         let mut layer = Linear::new(Tensor::randn(0f32, 1.0, (5, 3), &device).unwrap(), None);
         let lora = Lora::new(3, 5, 2, 2.0, &mut rng, &device).unwrap();
-        lora.b
-            .set(&Tensor::randn(0f32, 1.0, (5, 2), &device).unwrap())
+        super::super::lora::set(&lora.b, &Tensor::randn(0f32, 1.0, (5, 2), &device).unwrap())
             .unwrap();
         layer.lora = Some(lora.clone());
         let x = Tensor::randn(0f32, 1.0, (4, 3), &device).unwrap();

@@ -105,6 +105,14 @@ pub fn detach(model: &mut Model) {
     }
 }
 
+/// Writes `value` into the adapter variable `var`: the one way adapter weights change in
+/// place, so that the prefix cache never serves keys computed before the write.
+#[allow(clippy::disallowed_methods)]
+pub fn set(var: &Var, value: &Tensor) -> candle_core::Result<()> {
+    super::prefix::adapter_written();
+    var.set(value)
+}
+
 /// Every adapter variable with its PEFT tensor name
 /// (`base_model.model.<module>.lora_A.weight` / `lora_B.weight`), in layer order.
 pub fn variables(model: &mut Model) -> Vec<(String, Var)> {

@@ -22,6 +22,7 @@ pub mod logprob;
 pub mod lora;
 pub mod memory;
 pub mod placement;
+pub mod prefix;
 pub mod quant;
 pub mod tokenizer;
 pub mod weights;
@@ -112,9 +113,27 @@ pub struct Model {
     /// The `config.json` it was built from (for a GGUF file, the one derived from its
     /// metadata).
     pub config: Value,
+    /// The name of its weights in [`prefix`]'s keys: new at load and whenever
+    /// [`Model::linears_mut`] may change a layer.
+    weights: u64,
 }
 
 impl Model {
+    /// A model of `arch`, loaded from `source` with `config`.
+    pub fn new(arch: Architecture, source: PathBuf, config: Value) -> Self {
+        Model {
+            arch,
+            source,
+            config,
+            weights: prefix::fresh_weights_id(),
+        }
+    }
+
+    /// The name of its weights in the prefix cache's keys (see [`prefix::Namespace`]).
+    pub fn weights_id(&self) -> u64 {
+        self.weights
+    }
+
     /// Loads a model from a Hugging Face directory or a `.gguf` file (kept in blocks on the
     /// CPU, see [`gguf::load`]), in f32 on `device`.
     pub fn load(path: &Path, device: &Device) -> Result<Self> {
@@ -169,11 +188,7 @@ impl Model {
             path: config_path.clone(),
             message,
         })??;
-        Ok(Model {
-            arch,
-            source: dir.to_path_buf(),
-            config: json,
-        })
+        Ok(Model::new(arch, dir.to_path_buf(), json))
     }
 
     /// The context length its config states (`max_position_embeddings`; for a GGUF file,
@@ -268,6 +283,8 @@ impl Model {
 
     /// Every linear layer with its Hugging Face module name.
     pub fn linears_mut(&mut self) -> Vec<(String, &mut Linear)> {
+        // a layer may change: keys cached for these weights no longer apply
+        self.weights = prefix::fresh_weights_id();
         match &mut self.arch {
             Architecture::Gemma3(m) => m.linears_mut(),
             Architecture::Llama(m) => m.linears_mut(),

@@ -71,6 +71,33 @@ fn register(engine: &mut Engine, output: &Arc<dyn Output>) {
     engine.register_type_with_name::<ModelHandle>("Model");
     engine.register_global_module(exported_module!(model_functions).into());
     register_generate(engine, output);
+    FuncRegistration::new("prefix_cache")
+        .with_params_info(["Map"])
+        .with_comments([
+            "/// The process's prefix cache (the keys and values of prompt blocks that later \
+             prompts start with, kept across calls): `budget_mib` (`RLVR_PREFIX_CACHE_MIB`, \
+             256 by default, 0 off), `used_mib`, `blocks` (of 64 tokens), and the prompt \
+             tokens of every prefill so far, `cached_tokens` (taken from the cache) and \
+             `computed_tokens` (run through a model).",
+        ])
+        .register_into_engine(engine, || -> Map {
+            let cache = crate::model::prefix::PrefixCache::global();
+            let counts = cache.counts();
+            let mib = |bytes: usize| Dynamic::from_float(bytes as f64 / (1 << 20) as f64);
+            let mut map = Map::new();
+            map.insert("budget_mib".into(), mib(cache.budget()));
+            map.insert("used_mib".into(), mib(cache.used()));
+            map.insert("blocks".into(), Dynamic::from_int(cache.blocks() as i64));
+            map.insert(
+                "cached_tokens".into(),
+                Dynamic::from_int(counts.cached as i64),
+            );
+            map.insert(
+                "computed_tokens".into(),
+                Dynamic::from_int(counts.computed as i64),
+            );
+            map
+        });
 }
 
 /// `generate` on a model, stopped between two decoding steps by an interrupt (the

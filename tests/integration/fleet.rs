@@ -99,7 +99,7 @@ fn save_random_adapter(dir: &Path, seed: u64) {
         if name.contains("lora_B") {
             let t = var.as_tensor();
             let noise = Tensor::randn(0f32, 0.5, t.dims(), t.device()).unwrap();
-            var.set(&noise).unwrap();
+            rlvr::model::lora::set(&var, &noise).unwrap();
         }
     }
     policy.save_adapter(dir).unwrap();

@@ -1,11 +1,13 @@
 //! Batched generation on the tiny Gemma 3 fixture (sliding window 4, so padding and the
 //! window interact): batching and left padding change nothing, the KV cache agrees with
 //! full forwards, seeds reproduce, stop tokens, stop strings and cancellation end
-//! completions.
+//! completions; the prefix cache serves later calls' shared prefixes and changes no bit.
 
 use candle_core::Device;
-use rlvr::model::generate::{generate, generate_until, Finish, Sampling};
+use rlvr::model::batching::Scheduler;
+use rlvr::model::generate::{generate, generate_in, generate_until, Finish, Sampling};
 use rlvr::model::lm::LanguageModel;
+use rlvr::model::prefix::{PrefillCounts, PrefixCache, BLOCK};
 use rlvr::model::Model;
 
 use crate::repo;
@@ -303,10 +305,7 @@ fn a_long_prompt_is_prefilled_in_chunks_that_change_nothing_and_can_cancel() {
             .chain((1..n).map(|i| ((i * 7 + salt) % 500 + 3) as u32))
             .collect()
     };
-    let prompts = vec![
-        long(2 * PREFILL_CHUNK + 76, 1),
-        long(PREFILL_CHUNK + 190, 5),
-    ];
+    let prompts = vec![long(2 * PREFILL_CHUNK + 20, 1), long(PREFILL_CHUNK + 30, 5)];
     let requests: Vec<Sampling> = (0..2)
         .map(|i| Sampling {
             max_tokens: 6,
@@ -336,8 +335,18 @@ fn a_long_prompt_is_prefilled_in_chunks_that_change_nothing_and_can_cancel() {
             assert!((a - b).abs() < 1e-4, "{a} vs {b}");
         }
     }
-    // stopped after the first chunk: nothing generated, every row cancelled
-    let stopped = generate(&model, &prompts, &requests, false, None, &mut |_| false).unwrap();
+    // stopped after the first chunk: nothing generated, every row cancelled (without the
+    // prefix cache, which now holds the prompts' first blocks)
+    let off = PrefixCache::new(0);
+    let mut scheduler = Scheduler::with_cache(&model, false, None, 16, &off);
+    let stopped = generate_in(
+        &mut scheduler,
+        &prompts,
+        &requests,
+        &mut |_| false,
+        &mut |_, _| false,
+    )
+    .unwrap();
     for c in stopped {
         assert_eq!(c.finish, Finish::Cancelled);
         assert!(c.ids.is_empty());
@@ -416,5 +425,228 @@ fn a_sequence_is_the_same_alone_and_inside_a_busy_batch() {
             lengths.iter().any(|&n| n < 5) && lengths.iter().any(|&n| n > 12),
             "{name}: rows end at different steps: {lengths:?}"
         );
+    }
+}
+
+/// The five models of the busy-batch test: tiny Gemma 3 (sliding window 4) without and with
+/// its adapter, its Q8_0 GGUF, tiny Llama and tiny Qwen2; each with whether its adapter is on.
+fn engine_models() -> Vec<(&'static str, Model, bool)> {
+    let adapted = LanguageModel::load(
+        &repo("tests/fixtures/tiny-gemma3"),
+        Some(&repo("tests/fixtures/tiny-tokenizer/tokenizer.json")),
+        &Device::Cpu,
+    )
+    .unwrap()
+    .load_adapter(&repo("tests/fixtures/tiny-gemma3/adapter"))
+    .unwrap();
+    let load = |path: &str| Model::load(&repo(path), &Device::Cpu).unwrap();
+    vec![
+        ("tiny-gemma3", tiny(), false),
+        ("tiny-gemma3 + adapter", adapted.model, true),
+        (
+            "tiny-gemma3 q8_0",
+            load("tests/fixtures/tiny-gemma3-gguf/model-q8_0.gguf"),
+            false,
+        ),
+        ("tiny-llama", load("tests/fixtures/tiny-llama"), false),
+        ("tiny-qwen2", load("tests/fixtures/tiny-qwen2"), false),
+    ]
+}
+
+/// `n` tokens after BOS, from `salt`.
+fn tokens(n: usize, salt: usize) -> Vec<u32> {
+    (0..n)
+        .map(|t| ((t * 31 + salt * 17) % 500 + 3) as u32)
+        .collect()
+}
+
+/// Seeded requests at temperatures 0 to 1.5, one per prompt.
+fn sampled(n: usize) -> Vec<Sampling> {
+    (0..n)
+        .map(|i| Sampling {
+            max_tokens: 5 + i % 4,
+            temperature: [0.0, 0.7, 1.0, 1.5][i % 4],
+            seed: 40 + i as u64,
+            ..Sampling::default()
+        })
+        .collect()
+}
+
+/// Completes `prompts` on a scheduler of `rows` rows over `cache`; returns the completions
+/// and the prompt tokens taken from the cache and computed.
+fn run_with(
+    model: &Model,
+    adapters_on: bool,
+    cache: &PrefixCache,
+    rows: usize,
+    prompts: &[Vec<u32>],
+    requests: &[Sampling],
+) -> (Vec<rlvr::model::generate::Completion>, PrefillCounts) {
+    let mut scheduler = Scheduler::with_cache(model, adapters_on, None, rows, cache);
+    let out = generate_in(
+        &mut scheduler,
+        prompts,
+        requests,
+        &mut |_| true,
+        &mut |_, _| false,
+    )
+    .unwrap();
+    (out, scheduler.prefill_counts())
+}
+
+/// Two calls whose prompts share a prefix of five blocks and some (longer than the sliding
+/// window, past the slot buffers' first capacity): the second prefills only its new blocks,
+/// and every token and log-probability equals a run without the cache, on every model.
+#[test]
+fn a_prefix_shared_across_calls_is_computed_once_and_changes_no_bit() {
+    let shared: Vec<u32> = std::iter::once(2).chain(tokens(5 * BLOCK + 6, 1)).collect();
+    let with = |tail: Vec<u32>| -> Vec<u32> { shared.iter().copied().chain(tail).collect() };
+    let first = vec![with(tokens(30, 2))];
+    // another tail, a tail within the last shared block, and the first prompt again
+    let second = vec![
+        with(tokens(2 * BLOCK + 3, 3)),
+        with(tokens(9, 4)),
+        first[0].clone(),
+    ];
+    let requests = sampled(second.len());
+    for (name, model, adapters_on) in engine_models() {
+        let cache = PrefixCache::new(64 << 20);
+        let off = PrefixCache::new(0);
+        let (a, counts) = run_with(&model, adapters_on, &cache, 16, &first, &requests[..1]);
+        assert_eq!(counts.cached, 0, "{name}: nothing cached before");
+        assert_eq!(counts.computed, first[0].len(), "{name}");
+        assert_eq!(
+            cache.blocks(),
+            first[0].len() / BLOCK,
+            "{name}: whole blocks kept"
+        );
+        let (a_off, _) = run_with(&model, adapters_on, &off, 16, &first, &requests[..1]);
+        assert_eq!(a, a_off, "{name}: the first call");
+
+        let (b, counts) = run_with(&model, adapters_on, &cache, 16, &second, &requests);
+        let (b_off, off_counts) = run_with(&model, adapters_on, &off, 16, &second, &requests);
+        assert_eq!(b, b_off, "{name}: tokens and log-probabilities, to the bit");
+        assert_eq!(
+            off_counts.cached, 0,
+            "{name}: a cache of no budget keeps nothing"
+        );
+        // five shared blocks each; the first prompt again: all its whole blocks but the last
+        // token's
+        let expected = 5 * BLOCK + 5 * BLOCK + (first[0].len() - 1) / BLOCK * BLOCK;
+        assert_eq!(
+            counts.cached, expected,
+            "{name}: blocks taken from the cache"
+        );
+        let total: usize = second.iter().map(Vec::len).sum();
+        assert_eq!(
+            counts.computed,
+            total - expected,
+            "{name}: only the new tokens"
+        );
+        assert_eq!(
+            cache.counts(),
+            PrefillCounts {
+                cached: expected,
+                computed: first[0].len() + total - expected
+            },
+            "{name}: the cache's own counts"
+        );
+    }
+}
+
+/// Keys computed under an adapter serve neither the base model nor the adapter once a write
+/// changed it (as a GRPO step does): those calls take nothing from the cache and equal runs
+/// without it.
+#[test]
+fn the_cache_never_serves_keys_of_another_adapter_state() {
+    let mut model = engine_models().remove(1).1;
+    let vars = rlvr::model::lora::variables(&mut model);
+    let prompts = vec![std::iter::once(2)
+        .chain(tokens(3 * BLOCK, 7))
+        .collect::<Vec<_>>()];
+    let requests = sampled(1);
+    let cache = PrefixCache::new(64 << 20);
+    let off = PrefixCache::new(0);
+    let run = |cache: &PrefixCache, adapters_on: bool| {
+        run_with(&model, adapters_on, cache, 16, &prompts, &requests)
+    };
+    run(&cache, true);
+    assert_eq!(
+        run(&cache, true).1.cached,
+        3 * BLOCK,
+        "the same adapter hits"
+    );
+    let (base, counts) = run(&cache, false);
+    assert_eq!(
+        counts.cached, 0,
+        "the adapter's keys never serve the base model"
+    );
+    assert_eq!(base, run(&off, false).0);
+    assert_eq!(
+        run(&cache, false).1.cached,
+        3 * BLOCK,
+        "the base model's own keys do"
+    );
+
+    let before = run(&off, true).0;
+    for (_, var) in &vars {
+        let noise = (var.as_tensor() * 1.5).unwrap();
+        rlvr::model::lora::set(var, &noise).unwrap();
+    }
+    let (after, counts) = run(&cache, true);
+    assert_eq!(
+        counts.cached, 0,
+        "keys of the adapter before its update are never used"
+    );
+    assert_eq!(after, run(&off, true).0, "equal to a run without the cache");
+    assert_ne!(after, before, "the update changed the completion");
+    assert_eq!(
+        run(&cache, false).1.cached,
+        3 * BLOCK,
+        "the base model's keys still serve"
+    );
+}
+
+/// Nine sequences over three slots, each slot reused, their prompts sharing blocks in
+/// several ways, with a cache of three blocks' budget that evicts as it goes: every
+/// completion equals its request run alone without the cache, and the cache stays within
+/// its budget.
+#[test]
+fn slots_are_reused_and_the_cache_stays_within_its_budget() {
+    let (_, model, _) = engine_models().remove(0);
+    let bos = |t: Vec<u32>| -> Vec<u32> { std::iter::once(2).chain(t).collect() };
+    let prompts: Vec<Vec<u32>> = (0..9)
+        .map(|i| {
+            let mut p = bos(tokens(BLOCK * (1 + i % 3) + 5, i % 2));
+            p.extend(tokens(3 + i, 50 + i));
+            p
+        })
+        .collect();
+    let requests = sampled(prompts.len());
+    // one block's bytes, measured
+    let probe = PrefixCache::new(64 << 20);
+    run_with(&model, false, &probe, 16, &prompts[..1], &requests[..1]);
+    let block = probe.used() / probe.blocks();
+    let cache = PrefixCache::new(3 * block + block / 2);
+    for round in 0..2 {
+        let (out, counts) = run_with(&model, false, &cache, 3, &prompts, &requests);
+        assert!(
+            cache.used() <= cache.budget(),
+            "round {round}: {} bytes",
+            cache.used()
+        );
+        assert_eq!(cache.blocks(), 3, "round {round}: full, having evicted");
+        assert!(counts.cached > 0, "round {round}: {counts:?}");
+        for (i, (prompt, request)) in prompts.iter().zip(&requests).enumerate() {
+            let (alone, _) = run_with(
+                &model,
+                false,
+                &PrefixCache::new(0),
+                16,
+                std::slice::from_ref(prompt),
+                std::slice::from_ref(request),
+            );
+            assert_eq!(out[i], alone[0], "round {round}, request {i}");
+        }
     }
 }

@@ -121,8 +121,7 @@ fn a_q8_0_gguf_keeps_its_blocks_and_trains_as_its_dequantized_weights() {
         for (_, var) in lora::variables(model) {
             // B non-zero, so that A's gradient is too
             if var.dims()[1] == 4 {
-                var.set(&(var.ones_like().unwrap() * 0.01).unwrap())
-                    .unwrap();
+                lora::set(&var, &(var.ones_like().unwrap() * 0.01).unwrap()).unwrap();
             }
         }
         let loss = model

@@ -159,7 +159,7 @@ fn fresh_adapters_start_as_the_base_model_and_round_trip_through_peft_files() {
     for (key, var) in lora::variables(&mut f.model) {
         if key.ends_with("lora_B.weight") {
             let noise = Tensor::randn(0f32, 0.02, var.shape(), &Device::Cpu).unwrap();
-            var.set(&noise).unwrap();
+            rlvr::model::lora::set(&var, &noise).unwrap();
         }
     }
     let trained = f.model.logits(&ids, true).unwrap();
