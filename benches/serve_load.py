@@ -6,7 +6,7 @@ Starts `rlvr serve --model MODEL --max-tokens LONG`, then
    times, one at a time: its unloaded latency;
 2. runs 16 clients for `DURATION` seconds: one streams requests of `LONG` new tokens (it
    leaves its stream when the time is up, so the server stops its row), the other 15 loop,
-   each alternating the short request and a medium one (`MEDIUM` new tokens);
+   8 the short request and 7 a medium one (`MEDIUM` new tokens);
 and prints one JSON line: the unloaded and loaded latencies of the short request (median,
 99th percentile, count), the ratio of the loaded p99 to the unloaded median, the aggregate
 completion tokens per second of the loaded phase (every finished request's `usage`, plus the
@@ -113,9 +113,10 @@ async def run(args, host, port):
     loaded, tokens, long_tokens, long_requests = [], [0], [0], [0]
 
     async def looping(client):
-        turn = client
+        # half the clients loop the short request, the other half the medium one
+        short = client % 2 == 0
+        turn = 0
         while time.monotonic() < deadline:
-            short = turn % 2 == 0
             body = request(args.short if short else args.medium, seed=turn)
             seconds, n = await timed(host, port, body)
             if time.monotonic() <= deadline:

@@ -122,6 +122,7 @@ pub fn serve(
         max_tokens: options.max_tokens,
         longest_token: lm.tokenizer.longest_token_bytes(),
         port: bound.port(),
+        sockets: Arc::default(),
     });
     let (jobs, queue) = mpsc::channel::<Job>();
     let max_batch = options.max_batch.max(1);
@@ -205,6 +206,8 @@ struct Context {
     max_tokens: Option<usize>,
     /// The port the server listens on, to find a client's connection in the kernel's table.
     port: u16,
+    /// That table, shared by every waiting request.
+    sockets: Arc<Sockets>,
 }
 
 /// One HTTP request's rows, sent to the generation thread; the results come back on
@@ -573,7 +576,7 @@ fn answer(
                 .get("return_tokens_as_token_ids")
                 .and_then(Value::as_bool)
                 .unwrap_or(false);
-            let peer = Peer::of(request, context.port);
+            let peer = Peer::of(request, context);
             if parsed.stream {
                 *events = Some(start_stream(context, jobs, &parsed, chat, adapter, peer)?);
                 return Ok((200, Value::Null));
@@ -1206,6 +1209,7 @@ impl Events {
 struct Peer {
     /// The server's port.
     port: u16,
+    sockets: Arc<Sockets>,
     /// The client's address as the table writes it, `None` when unknown.
     remote: Option<Vec<String>>,
     /// Whether the connection was found open once (a connection never found is never
@@ -1215,10 +1219,10 @@ struct Peer {
 
 impl Peer {
     /// How often a waiting request looks.
-    const POLL: Duration = Duration::from_millis(250);
+    const POLL: Duration = Duration::from_millis(500);
 
-    /// The peer of `request` on the server's `port`.
-    fn of(request: &tiny_http::Request, port: u16) -> Self {
+    /// The peer of `request` on the server of `context`.
+    fn of(request: &tiny_http::Request, context: &Context) -> Self {
         let remote = request.remote_addr().map(|addr| {
             let port = addr.port();
             let words = |octets: &[u8]| -> String {
@@ -1235,7 +1239,8 @@ impl Peer {
             }
         });
         Peer {
-            port,
+            port: context.port,
+            sockets: context.sockets.clone(),
             remote,
             seen: false,
         }
@@ -1248,26 +1253,22 @@ impl Peer {
             return false;
         };
         let mut state = None;
-        for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
-            let Ok(text) = std::fs::read_to_string(table) else {
+        let text = self.sockets.read();
+        for line in text
+            .lines()
+            .filter(|l| remote.iter().any(|r| l.contains(r)))
+        {
+            // sl local_address rem_address st ...
+            let fields: Vec<&str> = line.split_whitespace().take(4).collect();
+            let [_, local, rem, st] = fields[..] else {
                 continue;
             };
-            for line in text
-                .lines()
-                .filter(|l| remote.iter().any(|r| l.contains(r)))
-            {
-                // sl local_address rem_address st ...
-                let fields: Vec<&str> = line.split_whitespace().take(4).collect();
-                let [_, local, rem, st] = fields[..] else {
-                    continue;
-                };
-                let local_port = local
-                    .rsplit(':')
-                    .next()
-                    .and_then(|p| u16::from_str_radix(p, 16).ok());
-                if local_port == Some(self.port) && remote.iter().any(|r| r == rem) {
-                    state = u8::from_str_radix(st, 16).ok();
-                }
+            let local_port = local
+                .rsplit(':')
+                .next()
+                .and_then(|p| u16::from_str_radix(p, 16).ok());
+            if local_port == Some(self.port) && remote.iter().any(|r| r == rem) {
+                state = u8::from_str_radix(st, 16).ok();
             }
         }
         const CLOSE_WAIT: u8 = 0x08;
@@ -1279,6 +1280,31 @@ impl Peer {
             }
             None => self.seen,
         }
+    }
+}
+
+/// The kernel's tables of TCP sockets (`/proc/net/tcp` and `tcp6`), read at most once per
+/// [`Peer::POLL`] however many requests wait: one read costs milliseconds of kernel time on a
+/// machine with many sockets, too much to spend for each request.
+#[derive(Default)]
+struct Sockets(std::sync::Mutex<Option<(Instant, Arc<String>)>>);
+
+impl Sockets {
+    /// The tables' text, read again when the last read is older than [`Peer::POLL`].
+    fn read(&self) -> Arc<String> {
+        let mut cached = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((at, text)) = cached.as_ref() {
+            if at.elapsed() < Peer::POLL {
+                return text.clone();
+            }
+        }
+        let mut text = String::new();
+        for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
+            text += &std::fs::read_to_string(table).unwrap_or_default();
+        }
+        let text = Arc::new(text);
+        *cached = Some((Instant::now(), text.clone()));
+        text
     }
 }
 
