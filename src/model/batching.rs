@@ -413,8 +413,9 @@ impl<'a> Scheduler<'a> {
     /// logits it was sampled from); true ends the sequence there, as [`Finish::Cancelled`].
     ///
     /// A step prefills at most [`PREFILL_CHUNK`] prompt tokens (at least one chunk): whole
-    /// chunks of the sequences being prefilled, in the batch's order, so decoding rows are not held
-    /// up by every newcomer's prompt at once and a step stays short.
+    /// chunks of the sequences being prefilled, in the batch's order, so decoding rows are
+    /// not held up by every newcomer's prompt at once and a step stays short (its caller
+    /// looks at its cancel flag between steps).
     pub fn step(&mut self, ends: Ends) -> Result<Vec<(usize, Completion)>> {
         let mut finished = self.admit();
         // rows that sample a token this step, each with the row of `logits` it samples from

@@ -18,7 +18,9 @@
 //! and stop texts) in one continuous batch ([`Scheduler`]): a request joins the running
 //! batch at the next step, as soon as slots are free, and is answered when its last row
 //! ends, so concurrent clients share decoding steps and a short request does not wait for a
-//! long one to finish.
+//! long one to finish. A request whose client leaves (a failed write to its stream, or its
+//! connection seen closed in the kernel's table of sockets while it waits) has its rows, and
+//! only those, ended before the next step.
 
 pub mod logprobs;
 pub mod lora;
