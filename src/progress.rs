@@ -56,6 +56,14 @@ impl Cancel {
         self.0.load(Ordering::SeqCst)
     }
 
+    /// Resolves once stopping is asked for (it looks every 50 ms): raced against a network
+    /// wait, it ends the wait within that.
+    pub async fn cancelled(&self) {
+        while !self.is_cancelled() {
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+    }
+
     /// Clears the flag, before the next piece of work starts.
     pub fn reset(&self) {
         self.0.store(false, Ordering::SeqCst);

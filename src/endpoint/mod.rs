@@ -30,7 +30,7 @@ pub use fleet::{Fleet, FleetError};
 use wire::{Input, Route};
 
 use crate::model::chat::Message;
-use crate::progress::{Cancel, Job};
+use crate::progress::Job;
 
 /// How an [`Endpoint`] talks to its server.
 #[derive(Debug, Clone, PartialEq)]
@@ -413,7 +413,7 @@ impl Endpoint {
                 tokio::spawn(async move {
                     let result = tokio::select! {
                         result = work(shared, input) => result,
-                        _ = cancelled(&cancel) => Err(EndpointError::Cancelled),
+                        () = cancel.cancelled() => Err(EndpointError::Cancelled),
                     };
                     drop(slot);
                     let _ = sender.send((i, result));
@@ -492,13 +492,6 @@ fn normalize_base(url: &str) -> Result<String, String> {
         base.push_str("/v1");
     }
     Ok(base)
-}
-
-/// Resolves once `cancel` is set.
-async fn cancelled(cancel: &Cancel) {
-    while !cancel.is_cancelled() {
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 }
 
 /// Why one attempt failed.

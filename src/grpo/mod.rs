@@ -357,11 +357,11 @@ fn publish(
         .map(|(_, v)| v.as_tensor().copy())
         .collect::<candle_core::Result<_>>()?;
     for ((_, var), value) in vars.iter().zip(values) {
-        var.set(value)?;
+        crate::model::lora::set(var, value)?;
     }
     let published = rollouts.publish(policy, version);
     for ((_, var), value) in vars.iter().zip(&current) {
-        var.set(value)?;
+        crate::model::lora::set(var, value)?;
     }
     published
 }

@@ -297,6 +297,16 @@ fn ring_range(buffer: &Tensor, from: usize, n: usize) -> candle_core::Result<Ten
     Tensor::cat(&[&head, &buffer.narrow(2, 0, n - first)?], 2)
 }
 
+/// The most prompt tokens one [`Scheduler::step`] prefills (whole chunks of
+/// [`PREFILL_CHUNK`] tokens, at least one): decoding rows are not held up by every
+/// newcomer's prompt at once, and a step stays short enough for a cancel to take effect
+/// within a second.
+pub const PREFILL_PER_STEP: usize = 512;
+
+/// Runs after each new token of a sequence: `(id, its tokens so far, the row of logits the
+/// token was sampled from)`; true ends the sequence there.
+pub type Ends<'a> = &'a mut dyn FnMut(usize, &[u32], &[f32]) -> bool;
+
 /// What a running sequence does next.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum State {
@@ -424,13 +434,53 @@ impl<'a> Scheduler<'a> {
         out
     }
 
-    /// One step of the batch; returns the sequences that ended in it. `ends(id, ids)` runs
-    /// after each new token (the sequence's tokens so far); true ends the sequence there, as
-    /// [`Finish::Cancelled`].
-    pub fn step(
-        &mut self,
-        ends: &mut dyn FnMut(usize, &[u32]) -> bool,
-    ) -> Result<Vec<(usize, Completion)>> {
+    /// Ends the sequences whose id `which` picks, waiting or running, as
+    /// [`Finish::Cancelled`] with the tokens they have, and frees their slots; the others
+    /// run on. A sequence that waited for a cancelled one to prefill their common prompt
+    /// prefills it itself (the first of them, the others following it).
+    pub fn cancel(&mut self, which: &dyn Fn(usize) -> bool) -> Vec<(usize, Completion)> {
+        let mut out = Vec::new();
+        self.waiting.retain(|(id, _, _)| {
+            if which(*id) {
+                let mut c = empty();
+                c.finish = Finish::Cancelled;
+                out.push((*id, c));
+            }
+            !which(*id)
+        });
+        let mut i = 0;
+        while i < self.running.len() {
+            if !which(self.running[i].id) {
+                i += 1;
+                continue;
+            }
+            let mut seq = self.running.remove(i);
+            self.free.push(seq.slot);
+            let mut leader = None;
+            for other in &mut self.running {
+                if other.state == State::Follows(seq.id) {
+                    other.state = match leader {
+                        None => State::Prefill(0),
+                        Some(id) => State::Follows(id),
+                    };
+                    leader.get_or_insert(other.id);
+                }
+            }
+            seq.completion.finish = Finish::Cancelled;
+            out.push((seq.id, seq.completion));
+        }
+        out
+    }
+
+    /// One step of the batch; returns the sequences that ended in it. `ends(id, ids,
+    /// logits)` runs after each new token (the sequence's tokens so far, and the row of
+    /// logits it was sampled from); true ends the sequence there, as [`Finish::Cancelled`].
+    ///
+    /// A step prefills at most [`PREFILL_PER_STEP`] prompt tokens (at least one chunk): whole
+    /// chunks of the sequences being prefilled, in the batch's order, so decoding rows are
+    /// not held up by every newcomer's prompt at once and a step stays short (its caller
+    /// looks at its cancel flag between steps).
+    pub fn step(&mut self, ends: Ends) -> Result<Vec<(usize, Completion)>> {
         let mut finished = self.admit()?;
         // rows that sample a token this step, each with the row of `logits` it samples from
         let mut picks: Vec<(usize, usize)> = Vec::new();
@@ -459,12 +509,17 @@ impl<'a> Scheduler<'a> {
             }
         }
 
+        let mut budget = PREFILL_PER_STEP;
         for i in 0..self.running.len() {
             let State::Prefill(done) = self.running[i].state else {
                 continue;
             };
             let seq = &self.running[i];
             let end = seq.prompt.len().min(done + PREFILL_CHUNK);
+            if end - done > budget {
+                continue;
+            }
+            budget -= end - done;
             let chunk = &seq.prompt[done..end];
             // a whole block is kept for later prompts that start with the same tokens
             let mut block = (chunk.len() == BLOCK && self.prefix.budget() > 0).then(Vec::new);
@@ -515,7 +570,7 @@ impl<'a> Scheduler<'a> {
             })
             .collect();
         let mut ended = Vec::new();
-        for (&(i, _), (token, logprob, rng)) in picks.iter().zip(drawn) {
+        for (&(i, row), (token, logprob, rng)) in picks.iter().zip(drawn) {
             let seq = &mut self.running[i];
             seq.rng = rng;
             let c = &mut seq.completion;
@@ -528,7 +583,7 @@ impl<'a> Scheduler<'a> {
                     }
                     None => false,
                 };
-            let cut = !stopped && ends(seq.id, &c.ids);
+            let cut = !stopped && ends(seq.id, &c.ids, &logits[row]);
             if stopped || cut || c.ids.len() >= seq.sampling.max_tokens {
                 c.finish = if stopped {
                     Finish::Stop

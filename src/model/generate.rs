@@ -5,7 +5,7 @@
 use rand::Rng;
 use rand_chacha::ChaCha8Rng;
 
-use super::batching::Scheduler;
+use super::batching::{Ends, Scheduler};
 use super::{Model, Result};
 
 /// How one request is sampled.
@@ -100,14 +100,14 @@ pub fn generate(
         adapters_on,
         decode,
         on_step,
-        &mut |_, _| false,
+        &mut |_, _, _| false,
     )
 }
 
-/// [`generate`], where `ends(i, ids)` also runs after each new token of request `i` (its
-/// tokens so far) and returning true ends that completion there, as [`Finish::Cancelled`]:
-/// how a server stops a row once its text holds a stop string. The adapters are read as
-/// constants: no graph is recorded.
+/// [`generate`], where `ends(i, ids, logits)` also runs after each new token of request `i`
+/// (its tokens so far, and the row of logits it was sampled from) and returning true ends
+/// that completion there, as [`Finish::Cancelled`]: how a server stops a row once its text
+/// holds a stop string. The adapters are read as constants: no graph is recorded.
 pub fn generate_until(
     model: &Model,
     prompts: &[Vec<u32>],
@@ -115,7 +115,7 @@ pub fn generate_until(
     adapters_on: bool,
     decode: Option<Decode>,
     on_step: &mut dyn FnMut(usize) -> bool,
-    ends: &mut dyn FnMut(usize, &[u32]) -> bool,
+    ends: Ends,
 ) -> Result<Vec<Completion>> {
     generate_in(
         &mut Scheduler::new(model, adapters_on, decode),
@@ -133,7 +133,7 @@ pub fn generate_in(
     prompts: &[Vec<u32>],
     requests: &[Sampling],
     on_step: &mut dyn FnMut(usize) -> bool,
-    ends: &mut dyn FnMut(usize, &[u32]) -> bool,
+    ends: Ends,
 ) -> Result<Vec<Completion>> {
     assert_eq!(prompts.len(), requests.len(), "one request per prompt");
     super::linear::no_grad(|| {

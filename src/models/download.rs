@@ -188,7 +188,8 @@ pub async fn npm_tarball(
 /// `dest.part` first; a rerun after an interruption resumes it with a range request (or
 /// starts over where the server ignores ranges). The digest is checked before the file is
 /// moved into place; a mismatch deletes the partial file. Reports bytes to `job` and stops
-/// between chunks when cancelled, keeping the partial file.
+/// when cancelled (within 50 ms, even while the server sends nothing), keeping the partial
+/// file.
 pub async fn download(client: &Client, file: &Published, dest: &Path, job: &Job) -> Result<()> {
     if dest.is_file() && file.digest.of_file(dest)? == file.digest {
         return Ok(());
@@ -231,7 +232,11 @@ async fn fetch_into(
     if have > 0 {
         request = request.header(RANGE, format!("bytes={have}-"));
     }
-    let mut response = request.send().await.map_err(|e| network(url, &e))?;
+    // a server that is slow to answer or stalls mid-body does not hold up a cancellation
+    let mut response = tokio::select! {
+        sent = request.send() => sent.map_err(|e| network(url, &e))?,
+        () = job.cancel.cancelled() => return Err(ModelsError::Cancelled),
+    };
     let status = response.status();
     let resumed = status == StatusCode::PARTIAL_CONTENT && have > 0;
     if !status.is_success() {
@@ -259,15 +264,22 @@ async fn fetch_into(
     };
     job.progress.start_bytes(&label, total.unwrap_or(0));
     job.progress.update(done, "");
-    while let Some(chunk) = response.chunk().await.map_err(|e| network(url, &e))? {
-        out.write_all(&chunk).map_err(|e| io(part, e))?;
-        done += chunk.len() as u64;
-        job.progress.update(done, "");
+    loop {
+        let chunk = tokio::select! {
+            chunk = response.chunk() => chunk.map_err(|e| network(url, &e))?,
+            () = job.cancel.cancelled() => None,
+        };
         if job.check().is_err() {
             out.flush().map_err(|e| io(part, e))?;
             job.progress.finish("interrupted; a rerun resumes");
             return Err(ModelsError::Cancelled);
         }
+        let Some(chunk) = chunk else {
+            break;
+        };
+        out.write_all(&chunk).map_err(|e| io(part, e))?;
+        done += chunk.len() as u64;
+        job.progress.update(done, "");
     }
     out.flush().map_err(|e| io(part, e))?;
     job.progress

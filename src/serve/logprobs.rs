@@ -1,6 +1,7 @@
 //! OpenAI's legacy log-probabilities, as `/v1/completions` returns them with `logprobs: k`
 //! (and `echo` for the prompt's own): each token's text, its log-probability after the
-//! tokens before it, the `k` most likely tokens at its position, and where its text starts.
+//! tokens before it, the `k` most likely tokens at its position, and where its text starts;
+//! and chat's `logprobs.content` entries.
 //! lm-eval's `local-completions` scores a continuation from them (`echo: true, logprobs: 1`),
 //! and so does this crate's endpoint backend.
 
@@ -61,6 +62,22 @@ pub fn score(
         }
         Ok(scores)
     })
+}
+
+/// The score of `token` sampled from a row of `logits` (the model's distribution at
+/// temperature 1), with the `top` most likely tokens: how a streamed reply scores each token
+/// as it comes, from the logits it was sampled from.
+pub fn from_logits(logits: &[f32], token: u32, top: usize) -> TokenScore {
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let sum: f64 = logits.iter().map(|&x| f64::from(x - max).exp()).sum();
+    let log_z = max + sum.ln() as f32;
+    TokenScore {
+        logprob: logits[token as usize] - log_z,
+        top: most_likely(logits, top)
+            .into_iter()
+            .map(|(id, x)| (id, x - log_z))
+            .collect(),
+    }
 }
 
 /// The `k` largest entries of `row` as (index, value), largest first, the lower index
@@ -164,9 +181,44 @@ pub fn legacy(tokenizer: &Tokenizer, entries: &[Entry]) -> Result<Value> {
     }))
 }
 
+/// A log-probability as JSON: vLLM's floor of -9999 for a token the model rules out (JSON
+/// has no infinity).
+fn finite(logprob: f32) -> Value {
+    json!(logprob.max(-9999.0))
+}
+
+/// One token of a chat choice's `logprobs.content`, as OpenAI and vLLM write it: its text,
+/// log-probability, UTF-8 bytes and the `top_logprobs` alternatives (each a text,
+/// log-probability and bytes), most likely first.
+pub fn chat_entry(tokenizer: &Tokenizer, piece: &str, score: &TokenScore) -> Result<Value> {
+    let top = score
+        .top
+        .iter()
+        .map(|&(id, logprob)| {
+            let text = tokenizer.decode(&[id])?;
+            Ok(json!({"token": text, "logprob": finite(logprob), "bytes": text.as_bytes()}))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Ok(
+        json!({"token": piece, "logprob": finite(score.logprob), "bytes": piece.as_bytes(),
+              "top_logprobs": top}),
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_token_is_scored_from_its_logits() {
+        let logits = [1.0f32, 3.0, 2.0, f32::NEG_INFINITY];
+        let score = from_logits(&logits, 2, 2);
+        let log_z = (1f64.exp() + 3f64.exp() + 2f64.exp()).ln() as f32;
+        assert!((score.logprob - (2.0 - log_z)).abs() < 1e-6);
+        assert_eq!(score.top.iter().map(|t| t.0).collect::<Vec<_>>(), [1, 2]);
+        assert!((score.top[0].1 - (3.0 - log_z)).abs() < 1e-6);
+        assert_eq!(finite(from_logits(&logits, 3, 0).logprob), json!(-9999.0));
+    }
 
     #[test]
     fn the_most_likely_come_first_and_ties_keep_the_lower_index() {

@@ -18,7 +18,9 @@
 //! and stop texts) in one continuous batch ([`Scheduler`]): a request joins the running
 //! batch at the next step, as soon as slots are free, and is answered when its last row
 //! ends, so concurrent clients share decoding steps and a short request does not wait for a
-//! long one to finish.
+//! long one to finish. A request whose client leaves (a failed write to its stream, or its
+//! connection seen closed in the kernel's table of sockets while it waits) has its rows, and
+//! only those, ended before the next step.
 
 pub mod logprobs;
 pub mod lora;
@@ -39,6 +41,7 @@ use crate::model::batching::Scheduler;
 use crate::model::generate::{Completion, Finish, Sampling};
 use crate::model::lm::LanguageModel;
 use crate::model::tokenizer::Tokenizer;
+use crate::progress::Cancel;
 use logprobs::{Entry, TokenScore};
 use lora::{Adapter, Adapters};
 use request::{BadRequest, GenerationRequest, Prompt};
@@ -120,6 +123,8 @@ pub fn serve(
         context: options.max_model_len.or_else(|| lm.model.context_length()),
         max_tokens: options.max_tokens,
         longest_token: lm.tokenizer.longest_token_bytes(),
+        port: bound.port(),
+        sockets: Arc::default(),
     });
     let (jobs, queue) = mpsc::channel::<Job>();
     let max_batch = options.max_batch.max(1);
@@ -201,6 +206,10 @@ struct Context {
     longest_token: usize,
     /// `--max-tokens`: the most new tokens a request may ask for.
     max_tokens: Option<usize>,
+    /// The port the server listens on, to find a client's connection in the kernel's table.
+    port: u16,
+    /// That table, shared by every waiting request.
+    sockets: Arc<Sockets>,
 }
 
 /// One HTTP request's rows, sent to the generation thread; the results come back on
@@ -214,9 +223,24 @@ struct Job {
     /// The adapter the request named (`None`: the served model as loaded).
     adapter: Option<Arc<Adapter>>,
     reply: Sender<Result<Vec<Row>, String>>,
-    /// With `stream`: each row's new tokens as they come, `(row, token)`; a row ends once
-    /// the receiver is gone (its client has left).
-    tokens: Option<Sender<(usize, u32)>>,
+    /// With `stream`: each row's new tokens as they come (scored from the logits they were
+    /// sampled from when `scoring` asks); a row ends once the receiver is gone.
+    tokens: Option<Sender<Streamed>>,
+    /// Set once the client has left: the generation thread ends the request's rows, and
+    /// only its own, before its next step.
+    cancel: Cancel,
+}
+
+/// A new token of a streamed row.
+struct Streamed {
+    /// The row's index in its request.
+    row: usize,
+    token: u32,
+    /// Its score, when the request asks for log-probabilities.
+    score: Option<TokenScore>,
+    /// Whether it completes a stop text: its text is not sent as it comes (the last chunk
+    /// sends the text before the stop text).
+    stop: bool,
 }
 
 /// What a request wants scored.
@@ -286,20 +310,55 @@ impl<'a> Batch<'a> {
         self.next_request += 1;
     }
 
+    /// Ends the rows of every request whose client has left (the rows of the requests
+    /// beside it, a shared prompt's included, run on); it gets no answer.
+    fn drop_cancelled(&mut self) {
+        let gone: Vec<usize> = (self.running.iter())
+            .filter(|(_, request)| request.job.cancel.is_cancelled())
+            .map(|(&id, _)| id)
+            .collect();
+        if gone.is_empty() {
+            return;
+        }
+        let rows = &self.rows;
+        let ended = self
+            .scheduler
+            .cancel(&|row| rows.get(&row).is_some_and(|(id, _)| gone.contains(id)));
+        for (row, _) in ended {
+            self.rows.remove(&row);
+        }
+        for id in gone {
+            self.running.remove(&id);
+        }
+    }
+
     /// One decoding step; answers every request whose last row ended (scored first when
     /// it asks for log-probabilities). A step that fails fails the requests running in it.
     fn step(&mut self) {
+        self.drop_cancelled();
+        if self.is_idle() {
+            return;
+        }
         let (lm, running, rows) = (self.lm, &self.running, &self.rows);
         let step = crate::model::linear::no_grad(|| {
-            self.scheduler.step(&mut |row, ids| {
+            self.scheduler.step(&mut |row, ids, logits| {
                 let (id, r) = rows[&row];
                 let job = &running[&id].job;
-                let last = *ids.last().expect("a new token");
-                ends_with_stop(&lm.tokenizer, ids, &job.stop)
-                    || job
-                        .tokens
-                        .as_ref()
-                        .is_some_and(|t| t.send((r, last)).is_err())
+                let token = *ids.last().expect("a new token");
+                let stop = ends_with_stop(&lm.tokenizer, ids, &job.stop);
+                let left = job.tokens.as_ref().is_some_and(|tokens| {
+                    let score = job
+                        .scoring
+                        .map(|s| logprobs::from_logits(logits, token, s.top));
+                    let streamed = Streamed {
+                        row: r,
+                        token,
+                        score,
+                        stop,
+                    };
+                    tokens.send(streamed).is_err()
+                });
+                left || stop
             })
         });
         let ended = match step {
@@ -398,7 +457,8 @@ fn scored(lm: &LanguageModel, request: &Running) -> crate::model::Result<Vec<Row
         .zip(&request.completions)
         .map(|((prompt, _), completion)| {
             let completion = completion.clone().expect("every row ended");
-            let scores = match job.scoring {
+            // a streamed request's tokens were scored as they came
+            let scores = match job.scoring.filter(|_| job.tokens.is_none()) {
                 Some(scoring) => {
                     let whole: Vec<u32> = prompt.iter().chain(&completion.ids).copied().collect();
                     let from = if scoring.prompt { 1 } else { prompt.len() };
@@ -518,11 +578,12 @@ fn answer(
                 .get("return_tokens_as_token_ids")
                 .and_then(Value::as_bool)
                 .unwrap_or(false);
+            let peer = Peer::of(request, context);
             if parsed.stream {
-                *events = Some(start_stream(context, jobs, &parsed, chat, adapter)?);
+                *events = Some(start_stream(context, jobs, &parsed, chat, adapter, peer)?);
                 return Ok((200, Value::Null));
             }
-            complete(context, jobs, &parsed, chat, adapter, token_ids)
+            complete(context, jobs, &parsed, chat, adapter, token_ids, peer)
         }
         (Method::Post, "/v1/load_lora_adapter" | "/v1/unload_lora_adapter") => {
             lora_route(request, route, context)
@@ -659,6 +720,7 @@ fn complete(
     chat: bool,
     adapter: Option<Arc<Adapter>>,
     token_ids: bool,
+    mut peer: Peer,
 ) -> Result<Answer, Answer> {
     let (prompt_ids, rows) = request_rows(context, request)?;
     let tokenizer = &context.tokenizer;
@@ -670,6 +732,7 @@ fn complete(
         top,
     });
     let model = adapter.as_ref().map_or(&context.name, |a| &a.name).clone();
+    let cancel = Cancel::new();
     jobs.send(Job {
         rows,
         stop,
@@ -677,12 +740,28 @@ fn complete(
         adapter,
         reply,
         tokens: None,
+        cancel: cancel.clone(),
     })
     .map_err(|_| server_error("the generation thread has stopped".into()))?;
-    let results = results
-        .recv()
-        .map_err(|_| server_error("the generation thread has stopped".into()))?
-        .map_err(|e| server_error(format!("generation failed: {e}")))?;
+    let results = loop {
+        match results.recv_timeout(Peer::POLL) {
+            Ok(results) => break results,
+            Err(mpsc::RecvTimeoutError::Timeout) if peer.left() => {
+                cancel.cancel();
+                return Err(error(
+                    499,
+                    "client_closed_request",
+                    None,
+                    "the client closed the connection; its rows were stopped",
+                ));
+            }
+            Err(mpsc::RecvTimeoutError::Timeout) => {}
+            Err(mpsc::RecvTimeoutError::Disconnected) => {
+                return Err(server_error("the generation thread has stopped".into()))
+            }
+        }
+    }
+    .map_err(|e| server_error(format!("generation failed: {e}")))?;
     let mut choices = Vec::with_capacity(results.len());
     let mut completion_tokens = 0;
     for (index, row) in results.iter().enumerate() {
@@ -691,9 +770,14 @@ fn complete(
             finish_text(tokenizer, &row.completion, &request.stop).map_err(decoding)?;
         completion_tokens += tokens;
         if chat {
+            let logprobs = match request.logprobs {
+                Some(_) => json!({"content": chat_logprobs(tokenizer, shown, &text, &row.scores)
+                    .map_err(decoding)?}),
+                None => Value::Null,
+            };
             choices.push(
                 json!({"index": index, "message": {"role": "assistant", "content": text},
-                   "finish_reason": finish, "logprobs": null}),
+                   "finish_reason": finish, "logprobs": logprobs}),
             );
             continue;
         }
@@ -822,16 +906,39 @@ fn request_rows(
 
 /// A streamed request's replies as the generation thread sends them.
 struct Events {
-    tokens: Receiver<(usize, u32)>,
+    tokens: Receiver<Streamed>,
     results: Receiver<Result<Vec<Row>, String>>,
     tokenizer: Tokenizer,
     stop: Vec<String>,
     chat: bool,
     id: String,
     created: u64,
+    /// The served model's name, or the adapter's the request named.
     model: String,
-    /// Per row: its tokens so far and the text sent.
-    rows: Vec<(Vec<u32>, String)>,
+    /// Whether the request asks for log-probabilities.
+    logprobs: bool,
+    /// With `stream_options.include_usage`: the prompts' tokens, for the last chunk's
+    /// `usage`.
+    usage: Option<usize>,
+    rows: Vec<StreamRow>,
+    /// Set when the client leaves: the generation thread ends the request's rows.
+    cancel: Cancel,
+    peer: Peer,
+}
+
+/// One row of a streamed request so far.
+#[derive(Debug, Clone, Default)]
+struct StreamRow {
+    ids: Vec<u32>,
+    /// The text sent.
+    sent: String,
+    /// The tokens' scores, when the request asks for log-probabilities.
+    scores: Vec<TokenScore>,
+    /// Tokens whose log-probabilities were sent.
+    reported: usize,
+    /// Characters of the reported tokens' texts: where the next one starts
+    /// (`text_offset`).
+    offset: usize,
 }
 
 /// Queues a `stream: true` request's rows, their tokens to come back one at a time.
@@ -841,18 +948,22 @@ fn start_stream(
     request: &GenerationRequest,
     chat: bool,
     adapter: Option<Arc<Adapter>>,
+    peer: Peer,
 ) -> Result<Events, Answer> {
-    let (_, rows) = request_rows(context, request)?;
+    let (prompt_ids, rows) = request_rows(context, request)?;
     let (reply, results) = mpsc::channel();
     let (tokens_to, tokens) = mpsc::channel();
     let count = rows.len();
+    let model = adapter.as_ref().map_or(&context.name, |a| &a.name).clone();
+    let cancel = Cancel::new();
     jobs.send(Job {
         rows,
         stop: request.stop.clone(),
-        scoring: None,
+        scoring: request.logprobs.map(|top| Scoring { prompt: false, top }),
         adapter,
         reply,
         tokens: Some(tokens_to),
+        cancel: cancel.clone(),
     })
     .map_err(|_| {
         error(
@@ -871,17 +982,25 @@ fn start_stream(
         chat,
         id: format!("{id_prefix}-{:016x}", rand::random::<u64>()),
         created: unix_time(),
-        model: context.name.clone(),
-        rows: vec![(vec![], String::new()); count],
+        model,
+        logprobs: request.logprobs.is_some(),
+        usage: request
+            .include_usage
+            .then(|| prompt_ids.iter().map(Vec::len).sum()),
+        rows: vec![StreamRow::default(); count],
+        cancel,
+        peer,
     })
 }
 
 /// Answers a streamed request on its own connection, as OpenAI's API does: server-sent
 /// events, a chunk with each row's new text as its tokens come (text held back while it
-/// could still be the start of a stop text, or half a character), a last chunk per row with
-/// its finish reason, then `data: [DONE]`; the connection closes after it. A write that fails
-/// (the client has left) drops the token channel, which ends the request's rows at their
-/// next token. Returns a note for the log.
+/// could still be the start of a stop text, or half a character; with `logprobs`, the
+/// scores of the tokens the text comes from), a last chunk per row with its finish reason,
+/// with `stream_options.include_usage` a chunk of no choices with the request's `usage`,
+/// then `data: [DONE]`; the connection closes after it. When the client leaves (a write
+/// fails, or the kernel shows its end of the connection closed) the request's rows end
+/// before the next step. Returns a note for the log.
 fn stream_events(request: tiny_http::Request, mut events: Events) -> String {
     let mut out = request.into_writer();
     let head = "HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: no-cache\r\n\
@@ -889,14 +1008,30 @@ fn stream_events(request: tiny_http::Request, mut events: Events) -> String {
     let send = |out: &mut Box<dyn Write + Send>, chunk: &str| {
         out.write_all(chunk.as_bytes()).and_then(|()| out.flush())
     };
+    let left = |events: &Events| {
+        events.cancel.cancel();
+        "(stream: the client left)".to_string()
+    };
     if send(&mut out, head).is_err() {
-        return "(stream: the client left)".into();
+        return left(&events);
     }
     let hold = events.stop.iter().map(String::len).max().unwrap_or(1) - 1;
-    while let Ok((row, token)) = events.tokens.recv() {
-        let (ids, sent) = &mut events.rows[row];
-        ids.push(token);
-        let Ok(text) = events.tokenizer.decode(ids) else {
+    loop {
+        let streamed = match events.tokens.recv_timeout(Peer::POLL) {
+            Ok(streamed) => streamed,
+            Err(mpsc::RecvTimeoutError::Timeout) if events.peer.left() => return left(&events),
+            Err(mpsc::RecvTimeoutError::Timeout) => continue,
+            // every row has ended
+            Err(mpsc::RecvTimeoutError::Disconnected) => break,
+        };
+        let index = streamed.row;
+        let row = &mut events.rows[index];
+        row.ids.push(streamed.token);
+        row.scores.extend(streamed.score);
+        if streamed.stop {
+            continue;
+        }
+        let Ok(text) = events.tokenizer.decode(&row.ids) else {
             continue;
         };
         let mut end = text.len().saturating_sub(hold);
@@ -904,33 +1039,46 @@ fn stream_events(request: tiny_http::Request, mut events: Events) -> String {
             end -= 1;
         }
         let shown = text[..end].trim_end_matches('\u{FFFD}');
-        if shown.len() <= sent.len() || !shown.starts_with(sent.as_str()) {
+        if shown.len() <= row.sent.len() || !shown.starts_with(row.sent.as_str()) {
             continue;
         }
-        let first = sent.is_empty();
-        let delta = shown[sent.len()..].to_string();
-        *sent = shown.to_string();
-        let chunk = events.chunk(row, Some(&delta), None, first);
+        let first = row.sent.is_empty();
+        let delta = shown[row.sent.len()..].to_string();
+        row.sent = shown.to_string();
+        let upto = row.ids.len();
+        let chunk = match events.report(index, upto) {
+            Ok(logprobs) => events.chunk(index, Some(&delta), None, first, logprobs),
+            Err(e) => return format!("(stream: decoding failed: {e})"),
+        };
         if send(&mut out, &chunk).is_err() {
-            return "(stream: the client left)".into();
+            return left(&events);
         }
     }
-    // every row has ended
     let mut tail = String::new();
     let note = match events.results.recv() {
         Ok(Ok(rows)) => {
             let mut tokens = 0;
             for (index, row) in rows.iter().enumerate() {
-                let Ok((text, finish, n, _)) =
+                let Ok((text, finish, n, shown)) =
                     finish_text(&events.tokenizer, &row.completion, &events.stop)
                 else {
                     continue;
                 };
                 tokens += n;
-                let sent = events.rows[index].1.as_str();
-                let rest = text.strip_prefix(sent).unwrap_or("");
+                let sent = events.rows[index].sent.clone();
+                let rest = text.strip_prefix(sent.as_str()).unwrap_or("");
                 let rest = Some(rest).filter(|r| !r.is_empty());
-                tail += &events.chunk(index, rest, Some(finish), sent.is_empty());
+                let upto = match kept_tokens(&events.tokenizer, shown, &text) {
+                    Ok(upto) => upto,
+                    Err(e) => return format!("(stream: decoding failed: {e})"),
+                };
+                let logprobs = events.report(index, upto).unwrap_or(Value::Null);
+                tail += &events.chunk(index, rest, Some(finish), sent.is_empty(), logprobs);
+            }
+            if let Some(prompt_tokens) = events.usage {
+                let usage = json!({"prompt_tokens": prompt_tokens, "completion_tokens": tokens,
+                                   "total_tokens": prompt_tokens + tokens});
+                tail += &format!("data: {}\n\n", events.envelope(json!([]), usage));
             }
             format!(
                 "(stream: {} choices, {tokens} completion tokens)",
@@ -949,10 +1097,79 @@ fn stream_events(request: tiny_http::Request, mut events: Events) -> String {
     note
 }
 
+/// How many of a sample's `shown` tokens its `text` keeps: those that start before a stop
+/// text cut it.
+fn kept_tokens(tokenizer: &Tokenizer, shown: &[u32], text: &str) -> crate::model::Result<usize> {
+    let pieces = logprobs::pieces(tokenizer, shown)?;
+    if pieces.iter().map(String::len).sum::<usize>() <= text.len() {
+        return Ok(shown.len());
+    }
+    let mut start = 0;
+    Ok(pieces
+        .iter()
+        .take_while(|piece| {
+            let kept = start < text.len();
+            start += piece.len();
+            kept
+        })
+        .count())
+}
+
 impl Events {
+    /// The `logprobs` of row `index`'s tokens from the last reported one up to `upto`, as a
+    /// chunk carries them (`null` when the request asks for none): chat's `content`
+    /// entries, or the legacy lists of `/v1/completions` with each token's `text_offset`
+    /// counted from the row's first token.
+    fn report(&mut self, index: usize, upto: usize) -> crate::model::Result<Value> {
+        if !self.logprobs {
+            return Ok(Value::Null);
+        }
+        let row = &mut self.rows[index];
+        let upto = upto.min(row.scores.len()).max(row.reported);
+        let from = row.reported;
+        // a few tokens before give the first ones their context (a leading space, the
+        // rest of a character)
+        let context = from.saturating_sub(8);
+        let pieces = logprobs::pieces(&self.tokenizer, &row.ids[context..upto])?;
+        let pieces = &pieces[from - context..];
+        let scores = &row.scores[from..upto];
+        row.reported = upto;
+        if self.chat {
+            let content = pieces
+                .iter()
+                .zip(scores)
+                .map(|(piece, score)| logprobs::chat_entry(&self.tokenizer, piece, score))
+                .collect::<crate::model::Result<Vec<_>>>()?;
+            return Ok(json!({ "content": content }));
+        }
+        let entries: Vec<Entry> = (row.ids[from..upto].iter())
+            .zip(pieces)
+            .zip(scores)
+            .map(|((&id, piece), score)| Entry {
+                id,
+                piece: piece.clone(),
+                score: Some(score),
+            })
+            .collect();
+        let mut legacy = logprobs::legacy(&self.tokenizer, &entries)?;
+        for offset in legacy["text_offset"].as_array_mut().into_iter().flatten() {
+            *offset = json!(offset.as_u64().unwrap_or(0) as usize + row.offset);
+        }
+        row.offset += pieces.iter().map(|p| p.chars().count()).sum::<usize>();
+        Ok(legacy)
+    }
+
     /// One server-sent event: a chunk of row `index` with new `text` and, on its last one,
-    /// its `finish` reason; a chat's `first` chunk of a row names the role.
-    fn chunk(&self, index: usize, text: Option<&str>, finish: Option<&str>, first: bool) -> String {
+    /// its `finish` reason and the `logprobs` of its tokens; a chat's `first` chunk of a row
+    /// names the role.
+    fn chunk(
+        &self,
+        index: usize,
+        text: Option<&str>,
+        finish: Option<&str>,
+        first: bool,
+        logprobs: Value,
+    ) -> String {
         let choice = if self.chat {
             let mut delta = json!({});
             if first {
@@ -961,19 +1178,135 @@ impl Events {
             if let Some(text) = text {
                 delta["content"] = json!(text);
             }
-            json!({"index": index, "delta": delta, "finish_reason": finish, "logprobs": null})
+            json!({"index": index, "delta": delta, "finish_reason": finish, "logprobs": logprobs})
         } else {
             json!({"index": index, "text": text.unwrap_or(""), "finish_reason": finish,
-                   "logprobs": null})
+                   "logprobs": logprobs})
         };
+        format!("data: {}\n\n", self.envelope(json!([choice]), Value::Null))
+    }
+
+    /// A chunk with `choices` around them; with `include_usage` every chunk has a `usage`
+    /// (null until the last), as OpenAI sends them.
+    fn envelope(&self, choices: Value, usage: Value) -> Value {
         let object = if self.chat {
             "chat.completion.chunk"
         } else {
             "text_completion"
         };
-        let chunk = json!({"id": self.id, "object": object, "created": self.created,
-                           "model": self.model, "choices": [choice]});
-        format!("data: {chunk}\n\n")
+        let mut chunk = json!({"id": self.id, "object": object, "created": self.created,
+                               "model": self.model, "choices": choices});
+        if self.usage.is_some() {
+            chunk["usage"] = usage;
+        }
+        chunk
+    }
+}
+
+/// A client's TCP connection as the kernel's table of sockets (`/proc/net/tcp`, `tcp6`)
+/// shows it, so that a request waiting for its rows learns when the client has closed its
+/// end (tiny_http hands out no socket to look at). Where there is no such table (not
+/// Linux) no client is ever seen to leave, and a client that shuts down only its sending
+/// half would be taken as gone.
+struct Peer {
+    /// The server's port.
+    port: u16,
+    sockets: Arc<Sockets>,
+    /// The client's address as the table writes it, `None` when unknown.
+    remote: Option<Vec<String>>,
+    /// Whether the connection was found open once (a connection never found is never
+    /// taken as gone).
+    seen: bool,
+}
+
+impl Peer {
+    /// How often a waiting request looks.
+    const POLL: Duration = Duration::from_millis(500);
+
+    /// The peer of `request` on the server of `context`.
+    fn of(request: &tiny_http::Request, context: &Context) -> Self {
+        let remote = request.remote_addr().map(|addr| {
+            let port = addr.port();
+            let words = |octets: &[u8]| -> String {
+                (octets.chunks(4))
+                    .map(|w| format!("{:08X}", u32::from_ne_bytes([w[0], w[1], w[2], w[3]])))
+                    .collect()
+            };
+            match addr.ip().to_canonical() {
+                std::net::IpAddr::V4(ip) => vec![
+                    format!("{}:{port:04X}", words(&ip.octets())),
+                    format!("{}:{port:04X}", words(&ip.to_ipv6_mapped().octets())),
+                ],
+                std::net::IpAddr::V6(ip) => vec![format!("{}:{port:04X}", words(&ip.octets()))],
+            }
+        });
+        Peer {
+            port: context.port,
+            sockets: context.sockets.clone(),
+            remote,
+            seen: false,
+        }
+    }
+
+    /// Whether the client has closed its end: the server's socket to it waits to close
+    /// (`CLOSE_WAIT`), or is gone after it was seen open.
+    fn left(&mut self) -> bool {
+        let Some(remote) = &self.remote else {
+            return false;
+        };
+        let mut state = None;
+        let text = self.sockets.read();
+        for line in text
+            .lines()
+            .filter(|l| remote.iter().any(|r| l.contains(r)))
+        {
+            // sl local_address rem_address st ...
+            let fields: Vec<&str> = line.split_whitespace().take(4).collect();
+            let [_, local, rem, st] = fields[..] else {
+                continue;
+            };
+            let local_port = local
+                .rsplit(':')
+                .next()
+                .and_then(|p| u16::from_str_radix(p, 16).ok());
+            if local_port == Some(self.port) && remote.iter().any(|r| r == rem) {
+                state = u8::from_str_radix(st, 16).ok();
+            }
+        }
+        const CLOSE_WAIT: u8 = 0x08;
+        match state {
+            Some(CLOSE_WAIT) => true,
+            Some(_) => {
+                self.seen = true;
+                false
+            }
+            None => self.seen,
+        }
+    }
+}
+
+/// The kernel's tables of TCP sockets (`/proc/net/tcp` and `tcp6`), read at most once per
+/// [`Peer::POLL`] however many requests wait: one read costs milliseconds of kernel time on a
+/// machine with many sockets, too much to spend for each request.
+#[derive(Default)]
+struct Sockets(std::sync::Mutex<Option<(Instant, Arc<String>)>>);
+
+impl Sockets {
+    /// The tables' text, read again when the last read is older than [`Peer::POLL`].
+    fn read(&self) -> Arc<String> {
+        let mut cached = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((at, text)) = cached.as_ref() {
+            if at.elapsed() < Peer::POLL {
+                return text.clone();
+            }
+        }
+        let mut text = String::new();
+        for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
+            text += &std::fs::read_to_string(table).unwrap_or_default();
+        }
+        let text = Arc::new(text);
+        *cached = Some((Instant::now(), text.clone()));
+        text
     }
 }
 
@@ -1133,6 +1466,28 @@ fn choice_logprobs(
         });
     }
     logprobs::legacy(tokenizer, &entries)
+}
+
+/// The `logprobs.content` of a chat choice: an entry per token of the sample's text (those
+/// that start before a stop text cut it), scored by `scores`.
+fn chat_logprobs(
+    tokenizer: &Tokenizer,
+    shown: &[u32],
+    text: &str,
+    scores: &[TokenScore],
+) -> crate::model::Result<Vec<Value>> {
+    let pieces = logprobs::pieces(tokenizer, shown)?;
+    let cut = pieces.iter().map(String::len).sum::<usize>() > text.len();
+    let mut entries = Vec::new();
+    let mut start = 0;
+    for (piece, score) in pieces.iter().zip(scores) {
+        if cut && start >= text.len() {
+            break;
+        }
+        start += piece.len();
+        entries.push(logprobs::chat_entry(tokenizer, piece, score)?);
+    }
+    Ok(entries)
 }
 
 /// vLLM's `return_tokens_as_token_ids`: the `logprobs` of a `/v1/completions` choice with

@@ -70,13 +70,17 @@ pub struct GenerationRequest {
     /// Whether the reply comes as server-sent events, a chunk per new token (OpenAI's
     /// `stream`).
     pub stream: bool,
+    /// With `stream`: a last chunk before `[DONE]` carries the request's `usage` (OpenAI's
+    /// `stream_options: {"include_usage": true}`).
+    pub include_usage: bool,
     /// Texts that end a sample.
     pub stop: Vec<String>,
     /// `/v1/completions`: the prompt is returned before each sample (and with `max_tokens:
     /// 0` alone, scored but not continued).
     pub echo: bool,
-    /// `/v1/completions`: log-probabilities are returned, with this many most likely
-    /// alternatives at each position (`None`: no log-probabilities).
+    /// Log-probabilities are returned, with this many most likely alternatives at each
+    /// position (`None`: no log-probabilities): `/v1/completions`' `logprobs: k`, chat's
+    /// `logprobs: true` with `top_logprobs: k`.
     pub logprobs: Option<usize>,
 }
 
@@ -98,19 +102,26 @@ pub fn chat(body: &Value) -> Result<GenerationRequest, BadRequest> {
         }
         None => return Err(BadRequest::field("messages", "is required")),
     };
-    if let Some(v) = fields
-        .get("logprobs")
-        .filter(|v| !matches!(v, Value::Null | Value::Bool(false)))
-    {
-        return Err(BadRequest::field(
-            "logprobs",
-            format!(
-                "{v} asked for; log-probabilities are returned by /v1/completions \
-                 (`logprobs`, with `echo` for the prompt's), not by chat"
-            ),
-        ));
-    }
-    sampling(fields, vec![Prompt::Chat(messages)], 1)
+    let logprobs = match fields.get("logprobs") {
+        None | Some(Value::Null) => false,
+        Some(Value::Bool(b)) => *b,
+        Some(v) => {
+            return Err(BadRequest::field(
+                "logprobs",
+                format!("{v} is not true or false"),
+            ))
+        }
+    };
+    let top = match fields.get("top_logprobs") {
+        None | Some(Value::Null) => 0,
+        Some(_) if !logprobs => {
+            return Err(BadRequest::field("top_logprobs", "needs `logprobs: true`"))
+        }
+        Some(v) => count(v, "top_logprobs", 0, MAX_LOGPROBS)?,
+    };
+    let mut request = sampling(fields, vec![Prompt::Chat(messages)], 1)?;
+    request.logprobs = logprobs.then_some(top);
+    Ok(request)
 }
 
 /// Reads a `/v1/completions` body: `prompt` is text, a list of texts, token ids, or a list
@@ -164,10 +175,10 @@ pub fn completion(body: &Value) -> Result<GenerationRequest, BadRequest> {
     }
     // OpenAI's legacy convention: `max_tokens: 0` with `echo` scores the prompt alone
     let mut request = sampling(fields, prompts, if echo { 0 } else { 1 })?;
-    if request.stream && (echo || logprobs.is_some()) {
+    if request.stream && echo {
         return Err(BadRequest::field(
             "stream",
-            "cannot be combined with `echo` or `logprobs`",
+            "cannot be combined with `echo`",
         ));
     }
     request.echo = echo;
@@ -248,6 +259,31 @@ fn sampling(
         }
     };
     let present = |key: &str| fields.get(key).filter(|v| !v.is_null());
+    let include_usage = match present("stream_options") {
+        None => false,
+        Some(_) if !stream => {
+            return Err(BadRequest::field(
+                "stream_options",
+                "is allowed only with `stream: true`",
+            ))
+        }
+        Some(Value::Object(options)) => match options.get("include_usage") {
+            None | Some(Value::Null) => false,
+            Some(Value::Bool(b)) => *b,
+            Some(v) => {
+                return Err(BadRequest::field(
+                    "stream_options.include_usage",
+                    format!("{v} is not true or false"),
+                ))
+            }
+        },
+        Some(v) => {
+            return Err(BadRequest::field(
+                "stream_options",
+                format!("{v} is not an object"),
+            ))
+        }
+    };
     let max_tokens = match (present("max_tokens"), present("max_completion_tokens")) {
         (Some(v), _) => count(v, "max_tokens", min_tokens, usize::MAX)?,
         (None, Some(v)) => count(v, "max_completion_tokens", min_tokens, usize::MAX)?,
@@ -331,6 +367,7 @@ fn sampling(
         n,
         seed,
         stream,
+        include_usage,
         stop: stop.into_iter().filter(|s| !s.is_empty()).collect(),
         echo: false,
         logprobs: None,
@@ -446,9 +483,42 @@ mod tests {
             "stream"
         );
         assert_eq!(
-            param_of(chat(&json!({"messages": m, "logprobs": true}))),
+            param_of(chat(&json!({"messages": m, "logprobs": 1}))),
             "logprobs"
         );
+        assert_eq!(
+            param_of(chat(&json!({"messages": m, "top_logprobs": 2}))),
+            "top_logprobs"
+        );
+        assert_eq!(
+            param_of(chat(
+                &json!({"messages": m, "logprobs": true, "top_logprobs": 21})
+            )),
+            "top_logprobs"
+        );
+        assert_eq!(
+            param_of(chat(
+                &json!({"messages": m, "stream_options": {"include_usage": true}})
+            )),
+            "stream_options"
+        );
+        assert_eq!(
+            param_of(completion(
+                &json!({"prompt": "x", "stream": true, "echo": true})
+            )),
+            "stream"
+        );
+        let r = chat(
+            &json!({"messages": m, "logprobs": true, "top_logprobs": 3, "stream": true,
+                             "stream_options": {"include_usage": true}}),
+        )
+        .unwrap();
+        assert_eq!(
+            (r.logprobs, r.stream, r.include_usage),
+            (Some(3), true, true)
+        );
+        let r = completion(&json!({"prompt": "x", "stream": true, "logprobs": 2})).unwrap();
+        assert_eq!((r.logprobs, r.include_usage), (Some(2), false));
         assert_eq!(param_of(chat(&json!({"messages": []}))), "messages");
         assert_eq!(param_of(chat(&json!({"prompt": "x"}))), "messages");
         assert_eq!(

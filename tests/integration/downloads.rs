@@ -5,15 +5,17 @@
 //! the `rlvr models` commands and `model(alias)` say what to run.
 
 use std::collections::HashMap;
+use std::io::{Read, Write};
 use std::path::PathBuf;
 use std::process::Command;
 use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
 use candle_core::Device;
 use rlvr::model::lm::LanguageModel;
 use rlvr::models::download::{self, Digest, Published};
 use rlvr::models::{Hub, ModelsError, Store};
-use rlvr::progress::Job;
+use rlvr::progress::{Cancel, Job, Progress};
 use sha2::{Digest as _, Sha256};
 
 use crate::repo;
@@ -162,8 +164,14 @@ fn a_cancelled_download_keeps_its_part_for_the_rerun() {
     let server = Server::start(HashMap::from([("/f.bin".to_string(), bytes.clone())]), true);
     let dest = temp("cancel").join("f.bin");
     let file = published(format!("{}/f.bin", server.url), &bytes);
-    let job = Job::silent();
-    job.cancel.cancel();
+    // cancelled once the first bytes are written
+    let cancel = Cancel::new();
+    let job = Job {
+        progress: Arc::new(CancelAt {
+            cancel: cancel.clone(),
+        }),
+        cancel,
+    };
     let client = download::client().unwrap();
     let err = download::block_on(download::download(&client, &file, &dest, &job))
         .unwrap()
@@ -183,6 +191,59 @@ fn a_cancelled_download_keeps_its_part_for_the_rerun() {
             .as_deref(),
         Some(format!("bytes={kept}-").as_str())
     );
+}
+
+/// Cancels its job once any bytes are done.
+struct CancelAt {
+    cancel: Cancel,
+}
+
+impl Progress for CancelAt {
+    fn start(&self, _: &str, _: u64) {}
+    fn update(&self, done: u64, _: &str) {
+        if done > 0 {
+            self.cancel.cancel();
+        }
+    }
+    fn finish(&self, _: &str) {}
+}
+
+#[test]
+fn a_download_from_a_stalled_server_stops_within_a_second_of_its_cancel() {
+    // the server sends the headers and the first 1,000 of 300,000 bytes, then nothing
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}/f.bin", listener.local_addr().unwrap());
+    std::thread::spawn(move || {
+        let (mut socket, _) = listener.accept().unwrap();
+        let mut request = [0u8; 4096];
+        let _ = socket.read(&mut request);
+        let head = "HTTP/1.1 200 OK\r\nContent-Length: 300000\r\n\r\n";
+        let _ = socket.write_all(head.as_bytes());
+        let _ = socket.write_all(&[7u8; 1000]);
+        std::thread::sleep(std::time::Duration::from_secs(60));
+    });
+    let dest = temp("stalled").join("f.bin");
+    let file = published(url, &body());
+    let job = Job::silent();
+    let cancel = job.cancel.clone();
+    let cancelled_at = std::thread::spawn(move || {
+        std::thread::sleep(std::time::Duration::from_millis(500));
+        cancel.cancel();
+        Instant::now()
+    });
+    let client = download::client().unwrap();
+    let err = download::block_on(download::download(&client, &file, &dest, &job))
+        .unwrap()
+        .unwrap_err();
+    let stopped = cancelled_at.join().unwrap().elapsed();
+    assert!(matches!(err, ModelsError::Cancelled), "{err}");
+    assert!(
+        stopped.as_secs_f64() < 1.0,
+        "stopped {:.2} s after the cancel",
+        stopped.as_secs_f64()
+    );
+    let kept = std::fs::metadata(download::part_path(&dest)).unwrap().len();
+    assert_eq!(kept, 1000, "the bytes that came are kept");
 }
 
 #[test]

@@ -239,7 +239,7 @@ fn a_caller_can_end_one_row_by_its_tokens() {
         false,
         None,
         &mut |_| true,
-        &mut |row, ids| row == 0 && ids.len() == 4,
+        &mut |row, ids, _| row == 0 && ids.len() == 4,
     )
     .unwrap();
     assert_eq!(
@@ -320,8 +320,10 @@ fn a_long_prompt_is_prefilled_in_chunks_that_change_nothing_and_can_cancel() {
         true
     })
     .unwrap();
-    // one call per step: the longer prompt's three chunks (its first token comes with the
-    // last), then its five more tokens
+    // one call per step, each row prefilling one chunk a step (both fit in a step's
+    // PREFILL_PER_STEP): the shorter prompt's two chunks in steps 1-2 (its first token
+    // comes with the last), the longer one's three in steps 1-3; then five more tokens
+    // each (steps 3-7 and 4-8)
     assert_eq!(calls, (1..=8).collect::<Vec<usize>>());
     for (prompt, c) in prompts.iter().zip(&batch) {
         // the sampled tokens' log-probabilities from one unchunked forward
@@ -344,7 +346,7 @@ fn a_long_prompt_is_prefilled_in_chunks_that_change_nothing_and_can_cancel() {
         &prompts,
         &requests,
         &mut |_| false,
-        &mut |_, _| false,
+        &mut |_, _, _| false,
     )
     .unwrap();
     for c in stopped {
@@ -488,7 +490,7 @@ fn run_with(
         prompts,
         requests,
         &mut |_| true,
-        &mut |_, _| false,
+        &mut |_, _, _| false,
     )
     .unwrap();
     (out, scheduler.prefill_counts())
@@ -648,5 +650,87 @@ fn slots_are_reused_and_the_cache_stays_within_its_budget() {
             );
             assert_eq!(out[i], alone[0], "round {round}, request {i}");
         }
+    }
+}
+
+/// Three sequences share a prompt of three prefill chunks and join together, so the first
+/// prefills it and the others wait to copy it. Cancelling the first in the middle of its
+/// prefill (and the third) ends only those: the second prefills the prompt itself and its
+/// tokens equal the same request run alone.
+#[test]
+fn cancelling_a_sequence_that_prefills_for_others_ends_only_it() {
+    use rlvr::model::batching::Scheduler;
+    use rlvr::model::generate::PREFILL_CHUNK;
+    let model = tiny();
+    let prompt: Vec<u32> = std::iter::once(2)
+        .chain((1..2 * PREFILL_CHUNK + 30).map(|i| ((i * 11) % 500 + 3) as u32))
+        .collect();
+    let sampling = |seed| Sampling {
+        max_tokens: 5,
+        temperature: 1.0,
+        seed,
+        ..Sampling::default()
+    };
+    let alone = generate(
+        &model,
+        std::slice::from_ref(&prompt),
+        &[sampling(2)],
+        false,
+        None,
+        &mut |_| true,
+    )
+    .unwrap()
+    .remove(0);
+    let mut scheduler = Scheduler::new(&model, false, None);
+    for id in 1..=3 {
+        scheduler.submit(id, prompt.clone(), sampling(id as u64));
+    }
+    let none = &mut |_: usize, _: &[u32], _: &[f32]| false;
+    assert!(scheduler.step(none).unwrap().is_empty(), "one chunk in");
+    let cancelled = scheduler.cancel(&|id| id != 2);
+    let mut ids: Vec<usize> = cancelled.iter().map(|(id, _)| *id).collect();
+    ids.sort_unstable();
+    assert_eq!(ids, [1, 3]);
+    for (_, c) in &cancelled {
+        assert_eq!((c.finish, c.ids.len()), (Finish::Cancelled, 0));
+    }
+    let mut done = vec![];
+    while !scheduler.is_idle() {
+        done.extend(scheduler.step(none).unwrap());
+    }
+    assert_eq!(done.len(), 1);
+    assert_eq!((done[0].0, &done[0].1), (2, &alone));
+}
+
+/// A cancellation from another thread (as Ctrl-C or a Jupyter interrupt sets the job's
+/// flag) ends a long generation within a second, prefilling or decoding.
+#[test]
+fn a_cancelled_generation_returns_within_a_second() {
+    use rlvr::model::generate::PREFILL_CHUNK;
+    use rlvr::progress::Cancel;
+    use std::time::{Duration, Instant};
+    let model = tiny();
+    let long: Vec<u32> = std::iter::once(2)
+        .chain((1..40 * PREFILL_CHUNK).map(|i| ((i * 13) % 500 + 3) as u32))
+        .collect();
+    // sixteen rows prefilling 40 chunks each, or decoding 100,000 tokens each: far more
+    // than a second of work
+    for (prompt, max_tokens) in [(long, 4), (prompts().remove(0), 100_000)] {
+        let prompts = vec![prompt; 16];
+        let requests = vec![greedy(max_tokens); 16];
+        let cancel = Cancel::new();
+        let flag = cancel.clone();
+        let cancelled_at = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(300));
+            flag.cancel();
+            Instant::now()
+        });
+        let out = generate(&model, &prompts, &requests, false, None, &mut |_| {
+            !cancel.is_cancelled()
+        })
+        .unwrap();
+        let after = cancelled_at.join().unwrap().elapsed().as_secs_f64();
+        assert!(after < 1.0, "returned {after:.2} s after the cancel");
+        assert!(out.iter().all(|c| c.finish == Finish::Cancelled));
     }
 }

@@ -360,3 +360,33 @@ fn servers_of_one_model_share_the_judge_cache_wherever_they_listen() {
         1
     );
 }
+
+/// A judge asked to stop from another thread (as Ctrl-C or a Jupyter interrupt sets the
+/// job's flag) returns within a second: here a call that would decode 64 answers of up to
+/// 100,000 tokens.
+#[test]
+fn a_cancelled_judge_returns_within_a_second() {
+    use std::time::{Duration, Instant};
+    let model = tiny();
+    let mut config = JudgeConfig {
+        samples: 4,
+        batch: 16,
+        cache_dir: scratch("judge-cancel"),
+        ..JudgeConfig::default()
+    };
+    config.sampling.max_tokens = 100_000;
+    let job = Job::silent();
+    let cancel = job.cancel.clone();
+    let cancelled_at = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(300));
+        cancel.cancel();
+        Instant::now()
+    });
+    let err = judge::judge(&model, &medqa(16), &config, &job).unwrap_err();
+    let after = cancelled_at.join().unwrap().elapsed().as_secs_f64();
+    assert!(
+        matches!(err, judge::JudgeError::Interrupted { .. }),
+        "{err}"
+    );
+    assert!(after < 1.0, "returned {after:.2} s after the cancel");
+}

@@ -923,3 +923,184 @@ fn a_client_that_leaves_a_stream_stops_its_sequence() {
     let waited = started.elapsed().as_secs_f64();
     assert!(waited < 20.0, "the abandoned row ran on: {waited:.1} s");
 }
+
+/// The JSON chunks of a streamed reply, checked to end with `[DONE]`.
+fn stream_chunks(served: &Served, path: &str, body: &Value) -> Vec<Value> {
+    let (status, events) = streamed(served, path, &body.to_string());
+    assert_eq!(status, 200, "{events:?}");
+    assert_eq!(events.last().map(String::as_str), Some("[DONE]"));
+    events[..events.len() - 1]
+        .iter()
+        .map(|e| serde_json::from_str(e).unwrap())
+        .collect()
+}
+
+fn close_to(a: &Value, b: &Value) -> bool {
+    (a.as_f64().unwrap() - b.as_f64().unwrap()).abs() < 1e-3
+}
+
+#[test]
+fn a_streamed_reply_scores_its_tokens_and_ends_with_its_usage() {
+    let served = Served::start(&[], &[]);
+    // /v1/completions: the legacy lists, chunk by chunk, add up to the whole reply's
+    let body = json!({"model": "tiny", "prompt": "The patient", "max_tokens": 16,
+                      "temperature": 0, "logprobs": 2});
+    let (status, whole) = served.http("POST", "/v1/completions", &body.to_string(), "");
+    assert_eq!(status, 200, "{whole}");
+    let mut streaming = body.clone();
+    streaming["stream"] = json!(true);
+    streaming["stream_options"] = json!({"include_usage": true});
+    let chunks = stream_chunks(&served, "/v1/completions", &streaming);
+    let (last, choices) = chunks.split_last().unwrap();
+    assert_eq!(last["choices"], json!([]), "{last}");
+    assert_eq!(last["usage"], whole["usage"]);
+    let mut lists: [Vec<Value>; 4] = Default::default();
+    for chunk in choices {
+        assert_eq!(
+            (&chunk["model"], &chunk["usage"]),
+            (&json!("tiny"), &Value::Null)
+        );
+        let logprobs = &chunk["choices"][0]["logprobs"];
+        for (list, key) in
+            lists
+                .iter_mut()
+                .zip(["tokens", "token_logprobs", "top_logprobs", "text_offset"])
+        {
+            list.extend(logprobs[key].as_array().unwrap().iter().cloned());
+        }
+    }
+    let expected = &whole["choices"][0]["logprobs"];
+    assert_eq!(json!(lists[0]), expected["tokens"]);
+    assert_eq!(json!(lists[3]), expected["text_offset"]);
+    let values = expected["token_logprobs"].as_array().unwrap();
+    assert_eq!(lists[1].len(), values.len());
+    assert!(
+        lists[1].iter().zip(values).all(|(a, b)| close_to(a, b)),
+        "{lists:?}"
+    );
+    for (streamed, whole) in lists[2]
+        .iter()
+        .zip(expected["top_logprobs"].as_array().unwrap())
+    {
+        let keys = |v: &Value| v.as_object().unwrap().keys().cloned().collect::<Vec<_>>();
+        assert_eq!(keys(streamed), keys(whole));
+    }
+
+    // chat: `logprobs.content` entries, each with its bytes and two alternatives
+    let body = json!({"model": "tiny", "messages": [{"role": "user", "content": "Hi"}],
+                      "max_tokens": 16, "temperature": 0, "logprobs": true, "top_logprobs": 2});
+    let (status, whole) = served.http("POST", "/v1/chat/completions", &body.to_string(), "");
+    assert_eq!(status, 200, "{whole}");
+    let expected = whole["choices"][0]["logprobs"]["content"]
+        .as_array()
+        .unwrap()
+        .clone();
+    let text = whole["choices"][0]["message"]["content"].as_str().unwrap();
+    let joined: String = expected
+        .iter()
+        .map(|e| e["token"].as_str().unwrap())
+        .collect();
+    assert_eq!(joined, text);
+    let mut streaming = body.clone();
+    streaming["stream"] = json!(true);
+    let chunks = stream_chunks(&served, "/v1/chat/completions", &streaming);
+    let content: Vec<Value> = chunks
+        .iter()
+        .flat_map(|c| {
+            assert!(c.get("usage").is_none(), "no usage unless asked: {c}");
+            c["choices"][0]["logprobs"]["content"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default()
+        })
+        .collect();
+    assert_eq!(content.len(), expected.len());
+    for (streamed, whole) in content.iter().zip(&expected) {
+        assert_eq!(streamed["token"], whole["token"]);
+        let bytes: Vec<u8> = serde_json::from_value(streamed["bytes"].clone()).unwrap();
+        assert_eq!(bytes, whole["token"].as_str().unwrap().as_bytes());
+        assert!(close_to(&streamed["logprob"], &whole["logprob"]));
+        let tops = |v: &Value| -> Vec<Value> {
+            v["top_logprobs"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|t| t["token"].clone())
+                .collect()
+        };
+        assert_eq!(tops(streamed), tops(whole));
+        assert_eq!(tops(streamed).len(), 2);
+    }
+}
+
+#[test]
+fn a_streamed_reply_names_the_adapter_it_ran() {
+    let module = format!(
+        "tuned={}",
+        repo("tests/fixtures/tiny-gemma3/adapter").display()
+    );
+    let served = Served::start(&["--enable-lora", "--lora-modules", &module], &[]);
+    for (model, named) in [("tuned", "tuned"), ("tiny", "tiny")] {
+        let body = json!({"model": model, "prompt": "The patient", "max_tokens": 4,
+                          "stream": true});
+        for chunk in stream_chunks(&served, "/v1/completions", &body) {
+            assert_eq!(chunk["model"], named, "{chunk}");
+        }
+    }
+}
+
+/// Sends `body` to `path` and closes the connection after `wait` without reading a reply.
+fn leave_after(served: &Served, path: &str, body: &str, wait: std::time::Duration) {
+    let address = served
+        .url
+        .trim_start_matches("http://")
+        .trim_end_matches("/v1");
+    let mut stream = TcpStream::connect(address).unwrap();
+    write!(
+        stream,
+        "POST {path} HTTP/1.1\r\nHost: {address}\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    std::thread::sleep(wait);
+}
+
+#[test]
+fn a_client_that_leaves_a_request_stops_its_rows_and_only_its_own() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    // two slots: one for the request that stays, one the abandoned request must free
+    let served = Served::start(&["--max-batch", "2", "--max-model-len", "200000"], &[]);
+    let body = |max_tokens: usize| {
+        json!({"model": "tiny", "prompt": "The patient", "max_tokens": max_tokens,
+               "temperature": 0})
+        .to_string()
+    };
+    let (status, alone) = served.http("POST", "/v1/completions", &body(4000), "");
+    assert_eq!(status, 200, "{alone}");
+    let stayed_done = AtomicBool::new(false);
+    std::thread::scope(|scope| {
+        let stays = scope.spawn(|| {
+            let reply = served.http("POST", "/v1/completions", &body(4000), "");
+            stayed_done.store(true, Ordering::SeqCst);
+            reply
+        });
+        let wait = std::time::Duration::from_millis(300);
+        leave_after(&served, "/v1/completions", &body(100_000), wait);
+        let (status, reply) = served.http(
+            "POST",
+            "/v1/completions",
+            r#"{"model": "tiny", "prompt": "Hi", "max_tokens": 2}"#,
+            "",
+        );
+        assert_eq!(status, 200, "{reply}");
+        assert!(
+            !stayed_done.load(Ordering::SeqCst),
+            "the third request got a slot only once the other request ended"
+        );
+        let (status, stayed) = stays.join().unwrap();
+        assert_eq!(status, 200, "{stayed}");
+        assert_eq!(stayed["usage"]["completion_tokens"], 4000, "{stayed}");
+        assert_eq!(stayed["choices"][0]["text"], alone["choices"][0]["text"]);
+    });
+}
