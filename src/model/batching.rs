@@ -511,50 +511,51 @@ impl<'a> Scheduler<'a> {
 
         let mut budget = PREFILL_PER_STEP;
         for i in 0..self.running.len() {
-            let State::Prefill(done) = self.running[i].state else {
-                continue;
-            };
-            let seq = &self.running[i];
-            let end = seq.prompt.len().min(done + PREFILL_CHUNK);
-            if end - done > budget {
-                continue;
-            }
-            budget -= end - done;
-            let chunk = &seq.prompt[done..end];
-            // a whole block is kept for later prompts that start with the same tokens
-            let mut block = (chunk.len() == BLOCK && self.prefix.budget() > 0).then(Vec::new);
-            let hidden = self.cache.forward(
-                self.model,
-                &[seq.slot],
-                &[chunk],
-                self.adapters_on,
-                block.as_mut(),
-            )?;
-            let computed = PrefillCounts {
-                cached: 0,
-                computed: chunk.len(),
-            };
-            self.counts.add(computed);
-            self.prefix.record(computed);
-            if let Some(layers) = block {
-                self.prefix
-                    .insert(&seq.namespace, &seq.prompt, done / BLOCK, layers);
-            }
-            if end < seq.prompt.len() {
-                self.running[i].state = State::Prefill(end);
-                continue;
-            }
-            let last = hidden.narrow(1, chunk.len() - 1, 1)?.squeeze(1)?;
-            let row = logits.len();
-            logits.push(self.model.head_logits(&last)?.squeeze(0)?.to_vec1()?);
-            picks.push((i, row));
-            let leader = seq.id;
-            for j in 0..self.running.len() {
-                if self.running[j].state == State::Follows(leader) {
-                    self.cache
-                        .copy(self.running[i].slot, self.running[j].slot)?;
-                    picks.push((j, row));
+            // whole chunks of this prompt while the step's budget lasts
+            while let State::Prefill(done) = self.running[i].state {
+                let seq = &self.running[i];
+                let end = seq.prompt.len().min(done + PREFILL_CHUNK);
+                if end - done > budget {
+                    break;
                 }
+                budget -= end - done;
+                let chunk = &seq.prompt[done..end];
+                // a whole block is kept for later prompts that start with the same tokens
+                let mut block = (chunk.len() == BLOCK && self.prefix.budget() > 0).then(Vec::new);
+                let hidden = self.cache.forward(
+                    self.model,
+                    &[seq.slot],
+                    &[chunk],
+                    self.adapters_on,
+                    block.as_mut(),
+                )?;
+                let computed = PrefillCounts {
+                    cached: 0,
+                    computed: chunk.len(),
+                };
+                self.counts.add(computed);
+                self.prefix.record(computed);
+                if let Some(layers) = block {
+                    self.prefix
+                        .insert(&seq.namespace, &seq.prompt, done / BLOCK, layers);
+                }
+                if end < seq.prompt.len() {
+                    self.running[i].state = State::Prefill(end);
+                    continue;
+                }
+                let last = hidden.narrow(1, chunk.len() - 1, 1)?.squeeze(1)?;
+                let row = logits.len();
+                logits.push(self.model.head_logits(&last)?.squeeze(0)?.to_vec1()?);
+                picks.push((i, row));
+                let leader = seq.id;
+                for j in 0..self.running.len() {
+                    if self.running[j].state == State::Follows(leader) {
+                        self.cache
+                            .copy(self.running[i].slot, self.running[j].slot)?;
+                        picks.push((j, row));
+                    }
+                }
+                break;
             }
         }
 

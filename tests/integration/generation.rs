@@ -297,15 +297,19 @@ fn a_group_of_one_prompt_prefills_it_once_and_equals_each_row_alone() {
 
 #[test]
 fn a_long_prompt_is_prefilled_in_chunks_that_change_nothing_and_can_cancel() {
+    use rlvr::model::batching::PREFILL_PER_STEP;
     use rlvr::model::generate::PREFILL_CHUNK;
     let model = tiny();
-    // two rows of three and two chunks, the last ones ragged
+    // two rows of eleven and two chunks, the last ones ragged
     let long = |n: usize, salt: usize| -> Vec<u32> {
         std::iter::once(2)
             .chain((1..n).map(|i| ((i * 7 + salt) % 500 + 3) as u32))
             .collect()
     };
-    let prompts = vec![long(2 * PREFILL_CHUNK + 20, 1), long(PREFILL_CHUNK + 30, 5)];
+    let prompts = vec![
+        long(PREFILL_PER_STEP + 2 * PREFILL_CHUNK + 20, 1),
+        long(PREFILL_CHUNK + 30, 5),
+    ];
     let requests: Vec<Sampling> = (0..2)
         .map(|i| Sampling {
             max_tokens: 6,
@@ -320,11 +324,11 @@ fn a_long_prompt_is_prefilled_in_chunks_that_change_nothing_and_can_cancel() {
         true
     })
     .unwrap();
-    // one call per step, each row prefilling one chunk a step (both fit in a step's
-    // PREFILL_PER_STEP): the shorter prompt's two chunks in steps 1-2 (its first token
-    // comes with the last), the longer one's three in steps 1-3; then five more tokens
-    // each (steps 3-7 and 4-8)
-    assert_eq!(calls, (1..=8).collect::<Vec<usize>>());
+    // one call per step, a step prefilling PREFILL_PER_STEP tokens at most: the longer
+    // prompt's first eight chunks in step 1, its last three and the shorter one's two in
+    // step 2 (each row's first token comes with its last chunk), then five more tokens
+    // each (steps 3-7)
+    assert_eq!(calls, (1..=7).collect::<Vec<usize>>());
     for (prompt, c) in prompts.iter().zip(&batch) {
         // the sampled tokens' log-probabilities from one unchunked forward
         let scored: Vec<f32> = model
@@ -653,17 +657,16 @@ fn slots_are_reused_and_the_cache_stays_within_its_budget() {
     }
 }
 
-/// Three sequences share a prompt of three prefill chunks and join together, so the first
-/// prefills it and the others wait to copy it. Cancelling the first in the middle of its
+/// Three sequences share a prompt of more than two steps' prefill and join together, so
+/// the first prefills it and the others wait to copy it. Cancelling the first in the middle of its
 /// prefill (and the third) ends only those: the second prefills the prompt itself and its
 /// tokens equal the same request run alone.
 #[test]
 fn cancelling_a_sequence_that_prefills_for_others_ends_only_it() {
-    use rlvr::model::batching::Scheduler;
-    use rlvr::model::generate::PREFILL_CHUNK;
+    use rlvr::model::batching::{Scheduler, PREFILL_PER_STEP};
     let model = tiny();
     let prompt: Vec<u32> = std::iter::once(2)
-        .chain((1..2 * PREFILL_CHUNK + 30).map(|i| ((i * 11) % 500 + 3) as u32))
+        .chain((1..2 * PREFILL_PER_STEP + 30).map(|i| ((i * 11) % 500 + 3) as u32))
         .collect();
     let sampling = |seed| Sampling {
         max_tokens: 5,
@@ -681,12 +684,14 @@ fn cancelling_a_sequence_that_prefills_for_others_ends_only_it() {
     )
     .unwrap()
     .remove(0);
-    let mut scheduler = Scheduler::new(&model, false, None);
+    // without the prefix cache, which now holds the prompt's blocks from the run alone
+    let off = PrefixCache::new(0);
+    let mut scheduler = Scheduler::with_cache(&model, false, None, 16, &off);
     for id in 1..=3 {
         scheduler.submit(id, prompt.clone(), sampling(id as u64));
     }
     let none = &mut |_: usize, _: &[u32], _: &[f32]| false;
-    assert!(scheduler.step(none).unwrap().is_empty(), "one chunk in");
+    assert!(scheduler.step(none).unwrap().is_empty(), "one step in");
     let cancelled = scheduler.cancel(&|id| id != 2);
     let mut ids: Vec<usize> = cancelled.iter().map(|(id, _)| *id).collect();
     ids.sort_unstable();
@@ -706,15 +711,15 @@ fn cancelling_a_sequence_that_prefills_for_others_ends_only_it() {
 /// flag) ends a long generation within a second, prefilling or decoding.
 #[test]
 fn a_cancelled_generation_returns_within_a_second() {
-    use rlvr::model::generate::PREFILL_CHUNK;
+    use rlvr::model::batching::PREFILL_PER_STEP;
     use rlvr::progress::Cancel;
     use std::time::{Duration, Instant};
     let model = tiny();
     let long: Vec<u32> = std::iter::once(2)
-        .chain((1..40 * PREFILL_CHUNK).map(|i| ((i * 13) % 500 + 3) as u32))
+        .chain((1..40 * PREFILL_PER_STEP).map(|i| ((i * 13) % 500 + 3) as u32))
         .collect();
-    // sixteen rows prefilling 40 chunks each, or decoding 100,000 tokens each: far more
-    // than a second of work
+    // sixteen rows prefilling 40 steps' worth each, or decoding 100,000 tokens each: far
+    // more than a second of work
     for (prompt, max_tokens) in [(long, 4), (prompts().remove(0), 100_000)] {
         let prompts = vec![prompt; 16];
         let requests = vec![greedy(max_tokens); 16];
