@@ -138,6 +138,16 @@ impl Blocks {
         &self.dims
     }
 
+    /// The blocks' bytes, row after row.
+    pub fn data(&self) -> &[u8] {
+        &self.data
+    }
+
+    /// Bytes per row.
+    pub fn row_bytes(&self) -> usize {
+        self.row_bytes
+    }
+
     /// The same weight with its rows reordered: row `r` of the result is row `source(r)`.
     pub fn with_rows(&self, source: impl Fn(usize) -> usize) -> Self {
         let mut data = Vec::with_capacity(self.data.len());

@@ -7,10 +7,12 @@
 //! one-thread gemm on it: 130 GFLOPS for that product. A decoding step (a few rows) reads
 //! each weight once; [`few_rows`] multiplies up to sixteen rows in that one pass.
 //!
-//! A weight kept in GGUF blocks ([`Blocks`]) is multiplied the same ways: a decoding step
-//! decodes two of its rows at a time into a buffer that stays in L1 and runs the same
-//! kernel on it ([`blocks_t`]; AVX-512 or AVX2 with FMA, whichever the CPU has); a product of many rows (prefill, training) decodes a
-//! tile of rows per step into a per-thread buffer and hands it to gemm; the input gradient
+//! A weight kept in GGUF blocks ([`Blocks`]) is multiplied the same ways: on an AVX-512 CPU a
+//! decoding step runs the same kernel with every register of weights decoded from its block
+//! in place (`block_rows`), so the weights are read once, as blocks, and nothing is
+//! written; on an AVX2 CPU it decodes two rows at a time into a buffer that stays in L1 and
+//! runs the AVX2 kernel on it ([`blocks_t`]); a product of many rows (prefill, training)
+//! decodes a tile of rows per step into a per-thread buffer and hands it to gemm; the input gradient
 //! `g · W` ([`blocks_times`]) shares out `W`'s columns, whole blocks to a thread, and decodes
 //! tiles of them. The activations stay f32 throughout: the products equal those over the
 //! dequantized weights up to the order of the sums.
@@ -114,10 +116,10 @@ pub fn by_columns(
     y
 }
 
-/// Whether the CPU runs the AVX-512 kernels below.
+/// Whether the CPU runs the AVX-512 kernels ([`avx512::available`]).
 fn has_avx512() -> bool {
     #[cfg(target_arch = "x86_64")]
-    return std::arch::is_x86_feature_detected!("avx512f");
+    return avx512::available();
     #[cfg(not(target_arch = "x86_64"))]
     false
 }
@@ -139,7 +141,7 @@ pub fn few_rows(x: &[f32], (m, k): (usize, usize), w: &[f32], n: usize) -> Vec<f
     #[cfg(target_arch = "x86_64")]
     if m > 0 && k > 0 && has_avx512() {
         let rows = avx512::F32Rows { w: w.as_ptr(), k };
-        // SAFETY: AVX-512F is present and `w` holds `[n, k]`.
+        // SAFETY: the CPU has the kernel's features; `x` holds `[m, k]` and `w` `[n, k]`.
         return unsafe { avx512::few_rows_of(x, m, rows, n) };
     }
     #[cfg(target_arch = "x86_64")]
@@ -154,20 +156,26 @@ pub fn few_rows(x: &[f32], (m, k): (usize, usize), w: &[f32], n: usize) -> Vec<f
 const TILE_ROWS: usize = 64;
 
 /// `y[m, n] = x[m, k] · Wᵀ` for `W: [n, k]` kept in blocks, each thread taking its own share
-/// of `W`'s rows. Up to [`FEW_ROWS`] rows on an AVX-512 or AVX2 CPU, two rows of `W` at a
-/// time are decoded and multiplied by [`few_rows`]'s kernel while in L1; otherwise tiles of
+/// of `W`'s rows. Up to [`FEW_ROWS`] rows on an AVX-512 CPU, [`few_rows`]'s kernel decodes
+/// each register of `W` from its block and multiplies it at once; on an AVX2 CPU two rows
+/// of `W` at a time are decoded into a buffer and multiplied while in L1; otherwise tiles of
 /// [`TILE_ROWS`] rows are decoded and multiplied by gemm (AVX-512 or AVX2 as the CPU has).
 pub fn blocks_t(x: &[f32], m: usize, w: &Blocks) -> Vec<f32> {
     let (n, k) = (w.dims()[0], w.dims()[1]);
     assert!(x.len() >= m * k, "x holds [{m}, {k}]");
-    let mut y = vec![0f32; m * n];
     if m == 0 || n == 0 || k == 0 {
-        return y;
+        return vec![0f32; m * n];
     }
+    #[cfg(target_arch = "x86_64")]
+    if m <= FEW_ROWS && has_avx512() {
+        // SAFETY: the CPU has the kernel's features; `x` holds `[m, k]` and the rows read
+        // `w`'s `[n, k]` blocks, which outlive the product.
+        return unsafe { block_rows::with_rows!(w, |rows| avx512::few_rows_of(x, m, rows, n)) };
+    }
+    let mut y = vec![0f32; m * n];
     let out = Shared(y.as_mut_ptr());
     #[cfg(target_arch = "x86_64")]
-    if m <= FEW_ROWS && (has_avx512() || has_avx2()) {
-        let avx512 = has_avx512();
+    if m <= FEW_ROWS && has_avx2() {
         for_each_share(n, |cols| {
             let mut rows = vec![0f32; 2 * k];
             let mut j = cols.start;
@@ -179,16 +187,9 @@ pub fn blocks_t(x: &[f32], m: usize, w: &Blocks) -> Vec<f32> {
                     (rows.as_ptr(), pair, k),
                     out.ptr().wrapping_add(j),
                 );
-                // SAFETY: AVX-512F, or else AVX2 and FMA, are present; `rows` holds
-                // `[pair, k]` and `x` `[m, k]`; the share writes its own columns
-                // `j .. j + pair` of `y: [m, n]`.
-                unsafe {
-                    if avx512 {
-                        avx512::decoded_rows(x, m, rows, y, n)
-                    } else {
-                        avx2::decoded_rows(x, m, rows, y, n)
-                    }
-                }
+                // SAFETY: AVX2 and FMA are present; `rows` holds `[pair, k]` and `x`
+                // `[m, k]`; the share writes its own columns `j .. j + pair` of `y: [m, n]`.
+                unsafe { avx2::decoded_rows(x, m, rows, y, n) };
                 j += pair;
             }
         });
@@ -198,7 +199,7 @@ pub fn blocks_t(x: &[f32], m: usize, w: &Blocks) -> Vec<f32> {
         let mut tile = vec![0f32; TILE_ROWS.min(cols.len()) * k];
         for start in cols.clone().step_by(TILE_ROWS) {
             let rows = TILE_ROWS.min(cols.end - start);
-            w.decode_rows(start..start + rows, &mut tile[..rows * k]);
+            decode_tile(w, start..start + rows, &mut tile[..rows * k]);
             // SAFETY: gemm reads `x: [m, k]` and the tile `[rows, k]` as `[k, rows]`, and
             // writes columns `start .. start + rows` of `y: [m, n]`, this share's own.
             unsafe {
@@ -227,6 +228,17 @@ pub fn blocks_t(x: &[f32], m: usize, w: &Blocks) -> Vec<f32> {
         }
     });
     y
+}
+
+/// Decodes whole rows `rows` of `w` into `out`: through the product kernels' registers on
+/// an AVX-512 CPU, `quant`'s decoders elsewhere (the same values either way).
+fn decode_tile(w: &Blocks, rows: Range<usize>, out: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if has_avx512() {
+        // SAFETY: the CPU has the kernel's features; `out` holds `rows.len() × k` values.
+        return unsafe { block_rows::with_rows!(w, |w| avx512::decode_rows(w, rows, out)) };
+    }
+    w.decode_rows(rows, out)
 }
 
 /// Rows of a block weight decoded per step of [`blocks_times`].
@@ -287,305 +299,11 @@ pub fn blocks_times(g: &[f32], m: usize, w: &Blocks) -> Vec<f32> {
 }
 
 #[cfg(target_arch = "x86_64")]
-mod avx512 {
-    use std::arch::x86_64::*;
-
-    use super::{for_each_share, Shared};
-
-    /// `y[r, j] = x[r, :] · w[j, :]` for `m ≤ 16` rows of `x` and `rows ≤ 2` decoded rows
-    /// `w: [rows, k]`; `y` points at the first of the `rows` columns (row stride `n`).
-    #[target_feature(enable = "avx512f")]
-    pub unsafe fn decoded_rows(
-        x: *const f32,
-        m: usize,
-        (w, rows, k): (*const f32, usize, usize),
-        y: *mut f32,
-        n: usize,
-    ) {
-        let w = F32Rows { w, k };
-        macro_rules! pair {
-            ($($r:literal)*) => {
-                match m {
-                    $($r => rows_of_w::<F32Rows, 2, $r>(x, w, 0, y, n),)*
-                    _ => unreachable!("pairs of rows for up to eight input rows"),
-                }
-            };
-        }
-        macro_rules! single {
-            ($($r:literal)*) => {
-                for j in 0..rows {
-                    match m {
-                        $($r => rows_of_w::<F32Rows, 1, $r>(x, w, j, y.wrapping_add(j), n),)*
-                        _ => unreachable!("decoded_rows takes 1..=16 rows"),
-                    }
-                }
-            };
-        }
-        // two of `W`'s rows at a time for up to eight input rows (16 accumulators)
-        if rows == 2 && m <= 8 {
-            pair!(1 2 3 4 5 6 7 8)
-        } else {
-            single!(1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16)
-        }
-    }
-
-    /// Sixteen consecutive weights of one row of `W`, as f32.
-    pub trait Rows: Copy + Send + Sync {
-        /// The row length.
-        fn k(self) -> usize;
-        /// Weights `i .. i + 16` of row `j` (`i + 16 ≤ k`).
-        unsafe fn load(self, j: usize, i: usize) -> __m512;
-        /// Weights `i ..` of row `j` up to `k`, zeros after.
-        unsafe fn load_tail(self, j: usize, i: usize) -> __m512;
-    }
-
-    /// `W` as f32 values.
-    #[derive(Clone, Copy)]
-    pub struct F32Rows {
-        pub w: *const f32,
-        pub k: usize,
-    }
-    // SAFETY: read only, by the threads of one product.
-    unsafe impl Send for F32Rows {}
-    unsafe impl Sync for F32Rows {}
-
-    impl Rows for F32Rows {
-        fn k(self) -> usize {
-            self.k
-        }
-
-        #[inline(always)]
-        unsafe fn load(self, j: usize, i: usize) -> __m512 {
-            _mm512_loadu_ps(self.w.wrapping_add(j * self.k + i))
-        }
-
-        #[inline(always)]
-        unsafe fn load_tail(self, j: usize, i: usize) -> __m512 {
-            let mask: __mmask16 = (1u16 << (self.k - i)) - 1;
-            _mm512_maskz_loadu_ps(mask, self.w.wrapping_add(j * self.k + i))
-        }
-    }
-
-    /// `y[m, n] = x[m, k] · Wᵀ` for `m ≤ 16`, each thread taking its own share of `W`'s rows.
-    #[target_feature(enable = "avx512f")]
-    pub unsafe fn few_rows_of<W: Rows>(x: &[f32], m: usize, w: W, n: usize) -> Vec<f32> {
-        let mut y = vec![0f32; m * n];
-        let out = Shared(y.as_mut_ptr());
-        let x = x.as_ptr() as usize;
-        for_each_share(n, |cols| {
-            // SAFETY: AVX-512F is present (this function's caller checked); the share writes
-            // its own columns of `y`.
-            unsafe { few_rows(x as *const f32, m, w, cols, out.ptr(), n) }
-        });
-        y
-    }
-
-    /// Columns `cols` of `y[m, n] = x[m, k] · Wᵀ` (row stride `n`).
-    #[target_feature(enable = "avx512f")]
-    unsafe fn few_rows<W: Rows>(
-        x: *const f32,
-        m: usize,
-        w: W,
-        cols: std::ops::Range<usize>,
-        y: *mut f32,
-        n: usize,
-    ) {
-        // two of `W`'s rows at a time for up to eight input rows (16 accumulators), one at a
-        // time for more
-        macro_rules! dispatch {
-            ($($r:literal)*) => {
-                match m {
-                    $($r => block::<W, $r>(x, w, cols, y, n),)*
-                    _ => unreachable!("few_rows takes 1..=16 rows"),
-                }
-            };
-        }
-        dispatch!(1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16)
-    }
-
-    #[target_feature(enable = "avx512f")]
-    unsafe fn block<W: Rows, const R: usize>(
-        x: *const f32,
-        w: W,
-        cols: std::ops::Range<usize>,
-        y: *mut f32,
-        n: usize,
-    ) {
-        let mut j = cols.start;
-        if R <= 8 {
-            while j + 2 <= cols.end {
-                rows_of_w::<W, 2, R>(x, w, j, y.wrapping_add(j), n);
-                j += 2;
-            }
-        }
-        while j < cols.end {
-            rows_of_w::<W, 1, R>(x, w, j, y.wrapping_add(j), n);
-            j += 1;
-        }
-    }
-
-    /// `y[r, j0 + jj] = x[r, :] · W[j0 + jj, :]` for `J` consecutive rows of `W` from `j0`
-    /// and the `R` rows of `x`; `y` points at column `j0`. Pointer steps are wrapping ones
-    /// (all stay within the operands).
-    #[target_feature(enable = "avx512f")]
-    #[inline]
-    #[allow(clippy::needless_range_loop)] // `j` and `r` also pick the row of `W` and of `y`
-    unsafe fn rows_of_w<W: Rows, const J: usize, const R: usize>(
-        x: *const f32,
-        w: W,
-        j0: usize,
-        y: *mut f32,
-        n: usize,
-    ) {
-        let k = w.k();
-        let x_rows: [*const f32; R] = std::array::from_fn(|r| x.wrapping_add(r.wrapping_mul(k)));
-        let mut acc = [[_mm512_setzero_ps(); R]; J];
-        let full = k - k % 16;
-        let mut i = 0;
-        while i < full {
-            for j in 0..J {
-                let wv = w.load(j0 + j, i);
-                for r in 0..R {
-                    let xv = _mm512_loadu_ps(x_rows[r].wrapping_add(i));
-                    acc[j][r] = _mm512_fmadd_ps(wv, xv, acc[j][r]);
-                }
-            }
-            i = i.wrapping_add(16);
-        }
-        if full < k {
-            let mask: __mmask16 = (1u16 << (k - full)) - 1;
-            for j in 0..J {
-                let wv = w.load_tail(j0 + j, full);
-                for r in 0..R {
-                    let xv = _mm512_maskz_loadu_ps(mask, x_rows[r].wrapping_add(full));
-                    acc[j][r] = _mm512_fmadd_ps(wv, xv, acc[j][r]);
-                }
-            }
-        }
-        for j in 0..J {
-            for r in 0..R {
-                *y.wrapping_add(r.wrapping_mul(n).wrapping_add(j)) =
-                    _mm512_reduce_add_ps(acc[j][r]);
-            }
-        }
-    }
-}
-
+mod avx2;
 #[cfg(target_arch = "x86_64")]
-mod avx2 {
-    use std::arch::x86_64::*;
-
-    use super::{for_each_share, Shared};
-
-    /// Rows of `x` one pass of [`rows_of_w`] takes: two rows of `W` by six of `x` keep
-    /// twelve accumulators, two weight vectors and an input vector in the sixteen registers.
-    const X_ROWS: usize = 6;
-
-    /// `y[m, n] = x[m, k] · Wᵀ` for `W: [n, k]` (f32) and `m ≤ 16`, each thread taking its
-    /// own share of `W`'s rows, two at a time.
-    #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn few_rows_of(x: &[f32], m: usize, w: &[f32], k: usize, n: usize) -> Vec<f32> {
-        let mut y = vec![0f32; m * n];
-        let out = Shared(y.as_mut_ptr());
-        let (x, w) = (x.as_ptr() as usize, w.as_ptr() as usize);
-        for_each_share(n, |cols| {
-            let mut j = cols.start;
-            while j < cols.end {
-                let pair = (cols.end - j).min(2);
-                let rows = ((w as *const f32).wrapping_add(j * k), pair, k);
-                // SAFETY: AVX2 and FMA are present (this function's caller checked); the
-                // share writes its own columns `j .. j + pair` of `y`.
-                unsafe { decoded_rows(x as *const f32, m, rows, out.ptr().add(j), n) };
-                j += pair;
-            }
-        });
-        y
-    }
-
-    /// `y[r, j] = x[r, :] · w[j, :]` for `m ≤ 16` rows of `x` and `rows ≤ 2` rows
-    /// `w: [rows, k]`; `y` points at the first of the `rows` columns (row stride `n`). The
-    /// rows of `x` go six at a time; `w`'s two rows stay in L1 between them.
-    #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn decoded_rows(
-        x: *const f32,
-        m: usize,
-        (w, rows, k): (*const f32, usize, usize),
-        y: *mut f32,
-        n: usize,
-    ) {
-        macro_rules! dispatch {
-            ($j:literal, $r0:expr, $count:expr, $($r:literal)*) => {
-                match $count {
-                    $($r => rows_of_w::<$j, $r>(
-                        x.wrapping_add($r0 * k),
-                        (w, k),
-                        y.wrapping_add($r0 * n),
-                        n,
-                    ),)*
-                    _ => unreachable!("one pass takes 1..=6 rows of x"),
-                }
-            };
-        }
-        let mut r0 = 0;
-        while r0 < m {
-            let count = (m - r0).min(X_ROWS);
-            if rows == 2 {
-                dispatch!(2, r0, count, 1 2 3 4 5 6)
-            } else {
-                dispatch!(1, r0, count, 1 2 3 4 5 6)
-            }
-            r0 += count;
-        }
-    }
-
-    /// `y[r, jj] = x[r, :] · w[jj, :]` for the `J` rows of `w: [J, k]` (row stride `k`) and
-    /// `R` rows of `x` (row stride `k`); `y` has row stride `n`. Pointer steps are wrapping
-    /// ones (all stay within the operands); the last `k mod 8` products are scalar.
-    #[target_feature(enable = "avx2,fma")]
-    #[inline]
-    #[allow(clippy::needless_range_loop)] // `j` and `r` also pick the row of `W` and of `y`
-    unsafe fn rows_of_w<const J: usize, const R: usize>(
-        x: *const f32,
-        (w, k): (*const f32, usize),
-        y: *mut f32,
-        n: usize,
-    ) {
-        let x_rows: [*const f32; R] = std::array::from_fn(|r| x.wrapping_add(r.wrapping_mul(k)));
-        let w_rows: [*const f32; J] = std::array::from_fn(|j| w.wrapping_add(j.wrapping_mul(k)));
-        let mut acc = [[_mm256_setzero_ps(); R]; J];
-        let full = k - k % 8;
-        let mut i = 0;
-        while i < full {
-            let wv: [__m256; J] =
-                std::array::from_fn(|j| _mm256_loadu_ps(w_rows[j].wrapping_add(i)));
-            for r in 0..R {
-                let xv = _mm256_loadu_ps(x_rows[r].wrapping_add(i));
-                for j in 0..J {
-                    acc[j][r] = _mm256_fmadd_ps(wv[j], xv, acc[j][r]);
-                }
-            }
-            i = i.wrapping_add(8);
-        }
-        for j in 0..J {
-            for r in 0..R {
-                let mut sum = horizontal_sum(acc[j][r]);
-                for t in full..k {
-                    sum += *x_rows[r].wrapping_add(t) * *w_rows[j].wrapping_add(t);
-                }
-                *y.wrapping_add(r.wrapping_mul(n).wrapping_add(j)) = sum;
-            }
-        }
-    }
-
-    /// The sum of a register's eight lanes.
-    #[target_feature(enable = "avx2,fma")]
-    #[inline]
-    unsafe fn horizontal_sum(v: __m256) -> f32 {
-        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-        _mm_cvtss_f32(_mm_add_ss(s, _mm_shuffle_ps(s, s, 1)))
-    }
-}
+mod avx512;
+#[cfg(target_arch = "x86_64")]
+mod block_rows;
 
 #[cfg(test)]
 mod tests {

@@ -1,0 +1,254 @@
+//! The AVX-512 kernels of the products with few rows (decoding steps): every weight is read
+//! once, sixteen values at a time into a register — decoded there from its GGUF block where
+//! it is kept as blocks ([`super::block_rows`]) — and multiplied with up to sixteen rows of
+//! activations.
+
+use std::arch::x86_64::*;
+
+use super::{for_each_share, Shared};
+
+/// Whether the CPU has what the kernels here are compiled for: AVX-512F and F16C.
+pub fn available() -> bool {
+    std::arch::is_x86_feature_detected!("avx512f") && std::arch::is_x86_feature_detected!("f16c")
+}
+
+/// A weight `W: [n, k]` read sixteen values at a time into a register.
+pub trait Rows: Copy + Send + Sync {
+    /// Values per block, a multiple of 16. A row holds whole blocks, but for the values
+    /// [`Rows::tail`] reads.
+    const BLOCK: usize;
+    /// A block's scales and the place of its values: read once for all of its registers.
+    type Block: Copy;
+    /// The row length `k`.
+    fn k(self) -> usize;
+    /// Where row `j`'s stored values lie: its first byte and its length in bytes.
+    fn row_bytes(self, j: usize) -> (*const u8, usize);
+    /// Block `b` of row `j`.
+    unsafe fn block(self, j: usize, b: usize) -> Self::Block;
+    /// Values `16 c .. 16 c + 16` of a block, as f32.
+    unsafe fn values(block: Self::Block, c: usize) -> __m512;
+    /// Values `i .. k` of row `j`, fewer than sixteen past the last whole block, zeros after.
+    /// Only element formats (f32, f16, bf16), whose rows need not be whole registers, have
+    /// them.
+    unsafe fn tail(self, j: usize, i: usize) -> __m512;
+}
+
+/// `W` as f32 values.
+#[derive(Clone, Copy)]
+pub struct F32Rows {
+    /// `[n, k]`, row-major.
+    pub w: *const f32,
+    /// The row length.
+    pub k: usize,
+}
+// SAFETY: read only, by the threads of one product.
+unsafe impl Send for F32Rows {}
+unsafe impl Sync for F32Rows {}
+
+impl Rows for F32Rows {
+    const BLOCK: usize = 16;
+    type Block = *const f32;
+
+    fn k(self) -> usize {
+        self.k
+    }
+
+    #[inline(always)]
+    fn row_bytes(self, j: usize) -> (*const u8, usize) {
+        (self.w.wrapping_add(j * self.k) as *const u8, 4 * self.k)
+    }
+
+    #[inline(always)]
+    unsafe fn block(self, j: usize, b: usize) -> *const f32 {
+        self.w.wrapping_add(j * self.k + 16 * b)
+    }
+
+    #[inline(always)]
+    unsafe fn values(block: *const f32, _c: usize) -> __m512 {
+        _mm512_loadu_ps(block)
+    }
+
+    #[inline(always)]
+    unsafe fn tail(self, j: usize, i: usize) -> __m512 {
+        let mask: __mmask16 = (1u16 << (self.k - i)) - 1;
+        _mm512_maskz_loadu_ps(mask, self.w.wrapping_add(j * self.k + i))
+    }
+}
+
+/// The row counts with a kernel of their own: a product of other counts runs the next one
+/// up, on rows of zeros past its own (each output is its own sum, so the extra rows change
+/// nothing of the others).
+fn kernel_rows(m: usize) -> usize {
+    match m {
+        0..=8 => m,
+        9..=12 => 12,
+        _ => 16,
+    }
+}
+
+/// `y[m, n] = x[m, k] · Wᵀ` for `1 ≤ m ≤ 16`, each thread taking its own share of `W`'s
+/// rows.
+///
+/// # Safety
+/// The CPU has what [`available`] checks; `x` holds `[m, k]` and `w` `[n, k]`.
+#[target_feature(enable = "avx512f,f16c")]
+pub unsafe fn few_rows_of<W: Rows>(x: &[f32], m: usize, w: W, n: usize) -> Vec<f32> {
+    let k = w.k();
+    let rows = kernel_rows(m);
+    let padded;
+    let x = if rows == m {
+        x
+    } else {
+        padded = [&x[..m * k], &vec![0f32; (rows - m) * k]].concat();
+        &padded
+    };
+    let mut y = vec![0f32; rows * n];
+    let out = Shared(y.as_mut_ptr());
+    let x = x.as_ptr() as usize;
+    for_each_share(n, |cols| {
+        // SAFETY: the CPU has the features (this function's caller checked); the share
+        // writes its own columns of `y`.
+        unsafe { share(x as *const f32, rows, w, cols, out.ptr(), n) }
+    });
+    y.truncate(m * n);
+    y
+}
+
+/// Columns `cols` of `y[m, n] = x[m, k] · Wᵀ` (row stride `n`) for a kernel's row count.
+#[target_feature(enable = "avx512f,f16c")]
+unsafe fn share<W: Rows>(
+    x: *const f32,
+    m: usize,
+    w: W,
+    cols: std::ops::Range<usize>,
+    y: *mut f32,
+    n: usize,
+) {
+    macro_rules! dispatch {
+        ($($r:literal)*) => {
+            match m {
+                $($r => columns::<W, $r>(x, w, cols, y, n),)*
+                _ => unreachable!("kernel_rows gives 1..=8, 12 or 16 rows"),
+            }
+        };
+    }
+    dispatch!(1 2 3 4 5 6 7 8 12 16)
+}
+
+/// Columns `cols` of the product for `R` rows of `x`: two of `W`'s rows at a time for up to
+/// eight rows of `x` (sixteen accumulators), one at a time for more.
+#[target_feature(enable = "avx512f,f16c")]
+unsafe fn columns<W: Rows, const R: usize>(
+    x: *const f32,
+    w: W,
+    cols: std::ops::Range<usize>,
+    y: *mut f32,
+    n: usize,
+) {
+    let mut j = cols.start;
+    if R <= 8 {
+        while j + 2 <= cols.end {
+            prefetch(w, j + 2..(j + 4).min(cols.end));
+            rows_of_w::<W, 2, R>(x, w, j, y.wrapping_add(j), n);
+            j += 2;
+        }
+    }
+    while j < cols.end {
+        prefetch(w, j + 1..(j + 2).min(cols.end));
+        rows_of_w::<W, 1, R>(x, w, j, y.wrapping_add(j), n);
+        j += 1;
+    }
+}
+
+/// Asks for rows `rows` of `W` to be brought into the cache while the rows before them are
+/// multiplied, so that the product waits on memory less.
+#[target_feature(enable = "avx512f,f16c")]
+#[inline]
+unsafe fn prefetch<W: Rows>(w: W, rows: std::ops::Range<usize>) {
+    for j in rows {
+        let (start, len) = w.row_bytes(j);
+        for line in (0..len).step_by(64) {
+            _mm_prefetch::<_MM_HINT_T0>(start.wrapping_add(line) as *const i8);
+        }
+    }
+}
+
+/// `y[r, j0 + jj] = x[r, :] · W[j0 + jj, :]` for `J` consecutive rows of `W` from `j0`
+/// and the `R` rows of `x`; `y` points at column `j0`. Each sum runs over `k` in order,
+/// whatever `J` and `R`. Pointer steps are wrapping ones (all stay within the operands).
+#[target_feature(enable = "avx512f,f16c")]
+#[inline]
+#[allow(clippy::needless_range_loop)] // `j` and `r` also pick the row of `W` and of `y`
+unsafe fn rows_of_w<W: Rows, const J: usize, const R: usize>(
+    x: *const f32,
+    w: W,
+    j0: usize,
+    y: *mut f32,
+    n: usize,
+) {
+    let k = w.k();
+    let x_rows: [*const f32; R] = std::array::from_fn(|r| x.wrapping_add(r.wrapping_mul(k)));
+    let mut acc = [[_mm512_setzero_ps(); R]; J];
+    let blocks = k / W::BLOCK;
+    for b in 0..blocks {
+        let mut block = [w.block(j0, b); J];
+        for j in 1..J {
+            block[j] = w.block(j0 + j, b);
+        }
+        for c in 0..W::BLOCK / 16 {
+            let i = b * W::BLOCK + 16 * c;
+            for j in 0..J {
+                let wv = W::values(block[j], c);
+                for r in 0..R {
+                    let xv = _mm512_loadu_ps(x_rows[r].wrapping_add(i));
+                    acc[j][r] = _mm512_fmadd_ps(wv, xv, acc[j][r]);
+                }
+            }
+        }
+    }
+    let done = blocks * W::BLOCK;
+    if done < k {
+        let mask: __mmask16 = (1u16 << (k - done)) - 1;
+        for j in 0..J {
+            let wv = w.tail(j0 + j, done);
+            for r in 0..R {
+                let xv = _mm512_maskz_loadu_ps(mask, x_rows[r].wrapping_add(done));
+                acc[j][r] = _mm512_fmadd_ps(wv, xv, acc[j][r]);
+            }
+        }
+    }
+    for j in 0..J {
+        for r in 0..R {
+            *y.wrapping_add(r.wrapping_mul(n).wrapping_add(j)) = _mm512_reduce_add_ps(acc[j][r]);
+        }
+    }
+}
+
+/// Decodes whole rows `rows` of `w` into `out` (`rows.len() × k` values) through the same
+/// registers the products use.
+///
+/// # Safety
+/// The CPU has what [`available`] checks; `w` holds the rows; `out` holds
+/// `rows.len() × k` values.
+#[target_feature(enable = "avx512f,f16c")]
+pub unsafe fn decode_rows<W: Rows>(w: W, rows: std::ops::Range<usize>, out: &mut [f32]) {
+    let k = w.k();
+    assert!(out.len() == rows.len() * k, "decoded rows fit their buffer");
+    let blocks = k / W::BLOCK;
+    let mut y = out.as_mut_ptr();
+    for j in rows {
+        for b in 0..blocks {
+            let block = w.block(j, b);
+            for c in 0..W::BLOCK / 16 {
+                _mm512_storeu_ps(y, W::values(block, c));
+                y = y.wrapping_add(16);
+            }
+        }
+        let done = blocks * W::BLOCK;
+        if done < k {
+            let mask: __mmask16 = (1u16 << (k - done)) - 1;
+            _mm512_mask_storeu_ps(y, mask, w.tail(j, done));
+            y = y.wrapping_add(k - done);
+        }
+    }
+}
