@@ -11,7 +11,8 @@
 #   GGUF            default: ~/.cache/rlvr/models/gemma-3-270m/*.gguf (tokenizer.json beside it)
 #   RLVR_BIN        this rlvr (default: ${CARGO_TARGET_DIR:-target}/debug/rlvr)
 #   RLVR_OLD_BIN    an older rlvr binary to compare with (optional)
-#   LLAMA_SERVER    llama.cpp's llama-server binary (optional)
+#   LLAMA_SERVER    llama.cpp's llama-server binary (optional; its libraries beside it)
+#   LLAMA_ARGS      more llama-server arguments, e.g. "--no-repack" where AMX is not enabled
 #   QUESTIONS (64), SAMPLES (4), MAX_TOKENS (256), BATCH (16 conversations per call; for the
 #   server, requests in flight), PARALLEL (llama-server's slots, 16), THREADS (2)
 #   RLVR_REFERENCE_VENV  python with `tokenizers` (default ~/.cache/rlvr/reference-venv)
@@ -62,8 +63,8 @@ fi
 if [[ -n "${LLAMA_SERVER:-}" ]]; then
     PORT=18391
     CTX=$(( PARALLEL * (1024 + MAX_TOKENS) ))
-    "$LLAMA_SERVER" -m "$GGUF" --port "$PORT" -t "$THREADS" -tb "$THREADS" -np "$PARALLEL" \
-        -c "$CTX" --chat-template gemma --no-webui >"$WORK/server.log" 2>&1 &
+    LD_LIBRARY_PATH="$(dirname "$LLAMA_SERVER")${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" "$LLAMA_SERVER" -m "$GGUF" --port "$PORT" -t "$THREADS" -tb "$THREADS" -np "$PARALLEL" \
+        -c "$CTX" --chat-template gemma --no-webui ${LLAMA_ARGS:-} >"$WORK/server.log" 2>&1 &
     SERVER_PID=$!
     for _ in $(seq 120); do
         curl -sf "http://127.0.0.1:$PORT/health" >/dev/null && break

@@ -217,12 +217,15 @@ fn argmax(values: &[f32]) -> usize {
     best
 }
 
-/// Samples from the tempered distribution truncated by top-k, top-p and min-p: walks the
-/// tokens from the most likely down, subtracting their probabilities from a uniform draw.
+/// Samples from the tempered distribution truncated by top-k, top-p and min-p (untruncated,
+/// by [`draw_untruncated`]): walks the tokens from the most likely down, subtracting their probabilities from a uniform draw.
 /// Only as much of the vocabulary is sorted as the walk reaches (Gemma has 262,144 tokens;
 /// a full sort per token and row cost more than the model's decoding step).
 fn draw(logits: &[f32], request: &Sampling, rng: &mut ChaCha8Rng) -> usize {
     let t = request.temperature;
+    if request.top_k == 0 && request.top_p >= 1.0 && request.min_p <= 0.0 {
+        return draw_untruncated(logits, t as f32, rng);
+    }
     let mut order = TopOrder::new(logits);
     let candidates = match request.top_k {
         0 => logits.len(),
@@ -267,6 +270,36 @@ fn draw(logits: &[f32], request: &Sampling, rng: &mut ChaCha8Rng) -> usize {
         }
     }
     order.get(keep - 1)
+}
+
+/// Samples from the whole tempered distribution, nothing truncated: the weights
+/// `exp(l / t − max / t)` (the vector `exp`) walked in id order against a uniform draw of
+/// their sum, whole runs of ids skipped by their sums. No order of the vocabulary is needed,
+/// so nothing is sorted.
+fn draw_untruncated(logits: &[f32], t: f32, rng: &mut ChaCha8Rng) -> usize {
+    const RUN: usize = 1024;
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let mut weights = logits.to_vec();
+    super::exp::exp_in_place(&mut weights, 1.0 / t, max / t, 1.0);
+    let sums: Vec<f64> = weights
+        .chunks(RUN)
+        .map(|run| run.iter().map(|&w| w as f64).sum())
+        .collect();
+    let mut u = rng.random::<f64>() * sums.iter().sum::<f64>();
+    for (r, (run, sum)) in weights.chunks(RUN).zip(&sums).enumerate() {
+        if u > *sum {
+            u -= sum;
+            continue;
+        }
+        for (i, &w) in run.iter().enumerate() {
+            u -= w as f64;
+            if u <= 0.0 && w > 0.0 {
+                return r * RUN + i;
+            }
+        }
+    }
+    // rounding left a sliver of the draw: the last token with any weight
+    weights.iter().rposition(|&w| w > 0.0).unwrap_or(0)
 }
 
 /// The token ids by falling logit (ties by id), sorted lazily: the first `n` are put in
@@ -338,5 +371,26 @@ mod tests {
         assert_eq!(counts[2], 0);
         let share = counts[1] as f64 / 8000.0;
         assert!((share - 0.75).abs() < 0.02, "{counts:?}");
+    }
+
+    #[test]
+    fn untruncated_sampling_reaches_tokens_in_every_run_of_the_vocabulary() {
+        // two likely tokens in different runs of 1,024 ids, in a sea of unlikely ones
+        let mut logits = vec![-40.0f32; 3000];
+        logits[10] = 0.0;
+        logits[2500] = 2f32.ln();
+        let mut rng = ChaCha8Rng::seed_from_u64(2);
+        let mut counts = std::collections::HashMap::new();
+        for _ in 0..6000 {
+            *counts
+                .entry(draw_untruncated(&logits, 1.0, &mut rng))
+                .or_insert(0usize) += 1;
+        }
+        let share = counts.get(&2500).copied().unwrap_or(0) as f64 / 6000.0;
+        assert!((share - 2.0 / 3.0).abs() < 0.02, "{counts:?}");
+        assert!(
+            counts.keys().all(|&id| id == 10 || id == 2500),
+            "{counts:?}"
+        );
     }
 }

@@ -109,7 +109,7 @@ pub fn detach(model: &mut Model) {
 /// place, so that the prefix cache never serves keys computed before the write.
 #[allow(clippy::disallowed_methods)]
 pub fn set(var: &Var, value: &Tensor) -> candle_core::Result<()> {
-    super::prefix::adapter_written();
+    super::prefix::adapter_written(var);
     var.set(value)
 }
 

@@ -5,7 +5,7 @@
 //! A prompt is cut into blocks of [`BLOCK`] tokens; block `i` is named by a hash chain as
 //! in vLLM's automatic prefix caching, `key(i) = hash(key(i - 1), tokens of block i)`, the
 //! chain starting from the [`Namespace`]: the model's weights and, when its adapter takes
-//! part, the adapter's identity and the count of adapter writes in the process. So keys
+//! part, the adapter's identity and the stamp of the latest write to its variables. So keys
 //! and values computed under one adapter never serve the base model, another adapter, or
 //! the same adapter after a training step changed it. An entry keeps its parent's key and
 //! its tokens, so a hash collision is a miss, never a wrong hit.
@@ -25,7 +25,7 @@ use std::hash::{Hash, Hasher};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, OnceLock};
 
-use candle_core::Tensor;
+use candle_core::{Tensor, TensorId, Var};
 
 use super::{lora, Model, Result};
 
@@ -41,8 +41,15 @@ pub const DEFAULT_BUDGET_MIB: usize = 256;
 /// The environment variable that sets the process's budget in MiB (0: no prefix caching).
 pub const BUDGET_ENV: &str = "RLVR_PREFIX_CACHE_MIB";
 
-/// Writes to adapter weights in this process (see [`super::lora::set`]).
-static ADAPTER_WRITES: AtomicU64 = AtomicU64::new(0);
+/// The stamp of the latest in-place write to each adapter variable written so far, by the
+/// variable's tensor id (see [`super::lora::set`]); stamps only grow.
+fn write_stamps() -> &'static Mutex<HashMap<TensorId, u64>> {
+    static STAMPS: OnceLock<Mutex<HashMap<TensorId, u64>>> = OnceLock::new();
+    STAMPS.get_or_init(Default::default)
+}
+
+/// The source of write stamps.
+static NEXT_STAMP: AtomicU64 = AtomicU64::new(1);
 
 /// The source of [`fresh_weights_id`].
 static WEIGHTS_IDS: AtomicU64 = AtomicU64::new(1);
@@ -52,17 +59,23 @@ pub fn fresh_weights_id() -> u64 {
     WEIGHTS_IDS.fetch_add(1, Ordering::Relaxed)
 }
 
-/// Counts one write to adapter weights: every key computed under an adapter before it is
-/// never used again.
-pub fn adapter_written() {
-    ADAPTER_WRITES.fetch_add(1, Ordering::SeqCst);
+/// Records a write to the adapter variable `var`: keys computed under an adapter holding it
+/// before the write are never used again. Writes to other models' adapters change nothing
+/// here.
+pub fn adapter_written(var: &Var) {
+    let stamp = NEXT_STAMP.fetch_add(1, Ordering::SeqCst);
+    write_stamps()
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .insert(var.as_tensor().id(), stamp);
 }
 
 /// What the keys and values of a forward pass depend on besides its tokens.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Namespace {
     weights: u64,
-    /// The adapter's variables (a hash of their ids) and the adapter writes so far.
+    /// The adapter's variables (a hash of their ids) and the stamp of the latest write to
+    /// any of them (0 before any).
     adapter: Option<(u64, u64)>,
 }
 
@@ -73,11 +86,15 @@ impl Namespace {
             .then(|| {
                 let vars = lora::variables(&mut model.clone());
                 (!vars.is_empty()).then(|| {
+                    let stamps = write_stamps().lock().unwrap_or_else(|e| e.into_inner());
                     let mut h = std::hash::DefaultHasher::new();
+                    let mut latest = 0;
                     for (_, var) in &vars {
-                        var.as_tensor().id().hash(&mut h);
+                        let id = var.as_tensor().id();
+                        id.hash(&mut h);
+                        latest = latest.max(stamps.get(&id).copied().unwrap_or(0));
                     }
-                    (h.finish(), ADAPTER_WRITES.load(Ordering::SeqCst))
+                    (h.finish(), latest)
                 })
             })
             .flatten();
@@ -122,8 +139,8 @@ struct Inner {
     /// Keys by last use, oldest first.
     order: BTreeMap<u64, u64>,
     clock: u64,
-    /// The adapter writes when entries were last purged of older adapter states.
-    writes_seen: u64,
+    /// The newest write stamp seen for each adapter (by the hash of its variables' ids).
+    newest: HashMap<u64, u64>,
     counts: PrefillCounts,
 }
 
@@ -237,7 +254,7 @@ impl PrefixCache {
         if inner.budget == 0 || blocks == 0 {
             return Ok(None);
         }
-        inner.purge_stale();
+        inner.purge_stale(namespace);
         let mut found: Vec<u64> = Vec::new();
         for (i, (parent, key)) in chain(namespace, prompt, blocks).into_iter().enumerate() {
             let tokens = &prompt[i * BLOCK..(i + 1) * BLOCK];
@@ -286,7 +303,7 @@ impl PrefixCache {
         if bytes > inner.budget || prompt.len() < (index + 1) * BLOCK {
             return;
         }
-        inner.purge_stale();
+        inner.purge_stale(namespace);
         let links = chain(namespace, prompt, index + 1);
         let (parent, key) = links[index];
         if inner.entries.contains_key(&key) || (index > 0 && !inner.entries.contains_key(&parent)) {
@@ -347,18 +364,25 @@ impl Inner {
         }
     }
 
-    /// Drops the entries computed under an adapter before its latest write, once per write
-    /// count: no lookup can reach them again.
-    fn purge_stale(&mut self) {
-        let writes = ADAPTER_WRITES.load(Ordering::SeqCst);
-        if writes == self.writes_seen {
+    /// Drops the entries computed under `namespace`'s adapter before its latest write, once
+    /// per write: no lookup can reach them again (stamps only grow).
+    fn purge_stale(&mut self, namespace: &Namespace) {
+        let Some((adapter, stamp)) = namespace.adapter else {
+            return;
+        };
+        let newest = self.newest.entry(adapter).or_insert(0);
+        if stamp <= *newest {
             return;
         }
-        self.writes_seen = writes;
+        *newest = stamp;
         let stale: Vec<u64> = self
             .entries
             .iter()
-            .filter(|(_, e)| e.namespace.adapter.is_some_and(|(_, w)| w < writes))
+            .filter(|(_, e)| {
+                e.namespace
+                    .adapter
+                    .is_some_and(|(a, s)| a == adapter && s < stamp)
+            })
             .map(|(&k, _)| k)
             .collect();
         for key in stale {
@@ -471,18 +495,24 @@ mod tests {
     fn an_adapter_write_retires_the_keys_computed_before_it() {
         let cache = PrefixCache::new(10 * BYTES);
         let prompt: Vec<u32> = (0..BLOCK as u32 + 1).collect();
-        let tuned = |writes| Namespace {
+        let tuned = |stamp| Namespace {
             weights: 1,
-            adapter: Some((7, writes)),
+            adapter: Some((7, stamp)),
         };
-        let now = ADAPTER_WRITES.load(Ordering::SeqCst);
-        cache.insert(&tuned(now), &prompt, 0, layers());
+        let other = Namespace {
+            weights: 1,
+            adapter: Some((8, 1)),
+        };
+        cache.insert(&tuned(1), &prompt, 0, layers());
+        cache.insert(&other, &prompt, 0, layers());
         cache.insert(&namespace(), &prompt, 0, layers());
-        assert_eq!(cache.blocks(), 2);
-        adapter_written();
-        let later = ADAPTER_WRITES.load(Ordering::SeqCst);
-        assert!(cache.lookup(&tuned(later), &prompt).unwrap().is_none());
-        assert_eq!(cache.blocks(), 1, "the old adapter's block is gone");
+        assert_eq!(cache.blocks(), 3);
+        assert!(cache.lookup(&tuned(2), &prompt).unwrap().is_none());
+        assert_eq!(cache.blocks(), 2, "the old adapter state's block is gone");
         assert_eq!(hit(&cache, &prompt), BLOCK, "the base model's stays");
+        assert!(
+            cache.lookup(&other, &prompt).unwrap().is_some(),
+            "another adapter's stays"
+        );
     }
 }

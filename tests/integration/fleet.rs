@@ -555,8 +555,8 @@ fn grpo_sampling_in_a_second_process_ends_with_the_local_runs_adapter() {
         assert!(m.tokens > 0 && m.max_abs < 1e-4, "{m:?}");
     }
     // with the correction (TRL's default) the server's log-probs enter the loss: the
-    // measured mismatch is in the metrics, and the ratios, within 1e-4 of 1, move the
-    // adapter by as little
+    // measured mismatch is in the metrics, and the ratios, within 1e-4 of 1, leave the
+    // adapter close to the uncorrected run's
     let mut config = corrected;
     config.cache_dir = scratch("grpo-served-corrected");
     let mut third = tiny_policy(1);
@@ -582,10 +582,16 @@ fn grpo_sampling_in_a_second_process_ends_with_the_local_runs_adapter() {
         mismatch.iter().all(|&m| m > 0.0 && m < 1e-4),
         "{mismatch:?}"
     );
+    // Adam divides each gradient by its own running size, so a parameter whose gradient
+    // nearly cancels moves by a visible part of a step on a 1e-7 change of the ratios: the
+    // adapter is compared with how far training moved it
     let c = lora::variables(&mut third.model);
     for ((name, x), (_, y)) in a.iter().zip(&c) {
         let d = crate::max_abs_diff(x.as_tensor(), y.as_tensor());
-        assert!(d < 1e-4, "{name}: {d}");
+        assert!(
+            d < 1e-2 * moved,
+            "{name}: {d}, moved {moved}, mismatch {mismatch:?}"
+        );
     }
     again.finish().unwrap();
     // one adapter was live at a time, and none is left

@@ -560,6 +560,29 @@ fn a_prefix_shared_across_calls_is_computed_once_and_changes_no_bit() {
     }
 }
 
+/// A write to one model's adapter changes the prefix cache's namespace of that adapter only:
+/// another model's adapter (another test, another policy in the same process) keeps its keys.
+#[test]
+fn a_write_changes_the_namespace_of_its_own_adapter_only() {
+    use rlvr::model::prefix::Namespace;
+    let mut first = engine_models().remove(1).1;
+    let second = engine_models().remove(1).1;
+    let (a, b) = (Namespace::of(&first, true), Namespace::of(&second, true));
+    let (_, var) = rlvr::model::lora::variables(&mut first).remove(0);
+    rlvr::model::lora::set(&var, &var.as_tensor().copy().unwrap()).unwrap();
+    assert_ne!(
+        Namespace::of(&first, true),
+        a,
+        "the written adapter's changes"
+    );
+    assert_eq!(
+        Namespace::of(&second, true),
+        b,
+        "the other adapter's does not"
+    );
+    assert_ne!(a, b, "two adapters, two namespaces");
+}
+
 /// Keys computed under an adapter serve neither the base model nor the adapter once a write
 /// changed it (as a GRPO step does): those calls take nothing from the cache and equal runs
 /// without it.
