@@ -25,7 +25,7 @@ use sha2::{Digest, Sha256};
 use crate::data::question::Question;
 use crate::grpo::optim::{clip_grad_norm, AdamW, AdamWSettings, Schedule};
 use crate::model::lm::LanguageModel;
-use crate::model::lora;
+use crate::model::{lora, padded};
 use crate::progress::Job;
 use crate::prompt::PromptTemplate;
 
@@ -212,13 +212,9 @@ pub fn train(
             .map(|&i| (examples[i].0.as_slice(), examples[i].1.as_slice()))
             .collect();
         let logps = policy.model.pair_logprobs(&pairs, true, 1.0)?;
-        let width = logps.dim(1)?;
-        let mut mask = Vec::with_capacity(rows.len() * width);
-        for (_, target) in &pairs {
-            mask.extend((0..width).map(|t| if t < target.len() { 1f32 } else { 0.0 }));
-        }
-        let tokens: usize = pairs.iter().map(|(_, t)| t.len()).sum();
-        let mask = Tensor::from_vec(mask, (rows.len(), width), logps.device())?;
+        let lens: Vec<usize> = pairs.iter().map(|(_, t)| t.len()).collect();
+        let tokens: usize = lens.iter().sum();
+        let mask = padded::length_mask(&lens, logps.dim(1)?, logps.device())?;
         let loss = ((logps * mask)?.sum_all()? / -(tokens as f64))?;
         let grads_store = loss.backward()?;
         let mut grads: Vec<Tensor> = vars

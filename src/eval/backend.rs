@@ -9,6 +9,7 @@ use super::render::Prompt;
 use super::EvalError;
 use crate::model::generate::{generate, Sampling};
 use crate::model::lm::LanguageModel;
+use crate::model::padded::{self, PaddedRows};
 use crate::model::{Input, KvCache};
 use crate::progress::Job;
 
@@ -207,26 +208,16 @@ impl Backend for LocalModel {
         let encoded: Vec<Encoded> = order.iter().filter_map(|&i| slots[i].take()).collect();
         // sub-batches whose attention blocks (rows × width²) and positions (rows × width)
         // stay within budgets
+        let lengths: Vec<usize> = encoded.iter().map(|e| e.context.len()).collect();
+        let batches = padded::batches_within(&lengths, |rows, width| {
+            rows * width * width <= ATTENTION_BUDGET && rows * width <= token_budget
+        });
         let mut scored = Vec::with_capacity(encoded.len());
-        let mut start = 0;
-        while start < encoded.len() {
-            let mut end = start + 1;
-            let mut width = encoded[start].context.len();
-            while end < encoded.len() {
-                let w = width.max(encoded[end].context.len());
-                let rows = end + 1 - start;
-                if rows * w * w > ATTENTION_BUDGET || rows * w > token_budget {
-                    break;
-                }
-                width = w;
-                end += 1;
-            }
+        for batch in batches {
             job.check()?;
             scored.extend(
-                score_batch(&self.lm.model, &encoded[start..end], adapters_on)
-                    .map_err(model_error)?,
+                score_batch(&self.lm.model, &encoded[batch], adapters_on).map_err(model_error)?,
             );
-            start = end;
         }
         let mut in_request_order: Vec<Option<Scored>> = vec![None; scored.len()];
         for (&i, s) in order.iter().zip(scored) {
@@ -327,9 +318,10 @@ fn score_batch(
     if batch.len() > 1 && single && shared >= MIN_SHARED_PREFIX {
         return score_after_prefix(model, batch, shared, adapters_on);
     }
-    let device = model.device().clone();
-    let width = batch.iter().map(|e| e.context.len()).max().unwrap_or(0);
-    let input = left_padded(batch, width, &device)?;
+    let contexts: Vec<&[u32]> = batch.iter().map(|e| e.context.as_slice()).collect();
+    let contexts = PaddedRows::left(&contexts);
+    let width = contexts.width();
+    let input = contexts.input(model.device())?;
     let longer = batch
         .iter()
         .any(|e| e.continuations.iter().any(|c| c.len() > 1));
@@ -368,31 +360,6 @@ fn score_batch(
         .collect())
 }
 
-/// The batch's contexts left-padded to `width` tokens, positions counted from each
-/// context's first real token.
-fn left_padded(
-    batch: &[Encoded],
-    width: usize,
-    device: &candle_core::Device,
-) -> crate::model::Result<Input> {
-    use candle_core::Tensor;
-    let b = batch.len();
-    let mut ids = Vec::with_capacity(b * width);
-    let mut positions = Vec::with_capacity(b * width);
-    let mut key_valid = Vec::with_capacity(b);
-    for e in batch {
-        let pad = width - e.context.len();
-        ids.extend(std::iter::repeat_n(0u32, pad).chain(e.context.iter().copied()));
-        positions.extend((0..width).map(|s| s.saturating_sub(pad) as u32));
-        key_valid.push((0..width).map(|s| s >= pad).collect::<Vec<bool>>());
-    }
-    Ok(Input {
-        ids: Tensor::from_vec(ids, (b, width), device)?,
-        positions: Tensor::from_vec(positions, (b, width), device)?,
-        key_valid,
-    })
-}
-
 /// Adds to `scores` the log-probabilities of the continuations' tokens after their first:
 /// one row per continuation of several tokens, from a copy of its context's rows of `cache`
 /// (whose keys `key_valid` marks).
@@ -419,39 +386,29 @@ fn add_later_tokens(
                 .map(move |(j, _)| (i, j))
         })
         .collect();
-    let steps = rows
-        .iter()
-        .map(|&(i, j)| batch[i].continuations[j].len() - 1)
-        .max()
-        .unwrap_or(0);
     let index: Vec<u32> = rows.iter().map(|&(i, _)| i as u32).collect();
     cache.select_rows(&Tensor::from_vec(index, rows.len(), &device)?)?;
-    let mut ids = Vec::with_capacity(rows.len() * steps);
-    let mut positions = Vec::with_capacity(rows.len() * steps);
-    let mut valid = Vec::with_capacity(rows.len());
+    // each continuation but its last token, after its context's keys
+    let fed: Vec<&[u32]> = rows
+        .iter()
+        .map(|&(i, j)| {
+            let c = &batch[i].continuations[j];
+            &c[..c.len() - 1]
+        })
+        .collect();
+    let cached = rows.iter().map(|&(i, _)| key_valid[i].clone()).collect();
+    let fed = PaddedRows::right_after(&fed, cached);
+    let steps = fed.width();
     let mut targets = Vec::new();
     let mut picks = Vec::new(); // (row, step) whose state predicts a scored token
     for (r, &(i, j)) in rows.iter().enumerate() {
         let c = &batch[i].continuations[j];
-        let n = batch[i].context.len();
-        let mut v = key_valid[i].clone();
-        for s in 0..steps {
-            let real = s + 1 < c.len();
-            ids.push(if real { c[s] } else { 0 });
-            positions.push((n + s) as u32);
-            v.push(real);
-            if real {
-                targets.push(c[s + 1]);
-                picks.push((r * steps + s) as u32);
-            }
+        for s in 0..c.len() - 1 {
+            targets.push(c[s + 1]);
+            picks.push((r * steps + s) as u32);
         }
-        valid.push(v);
     }
-    let input = Input {
-        ids: Tensor::from_vec(ids, (rows.len(), steps), &device)?,
-        positions: Tensor::from_vec(positions, (rows.len(), steps), &device)?,
-        key_valid: valid,
-    };
+    let input = fed.input(&device)?;
     let hidden = model.forward(&input, Some(&mut cache), adapters_on)?;
     let d = hidden.dim(2)?;
     let flat = hidden.reshape((rows.len() * steps, d))?;
@@ -508,31 +465,16 @@ fn score_after_prefix(
     let prefix = Input::unpadded(&[batch[0].context[..shared].to_vec()], 0, &device)?;
     model.forward(&prefix, Some(&mut cache), adapters_on)?;
     cache.select_rows(&Tensor::from_vec(vec![0u32; b], b, &device)?)?;
-    let width = batch
+    let own: Vec<&[u32]> = batch.iter().map(|e| &e.context[shared..]).collect();
+    let own_rows = PaddedRows::right_after(&own, vec![vec![true; shared]; b]);
+    let width = own_rows.width();
+    // the state of each context's last token
+    let last: Vec<u32> = own
         .iter()
-        .map(|e| e.context.len() - shared)
-        .max()
-        .unwrap_or(0);
-    let mut ids = Vec::with_capacity(b * width);
-    let mut positions = Vec::with_capacity(b * width);
-    let mut key_valid = Vec::with_capacity(b);
-    let mut last = Vec::with_capacity(b);
-    for (r, e) in batch.iter().enumerate() {
-        let own = &e.context[shared..];
-        let mut valid = vec![true; shared];
-        for s in 0..width {
-            ids.push(own.get(s).copied().unwrap_or(0));
-            positions.push((shared + s) as u32);
-            valid.push(s < own.len());
-        }
-        key_valid.push(valid);
-        last.push((r * width + own.len() - 1) as u32);
-    }
-    let input = Input {
-        ids: Tensor::from_vec(ids, (b, width), &device)?,
-        positions: Tensor::from_vec(positions, (b, width), &device)?,
-        key_valid,
-    };
+        .enumerate()
+        .map(|(r, own)| (r * width + own.len() - 1) as u32)
+        .collect();
+    let input = own_rows.input(&device)?;
     let hidden = model.forward(&input, Some(&mut cache), adapters_on)?;
     let d = hidden.dim(2)?;
     let states = hidden

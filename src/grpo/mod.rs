@@ -44,7 +44,7 @@ use optim::{clip_grad_norm, AdamW};
 use crate::data::question::Question;
 use crate::model::generate::{Finish, Sampling};
 use crate::model::lm::LanguageModel;
-use crate::model::lora;
+use crate::model::{lora, padded};
 use crate::progress::Job;
 use crate::reward::{Reward, Scored};
 
@@ -649,13 +649,8 @@ fn one_step(
                 .map(|&i| rollouts[i].ids.len())
                 .max()
                 .unwrap_or(0);
-            let mut data = Vec::with_capacity(rows.len() * t);
-            for &i in rows {
-                let mut v = values(i);
-                v.resize(t, 0.0);
-                data.extend(v);
-            }
-            Tensor::from_vec(data, (rows.len(), t), &device)
+            let values: Vec<Vec<f32>> = rows.iter().map(|&i| values(i)).collect();
+            padded::right_padded(&values, t, &device)
         };
     let no_grad = |rows: &[usize], adapters_on: bool| -> Result<Tensor, GrpoError> {
         Ok(crate::model::linear::no_grad(|| {

@@ -1,8 +1,11 @@
-//! Pieces every architecture shares: rotary position embedding, causal (and sliding-window)
-//! masks over a padded batch, grouped-query attention, and the KV cache the caller owns.
+//! Pieces every architecture shares: rotary position embedding, grouped-query attention
+//! (over a padded batch, with the causal and sliding-window masks of [`super::padded`]),
+//! and the KV cache the caller owns.
 //! All of it is built from differentiable candle ops, so gradients reach the adapters.
 
 use candle_core::{DType, Device, Result, Tensor, D};
+
+use super::padded::mask;
 
 /// Rotary position embedding of one layer type: inverse frequencies, already divided by a
 /// linear scaling factor where the config asks for one.
@@ -41,34 +44,6 @@ impl Rope {
 /// `x · cos + rotate_half(x) · sin` for `x: [b, h, s, hd]` (the halves layout of Hugging Face).
 pub fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     super::fused::rotary_embedding(x, cos, sin)
-}
-
-/// Additive attention mask `[b, 1, q, k]` (0, or the lowest f32 where hidden: finite, as
-/// in transformers, so a padding query that sees no key yields numbers rather than NaN,
-/// which would reach real tokens through the values) for queries at key slots
-/// `offset .. offset + q` over `key_valid: [b][k]` (false at padding): a query sees valid
-/// keys at or before its slot, and with `window`, only the `window` most recent ones
-/// (`query - key < window`, as Hugging Face's sliding attention).
-pub fn mask(
-    key_valid: &[Vec<bool>],
-    offset: usize,
-    queries: usize,
-    window: Option<usize>,
-    device: &Device,
-) -> Result<Tensor> {
-    let batch = key_valid.len();
-    let keys = key_valid.first().map_or(0, Vec::len);
-    let mut values = Vec::with_capacity(batch * queries * keys);
-    for valid in key_valid {
-        for q in 0..queries {
-            let slot = offset + q;
-            for (k, &ok) in valid.iter().enumerate() {
-                let visible = ok && k <= slot && window.is_none_or(|w| slot - k < w);
-                values.push(if visible { 0f32 } else { f32::MIN });
-            }
-        }
-    }
-    Tensor::from_vec(values, (batch, 1, queries, keys), device)
 }
 
 /// Scaled dot-product attention with an additive mask (none: every key visible), softmax
@@ -144,7 +119,7 @@ pub trait KeyValues {
     ) -> Result<Tensor>;
 }
 
-/// Attention over a left-padded batch ([`super::Input::key_valid`]'s masks), appending
+/// Attention over a padded batch ([`super::Input::key_valid`]'s masks), appending
 /// to a [`KvCache`] when one is given.
 pub struct Padded<'a> {
     full: Tensor,

@@ -26,11 +26,12 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use rayon::prelude::*;
 
-use super::attention::{attend, mask, KeyValues};
+use super::attention::{attend, KeyValues};
 use super::cpu_matmul::FEW_ROWS;
 use super::generate::{
     reaches_stop_string, sample, Completion, Decode, Finish, Sampling, PREFILL_CHUNK,
 };
+use super::padded::{continuing, mask};
 use super::prefix::{LayerKeys, Namespace, PrefillCounts, PrefixCache, BLOCK};
 use super::{Model, Result};
 
@@ -113,18 +114,9 @@ impl SlotCache {
         adapters_on: bool,
         capture: Option<&mut LayerKeys>,
     ) -> Result<Tensor> {
-        let (b, s) = (tokens.len(), tokens.first().map_or(0, |t| t.len()));
-        let device = model.device();
-        let ids: Vec<u32> = tokens.iter().flat_map(|t| t.iter().copied()).collect();
-        let positions: Vec<u32> = slots
-            .iter()
-            .flat_map(|&slot| {
-                let len = self.slots[slot].len;
-                (len..len + s).map(|p| p as u32)
-            })
-            .collect();
-        let ids = Tensor::from_vec(ids, (b, s), device)?;
-        let positions = Tensor::from_vec(positions, (b, s), device)?;
+        let s = tokens.first().map_or(0, |t| t.len());
+        let starts: Vec<usize> = slots.iter().map(|&slot| self.slots[slot].len).collect();
+        let (ids, positions) = continuing(tokens, &starts, model.device())?;
         let hidden = model.forward_with(
             &ids,
             &positions,

@@ -21,6 +21,7 @@ pub mod lm;
 pub mod logprob;
 pub mod lora;
 pub mod memory;
+pub mod padded;
 pub mod placement;
 pub mod prefix;
 pub mod quant;
@@ -34,6 +35,8 @@ use serde_json::Value;
 
 pub use attention::KvCache;
 use linear::Linear;
+pub use padded::Input;
+use padded::PaddedRows;
 pub use placement::Placement;
 use weights::Weights;
 
@@ -63,36 +66,6 @@ pub enum ModelError {
 
 /// Result of the model layer.
 pub type Result<T> = std::result::Result<T, ModelError>;
-
-/// One forward pass's input: token ids `[b, s]` (u32), their positions `[b, s]` (u32),
-/// and for each row which key slots (cache and new tokens) are real tokens rather than
-/// padding.
-#[derive(Debug, Clone)]
-pub struct Input {
-    /// Token ids, `[b, s]`.
-    pub ids: Tensor,
-    /// Position of each token in its sequence, `[b, s]`.
-    pub positions: Tensor,
-    /// `[b][cached + s]`: false at padding.
-    pub key_valid: Vec<Vec<bool>>,
-}
-
-impl Input {
-    /// Rows of equal length, no padding, starting at position `offset` (the cache length).
-    pub fn unpadded(rows: &[Vec<u32>], offset: usize, device: &Device) -> Result<Self> {
-        let b = rows.len();
-        let s = rows.first().map_or(0, Vec::len);
-        let ids: Vec<u32> = rows.iter().flatten().copied().collect();
-        let positions: Vec<u32> = (0..b)
-            .flat_map(|_| (offset..offset + s).map(|p| p as u32))
-            .collect();
-        Ok(Input {
-            ids: Tensor::from_vec(ids, (b, s), device)?,
-            positions: Tensor::from_vec(positions, (b, s), device)?,
-            key_valid: vec![vec![true; offset + s]; b],
-        })
-    }
-}
 
 /// The architectures the project implements.
 #[derive(Debug, Clone)]
@@ -340,7 +313,8 @@ impl Model {
     /// Per-token log-probabilities of many (prompt, completion) pairs in one forward pass,
     /// `[b, t]` f32 with `t` the longest completion (positions past a completion's end hold
     /// 0), the logits divided by `temperature`. Prompts are left-padded and completions
-    /// right-padded; padding is masked out. Differentiable with respect to the adapters.
+    /// right-padded ([`PaddedRows`]); padding is masked out. Differentiable with respect to
+    /// the adapters.
     pub fn pair_logprobs(
         &self,
         pairs: &[(&[u32], &[u32])],
@@ -375,7 +349,6 @@ impl Model {
     ) -> Result<(Tensor, Option<Tensor>)> {
         let device = self.device();
         let b = pairs.len();
-        let p_max = pairs.iter().map(|(p, _)| p.len()).max().unwrap_or(0);
         let c_max = pairs.iter().map(|(_, c)| c.len()).max().unwrap_or(0);
         assert!(
             pairs.iter().all(|(p, _)| !p.is_empty()),
@@ -405,24 +378,11 @@ impl Model {
                 entropy,
             );
         }
-        let width = p_max + c_max;
-        let mut ids = Vec::with_capacity(b * width);
-        let mut positions = Vec::with_capacity(b * width);
-        let mut key_valid = Vec::with_capacity(b);
-        for (prompt, completion) in pairs {
-            let pad = p_max - prompt.len();
-            let real = prompt.len() + completion.len();
-            ids.extend(std::iter::repeat_n(0u32, pad));
-            ids.extend(prompt.iter().chain(completion.iter()).copied());
-            ids.extend(std::iter::repeat_n(0u32, c_max - completion.len()));
-            positions.extend((0..width).map(|s| s.saturating_sub(pad).min(real) as u32));
-            key_valid.push((0..width).map(|s| s >= pad && s < pad + real).collect());
-        }
-        let input = Input {
-            ids: Tensor::from_vec(ids, (b, width), device)?,
-            positions: Tensor::from_vec(positions, (b, width), device)?,
-            key_valid,
-        };
+        let (prompts, completions): (Vec<&[u32]>, Vec<&[u32]>) = pairs.iter().copied().unzip();
+        let prompts = PaddedRows::left(&prompts);
+        let p_max = prompts.width();
+        let completions = PaddedRows::right_after(&completions, prompts.key_valid().to_vec());
+        let input = prompts.then(completions).input(device)?;
         if c_max == 0 {
             let empty = Tensor::zeros((b, 0), candle_core::DType::F32, device)?;
             return Ok((empty.clone(), entropy.map(|_| empty)));
@@ -453,49 +413,24 @@ impl Model {
     ) -> Result<(Tensor, Option<Tensor>)> {
         let device = self.device();
         let b = pairs.len();
-        let p_max = distinct.iter().map(|p| p.len()).max().unwrap_or(0);
         let c_max = pairs.iter().map(|(_, c)| c.len()).max().unwrap_or(0);
         let mut cache = KvCache::new(self.num_layers());
-        let mut ids = Vec::with_capacity(distinct.len() * p_max);
-        let mut positions = Vec::with_capacity(distinct.len() * p_max);
-        let mut key_valid = Vec::with_capacity(distinct.len());
-        for prompt in distinct {
-            let pad = p_max - prompt.len();
-            ids.extend(std::iter::repeat_n(0u32, pad).chain(prompt.iter().copied()));
-            positions.extend((0..p_max).map(|s| s.saturating_sub(pad) as u32));
-            key_valid.push((0..p_max).map(|s| s >= pad).collect::<Vec<bool>>());
-        }
-        let prompts = Input {
-            ids: Tensor::from_vec(ids, (distinct.len(), p_max), device)?,
-            positions: Tensor::from_vec(positions, (distinct.len(), p_max), device)?,
-            key_valid: key_valid.clone(),
-        };
-        let hidden = self.forward(&prompts, Some(&mut cache), adapters_on)?;
+        let prompts = PaddedRows::left(distinct);
+        let hidden = self.forward(&prompts.input(device)?, Some(&mut cache), adapters_on)?;
         let rows = Tensor::from_vec(source.clone(), b, device)?;
         cache.select_rows(&rows)?;
         // the prompt's last state predicts the first completion token
         let first = hidden
-            .narrow(1, p_max - 1, 1)?
+            .narrow(1, prompts.width() - 1, 1)?
             .contiguous()?
             .index_select(&rows, 0)?;
-        let mut ids = Vec::with_capacity(b * c_max);
-        let mut positions = Vec::with_capacity(b * c_max);
-        let mut valid = Vec::with_capacity(b);
-        for ((prompt, completion), &u) in pairs.iter().zip(&source) {
-            let real = prompt.len() + completion.len();
-            ids.extend(completion.iter().copied());
-            ids.extend(std::iter::repeat_n(0u32, c_max - completion.len()));
-            positions.extend((0..c_max).map(|t| (prompt.len() + t).min(real) as u32));
-            let mut row = key_valid[u as usize].clone();
-            row.extend((0..c_max).map(|t| t < completion.len()));
-            valid.push(row);
-        }
-        let completions = Input {
-            ids: Tensor::from_vec(ids, (b, c_max), device)?,
-            positions: Tensor::from_vec(positions, (b, c_max), device)?,
-            key_valid: valid,
-        };
-        let hidden = self.forward(&completions, Some(&mut cache), adapters_on)?;
+        let completions: Vec<&[u32]> = pairs.iter().map(|(_, c)| *c).collect();
+        let cached = source
+            .iter()
+            .map(|&u| prompts.key_valid()[u as usize].clone())
+            .collect();
+        let completions = PaddedRows::right_after(&completions, cached);
+        let hidden = self.forward(&completions.input(device)?, Some(&mut cache), adapters_on)?;
         let d = hidden.dim(2)?;
         let scoring =
             Tensor::cat(&[&first, &hidden.narrow(1, 0, c_max - 1)?], 1)?.reshape((b * c_max, d))?;
@@ -515,15 +450,10 @@ impl Model {
     ) -> Result<(Tensor, Option<Tensor>)> {
         let device = self.device();
         let b = pairs.len();
-        let mut targets = Vec::with_capacity(b * c_max);
-        let mut mask = Vec::with_capacity(b * c_max);
-        for (_, completion) in pairs {
-            targets.extend(completion.iter().copied());
-            targets.extend(std::iter::repeat_n(0u32, c_max - completion.len()));
-            mask.extend((0..c_max).map(|t| if t < completion.len() { 1f32 } else { 0.0 }));
-        }
-        let targets = Tensor::from_vec(targets, b * c_max, device)?;
-        let mask = Tensor::from_vec(mask, (b, c_max), device)?;
+        let completions: Vec<&[u32]> = pairs.iter().map(|(_, c)| *c).collect();
+        let lens: Vec<usize> = completions.iter().map(|c| c.len()).collect();
+        let targets = padded::right_padded(&completions, c_max, device)?.flatten_all()?;
+        let mask = padded::length_mask(&lens, c_max, device)?;
         let (logprobs, entropies) = match entropy {
             None => (
                 logprob::gather_logprobs(
