@@ -138,6 +138,8 @@ pub fn train_with(
     run
 }
 
+/// The run behind [`train_with`]: checks the setup, opens the run's files (resuming an
+/// earlier run of the same key) and trains the steps still to train.
 fn train_steps(
     policy: &mut LanguageModel,
     items: &[Question],
@@ -146,8 +148,47 @@ fn train_steps(
     rollouts: &mut dyn rollout::Rollouts,
     job: &Job,
 ) -> Result<GrpoRun, GrpoError> {
-    config.validate()?;
     let served = rollouts.sampled_elsewhere();
+    check_setup(policy, items, rewards, config, served)?;
+    let weights: Vec<f64> = match &config.reward_weights {
+        Some(w) => w.clone(),
+        None => rewards.iter().map(|r| r.weight).collect(),
+    };
+    let vars = lora::variables(&mut policy.model);
+    let policy: &LanguageModel = policy;
+    let prompts = items
+        .iter()
+        .map(|q| {
+            let text = policy.tokenizer.chat(&config.template.messages(q), true)?;
+            policy.tokenizer.encode(&text)
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let mut stop_ids = policy.tokenizer.stop_ids();
+    stop_ids.sort_unstable();
+    stop_ids.dedup();
+    let run = RunInputs {
+        policy,
+        items,
+        prompts: &prompts,
+        rewards,
+        weights: &weights,
+        config,
+        vars: &vars,
+        stop_ids: &stop_ids,
+        job,
+    };
+    Trainer::open(&run, rollouts, served)?.train()
+}
+
+/// Refuses settings and inputs a run cannot train with, before anything is read or written.
+fn check_setup(
+    policy: &LanguageModel,
+    items: &[Question],
+    rewards: &[Reward],
+    config: &GrpoConfig,
+    served: bool,
+) -> Result<(), GrpoError> {
+    config.validate()?;
     if config.max_staleness > 0 && !served {
         return Err(GrpoError::Setup(format!(
             "max_staleness {} needs rollouts on a server (`rollout: endpoint(...)`): local \
@@ -185,150 +226,220 @@ fn train_steps(
             )));
         }
     }
-    let weights: Vec<f64> = match &config.reward_weights {
-        Some(w) => w.clone(),
-        None => rewards.iter().map(|r| r.weight).collect(),
-    };
-    let vars = lora::variables(&mut policy.model);
-    let prompts = items
-        .iter()
-        .map(|q| {
-            let text = policy.tokenizer.chat(&config.template.messages(q), true)?;
-            policy.tokenizer.encode(&text)
-        })
-        .collect::<Result<Vec<_>, _>>()?;
+    Ok(())
+}
 
-    let key = run_key(policy, &vars, items, &prompts, rewards, &weights, config)?;
-    let dir = config.cache_dir.join("grpo").join(&key);
-    let mut store = store::RunStore::open(&dir, config)?;
-    let mut optimizer = AdamW::new(vars.clone(), config.adamw)?;
-    // the synced reference starts as the starting adapter
-    let mut reference: Option<Vec<Tensor>> = if config.sync_ref_model {
-        Some(adapter_values(&vars)?)
-    } else {
-        None
-    };
-    // with max_staleness s, the policies of the last s steps (as each step found it): the
-    // steps still to train may be sampled by them, so they are checkpointed too
-    let mut stale: Vec<(usize, Vec<Tensor>)> = Vec::new();
-    let resumed_from = if config.resume {
-        store.restore(&vars, &mut optimizer, reference.as_mut(), &mut stale)?
-    } else {
-        store.reset()?;
-        0
-    };
+/// A run under way: its inputs, where its completions come from, its files, and the state
+/// it trains besides the adapters.
+struct Trainer<'a, 'r> {
+    run: &'a RunInputs<'a>,
+    rollouts: &'r mut dyn rollout::Rollouts,
+    /// Whether another engine samples the completions.
+    served: bool,
+    store: store::RunStore,
+    /// Where the run's files are.
+    dir: PathBuf,
+    optimizer: AdamW,
+    /// The synced reference's values (`sync_ref_model`), starting as the starting adapter.
+    reference: Option<Vec<Tensor>>,
+    /// With max_staleness s, the policies of the last s steps (as each step found it): the
+    /// steps still to train may be sampled by them, so they are checkpointed too.
+    stale: Vec<(usize, Vec<Tensor>)>,
+    /// Steps resumed from an earlier run (0 for a fresh one).
+    resumed_from: usize,
+    /// The step of the checkpoint on disk.
+    saved: usize,
+}
 
-    let reward_names: Vec<String> = rewards.iter().map(|r| r.name.clone()).collect();
-    job.progress.start("GRPO", config.steps as u64);
-    job.progress.update(resumed_from as u64, "");
-    let mut stop_ids = policy.tokenizer.stop_ids();
-    stop_ids.sort_unstable();
-    stop_ids.dedup();
-    let run = RunInputs {
-        policy,
-        items,
-        prompts: &prompts,
-        rewards,
-        weights: &weights,
-        config,
-        vars: &vars,
-        stop_ids: &stop_ids,
-        job,
-    };
-    let s = config.max_staleness;
-    // the policy (after how many steps) that samples step `m`
-    let version_of = |m: usize| m.saturating_sub(s);
-    let mut step = resumed_from;
-    // the first steps: those sampled by policies that exist already
-    let mut published = None;
-    for m in step..(step + s + 1).min(config.steps) {
-        let version = version_of(m);
-        if published != Some(version) {
-            publish(policy, &vars, &stale, version, step, rollouts)?;
-            published = Some(version);
-        }
-        let (_, rows, requests) = step_batch(items.len(), &prompts, config, &stop_ids, m);
-        rollouts.submit(m, version, rows, requests)?;
-    }
-    // the step of the checkpoint on disk
-    let mut saved = resumed_from;
-    while step < config.steps {
-        if job.cancel.is_cancelled() {
-            if saved != step {
-                store.checkpoint(step, policy, &optimizer, reference.as_deref(), &stale)?;
-            }
-            return Err(GrpoError::Interrupted { step, dir });
-        }
-        // with several updates per step, a step stopped between two of them has changed the
-        // adapters, the optimiser and perhaps the synced reference: they go back to where
-        // the step started
-        let before = Snapshot::take(&vars, &optimizer, reference.as_deref())?;
-        let started = Instant::now();
-        let sampled = rollouts.take(policy, step, job)?;
-        let done = match sampled {
-            Some(sampled) => one_step(
-                &run,
-                &mut optimizer,
-                reference.as_mut(),
-                Sampled {
-                    completions: sampled,
-                    served,
-                    staleness: step - version_of(step),
-                    started,
-                },
-                step,
-            )?,
-            None => None,
+impl<'a, 'r> Trainer<'a, 'r> {
+    /// Opens the run's files under the cache's `grpo/<key>`, resuming the checkpoint there
+    /// with `resume` (else starting over).
+    fn open(
+        run: &'a RunInputs<'a>,
+        rollouts: &'r mut dyn rollout::Rollouts,
+        served: bool,
+    ) -> Result<Self, GrpoError> {
+        let config = run.config;
+        let dir = config.cache_dir.join("grpo").join(run_key(run)?);
+        let mut store = store::RunStore::open(&dir, config)?;
+        let mut optimizer = AdamW::new(run.vars.to_vec(), config.adamw)?;
+        let mut reference = if config.sync_ref_model {
+            Some(adapter_values(run.vars)?)
+        } else {
+            None
         };
-        match done {
-            Some((row, completions)) => {
-                if s > 0 {
-                    stale.push((step, before.values));
-                    if stale.len() > s {
-                        stale.remove(0);
-                    }
-                }
-                step += 1;
-                store.append(&row, &completions)?;
-                if step % config.checkpoint_every == 0 || step == config.steps {
-                    store.checkpoint(step, policy, &optimizer, reference.as_deref(), &stale)?;
-                    saved = step;
-                }
-                // the policy that sampled the step just trained, once no later step needs it
-                let used = version_of(step - 1);
-                if step == config.steps || version_of(step) != used {
-                    rollouts.retire(used)?;
-                }
-                // the policy as it is now samples the step s ahead
-                let next = step + s;
-                if next < config.steps {
-                    rollouts.publish(policy, step)?;
-                    let (_, rows, requests) =
-                        step_batch(items.len(), &prompts, config, &stop_ids, next);
-                    rollouts.submit(next, step, rows, requests)?;
-                }
-                job.progress.update(
-                    step as u64,
-                    &format!("reward {:.3} · {:.1} s/step", row.reward, row.step_s),
-                );
+        let mut stale = Vec::new();
+        let resumed_from = if config.resume {
+            store.restore(run.vars, &mut optimizer, reference.as_mut(), &mut stale)?
+        } else {
+            store.reset()?;
+            0
+        };
+        Ok(Trainer {
+            run,
+            rollouts,
+            served,
+            store,
+            dir,
+            optimizer,
+            reference,
+            stale,
+            resumed_from,
+            saved: resumed_from,
+        })
+    }
+
+    /// Trains the steps still to train, step after step, and reads the run's tables.
+    fn train(mut self) -> Result<GrpoRun, GrpoError> {
+        let (config, job) = (self.run.config, self.run.job);
+        job.progress.start("GRPO", config.steps as u64);
+        job.progress.update(self.resumed_from as u64, "");
+        let mut step = self.resumed_from;
+        self.submit_first_steps(step)?;
+        while step < config.steps {
+            if job.cancel.is_cancelled() {
+                return self.interrupt(step);
             }
-            None => {
-                before.restore(&vars, &mut optimizer, reference.as_mut())?;
-                if saved != step {
-                    store.checkpoint(step, policy, &optimizer, reference.as_deref(), &stale)?;
-                }
-                return Err(GrpoError::Interrupted { step, dir });
+            // with several updates per step, a step stopped between two of them has changed
+            // the adapters, the optimiser and perhaps the synced reference: they go back to
+            // where the step started
+            let before = Snapshot::take(self.run.vars, &self.optimizer, self.reference.as_deref())?;
+            let Some((row, completions)) = self.train_step(step)? else {
+                before.restore(self.run.vars, &mut self.optimizer, self.reference.as_mut())?;
+                return self.interrupt(step);
+            };
+            self.record(step, before.values, &row, &completions)?;
+            step += 1;
+            self.sample_ahead(step)?;
+            job.progress.update(
+                step as u64,
+                &format!("reward {:.3} · {:.1} s/step", row.reward, row.step_s),
+            );
+        }
+        job.progress.finish(&format!("{step} steps"));
+        let reward_names: Vec<String> = self.run.rewards.iter().map(|r| r.name.clone()).collect();
+        let (metrics, completions) = self.store.tables(&reward_names)?;
+        Ok(GrpoRun {
+            metrics,
+            completions,
+            dir: self.dir,
+            resumed_from: self.resumed_from,
+        })
+    }
+
+    /// Submits the first steps from `step` on: those sampled by policies that exist
+    /// already (`max_staleness` + 1 at most), publishing each of those policies once.
+    fn submit_first_steps(&mut self, step: usize) -> Result<(), GrpoError> {
+        let run = self.run;
+        let last = (step + run.config.max_staleness + 1).min(run.config.steps);
+        let mut published = None;
+        for m in step..last {
+            let version = run.version_of(m);
+            if published != Some(version) {
+                publish(
+                    run.policy,
+                    run.vars,
+                    &self.stale,
+                    version,
+                    step,
+                    self.rollouts,
+                )?;
+                published = Some(version);
+            }
+            run.submit(self.rollouts, m, version)?;
+        }
+        Ok(())
+    }
+
+    /// Takes step `step`'s completions and trains the step; `None` when the job was
+    /// cancelled.
+    fn train_step(
+        &mut self,
+        step: usize,
+    ) -> Result<Option<(StepMetrics, Vec<CompletionRow>)>, GrpoError> {
+        let run = self.run;
+        let started = Instant::now();
+        let Some(completions) = self.rollouts.take(run.policy, step, run.job)? else {
+            return Ok(None);
+        };
+        one_step(
+            run,
+            &mut self.optimizer,
+            self.reference.as_mut(),
+            Sampled {
+                completions,
+                served: self.served,
+                staleness: step - run.version_of(step),
+                started,
+            },
+            step,
+        )
+    }
+
+    /// Records the trained step `step` (0-based): keeps the policy it started from
+    /// (`before`) while later steps may be sampled by it, appends its rows, and checkpoints
+    /// when one is due.
+    fn record(
+        &mut self,
+        step: usize,
+        before: Vec<Tensor>,
+        row: &StepMetrics,
+        completions: &[CompletionRow],
+    ) -> Result<(), GrpoError> {
+        let config = self.run.config;
+        if config.max_staleness > 0 {
+            self.stale.push((step, before));
+            if self.stale.len() > config.max_staleness {
+                self.stale.remove(0);
             }
         }
+        let done = step + 1;
+        self.store.append(row, completions)?;
+        if done.is_multiple_of(config.checkpoint_every) || done == config.steps {
+            self.checkpoint(done)?;
+            self.saved = done;
+        }
+        Ok(())
     }
-    job.progress.finish(&format!("{step} steps"));
-    let (metrics, completions) = store.tables(&reward_names)?;
-    Ok(GrpoRun {
-        metrics,
-        completions,
-        dir,
-        resumed_from,
-    })
+
+    /// After `done` steps: retires the policy that sampled the last one once no later step
+    /// needs it, and has the policy as it is now sample the step `max_staleness` ahead.
+    fn sample_ahead(&mut self, done: usize) -> Result<(), GrpoError> {
+        let run = self.run;
+        let used = run.version_of(done - 1);
+        if done == run.config.steps || run.version_of(done) != used {
+            self.rollouts.retire(used)?;
+        }
+        let next = done + run.config.max_staleness;
+        if next < run.config.steps {
+            self.rollouts.publish(run.policy, done)?;
+            run.submit(self.rollouts, next, done)?;
+        }
+        Ok(())
+    }
+
+    /// Checkpoints the run after `step` steps.
+    fn checkpoint(&mut self, step: usize) -> Result<(), GrpoError> {
+        self.store.checkpoint(
+            step,
+            self.run.policy,
+            &self.optimizer,
+            self.reference.as_deref(),
+            &self.stale,
+        )
+    }
+
+    /// Ends the run interrupted after `step` steps: checkpoints them unless the checkpoint
+    /// on disk has them already, then fails with [`GrpoError::Interrupted`].
+    fn interrupt(&mut self, step: usize) -> Result<GrpoRun, GrpoError> {
+        if self.saved != step {
+            self.checkpoint(step)?;
+        }
+        Err(GrpoError::Interrupted {
+            step,
+            dir: self.dir.clone(),
+        })
+    }
 }
 
 /// Makes the policy after `version` steps available to `rollouts`: the live adapters when
@@ -516,6 +627,31 @@ struct RunInputs<'a> {
     vars: &'a [(String, Var)],
     stop_ids: &'a [u32],
     job: &'a Job,
+}
+
+impl RunInputs<'_> {
+    /// The policy (after how many steps) that samples step `step`: the one `max_staleness`
+    /// steps back, or the starting one.
+    fn version_of(&self, step: usize) -> usize {
+        step.saturating_sub(self.config.max_staleness)
+    }
+
+    /// Asks `rollouts` for step `step`'s completions sampled by the policy `version`.
+    fn submit(
+        &self,
+        rollouts: &mut dyn rollout::Rollouts,
+        step: usize,
+        version: usize,
+    ) -> Result<(), GrpoError> {
+        let (_, rows, requests) = step_batch(
+            self.items.len(),
+            self.prompts,
+            self.config,
+            self.stop_ids,
+            step,
+        );
+        rollouts.submit(step, version, rows, requests)
+    }
 }
 
 /// Trains step `step` (0-based) on its sampled completions: scores them, turns the rewards
@@ -1212,15 +1348,17 @@ fn mix(a: u64, b: u64) -> u64 {
 /// closure's code and captured values) and weight, and the settings
 /// ([`GrpoConfig::key_settings`]: how often checkpoints are written changes nothing and is
 /// left out; `reward_weights` enters as the rewards' weights).
-fn run_key(
-    policy: &LanguageModel,
-    vars: &[(String, Var)],
-    items: &[Question],
-    prompts: &[Vec<u32>],
-    rewards: &[Reward],
-    weights: &[f64],
-    config: &GrpoConfig,
-) -> Result<String, GrpoError> {
+fn run_key(run: &RunInputs) -> Result<String, GrpoError> {
+    let RunInputs {
+        policy,
+        vars,
+        items,
+        prompts,
+        rewards,
+        weights,
+        config,
+        ..
+    } = *run;
     let mut h = Sha256::new();
     let mut field = |bytes: &[u8]| {
         h.update((bytes.len() as u64).to_le_bytes());
