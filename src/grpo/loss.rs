@@ -742,120 +742,265 @@ fn gamma_weights(
 
 /// The micro-batch loss to back-propagate, and its statistics: TRL 1.16's `_compute_loss`.
 pub fn loss(x: &LossInputs, s: &LossSettings) -> Result<(Tensor, LossStats)> {
-    let device = x.logps.device();
-    let (b, _) = x.logps.dims2()?;
-    let mask = x.mask;
-    let m: Vec<Vec<f32>> = mask.to_vec2()?;
-    let advs: Vec<f32> = x.adv.to_vec1()?;
-    let adv = x.adv.unsqueeze(1)?;
-    let active = mask.sum_all()?.to_scalar::<f32>()? as f64;
-    let entropies: Option<Vec<Vec<f32>>> = x.entropies.map(|e| e.to_vec2()).transpose()?;
-    if s.needs_entropy() && entropies.is_none() {
-        bail!("top_entropy_quantile < 1 and entropy_coef need per-token entropies");
+    let rows = HostRows::read(x, s)?;
+    let gates = Gates::of(x, s, &rows)?;
+    let (log_ratio, coef_1) = importance_ratios(x, s.importance_sampling_level)?;
+    let kl = k3_kl(x, s, &coef_1)?;
+    let surrogate = Surrogate::of(x, s, &rows, &coef_1, &log_ratio)?;
+    let masked = masked_token_loss(x, s, surrogate.per_token, &gates, kl.as_ref())?;
+    let (value, mut scaled) = aggregate(x, s, &masked, rows.active)?;
+    if s.entropy_coef != 0.0 {
+        scaled = (scaled - entropy_bonus(x, s, gates.high_entropy.as_ref())?)?;
     }
-    let entropy_mask = match (&entropies, s.top_entropy_quantile < 1.0) {
-        (Some(e), true) => Some(high_entropy_mask(
-            e,
-            &m,
-            1.0 - s.top_entropy_quantile,
-            device,
-        )?),
-        _ => None,
+    let (clip_low, clip_high, clip_region) = clip_shares(&surrogate.stat_coef, &rows, s)?;
+    let stats = LossStats {
+        loss: value.to_scalar::<f32>()? as f64,
+        kl: match &kl {
+            Some(kl) => masked_mean(&kl.detach().to_vec2()?, &rows.m),
+            None => 0.0,
+        },
+        entropy: rows
+            .entropies
+            .as_ref()
+            .map_or(0.0, |e| masked_mean(e, &rows.m)),
+        clip_low,
+        clip_high,
+        clip_region,
+        phi_seq: match &surrogate.phi {
+            Some(p) => masked_mean(&p.to_vec2()?, &rows.m),
+            None => 0.0,
+        },
+        tokens: rows.active,
     };
-    let logps_now: Vec<Vec<f32>> = x.logps.to_vec2()?;
-    let off_policy = match s.off_policy_mask_threshold {
-        Some(threshold) => {
-            let sampling: Vec<Vec<f32>> = x.sampling_logps.unwrap_or(x.old).to_vec2()?;
-            Some(off_policy_mask(
-                &advs, &logps_now, &sampling, &m, threshold, device,
-            )?)
+    Ok((scaled, stats))
+}
+
+/// What the loss reads of a micro-batch on the host: the mask, the advantages and the
+/// entropies, with the advantages as a column and the count of active tokens.
+struct HostRows {
+    /// The mask, `[b, t]`.
+    m: Vec<Vec<f32>>,
+    /// One advantage per completion.
+    advs: Vec<f32>,
+    /// The advantages as a `[b, 1]` tensor.
+    adv: Tensor,
+    /// Tokens in the loss.
+    active: f64,
+    /// The per-token entropies, when given.
+    entropies: Option<Vec<Vec<f32>>>,
+}
+
+impl HostRows {
+    /// Reads them from the inputs; refuses settings that need entropies without them.
+    fn read(x: &LossInputs, s: &LossSettings) -> Result<Self> {
+        let mask = x.mask;
+        let m: Vec<Vec<f32>> = mask.to_vec2()?;
+        let advs: Vec<f32> = x.adv.to_vec1()?;
+        let adv = x.adv.unsqueeze(1)?;
+        let active = mask.sum_all()?.to_scalar::<f32>()? as f64;
+        let entropies: Option<Vec<Vec<f32>>> = x.entropies.map(|e| e.to_vec2()).transpose()?;
+        if s.needs_entropy() && entropies.is_none() {
+            bail!("top_entropy_quantile < 1 and entropy_coef need per-token entropies");
         }
-        None => None,
-    };
+        Ok(HostRows {
+            m,
+            advs,
+            adv,
+            active,
+            entropies,
+        })
+    }
+}
+
+/// The masks the per-token loss is multiplied by besides the completion mask.
+struct Gates {
+    /// The high-entropy tokens (`top_entropy_quantile` < 1), `[b, t]`.
+    high_entropy: Option<Tensor>,
+    /// The sequences kept by the off-policy mask (`off_policy_mask_threshold`), `[b, 1]`.
+    off_policy: Option<Tensor>,
+}
+
+impl Gates {
+    /// The gates the settings ask for.
+    fn of(x: &LossInputs, s: &LossSettings, rows: &HostRows) -> Result<Self> {
+        let device = x.logps.device();
+        let high_entropy = match (&rows.entropies, s.top_entropy_quantile < 1.0) {
+            (Some(e), true) => Some(high_entropy_mask(
+                e,
+                &rows.m,
+                1.0 - s.top_entropy_quantile,
+                device,
+            )?),
+            _ => None,
+        };
+        let logps_now: Vec<Vec<f32>> = x.logps.to_vec2()?;
+        let off_policy = match s.off_policy_mask_threshold {
+            Some(threshold) => {
+                let sampling: Vec<Vec<f32>> = x.sampling_logps.unwrap_or(x.old).to_vec2()?;
+                Some(off_policy_mask(
+                    &rows.advs, &logps_now, &sampling, &rows.m, threshold, device,
+                )?)
+            }
+            None => None,
+        };
+        Ok(Gates {
+            high_entropy,
+            off_policy,
+        })
+    }
+}
+
+/// The token log-ratios `logps − old` and the importance weights of `level`: per token, or
+/// GSPO's one per sequence (the exponential of the masked mean log-ratio, `[b, 1]`).
+fn importance_ratios(x: &LossInputs, level: ImportanceSampling) -> Result<(Tensor, Tensor)> {
+    let mask = x.mask;
     let log_ratio = (x.logps - x.old)?;
-    let log_weights = match s.importance_sampling_level {
+    let log_weights = match level {
         ImportanceSampling::Token => log_ratio.clone(),
         ImportanceSampling::Sequence => (&log_ratio * mask)?
             .sum_keepdim(D::Minus1)?
             .broadcast_div(&mask.sum_keepdim(D::Minus1)?.clamp(1.0, f64::INFINITY)?)?,
     };
     let coef_1 = log_weights.exp()?;
-    let kl = if s.beta != 0.0 {
-        let Some(r) = x.ref_logps else {
-            bail!("reference log-probs are needed when beta is not 0");
-        };
-        let diff = (r - x.logps)?;
-        let kl = ((diff.exp()? - &diff)? - 1.0)?;
-        Some(if s.use_bias_correction_kl {
-            kl.broadcast_mul(&coef_1)?
-        } else {
-            kl
-        })
+    Ok((log_ratio, coef_1))
+}
+
+/// The per-token k3 KL against the reference (times the importance weight `coef_1` with
+/// `use_bias_correction_kl`); none when `beta` is 0.
+fn k3_kl(x: &LossInputs, s: &LossSettings, coef_1: &Tensor) -> Result<Option<Tensor>> {
+    if s.beta == 0.0 {
+        return Ok(None);
+    }
+    let Some(r) = x.ref_logps else {
+        bail!("reference log-probs are needed when beta is not 0");
+    };
+    let diff = (r - x.logps)?;
+    let kl = ((diff.exp()? - &diff)? - 1.0)?;
+    Ok(Some(if s.use_bias_correction_kl {
+        kl.broadcast_mul(coef_1)?
     } else {
-        None
-    };
-    // the ratio the clipping statistics read (capped by delta, as TRL's)
-    let mut stat_coef = coef_1.clone();
-    let mut phi = None;
-    let mut per_token = match s.loss_type {
-        LossType::Cispo => {
-            let clamped = coef_1.clamp(f64::NEG_INFINITY, s.epsilon_high)?.detach();
-            clamped.broadcast_mul(&adv)?.broadcast_mul(x.logps)?.neg()?
-        }
-        LossType::Sapo => {
-            let temps: Vec<f32> = advs
-                .iter()
-                .map(|&a| {
-                    if a > 0.0 {
-                        s.sapo_temperature_pos as f32
-                    } else {
-                        s.sapo_temperature_neg as f32
-                    }
-                })
-                .collect();
-            let temps = Tensor::from_vec(temps, (b, 1), device)?;
-            let z = (&coef_1 - 1.0)?.broadcast_mul(&temps)?;
-            let sigmoid = (z.neg()?.exp()? + 1.0)?.recip()?;
-            let soft = (sigmoid * 4.0)?.broadcast_div(&temps)?;
-            soft.broadcast_mul(&adv)?.neg()?
-        }
-        LossType::Vespo => {
-            let ratio: Vec<Vec<f32>> = log_ratio.to_vec2()?;
-            let is: Option<Vec<Vec<f32>>> = x.is_ratio.map(|r| r.to_vec2()).transpose()?;
-            let p = gamma_weights(&advs, &ratio, &m, is.as_deref(), &s.vespo, device)?;
-            let loss = p.broadcast_mul(&adv)?.broadcast_mul(x.logps)?.neg()?;
-            phi = Some(p);
-            loss
-        }
-        _ => {
-            let coef_2 = coef_1.clamp(1.0 - s.epsilon_low, 1.0 + s.epsilon_high)?;
-            if let Some(delta) = s.delta {
-                stat_coef = coef_1.clamp(f64::NEG_INFINITY, delta)?;
+        kl
+    }))
+}
+
+/// The loss type's per-token surrogate, before any mask.
+struct Surrogate {
+    /// The per-token loss.
+    per_token: Tensor,
+    /// The ratio the clipping statistics read (capped by delta, as TRL's).
+    stat_coef: Tensor,
+    /// vespo's detached sequence weights φ, `[b, 1]`.
+    phi: Option<Tensor>,
+}
+
+impl Surrogate {
+    /// The surrogate of `s.loss_type` from the importance weights `coef_1` and the token
+    /// log-ratios: cispo's detached capped weight, sapo's sigmoid gate, vespo's Gamma
+    /// weight, or the clipped surrogate (with δ) of the others.
+    fn of(
+        x: &LossInputs,
+        s: &LossSettings,
+        rows: &HostRows,
+        coef_1: &Tensor,
+        log_ratio: &Tensor,
+    ) -> Result<Self> {
+        let device = x.logps.device();
+        let (b, _) = x.logps.dims2()?;
+        let adv = &rows.adv;
+        let mut stat_coef = coef_1.clone();
+        let mut phi = None;
+        let per_token = match s.loss_type {
+            LossType::Cispo => {
+                let clamped = coef_1.clamp(f64::NEG_INFINITY, s.epsilon_high)?.detach();
+                clamped.broadcast_mul(adv)?.broadcast_mul(x.logps)?.neg()?
             }
-            let loss_1 = stat_coef.broadcast_mul(&adv)?;
-            let loss_2 = coef_2.broadcast_mul(&adv)?;
-            loss_1.minimum(&loss_2)?.neg()?
-        }
-    };
-    if let Some(keep) = &off_policy {
+            LossType::Sapo => {
+                let temps: Vec<f32> = rows
+                    .advs
+                    .iter()
+                    .map(|&a| {
+                        if a > 0.0 {
+                            s.sapo_temperature_pos as f32
+                        } else {
+                            s.sapo_temperature_neg as f32
+                        }
+                    })
+                    .collect();
+                let temps = Tensor::from_vec(temps, (b, 1), device)?;
+                let z = (coef_1 - 1.0)?.broadcast_mul(&temps)?;
+                let sigmoid = (z.neg()?.exp()? + 1.0)?.recip()?;
+                let soft = (sigmoid * 4.0)?.broadcast_div(&temps)?;
+                soft.broadcast_mul(adv)?.neg()?
+            }
+            LossType::Vespo => {
+                let ratio: Vec<Vec<f32>> = log_ratio.to_vec2()?;
+                let is: Option<Vec<Vec<f32>>> = x.is_ratio.map(|r| r.to_vec2()).transpose()?;
+                let p =
+                    gamma_weights(&rows.advs, &ratio, &rows.m, is.as_deref(), &s.vespo, device)?;
+                let loss = p.broadcast_mul(adv)?.broadcast_mul(x.logps)?.neg()?;
+                phi = Some(p);
+                loss
+            }
+            _ => {
+                let coef_2 = coef_1.clamp(1.0 - s.epsilon_low, 1.0 + s.epsilon_high)?;
+                if let Some(delta) = s.delta {
+                    stat_coef = coef_1.clamp(f64::NEG_INFINITY, delta)?;
+                }
+                let loss_1 = stat_coef.broadcast_mul(adv)?;
+                let loss_2 = coef_2.broadcast_mul(adv)?;
+                loss_1.minimum(&loss_2)?.neg()?
+            }
+        };
+        Ok(Surrogate {
+            per_token,
+            stat_coef,
+            phi,
+        })
+    }
+}
+
+/// The per-token loss in the loss: the surrogate through the gates, times the mismatch
+/// correction's ratio (vespo has it in its weight), plus β times the KL, times the
+/// completion mask.
+fn masked_token_loss(
+    x: &LossInputs,
+    s: &LossSettings,
+    mut per_token: Tensor,
+    gates: &Gates,
+    kl: Option<&Tensor>,
+) -> Result<Tensor> {
+    if let Some(keep) = &gates.off_policy {
         per_token = per_token.broadcast_mul(keep)?;
     }
-    if let Some(high) = &entropy_mask {
+    if let Some(high) = &gates.high_entropy {
         per_token = per_token.broadcast_mul(high)?;
     }
     if let (Some(ratio), false) = (x.is_ratio, s.loss_type == LossType::Vespo) {
         per_token = per_token.broadcast_mul(ratio)?;
     }
-    if let Some(kl) = &kl {
+    if let Some(kl) = kl {
         per_token = per_token.broadcast_add(&(kl * s.beta)?)?;
     }
-    let masked = per_token.broadcast_mul(mask)?;
+    per_token.broadcast_mul(x.mask)
+}
+
+/// The loss type's aggregation of the masked per-token loss: its value (TRL's
+/// `policy_loss`) and the value to back-propagate (divided by the gradient accumulation,
+/// except for the losses normalised by the whole generation batch's tokens).
+fn aggregate(
+    x: &LossInputs,
+    s: &LossSettings,
+    masked: &Tensor,
+    active: f64,
+) -> Result<(Tensor, Tensor)> {
+    let (b, _) = x.logps.dims2()?;
+    let mask = x.mask;
     let ga = s.grad_accum as f64;
     let per_sequence_mean = || -> Result<Tensor> {
         let lengths = mask.sum(D::Minus1)?.clamp(1.0, f64::INFINITY)?;
         (masked.sum(D::Minus1)? / lengths)?.mean_all()
     };
-    let (value, mut scaled) = match s.loss_type {
+    Ok(match s.loss_type {
         LossType::Grpo | LossType::Sapo => {
             let v = per_sequence_mean()?;
             (v.clone(), (v / ga)?)
@@ -876,19 +1021,33 @@ pub fn loss(x: &LossInputs, s: &LossSettings) -> Result<(Tensor, LossStats)> {
             let v = masked.sum(D::Minus1)?.mean_all()?;
             (v.clone(), (v / ga)?)
         }
+    })
+}
+
+/// The entropy bonus to subtract from the loss: `entropy_coef` times the mean entropy over
+/// the active (and, with the high-entropy mask, high-entropy) tokens, divided by the
+/// gradient accumulation.
+fn entropy_bonus(
+    x: &LossInputs,
+    s: &LossSettings,
+    high_entropy: Option<&Tensor>,
+) -> Result<Tensor> {
+    let mask = x.mask;
+    let h = x.entropies.expect("checked when the rows were read");
+    let effective = match high_entropy {
+        Some(high) => (mask * high)?,
+        None => mask.clone(),
     };
-    if s.entropy_coef != 0.0 {
-        let h = x.entropies.expect("checked above");
-        let effective = match &entropy_mask {
-            Some(high) => (mask * high)?,
-            None => mask.clone(),
-        };
-        let count = effective.sum_all()?.to_scalar::<f32>()? as f64;
-        let bonus = ((h * &effective)?.sum_all()? / (count.max(1.0) * ga))?;
-        scaled = (scaled - (bonus * s.entropy_coef)?)?;
-    }
-    // statistics
-    let adv_col: Vec<Vec<f32>> = advs.iter().map(|&a| vec![a]).collect();
+    let count = effective.sum_all()?.to_scalar::<f32>()? as f64;
+    let bonus = ((h * &effective)?.sum_all()? / (count.max(1.0) * s.grad_accum as f64))?;
+    bonus * s.entropy_coef
+}
+
+/// The shares of active tokens clipped below, above and either way, read from the ratio
+/// `stat_coef` (0 for the losses that do not clip; cispo's share clipped above its cap).
+fn clip_shares(stat_coef: &Tensor, rows: &HostRows, s: &LossSettings) -> Result<(f64, f64, f64)> {
+    let m = &rows.m;
+    let adv_col: Vec<Vec<f32>> = rows.advs.iter().map(|&a| vec![a]).collect();
     let ratio: Vec<Vec<f32>> = stat_coef.detach().to_vec2()?;
     let flag = |f: &dyn Fn(f32, f32) -> bool| -> Vec<Vec<f32>> {
         ratio
@@ -904,33 +1063,17 @@ pub fn loss(x: &LossInputs, s: &LossSettings) -> Result<(Tensor, LossStats)> {
     let (el, eh) = (s.epsilon_low as f32, s.epsilon_high as f32);
     let (mut clip_low, mut clip_high, mut clip_region) = (0.0, 0.0, 0.0);
     if s.loss_type.clipped() {
-        clip_low = masked_mean(&flag(&|c, a| c < 1.0 - el && a < 0.0), &m);
-        clip_high = masked_mean(&flag(&|c, a| c > 1.0 + eh && a > 0.0), &m);
+        clip_low = masked_mean(&flag(&|c, a| c < 1.0 - el && a < 0.0), m);
+        clip_high = masked_mean(&flag(&|c, a| c > 1.0 + eh && a > 0.0), m);
         clip_region = masked_mean(
             &flag(&|c, a| (c < 1.0 - el && a < 0.0) || (c > 1.0 + eh && a > 0.0)),
-            &m,
+            m,
         );
     } else if s.loss_type == LossType::Cispo {
-        clip_region = masked_mean(&flag(&|c, a| c > eh && a > 0.0), &m);
+        clip_region = masked_mean(&flag(&|c, a| c > eh && a > 0.0), m);
         clip_high = clip_region;
     }
-    let stats = LossStats {
-        loss: value.to_scalar::<f32>()? as f64,
-        kl: match &kl {
-            Some(kl) => masked_mean(&kl.detach().to_vec2()?, &m),
-            None => 0.0,
-        },
-        entropy: entropies.as_ref().map_or(0.0, |e| masked_mean(e, &m)),
-        clip_low,
-        clip_high,
-        clip_region,
-        phi_seq: match &phi {
-            Some(p) => masked_mean(&p.to_vec2()?, &m),
-            None => 0.0,
-        },
-        tokens: active,
-    };
-    Ok((scaled, stats))
+    Ok((clip_low, clip_high, clip_region))
 }
 #[cfg(test)]
 mod tests {

@@ -324,6 +324,14 @@ struct Sequence {
     namespace: Namespace,
 }
 
+/// The rows that sample a token in a step, each with the row of `logits` it samples from
+/// (the sequences that follow a prompt share its row).
+#[derive(Default)]
+struct Picks {
+    rows: Vec<(usize, usize)>,
+    logits: Vec<Vec<f32>>,
+}
+
 /// Runs sequences in a continuous batch: [`Scheduler::submit`] queues one, and every
 /// [`Scheduler::step`] admits waiting sequences into free slots, prefills a chunk of each
 /// new prompt, decodes one token for every other row, and hands back the ones that ended.
@@ -474,10 +482,22 @@ impl<'a> Scheduler<'a> {
     /// looks at its cancel flag between steps).
     pub fn step(&mut self, ends: Ends) -> Result<Vec<(usize, Completion)>> {
         let mut finished = self.admit()?;
-        // rows that sample a token this step, each with the row of `logits` it samples from
-        let mut picks: Vec<(usize, usize)> = Vec::new();
-        let mut logits: Vec<Vec<f32>> = Vec::new();
+        let mut picks = Picks::default();
+        self.decode_rows(&mut picks)?;
+        self.prefill_chunks(&mut picks)?;
+        let mut ended = self.sample_next_tokens(&picks, ends)?;
+        ended.sort_unstable();
+        for i in ended.into_iter().rev() {
+            let seq = self.running.swap_remove(i);
+            self.free.push(seq.slot);
+            finished.push((seq.id, seq.completion));
+        }
+        Ok(finished)
+    }
 
+    /// One forward of the last token of every decoding row; each samples from its row of
+    /// logits.
+    fn decode_rows(&mut self, picks: &mut Picks) -> Result<()> {
         let decoding: Vec<usize> = (0..self.running.len())
             .filter(|&i| matches!(self.running[i].state, State::Decode(_)))
             .collect();
@@ -496,11 +516,18 @@ impl<'a> Scheduler<'a> {
                 .forward(self.model, &slots, &tokens, self.adapters_on, None)?;
             let rows: Vec<Vec<f32>> = self.model.head_logits(&hidden.squeeze(1)?)?.to_vec2()?;
             for (&i, row) in decoding.iter().zip(rows) {
-                picks.push((i, logits.len()));
-                logits.push(row);
+                picks.rows.push((i, picks.logits.len()));
+                picks.logits.push(row);
             }
         }
+        Ok(())
+    }
 
+    /// Whole chunks of the prompts being prefilled while the step's [`PREFILL_PER_STEP`]
+    /// tokens last, in the batch's order; a prompt prefilled to its end samples from its
+    /// last position's logits, and so do the sequences that follow it (its cache copied to
+    /// theirs).
+    fn prefill_chunks(&mut self, picks: &mut Picks) -> Result<()> {
         let mut budget = PREFILL_PER_STEP;
         for i in 0..self.running.len() {
             // whole chunks of this prompt while the step's budget lasts
@@ -536,34 +563,42 @@ impl<'a> Scheduler<'a> {
                     continue;
                 }
                 let last = hidden.narrow(1, chunk.len() - 1, 1)?.squeeze(1)?;
-                let row = logits.len();
-                logits.push(self.model.head_logits(&last)?.squeeze(0)?.to_vec1()?);
-                picks.push((i, row));
+                let row = picks.logits.len();
+                picks
+                    .logits
+                    .push(self.model.head_logits(&last)?.squeeze(0)?.to_vec1()?);
+                picks.rows.push((i, row));
                 let leader = seq.id;
                 for j in 0..self.running.len() {
                     if self.running[j].state == State::Follows(leader) {
                         self.cache
                             .copy(self.running[i].slot, self.running[j].slot)?;
-                        picks.push((j, row));
+                        picks.rows.push((j, row));
                     }
                 }
                 break;
             }
         }
+        Ok(())
+    }
 
+    /// Samples the picked rows' next tokens and appends them; returns the rows whose
+    /// sequence ended with it (a stop token or string, `ends`, or its token budget).
+    fn sample_next_tokens(&mut self, picks: &Picks, ends: Ends) -> Result<Vec<usize>> {
         // the rows are sampled in parallel (a row of Gemma's logits takes milliseconds),
         // each sequence from its own generator
         let running = &self.running;
         let drawn: Vec<(u32, f32, ChaCha8Rng)> = picks
+            .rows
             .par_iter()
             .map(|&(i, row)| {
                 let mut rng = running[i].rng.clone();
-                let (token, logprob) = sample(&logits[row], &running[i].sampling, &mut rng);
+                let (token, logprob) = sample(&picks.logits[row], &running[i].sampling, &mut rng);
                 (token, logprob, rng)
             })
             .collect();
         let mut ended = Vec::new();
-        for (&(i, row), (token, logprob, rng)) in picks.iter().zip(drawn) {
+        for (&(i, row), (token, logprob, rng)) in picks.rows.iter().zip(drawn) {
             let seq = &mut self.running[i];
             seq.rng = rng;
             let c = &mut seq.completion;
@@ -576,7 +611,7 @@ impl<'a> Scheduler<'a> {
                     }
                     None => false,
                 };
-            let cut = !stopped && ends(seq.id, &c.ids, &logits[row]);
+            let cut = !stopped && ends(seq.id, &c.ids, &picks.logits[row]);
             if stopped || cut || c.ids.len() >= seq.sampling.max_tokens {
                 c.finish = if stopped {
                     Finish::Stop
@@ -590,13 +625,7 @@ impl<'a> Scheduler<'a> {
                 seq.state = State::Decode(token);
             }
         }
-        ended.sort_unstable();
-        for i in ended.into_iter().rev() {
-            let seq = self.running.swap_remove(i);
-            self.free.push(seq.slot);
-            finished.push((seq.id, seq.completion));
-        }
-        Ok(finished)
+        Ok(ended)
     }
 
     /// Moves waiting sequences into free slots, each new prompt starting from the blocks of

@@ -259,31 +259,7 @@ fn sampling(
         }
     };
     let present = |key: &str| fields.get(key).filter(|v| !v.is_null());
-    let include_usage = match present("stream_options") {
-        None => false,
-        Some(_) if !stream => {
-            return Err(BadRequest::field(
-                "stream_options",
-                "is allowed only with `stream: true`",
-            ))
-        }
-        Some(Value::Object(options)) => match options.get("include_usage") {
-            None | Some(Value::Null) => false,
-            Some(Value::Bool(b)) => *b,
-            Some(v) => {
-                return Err(BadRequest::field(
-                    "stream_options.include_usage",
-                    format!("{v} is not true or false"),
-                ))
-            }
-        },
-        Some(v) => {
-            return Err(BadRequest::field(
-                "stream_options",
-                format!("{v} is not an object"),
-            ))
-        }
-    };
+    let include_usage = include_usage(present("stream_options"), stream)?;
     let max_tokens = match (present("max_tokens"), present("max_completion_tokens")) {
         (Some(v), _) => count(v, "max_tokens", min_tokens, usize::MAX)?,
         (None, Some(v)) => count(v, "max_completion_tokens", min_tokens, usize::MAX)?,
@@ -337,24 +313,7 @@ fn sampling(
         ),
         None => None,
     };
-    let stop = match present("stop") {
-        None => vec![],
-        Some(Value::String(s)) => vec![s.clone()],
-        Some(Value::Array(items)) => items
-            .iter()
-            .map(|s| {
-                s.as_str()
-                    .map(str::to_string)
-                    .ok_or_else(|| BadRequest::field("stop", format!("{s} is not text")))
-            })
-            .collect::<Result<Vec<_>, _>>()?,
-        Some(v) => {
-            return Err(BadRequest::field(
-                "stop",
-                format!("{v} is neither text nor a list of texts"),
-            ))
-        }
-    };
+    let stop = stop_texts(present("stop"))?;
     Ok(GenerationRequest {
         prompts,
         max_tokens,
@@ -372,6 +331,50 @@ fn sampling(
         echo: false,
         logprobs: None,
     })
+}
+
+/// `stream_options.include_usage` (false when absent); the options are allowed only when
+/// streaming.
+fn include_usage(options: Option<&Value>, stream: bool) -> Result<bool, BadRequest> {
+    match options {
+        None => Ok(false),
+        Some(_) if !stream => Err(BadRequest::field(
+            "stream_options",
+            "is allowed only with `stream: true`",
+        )),
+        Some(Value::Object(options)) => match options.get("include_usage") {
+            None | Some(Value::Null) => Ok(false),
+            Some(Value::Bool(b)) => Ok(*b),
+            Some(v) => Err(BadRequest::field(
+                "stream_options.include_usage",
+                format!("{v} is not true or false"),
+            )),
+        },
+        Some(v) => Err(BadRequest::field(
+            "stream_options",
+            format!("{v} is not an object"),
+        )),
+    }
+}
+
+/// `stop`: one text or a list of texts (none when absent).
+fn stop_texts(stop: Option<&Value>) -> Result<Vec<String>, BadRequest> {
+    match stop {
+        None => Ok(vec![]),
+        Some(Value::String(s)) => Ok(vec![s.clone()]),
+        Some(Value::Array(items)) => items
+            .iter()
+            .map(|s| {
+                s.as_str()
+                    .map(str::to_string)
+                    .ok_or_else(|| BadRequest::field("stop", format!("{s} is not text")))
+            })
+            .collect(),
+        Some(v) => Err(BadRequest::field(
+            "stop",
+            format!("{v} is neither text nor a list of texts"),
+        )),
+    }
 }
 
 fn count(value: &Value, param: &str, min: usize, max: usize) -> Result<usize, BadRequest> {
