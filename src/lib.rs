@@ -4,7 +4,6 @@
 //! Layers, imports pointing down only: front ends (the `rlvr` binary, [`script`]) over
 //! engines over the core ([`data`]). See `docs/architecture.md`.
 
-pub mod bench;
 pub mod data;
 pub mod endpoint;
 pub mod eval;

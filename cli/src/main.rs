@@ -1,5 +1,7 @@
 //! The `rlvr` command: runs Rhai experiment scripts, a REPL, the reference, benchmarks.
 
+mod bench;
+
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -183,7 +185,7 @@ enum Bench {
         ids: PathBuf,
         /// What to time.
         #[arg(long, value_enum)]
-        task: rlvr::bench::ModelTask,
+        task: bench::ModelTask,
         /// Rows in the batch (decode, lora).
         #[arg(long, default_value_t = 1)]
         batch: usize,
@@ -337,7 +339,7 @@ fn kernel(connection_file: Option<PathBuf>, action: Option<KernelAction>) -> Res
 /// `rlvr bench`: measures one capability and prints its figures as one JSON line.
 fn bench(which: Bench) -> Result<ExitCode> {
     let report = match which {
-        Bench::Load { data } => serde_json::to_string(&rlvr::bench::load(&data)?)?,
+        Bench::Load { data } => serde_json::to_string(&bench::load(&data)?)?,
         Bench::Model {
             model,
             ids,
@@ -350,7 +352,7 @@ fn bench(which: Bench) -> Result<ExitCode> {
             let placement = rlvr::model::Placement::parse(&device, dtype.as_deref())
                 .map_err(anyhow::Error::msg)?;
             let path = Store::default().resolve(&model, &Hub::default(), &download_job()?)?;
-            let report = rlvr::bench::model(&path, &ids, task, batch, tokens, &placement)?;
+            let report = bench::model(&path, &ids, task, batch, tokens, &placement)?;
             serde_json::to_string(&report)?
         }
         Bench::Grpo {
@@ -368,7 +370,7 @@ fn bench(which: Bench) -> Result<ExitCode> {
         } => {
             let placement = rlvr::model::Placement::parse(&device, dtype.as_deref())
                 .map_err(anyhow::Error::msg)?;
-            let report = rlvr::bench::grpo(&rlvr::bench::GrpoBench {
+            let report = bench::grpo(&bench::GrpoBench {
                 preset,
                 placement,
                 model,
