@@ -9,7 +9,6 @@ pub mod endpoint;
 pub mod eval;
 pub mod grpo;
 pub mod judge;
-pub mod kernel;
 pub mod model;
 pub mod models;
 pub mod paths;

@@ -306,7 +306,7 @@ fn kernel(connection_file: Option<PathBuf>, action: Option<KernelAction>) -> Res
             }),
             _,
         ) => {
-            use rlvr::kernel::install::{self, Location};
+            use rlvr_kernel::install::{self, Location};
             let location = match (sys_prefix, prefix) {
                 (true, _) => Location::SysPrefix,
                 (false, Some(prefix)) => Location::Prefix(prefix),
@@ -325,7 +325,7 @@ fn kernel(connection_file: Option<PathBuf>, action: Option<KernelAction>) -> Res
             Ok(ExitCode::SUCCESS)
         }
         (None, Some(file)) => {
-            rlvr::kernel::run(&file)?;
+            rlvr_kernel::run(&file)?;
             Ok(ExitCode::SUCCESS)
         }
         (None, None) => {

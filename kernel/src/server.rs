@@ -27,10 +27,10 @@ use jupyter_zmq_client::{
 use tokio::sync::{mpsc, oneshot};
 use zeromq::{SocketRecv, ZmqMessage};
 
-use super::display::{bundle, plain_text};
-use super::history::{complete, Entry, History, Query, SESSION};
-use super::output::{absorb, new_id, Iopub, KernelOutput, Outgoing};
-use crate::script::{shown, Completeness, Kind, ScriptError, Session};
+use crate::display::{bundle, plain_text};
+use crate::history::{complete, Entry, History, Query, SESSION};
+use crate::output::{absorb, new_id, Iopub, KernelOutput, Outgoing};
+use rlvr::script::{shown, Completeness, Kind, ScriptError, Session};
 
 /// The Rhai version the kernel reports in `language_info`.
 const RHAI_VERSION: &str = "1.27";
@@ -260,13 +260,13 @@ fn signed_message<S>(parts: ZmqMessage, socket: &Connection<S>) -> Result<Jupyte
 }
 
 fn output_cancel(output: &KernelOutput) {
-    use crate::script::Output;
+    use rlvr::script::Output;
     output.cancel().cancel();
 }
 
 /// Whether an interrupt arrived during the current cell.
 fn output_cancelled(output: &KernelOutput) -> bool {
-    use crate::script::Output;
+    use rlvr::script::Output;
     output.cancel().is_cancelled()
 }
 
@@ -707,13 +707,13 @@ mod tests {
     /// Output whose `display` fails as a bug in a library function would.
     struct Broken;
 
-    impl crate::script::Output for Broken {
+    impl rlvr::script::Output for Broken {
         fn print(&self, _text: &str) {}
         fn display(&self, _value: &rhai::Dynamic) {
             panic!("display is broken");
         }
-        fn cancel(&self) -> crate::progress::Cancel {
-            crate::progress::Cancel::new()
+        fn cancel(&self) -> rlvr::progress::Cancel {
+            rlvr::progress::Cancel::new()
         }
     }
 
