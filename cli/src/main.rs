@@ -15,7 +15,7 @@ use rlvr::models::{Fetched, Hub, Store};
 use rlvr::progress::{Cancel, Job, Terminal};
 use rlvr::report::{RunRecord, RunStatus};
 use rlvr::script::{self, render_text, Session, StdOutput};
-use rlvr::serve::ServeOptions;
+use rlvr_serve::ServeOptions;
 
 /// rlvr-lab: reinforcement learning with verifiable rewards, from Rhai scripts.
 #[derive(Parser)]
@@ -443,7 +443,7 @@ fn serve(args: ServeArgs) -> Result<ExitCode> {
         }
         std::process::exit(0);
     });
-    rlvr::serve::serve(lm, &options, |address| {
+    rlvr_serve::serve(lm, &options, |address| {
         if open && !address.ip().is_loopback() {
             eprintln!(
                 "warning: listening on {} without an API key: anyone who can reach this \

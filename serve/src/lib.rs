@@ -1,6 +1,6 @@
 //! `rlvr serve`: an OpenAI-compatible HTTP server over a loaded model, so that any
-//! OpenAI client (lm-eval's `local-chat-completions`, the `openai` package, this crate's
-//! [`crate::endpoint::Endpoint`]) can use it.
+//! OpenAI client (lm-eval's `local-chat-completions`, the `openai` package, the library's
+//! [`rlvr::endpoint::Endpoint`]) can use it.
 //!
 //! Routes: `GET /v1/models`, `POST /v1/chat/completions` (the chat template applied by the
 //! model's tokenizer), `POST /v1/completions` (text or token ids; `echo` and `logprobs` in
@@ -37,14 +37,14 @@ use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 use tiny_http::{Header, Method, Response, Server};
 
-use crate::model::batching::Scheduler;
-use crate::model::generate::{Completion, Finish, Sampling};
-use crate::model::lm::LanguageModel;
-use crate::model::tokenizer::Tokenizer;
-use crate::progress::Cancel;
 use logprobs::{Entry, TokenScore};
 use lora::{Adapter, Adapters};
 use request::{BadRequest, GenerationRequest, Prompt};
+use rlvr::model::batching::Scheduler;
+use rlvr::model::generate::{Completion, Finish, Sampling};
+use rlvr::model::lm::LanguageModel;
+use rlvr::model::tokenizer::Tokenizer;
+use rlvr::progress::Cancel;
 
 /// The largest request body read, in bytes.
 const MAX_BODY: u64 = 32 << 20;
@@ -340,7 +340,7 @@ impl<'a> Batch<'a> {
             return;
         }
         let (lm, running, rows) = (self.lm, &self.running, &self.rows);
-        let step = crate::model::linear::no_grad(|| {
+        let step = rlvr::model::linear::no_grad(|| {
             self.scheduler.step(&mut |row, ids, logits| {
                 let (id, r) = rows[&row];
                 let job = &running[&id].job;
@@ -443,13 +443,13 @@ fn by_adapter(jobs: Vec<Job>) -> Vec<Vec<Job>> {
 }
 
 /// The first line of an error (candle appends a backtrace to some).
-fn first_line(e: &crate::model::ModelError) -> String {
+fn first_line(e: &rlvr::model::ModelError) -> String {
     e.to_string().lines().next().unwrap_or_default().to_string()
 }
 
 /// A finished request's rows, each with the scores it asks for: the prompt's tokens after
 /// the first (with `echo`) and the completion's.
-fn scored(lm: &LanguageModel, request: &Running) -> crate::model::Result<Vec<Row>> {
+fn scored(lm: &LanguageModel, request: &Running) -> rlvr::model::Result<Vec<Row>> {
     let adapters_on = lm.lora.is_some();
     let job = &request.job;
     job.rows
@@ -765,7 +765,7 @@ fn complete(
     let mut choices = Vec::with_capacity(results.len());
     let mut completion_tokens = 0;
     for (index, row) in results.iter().enumerate() {
-        let decoding = |e: crate::model::ModelError| server_error(format!("decoding failed: {e}"));
+        let decoding = |e: rlvr::model::ModelError| server_error(format!("decoding failed: {e}"));
         let (text, finish, tokens, shown) =
             finish_text(tokenizer, &row.completion, &request.stop).map_err(decoding)?;
         completion_tokens += tokens;
@@ -845,7 +845,7 @@ fn request_rows(
         };
         let ids = match prompt {
             Prompt::Chat(messages) => {
-                let field = |e: crate::model::ModelError| {
+                let field = |e: rlvr::model::ModelError| {
                     bad_request(&BadRequest::field("messages", e.to_string()))
                 };
                 let text = tokenizer.chat(messages, true).map_err(field)?;
@@ -1099,7 +1099,7 @@ fn stream_events(request: tiny_http::Request, mut events: Events) -> String {
 
 /// How many of a sample's `shown` tokens its `text` keeps: those that start before a stop
 /// text cut it.
-fn kept_tokens(tokenizer: &Tokenizer, shown: &[u32], text: &str) -> crate::model::Result<usize> {
+fn kept_tokens(tokenizer: &Tokenizer, shown: &[u32], text: &str) -> rlvr::model::Result<usize> {
     let pieces = logprobs::pieces(tokenizer, shown)?;
     if pieces.iter().map(String::len).sum::<usize>() <= text.len() {
         return Ok(shown.len());
@@ -1120,7 +1120,7 @@ impl Events {
     /// chunk carries them (`null` when the request asks for none): chat's `content`
     /// entries, or the legacy lists of `/v1/completions` with each token's `text_offset`
     /// counted from the row's first token.
-    fn report(&mut self, index: usize, upto: usize) -> crate::model::Result<Value> {
+    fn report(&mut self, index: usize, upto: usize) -> rlvr::model::Result<Value> {
         if !self.logprobs {
             return Ok(Value::Null);
         }
@@ -1139,7 +1139,7 @@ impl Events {
                 .iter()
                 .zip(scores)
                 .map(|(piece, score)| logprobs::chat_entry(&self.tokenizer, piece, score))
-                .collect::<crate::model::Result<Vec<_>>>()?;
+                .collect::<rlvr::model::Result<Vec<_>>>()?;
             return Ok(json!({ "content": content }));
         }
         let entries: Vec<Entry> = (row.ids[from..upto].iter())
@@ -1408,7 +1408,7 @@ fn finish_text<'a>(
     tokenizer: &Tokenizer,
     completion: &'a Completion,
     stop: &[String],
-) -> crate::model::Result<(String, &'static str, usize, &'a [u32])> {
+) -> rlvr::model::Result<(String, &'static str, usize, &'a [u32])> {
     let tokens = completion.ids.len();
     let (shown, finish) = match completion.finish {
         Finish::Stop => (&completion.ids[..tokens - 1], "stop"),
@@ -1434,7 +1434,7 @@ fn choice_logprobs(
     text: &str,
     scores: &[TokenScore],
     echo: bool,
-) -> crate::model::Result<Value> {
+) -> rlvr::model::Result<Value> {
     let mut entries = Vec::new();
     if echo {
         for (i, (id, piece)) in prompt
@@ -1475,7 +1475,7 @@ fn chat_logprobs(
     shown: &[u32],
     text: &str,
     scores: &[TokenScore],
-) -> crate::model::Result<Vec<Value>> {
+) -> rlvr::model::Result<Vec<Value>> {
     let pieces = logprobs::pieces(tokenizer, shown)?;
     let cut = pieces.iter().map(String::len).sum::<usize>() > text.len();
     let mut entries = Vec::new();
@@ -1558,6 +1558,18 @@ fn unix_time() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_secs())
+}
+
+/// Unit tests run with the binary's process settings and allocator (see [`rlvr::runtime`]).
+#[cfg(test)]
+mod test_runtime {
+    #[global_allocator]
+    static ALLOCATOR: rlvr::runtime::Allocator = rlvr::runtime::Allocator;
+
+    #[ctor::ctor(unsafe)]
+    fn runtime_settings() {
+        rlvr::runtime::init();
+    }
 }
 
 #[cfg(test)]
