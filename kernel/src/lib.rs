@@ -5,7 +5,8 @@
 //! [`rlvr::script::Output`] so that a cell's prints, displays and progress bars reach the
 //! notebook while it runs.
 //!
-//! - `server`: the protocol (sockets, signatures, shell and control requests);
+//! - `server`: the protocol (sockets, signatures, the control channel's requests);
+//! - `shell`: the shell channel's requests (execute, complete, inspect, history, …);
 //! - `output`: the [`rlvr::script::Output`] of a running cell, and progress displays;
 //! - `display`: MIME bundles by value kind (tables, plots, text);
 //! - `history`: the cells run so far;
@@ -16,6 +17,7 @@ mod history;
 pub mod install;
 mod output;
 mod server;
+mod shell;
 
 use std::path::Path;
 
