@@ -33,7 +33,7 @@ export CUDA_COMPUTE_CAP=90 LIBRARY_PATH="$CUDA_ROOT/lib" CUDAFORGE_THREADS="${CU
 cp Cargo.lock "$PATCH_DIR/Cargo.lock.keep"
 restore() { cp "$PATCH_DIR/Cargo.lock.keep" Cargo.lock; }
 trap restore EXIT
-cargo build --features cuda --bin rlvr \
+cargo build -p rlvr-cli --features cuda --bin rlvr \
   --config "patch.crates-io.candle-core.path=\"$PATCH_DIR/candle-core\""
 
 mkdir -p gpu/bin

@@ -7,10 +7,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 cargo fmt --all -- --check
-cargo clippy --locked --all-targets -- -D warnings
+cargo clippy --locked --workspace --all-targets -- -D warnings
 cargo build --locked --bin rlvr
 rlvr="${CARGO_TARGET_DIR:-target}/debug/rlvr"
 "$rlvr" models fetch gemma-3-270m
 "$rlvr" models fetch smollm2-135m-instruct
-cargo test --locked
+cargo test --locked --workspace
 tests/kernel/run.sh

@@ -1,16 +1,17 @@
 //! rlvr-lab: a workbench for reinforcement learning with verifiable rewards (RLVR) on
-//! language models.
+//! language models. This crate is its library: data, models, engines, reports and the
+//! script engine; the front ends over it are crates of their own in the workspace (`cli/`,
+//! the `rlvr` binary; `kernel/`, the Jupyter kernel; `serve/`, the OpenAI-compatible
+//! server), so a program using the library compiles no ZeroMQ and no HTTP server.
 //!
-//! Layers, imports pointing down only: front ends (the `rlvr` binary, [`script`]) over
-//! engines over the core ([`data`]). See `docs/architecture.md`.
+//! Layers, imports pointing down only: the script engine ([`script`]) over engines over the
+//! core ([`data`], [`model`]). See `docs/architecture.md`.
 
-pub mod bench;
 pub mod data;
 pub mod endpoint;
 pub mod eval;
 pub mod grpo;
 pub mod judge;
-pub mod kernel;
 pub mod model;
 pub mod models;
 pub mod paths;
@@ -20,7 +21,6 @@ pub mod report;
 pub mod reward;
 pub mod runtime;
 pub mod script;
-pub mod serve;
 pub mod sft;
 
 /// Unit tests run with the binary's process settings and allocator (see [`runtime`]).

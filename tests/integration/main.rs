@@ -28,7 +28,7 @@ mod sft;
 mod study;
 mod tokenizer;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -37,10 +37,13 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 static ALLOCATOR: rlvr::runtime::Allocator = rlvr::runtime::Allocator;
 
 /// The binary's process settings (threads, allocator options, table format), applied
-/// before the test harness starts its threads, so tests in this process run as the binary.
+/// before the test harness starts its threads, so tests in this process run as the binary;
+/// and the repository root as the working directory (cargo starts a test in its package's
+/// folder, `cli/`), where the tests' relative paths (`data/samples/…`) point.
 #[ctor::ctor(unsafe)]
 fn runtime_settings() {
     rlvr::runtime::init();
+    std::env::set_current_dir(repo("")).expect("the repository root");
 }
 
 #[test]
@@ -103,9 +106,12 @@ pub fn max_abs(t: &candle_core::Tensor) -> f32 {
         .unwrap()
 }
 
-/// A path inside the repository.
+/// A path inside the repository (these tests belong to the package in `cli/`).
 pub fn repo(path: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(path)
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("cli/ sits in the repository")
+        .join(path)
 }
 
 /// The tiny Gemma 3 fixture with the tiny tokenizer and fresh LoRA adapters (r 8, alpha 16)

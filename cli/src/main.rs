@@ -1,5 +1,7 @@
 //! The `rlvr` command: runs Rhai experiment scripts, a REPL, the reference, benchmarks.
 
+mod bench;
+
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -13,7 +15,7 @@ use rlvr::models::{Fetched, Hub, Store};
 use rlvr::progress::{Cancel, Job, Terminal};
 use rlvr::report::{RunRecord, RunStatus};
 use rlvr::script::{self, render_text, Session, StdOutput};
-use rlvr::serve::ServeOptions;
+use rlvr_serve::ServeOptions;
 
 /// rlvr-lab: reinforcement learning with verifiable rewards, from Rhai scripts.
 #[derive(Parser)]
@@ -183,7 +185,7 @@ enum Bench {
         ids: PathBuf,
         /// What to time.
         #[arg(long, value_enum)]
-        task: rlvr::bench::ModelTask,
+        task: bench::ModelTask,
         /// Rows in the batch (decode, lora).
         #[arg(long, default_value_t = 1)]
         batch: usize,
@@ -304,7 +306,7 @@ fn kernel(connection_file: Option<PathBuf>, action: Option<KernelAction>) -> Res
             }),
             _,
         ) => {
-            use rlvr::kernel::install::{self, Location};
+            use rlvr_kernel::install::{self, Location};
             let location = match (sys_prefix, prefix) {
                 (true, _) => Location::SysPrefix,
                 (false, Some(prefix)) => Location::Prefix(prefix),
@@ -323,7 +325,7 @@ fn kernel(connection_file: Option<PathBuf>, action: Option<KernelAction>) -> Res
             Ok(ExitCode::SUCCESS)
         }
         (None, Some(file)) => {
-            rlvr::kernel::run(&file)?;
+            rlvr_kernel::run(&file)?;
             Ok(ExitCode::SUCCESS)
         }
         (None, None) => {
@@ -337,7 +339,7 @@ fn kernel(connection_file: Option<PathBuf>, action: Option<KernelAction>) -> Res
 /// `rlvr bench`: measures one capability and prints its figures as one JSON line.
 fn bench(which: Bench) -> Result<ExitCode> {
     let report = match which {
-        Bench::Load { data } => serde_json::to_string(&rlvr::bench::load(&data)?)?,
+        Bench::Load { data } => serde_json::to_string(&bench::load(&data)?)?,
         Bench::Model {
             model,
             ids,
@@ -350,7 +352,7 @@ fn bench(which: Bench) -> Result<ExitCode> {
             let placement = rlvr::model::Placement::parse(&device, dtype.as_deref())
                 .map_err(anyhow::Error::msg)?;
             let path = Store::default().resolve(&model, &Hub::default(), &download_job()?)?;
-            let report = rlvr::bench::model(&path, &ids, task, batch, tokens, &placement)?;
+            let report = bench::model(&path, &ids, task, batch, tokens, &placement)?;
             serde_json::to_string(&report)?
         }
         Bench::Grpo {
@@ -368,7 +370,7 @@ fn bench(which: Bench) -> Result<ExitCode> {
         } => {
             let placement = rlvr::model::Placement::parse(&device, dtype.as_deref())
                 .map_err(anyhow::Error::msg)?;
-            let report = rlvr::bench::grpo(&rlvr::bench::GrpoBench {
+            let report = bench::grpo(&bench::GrpoBench {
                 preset,
                 placement,
                 model,
@@ -441,7 +443,7 @@ fn serve(args: ServeArgs) -> Result<ExitCode> {
         }
         std::process::exit(0);
     });
-    rlvr::serve::serve(lm, &options, |address| {
+    rlvr_serve::serve(lm, &options, |address| {
         if open && !address.ip().is_loopback() {
             eprintln!(
                 "warning: listening on {} without an API key: anyone who can reach this \

@@ -8,9 +8,9 @@
 use candle_core::D;
 use serde_json::{json, Map, Value};
 
-use crate::model::logprob::{logits_of, CHUNK_ROWS};
-use crate::model::tokenizer::Tokenizer;
-use crate::model::{Input, Model, Result};
+use rlvr::model::logprob::{logits_of, CHUNK_ROWS};
+use rlvr::model::tokenizer::Tokenizer;
+use rlvr::model::{Input, Model, Result};
 
 /// One token's score.
 #[derive(Debug, Clone, PartialEq)]
@@ -37,7 +37,7 @@ pub fn score(
     if from >= ids.len() {
         return Ok(vec![]);
     }
-    crate::model::linear::no_grad(|| {
+    rlvr::model::linear::no_grad(|| {
         let input = Input::unpadded(&[ids.to_vec()], 0, model.device())?;
         let hidden = model.forward(&input, None, adapters_on)?.squeeze(0)?; // [s, d]
         let mut scores = Vec::with_capacity(ids.len() - from);

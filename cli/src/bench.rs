@@ -7,9 +7,9 @@ use std::time::Instant;
 
 use serde::Serialize;
 
-use crate::data::{self, LoadOptions, Result};
-use crate::model::placement::{gpu_peak, GpuPeak};
-use crate::model::Placement;
+use rlvr::data::{self, LoadOptions, Result};
+use rlvr::model::placement::{gpu_peak, GpuPeak};
+use rlvr::model::Placement;
 
 /// Figures of the loading benchmark.
 #[derive(Debug, Serialize)]
@@ -124,7 +124,7 @@ fn stored_weight_bytes(model_path: &Path) -> anyhow::Result<u64> {
         }
         return Ok(total);
     }
-    let content = crate::model::gguf::read_content(model_path)?;
+    let content = rlvr::model::gguf::read_content(model_path)?;
     Ok(content
         .tensor_infos
         .values()
@@ -181,9 +181,9 @@ pub fn model(
     new_tokens: usize,
     placement: &Placement,
 ) -> anyhow::Result<ModelReport> {
-    use crate::model::generate::{generate, Sampling};
-    use crate::model::{logprob, lora, Input, Model};
     use candle_core::Tensor;
+    use rlvr::model::generate::{generate, Sampling};
+    use rlvr::model::{logprob, lora, Input, Model};
 
     let ids: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(ids_path)?)?;
     let row = |key: &str| -> anyhow::Result<Vec<u32>> {
@@ -382,11 +382,11 @@ pub struct GrpoReport {
 /// adapters off), one micro-batch per prompt group, and reports where the time went. The run's files go to
 /// a scratch folder that is removed afterwards; nothing is resumed.
 pub fn grpo(settings: &GrpoBench) -> anyhow::Result<GrpoReport> {
-    use crate::grpo::{self as trainer, GrpoConfig};
-    use crate::model::lm::LanguageModel;
-    use crate::model::lora::LoraConfig;
-    use crate::progress::Job;
-    use crate::reward::{Reward, STUDY_REWARDS};
+    use rlvr::grpo::{self as trainer, GrpoConfig};
+    use rlvr::model::lm::LanguageModel;
+    use rlvr::model::lora::LoraConfig;
+    use rlvr::progress::Job;
+    use rlvr::reward::{Reward, STUDY_REWARDS};
 
     let items = data::load(
         "medqa",
@@ -437,7 +437,7 @@ pub fn grpo(settings: &GrpoBench) -> anyhow::Result<GrpoReport> {
             let text = policy.tokenizer.chat(&config.template.messages(q), true)?;
             Ok(policy.tokenizer.encode(&text)?.len())
         })
-        .collect::<crate::model::Result<Vec<usize>>>()?;
+        .collect::<rlvr::model::Result<Vec<usize>>>()?;
     let rewards = Reward::named(&STUDY_REWARDS).map_err(anyhow::Error::msg)?;
     let run = trainer::train(&mut policy, &questions, &rewards, &config, &Job::silent());
     let _ = std::fs::remove_dir_all(&scratch);

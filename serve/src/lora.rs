@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex};
 
 use serde_json::{json, Value};
 
-use crate::model::lm::LanguageModel;
+use rlvr::model::lm::LanguageModel;
 
 /// An adapter loaded into the server.
 pub struct Adapter {

@@ -13,10 +13,10 @@ use jupyter_protocol::{
 use rhai::Dynamic;
 use tokio::sync::{mpsc, oneshot};
 
-use super::display::bundle;
-use crate::progress::{Cancel, Progress};
-use crate::report::notebook::escape;
-use crate::script::{shown, Output};
+use crate::display::bundle;
+use rlvr::progress::{Cancel, Progress};
+use rlvr::report::notebook::escape;
+use rlvr::script::{shown, Output};
 
 /// What the IOPub publisher receives: a message to publish, or a request to say when every
 /// message before it has gone out.
@@ -292,7 +292,7 @@ mod tests {
         out.begin(&req);
         out.print("hello");
         out.debug("careful");
-        out.display(&Dynamic::from(super::super::display::tests::test_plot()));
+        out.display(&Dynamic::from(crate::display::tests::test_plot()));
         let msgs = drain(&mut rx);
         let types: Vec<&str> = msgs.iter().map(|m| m.message_type()).collect();
         assert_eq!(types, ["stream", "stream", "display_data"]);

@@ -3,7 +3,7 @@
 
 use serde_json::{Map, Value};
 
-use crate::model::chat::Message;
+use rlvr::model::chat::Message;
 
 /// New tokens per sample when a request does not say.
 pub const DEFAULT_MAX_TOKENS: usize = 256;

@@ -13,9 +13,9 @@ pub const KERNEL_NAME: &str = "rhai";
 /// The name notebooks show for the kernel.
 pub const DISPLAY_NAME: &str = "Rhai (rlvr)";
 
-const LOGO_32: &[u8] = include_bytes!("../../kernel/logo-32x32.png");
-const LOGO_64: &[u8] = include_bytes!("../../kernel/logo-64x64.png");
-const LOGO_SVG: &[u8] = include_bytes!("../../kernel/logo-svg.svg");
+const LOGO_32: &[u8] = include_bytes!("../kernelspec/logo-32x32.png");
+const LOGO_64: &[u8] = include_bytes!("../kernelspec/logo-64x64.png");
+const LOGO_SVG: &[u8] = include_bytes!("../kernelspec/logo-svg.svg");
 
 /// Where the kernelspec goes, with the meanings of `jupyter kernelspec install`'s flags.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -3,8 +3,8 @@
 
 use jupyter_protocol::{Media, MediaType};
 
-use crate::report::notebook::table_html;
-use crate::script::Shown;
+use rlvr::report::notebook::table_html;
+use rlvr::script::Shown;
 
 /// The bundle for a value, or `None` when there is nothing to show (the unit value).
 pub fn bundle(shown: Shown) -> Option<Media> {
@@ -41,9 +41,9 @@ pub fn plain_text(media: &Media) -> Option<&str> {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use crate::report::Plot;
     use plotters::prelude::*;
     use polars::prelude::*;
+    use rlvr::report::Plot;
 
     /// A real chart drawn with plotters, as PNG and SVG.
     pub(crate) fn test_plot() -> Plot {
