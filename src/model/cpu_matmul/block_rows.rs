@@ -88,6 +88,19 @@ macro_rules! with_rows {
 }
 pub(crate) use with_rows;
 
+/// The row length and the rows' bytes of a [`Rows`] that wraps a [`Raw`].
+macro_rules! in_raw {
+    () => {
+        fn k(self) -> usize {
+            self.0.k
+        }
+        #[inline(always)]
+        fn row_bytes(self, j: usize) -> (*const u8, usize) {
+            (self.0.at(j, 0, 0), self.0.row_bytes)
+        }
+    };
+}
+
 /// An IEEE half at `p` (little-endian) as f32, exactly.
 #[inline(always)]
 unsafe fn f16_at(p: *const u8) -> f32 {
@@ -137,13 +150,7 @@ impl Rows for F16 {
     const BLOCK: usize = 16;
     type Block = *const u8;
 
-    fn k(self) -> usize {
-        self.0.k
-    }
-    #[inline(always)]
-    fn row_bytes(self, j: usize) -> (*const u8, usize) {
-        (self.0.at(j, 0, 0), self.0.row_bytes)
-    }
+    in_raw!();
     #[inline(always)]
     unsafe fn block(self, j: usize, b: usize) -> *const u8 {
         self.0.at(j, 16 * b, 2)
@@ -166,13 +173,7 @@ impl Rows for Bf16 {
     const BLOCK: usize = 16;
     type Block = *const u8;
 
-    fn k(self) -> usize {
-        self.0.k
-    }
-    #[inline(always)]
-    fn row_bytes(self, j: usize) -> (*const u8, usize) {
-        (self.0.at(j, 0, 0), self.0.row_bytes)
-    }
+    in_raw!();
     #[inline(always)]
     unsafe fn block(self, j: usize, b: usize) -> *const u8 {
         self.0.at(j, 16 * b, 2)
@@ -215,13 +216,7 @@ impl Rows for Q4_0 {
     const BLOCK: usize = 32;
     type Block = Scaled;
 
-    fn k(self) -> usize {
-        self.0.k
-    }
-    #[inline(always)]
-    fn row_bytes(self, j: usize) -> (*const u8, usize) {
-        (self.0.at(j, 0, 0), self.0.row_bytes)
-    }
+    in_raw!();
     #[inline(always)]
     unsafe fn block(self, j: usize, b: usize) -> Scaled {
         let p = self.0.at(j, b, 18);
@@ -248,13 +243,7 @@ impl Rows for Q4_1 {
     const BLOCK: usize = 32;
     type Block = Scaled;
 
-    fn k(self) -> usize {
-        self.0.k
-    }
-    #[inline(always)]
-    fn row_bytes(self, j: usize) -> (*const u8, usize) {
-        (self.0.at(j, 0, 0), self.0.row_bytes)
-    }
+    in_raw!();
     #[inline(always)]
     unsafe fn block(self, j: usize, b: usize) -> Scaled {
         let p = self.0.at(j, b, 20);
@@ -288,13 +277,7 @@ impl Rows for Q5_0 {
     const BLOCK: usize = 32;
     type Block = Scaled;
 
-    fn k(self) -> usize {
-        self.0.k
-    }
-    #[inline(always)]
-    fn row_bytes(self, j: usize) -> (*const u8, usize) {
-        (self.0.at(j, 0, 0), self.0.row_bytes)
-    }
+    in_raw!();
     #[inline(always)]
     unsafe fn block(self, j: usize, b: usize) -> Scaled {
         let p = self.0.at(j, b, 22);
@@ -321,13 +304,7 @@ impl Rows for Q5_1 {
     const BLOCK: usize = 32;
     type Block = Scaled;
 
-    fn k(self) -> usize {
-        self.0.k
-    }
-    #[inline(always)]
-    fn row_bytes(self, j: usize) -> (*const u8, usize) {
-        (self.0.at(j, 0, 0), self.0.row_bytes)
-    }
+    in_raw!();
     #[inline(always)]
     unsafe fn block(self, j: usize, b: usize) -> Scaled {
         let p = self.0.at(j, b, 24);
@@ -354,13 +331,7 @@ impl Rows for Q8_0 {
     const BLOCK: usize = 32;
     type Block = Scaled;
 
-    fn k(self) -> usize {
-        self.0.k
-    }
-    #[inline(always)]
-    fn row_bytes(self, j: usize) -> (*const u8, usize) {
-        (self.0.at(j, 0, 0), self.0.row_bytes)
-    }
+    in_raw!();
     #[inline(always)]
     unsafe fn block(self, j: usize, b: usize) -> Scaled {
         let p = self.0.at(j, b, 34);
@@ -432,13 +403,7 @@ impl Rows for Q4K {
     const BLOCK: usize = 256;
     type Block = SubScaled;
 
-    fn k(self) -> usize {
-        self.0.k
-    }
-    #[inline(always)]
-    fn row_bytes(self, j: usize) -> (*const u8, usize) {
-        (self.0.at(j, 0, 0), self.0.row_bytes)
-    }
+    in_raw!();
     #[inline(always)]
     unsafe fn block(self, j: usize, b: usize) -> SubScaled {
         let p = self.0.at(j, b, 144);
@@ -469,13 +434,7 @@ impl Rows for Q5K {
     const BLOCK: usize = 256;
     type Block = SubScaled;
 
-    fn k(self) -> usize {
-        self.0.k
-    }
-    #[inline(always)]
-    fn row_bytes(self, j: usize) -> (*const u8, usize) {
-        (self.0.at(j, 0, 0), self.0.row_bytes)
-    }
+    in_raw!();
     #[inline(always)]
     unsafe fn block(self, j: usize, b: usize) -> SubScaled {
         let p = self.0.at(j, b, 176);
@@ -509,13 +468,7 @@ impl Rows for Q6K {
     const BLOCK: usize = 256;
     type Block = SubScaled;
 
-    fn k(self) -> usize {
-        self.0.k
-    }
-    #[inline(always)]
-    fn row_bytes(self, j: usize) -> (*const u8, usize) {
-        (self.0.at(j, 0, 0), self.0.row_bytes)
-    }
+    in_raw!();
     #[inline(always)]
     unsafe fn block(self, j: usize, b: usize) -> SubScaled {
         let p = self.0.at(j, b, 210);
