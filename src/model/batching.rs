@@ -28,6 +28,7 @@ use rayon::prelude::*;
 
 use super::attention::{attend, KeyValues};
 use super::cpu_matmul::FEW_ROWS;
+use super::decode_attention::{self, RowKeys};
 use super::generate::{
     reaches_stop_string, sample, Completion, Decode, Finish, Sampling, PREFILL_CHUNK,
 };
@@ -156,6 +157,18 @@ impl KeyValues for SlotRows<'_> {
             assert_eq!(capture.len(), layer, "layers run in order");
             capture.push((k.copy()?, v.copy()?));
         }
+        if q.dim(2)? == 1 && decode_attention::applies(q, k, v) {
+            let rows = self
+                .slots
+                .iter()
+                .enumerate()
+                .map(|(r, &slot)| {
+                    let row = |x: &Tensor| x.narrow(0, r, 1);
+                    self.cache.slots[slot].append_one(layer, &row(k)?, &row(v)?, window)
+                })
+                .collect::<candle_core::Result<Vec<_>>>()?;
+            return decode_attention::attend(q, &rows, scale, softcap);
+        }
         let outs = self
             .slots
             .iter()
@@ -189,26 +202,24 @@ impl Slot {
         softcap: Option<f64>,
     ) -> candle_core::Result<Tensor> {
         let (len, s) = (self.len, q.dim(2)?);
-        if let Some((pk, pv)) = self.pending.get_mut(layer).and_then(Option::take) {
-            self.reserve(layer, k, len + s, window)?;
-            let (kb, vb) = self.layers[layer].as_ref().expect("reserved");
-            write(kb, &pk, 0)?;
-            write(vb, &pv, 0)?;
+        if s == 1 {
+            let row = self.append_one(layer, k, v, window)?;
+            let keys = row.keys.narrow(2, 0, row.len)?;
+            let values = row.values.narrow(2, 0, row.len)?;
+            return attend(q, &keys, &values, None, scale, softcap);
         }
-        self.reserve(layer, k, len + s, window)?;
+        self.reserve_with_pending(layer, k, len + s, window)?;
         let (kb, vb) = self.layers[layer].as_ref().expect("reserved");
         let capacity = kb.dim(2)?;
-        if len + s <= capacity || s == 1 {
-            // keys in position order (or a decoding query, which sees the whole ring)
+        if len + s <= capacity {
+            // keys in position order
             write(kb, k, len)?;
             write(vb, v, len)?;
-            let t = (len + s).min(capacity);
+            let t = len + s;
             let keys = kb.narrow(2, 0, t)?;
             let values = vb.narrow(2, 0, t)?;
-            let mask = (s > 1)
-                .then(|| mask(&[vec![true; t]], len, s, window, q.device()))
-                .transpose()?;
-            return attend(q, &keys, &values, mask.as_ref(), scale, softcap);
+            let mask = mask(&[vec![true; t]], len, s, window, q.device())?;
+            return attend(q, &keys, &values, Some(&mask), scale, softcap);
         }
         // a chunk past a full ring: the window's earlier keys in order, then the chunk's
         let kept = len.min(capacity - 1);
@@ -220,6 +231,45 @@ impl Slot {
         write(kb, k, len)?;
         write(vb, v, len)?;
         Ok(out)
+    }
+
+    /// Writes a decoding row's key and value `k, v: [1, kv, 1, hd]` at the slot's length:
+    /// the keys its query attends to (a full ring: all of them, its window).
+    fn append_one(
+        &mut self,
+        layer: usize,
+        k: &Tensor,
+        v: &Tensor,
+        window: Option<usize>,
+    ) -> candle_core::Result<RowKeys> {
+        let len = self.len;
+        self.reserve_with_pending(layer, k, len + 1, window)?;
+        let (kb, vb) = self.layers[layer].as_ref().expect("reserved");
+        write(kb, k, len)?;
+        write(vb, v, len)?;
+        Ok(RowKeys {
+            len: (len + 1).min(kb.dim(2)?),
+            keys: kb.clone(),
+            values: vb.clone(),
+        })
+    }
+
+    /// [`Slot::reserve`], first writing the keys and values restored from the prefix cache
+    /// where this layer's are still pending.
+    fn reserve_with_pending(
+        &mut self,
+        layer: usize,
+        k: &Tensor,
+        required: usize,
+        window: Option<usize>,
+    ) -> candle_core::Result<()> {
+        if let Some((pk, pv)) = self.pending.get_mut(layer).and_then(Option::take) {
+            self.reserve(layer, k, required, window)?;
+            let (kb, vb) = self.layers[layer].as_ref().expect("reserved");
+            write(kb, &pk, 0)?;
+            write(vb, &pv, 0)?;
+        }
+        self.reserve(layer, k, required, window)
     }
 
     /// Makes layer `layer`'s buffers hold `required` keys (a sliding layer: its window at

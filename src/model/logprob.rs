@@ -458,7 +458,10 @@ mod tests {
                 gather_logprobs_entropy(h.as_tensor(), &head, &targets, cap, 0.7, true).unwrap();
             let plain = gather_logprobs(h.as_tensor(), &head, &targets, cap, 0.7).unwrap();
             assert!(max((&lp - &plain).unwrap()) < 1e-6);
-            assert!(max((&entropy - &direct).unwrap()) < 1e-5, "{cap:?}");
+            // random data each run: `log Z − Σ p z` in f32 loses about 1e-5 where the scaled
+            // logits reach ±15, so the bound leaves room for rounding, not for a wrong formula
+            let diff = max((&entropy - &direct).unwrap());
+            assert!(diff < 5e-5, "{cap:?}: entropy differs by {diff}");
             let g = (entropy * &weights)
                 .unwrap()
                 .sum_all()

@@ -7,6 +7,7 @@ pub mod batching;
 pub mod chat;
 pub mod config;
 pub mod cpu_matmul;
+pub mod decode_attention;
 pub mod exp;
 pub mod export;
 pub mod frozen;
