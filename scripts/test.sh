@@ -8,6 +8,15 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 cargo fmt --all -- --check
 cargo clippy --locked --workspace --all-targets -- -D warnings
+# the library alone compiles no HTTP server and no ZeroMQ, and without its default `http`
+# feature no hub client either; that build is lint-clean too
+cargo clippy --locked -p rlvr --no-default-features --lib -- -D warnings
+library_tree() { cargo tree --locked -p rlvr -e normal --prefix none "$@"; }
+if library_tree | grep -E '^(tiny_http|zeromq|jupyter-zmq-client) ' ||
+    library_tree --no-default-features | grep -E '^(hf-hub|tar) '; then
+    echo "the library depends on the crates above" >&2
+    exit 1
+fi
 cargo build --locked --bin rlvr
 rlvr="${CARGO_TARGET_DIR:-target}/debug/rlvr"
 "$rlvr" models fetch gemma-3-270m

@@ -4,10 +4,17 @@
 //! the `rlvr` binary; `kernel/`, the Jupyter kernel; `serve/`, the OpenAI-compatible
 //! server), so a program using the library compiles no ZeroMQ and no HTTP server.
 //!
+//! Cargo features: `http` (on by default) is the HTTP client — fetching models from the
+//! package registries and the Hugging Face hub, and OpenAI-compatible servers as
+//! [`endpoint`]s for judging, evaluation and served rollouts; without it the library
+//! loads local models only and has no network code of its own (polars still brings reqwest
+//! and tokio). `cuda` builds for NVIDIA GPUs.
+//!
 //! Layers, imports pointing down only: the script engine ([`script`]) over engines over the
 //! core ([`data`], [`model`]). See `docs/architecture.md`.
 
 pub mod data;
+#[cfg(feature = "http")]
 pub mod endpoint;
 pub mod eval;
 pub mod grpo;

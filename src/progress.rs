@@ -58,6 +58,7 @@ impl Cancel {
 
     /// Resolves once stopping is asked for (it looks every 50 ms): raced against a network
     /// wait, it ends the wait within that.
+    #[cfg(feature = "http")]
     pub async fn cancelled(&self) {
         while !self.is_cancelled() {
             tokio::time::sleep(std::time::Duration::from_millis(50)).await;

@@ -11,6 +11,7 @@
 
 pub mod backend;
 pub mod cache;
+#[cfg(feature = "http")]
 pub mod endpoint_backend;
 pub mod extract;
 pub mod overlap;

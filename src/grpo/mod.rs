@@ -25,6 +25,8 @@ pub mod config;
 pub mod loss;
 pub mod optim;
 pub mod rollout;
+#[cfg(feature = "http")]
+pub mod served;
 mod store;
 
 use std::path::PathBuf;
@@ -121,7 +123,7 @@ pub fn train(
 }
 
 /// [`train`] with the completions of each step from `rollouts` (e.g. a server holding the
-/// policy's adapters, [`rollout::Served`]). With `max_staleness` s, step n (from 0) is
+/// policy's adapters, [`served::Served`]). With `max_staleness` s, step n (from 0) is
 /// sampled by the policy after max(0, n − s) steps, submitted as soon as that policy
 /// exists: a pure function of the settings, whatever the timing. Any sampling still running
 /// when the run ends, fails or is interrupted is stopped.

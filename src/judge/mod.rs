@@ -146,6 +146,7 @@ impl Responder for LanguageModel {
     }
 }
 
+#[cfg(feature = "http")]
 impl Responder for crate::endpoint::Endpoint {
     fn name(&self) -> String {
         format!("{} at {}", self.model(), self.base_url())
@@ -211,6 +212,7 @@ impl Responder for crate::endpoint::Endpoint {
 /// Servers of one model as one judge: each conversation goes to a server with a free slot,
 /// a server that dies hands its conversations to the others, and each response is reported
 /// as it arrives. The cache is the one of any server of that model.
+#[cfg(feature = "http")]
 impl Responder for crate::endpoint::Fleet {
     fn name(&self) -> String {
         let urls: Vec<&str> = self.endpoints().iter().map(|e| e.base_url()).collect();

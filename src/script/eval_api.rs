@@ -6,12 +6,16 @@ use polars::prelude::DataFrame;
 use rhai::{Array, Dynamic, Engine, FuncRegistration, Map};
 
 use super::convert::{check_keys, count, error, text, RhaiResult};
+#[cfg(feature = "http")]
 use super::endpoint_api::fleet_of;
 use super::model_api::ModelHandle;
 use super::{Area, Output};
+#[cfg(feature = "http")]
 use crate::endpoint::Endpoint;
 use crate::eval::preset::{Mode, Preset};
-use crate::eval::{self, Average, Backend, EvalOptions, LocalModel, GENERATE_BATCH};
+#[cfg(feature = "http")]
+use crate::eval::GENERATE_BATCH;
+use crate::eval::{self, Average, Backend, EvalOptions, LocalModel};
 use crate::progress::Job;
 
 /// The evaluation area of the reference.
@@ -111,6 +115,7 @@ fn run(
     run_on(output, &backend, items, &options, limit)
 }
 
+#[cfg(feature = "http")]
 /// `evaluate` on an endpoint: `batch` defaults to the endpoint's concurrency (at least 8),
 /// so that a batch keeps every request slot busy.
 fn run_endpoint(
@@ -186,15 +191,16 @@ fn overlap_with(train: &DataFrame, benchmark: &DataFrame, opts: &Map) -> RhaiRes
 
 fn register(engine: &mut Engine, output: &Arc<dyn Output>) {
     register_evaluate(engine, output);
+    #[cfg(feature = "http")]
+    register_evaluate_remote(engine, output);
     register_summary(engine);
     register_compare(engine);
     register_overlap(engine);
     register_presets(engine);
 }
 
-/// `evaluate` over a local model or an endpoint, with or without options.
+/// `evaluate` over a local model, with or without options.
 fn register_evaluate(engine: &mut Engine, output: &Arc<dyn Output>) {
-    // `evaluate` over a local model, and the same two overloads over an endpoint
     let out = output.clone();
     FuncRegistration::new("evaluate")
         .in_global_namespace()
@@ -228,6 +234,11 @@ fn register_evaluate(engine: &mut Engine, output: &Arc<dyn Output>) {
         .register_into_engine(engine, move |model: ModelHandle, items: DataFrame| {
             run(&out, &model, &items, &Map::new())
         });
+}
+
+/// `evaluate` over an endpoint, with or without options, and over a fleet of them.
+#[cfg(feature = "http")]
+fn register_evaluate_remote(engine: &mut Engine, output: &Arc<dyn Output>) {
     let out = output.clone();
     FuncRegistration::new("evaluate")
         .in_global_namespace()

@@ -6,6 +6,7 @@ mod complete;
 mod convert;
 mod data_api;
 pub mod doc;
+#[cfg(feature = "http")]
 mod endpoint_api;
 mod eval_api;
 mod model_api;
@@ -42,6 +43,7 @@ pub const AREAS: &[Area] = &[
     train_api::AREA,
     notebook_api::AREA,
     report_api::AREA,
+    #[cfg(feature = "http")]
     endpoint_api::AREA,
     eval_api::AREA,
 ];

@@ -37,13 +37,15 @@ fn register(engine: &mut Engine, output: &Arc<dyn Output>) {
     engine.register_type_with_name::<TrainingRun>("TrainingRun");
     super::sft_api::register(engine, output);
     register_judge(engine, output);
+    #[cfg(feature = "http")]
+    register_judge_remote(engine, output);
     register_select_by_difficulty(engine);
     register_grpo(engine, output);
     register_reward(engine);
     register_training_run(engine);
 }
 
-/// `judge` by a local model, an endpoint or a fleet of servers, with or without options.
+/// `judge` by a local model, with or without options.
 fn register_judge(engine: &mut Engine, output: &Arc<dyn Output>) {
     let out = output.clone();
     FuncRegistration::new("judge")
@@ -78,7 +80,11 @@ fn register_judge(engine: &mut Engine, output: &Arc<dyn Output>) {
         .register_into_engine(engine, move |model: ModelHandle, items: DataFrame| {
             judge_with(&out, &model, &items, &Map::new())
         });
+}
 
+/// `judge` by an endpoint or a fleet of servers.
+#[cfg(feature = "http")]
+fn register_judge_remote(engine: &mut Engine, output: &Arc<dyn Output>) {
     let out = output.clone();
     FuncRegistration::new("judge")
         .in_global_namespace()
@@ -726,6 +732,13 @@ fn grpo_with(
     let job = job_of(output);
     let run = match opts.get("rollout") {
         None => grpo::train(&mut lm, &qs, &rewards, &config, &job).map_err(error)?,
+        #[cfg(not(feature = "http"))]
+        Some(_) => {
+            return Err(error(
+                "grpo: option `rollout` needs a server, and this build of rlvr has no HTTP client (cargo feature `http`)",
+            ))
+        }
+        #[cfg(feature = "http")]
         Some(server) => {
             let server = server.clone().try_cast::<crate::endpoint::Endpoint>().ok_or_else(|| {
                 error("grpo: option `rollout` must be an endpoint(…) of a server with runtime LoRA adapters")
@@ -737,7 +750,7 @@ fn grpo_with(
                     .duration_since(std::time::UNIX_EPOCH)
                     .map_or(0, |d| d.as_millis())
             ));
-            let mut served = grpo::rollout::Served::new(server, dir, "rlvr-policy");
+            let mut served = grpo::served::Served::new(server, dir, "rlvr-policy");
             let run = grpo::train_with(&mut lm, &qs, &rewards, &config, &mut served, &job);
             let unloaded = served.finish();
             let run = run.map_err(error)?;

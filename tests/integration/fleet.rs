@@ -19,7 +19,7 @@ use rlvr::endpoint::{Endpoint, EndpointOptions, Fleet};
 use rlvr::eval::preset::Mode;
 use rlvr::eval::{self, EvalOptions};
 use rlvr::grpo::optim::Schedule;
-use rlvr::grpo::{self, rollout, GrpoConfig};
+use rlvr::grpo::{self, served, GrpoConfig};
 use rlvr::judge::{self, JudgeConfig};
 use rlvr::model::lm::LanguageModel;
 use rlvr::model::lora::{self, LoraConfig};
@@ -512,7 +512,7 @@ fn grpo_sampling_in_a_second_process_ends_with_the_local_runs_adapter() {
     config.vllm_importance_sampling_correction = false;
     config.cache_dir = scratch("grpo-served");
     let mut there = tiny_policy(1);
-    let mut rollouts = rollout::Served::new(server.client(), scratch("grpo-adapters"), "policy");
+    let mut rollouts = served::Served::new(server.client(), scratch("grpo-adapters"), "policy");
     let served = grpo::train_with(
         &mut there,
         &items,
@@ -560,7 +560,7 @@ fn grpo_sampling_in_a_second_process_ends_with_the_local_runs_adapter() {
     let mut config = corrected;
     config.cache_dir = scratch("grpo-served-corrected");
     let mut third = tiny_policy(1);
-    let mut again = rollout::Served::new(server.client(), scratch("grpo-adapters-2"), "again");
+    let mut again = served::Served::new(server.client(), scratch("grpo-adapters-2"), "again");
     let run = grpo::train_with(
         &mut third,
         &items,
@@ -662,7 +662,7 @@ fn grpo_with_max_staleness_samples_ahead_and_resumes_exactly() {
     let server = Served::start(&["--enable-lora"], &[]);
 
     let mut whole = tiny_policy(1);
-    let mut rollouts = rollout::Served::new(server.client(), scratch("stale-adapters"), "p");
+    let mut rollouts = served::Served::new(server.client(), scratch("stale-adapters"), "p");
     let uninterrupted = grpo::train_with(
         &mut whole,
         &items,
@@ -700,14 +700,14 @@ fn grpo_with_max_staleness_samples_ahead_and_resumes_exactly() {
         cancel,
     };
     let mut first = tiny_policy(1);
-    let mut rollouts = rollout::Served::new(server.client(), scratch("stale-adapters-2"), "q");
+    let mut rollouts = served::Served::new(server.client(), scratch("stale-adapters-2"), "q");
     match grpo::train_with(&mut first, &items, &rewards, &config, &mut rollouts, &job) {
         Err(grpo::GrpoError::Interrupted { step, .. }) => assert_eq!(step, 1),
         other => panic!("expected an interruption, got {other:?}"),
     }
     rollouts.finish().unwrap();
     let mut second = tiny_policy(1);
-    let mut rollouts = rollout::Served::new(server.client(), scratch("stale-adapters-3"), "r");
+    let mut rollouts = served::Served::new(server.client(), scratch("stale-adapters-3"), "r");
     let resumed = grpo::train_with(
         &mut second,
         &items,
@@ -783,7 +783,7 @@ fn stale_steps_ask_the_server_for_the_adapter_s_steps_back() {
         Ok(s.completion.len() as f64)
     })];
     let endpoint = Endpoint::new(&server.url, "tiny", EndpointOptions::default()).unwrap();
-    let mut rollouts = rollout::Served::new(endpoint, scratch("stale-scripted-adapters"), "s");
+    let mut rollouts = served::Served::new(endpoint, scratch("stale-scripted-adapters"), "s");
     let mut policy = tiny_policy(2);
     let run = grpo::train_with(
         &mut policy,
