@@ -7,9 +7,14 @@ use std::arch::x86_64::*;
 
 use super::{for_each_share, Shared};
 
-/// Whether the CPU has what the kernels here are compiled for: AVX-512F and F16C.
+/// Whether the CPU has what the kernels here are compiled for: AVX-512F, AVX-512VL and F16C.
+/// VL lets the sums' final reductions (256- and 128-bit operations) use all 32 vector
+/// registers; without it those operations reach only the first 16, and the compiler keeps
+/// a sum of a 16-sum kernel in memory.
 pub fn available() -> bool {
-    std::arch::is_x86_feature_detected!("avx512f") && std::arch::is_x86_feature_detected!("f16c")
+    std::arch::is_x86_feature_detected!("avx512f")
+        && std::arch::is_x86_feature_detected!("avx512vl")
+        && std::arch::is_x86_feature_detected!("f16c")
 }
 
 /// A weight `W: [n, k]` read sixteen values at a time into a register.
@@ -91,31 +96,42 @@ fn kernel_rows(m: usize) -> usize {
 ///
 /// # Safety
 /// The CPU has what [`available`] checks; `x` holds `[m, k]` and `w` `[n, k]`.
-#[target_feature(enable = "avx512f,f16c")]
+#[target_feature(enable = "avx512f,avx512vl,f16c")]
 pub unsafe fn few_rows_of<W: Rows>(x: &[f32], m: usize, w: W, n: usize) -> Vec<f32> {
     let k = w.k();
     let rows = kernel_rows(m);
-    let padded;
-    let x = if rows == m {
-        x
-    } else {
-        padded = [&x[..m * k], &vec![0f32; (rows - m) * k]].concat();
-        &padded
-    };
+    let x = packed(x, m, k, rows);
     let mut y = vec![0f32; rows * n];
     let out = Shared(y.as_mut_ptr());
     let x = x.as_ptr() as usize;
     for_each_share(n, |cols| {
-        // SAFETY: the CPU has the features (this function's caller checked); the share
-        // writes its own columns of `y`.
+        // SAFETY: the CPU has the features (this function's caller checked); `x` is packed
+        // for `rows` rows; the share writes its own columns of `y`.
         unsafe { share(x as *const f32, rows, w, cols, out.ptr(), n) }
     });
     y.truncate(m * n);
     y
 }
 
-/// Columns `cols` of `y[m, n] = x[m, k] · Wᵀ` (row stride `n`) for a kernel's row count.
-#[target_feature(enable = "avx512f,f16c")]
+/// `x: [m, k]` packed register by register for a kernel of `rows` rows: at each of the
+/// `⌈k / 16⌉` positions, the sixteen values of every row side by side (zeros past `k` and
+/// past `m`). A kernel then reads all its rows' registers from one pointer at fixed offsets,
+/// in the order it uses them, instead of from `rows` places `4k` bytes apart.
+fn packed(x: &[f32], m: usize, k: usize, rows: usize) -> Vec<f32> {
+    let positions = k.div_ceil(16);
+    let mut packed = vec![0f32; positions * rows * 16];
+    for (r, row) in x[..m * k].chunks_exact(k).enumerate() {
+        for (q, values) in row.chunks(16).enumerate() {
+            let at = (q * rows + r) * 16;
+            packed[at..at + values.len()].copy_from_slice(values);
+        }
+    }
+    packed
+}
+
+/// Columns `cols` of `y[m, n] = x[m, k] · Wᵀ` (row stride `n`) for a kernel's row count, `x`
+/// [`packed`] for it.
+#[target_feature(enable = "avx512f,avx512vl,f16c")]
 unsafe fn share<W: Rows>(
     x: *const f32,
     m: usize,
@@ -135,9 +151,8 @@ unsafe fn share<W: Rows>(
     dispatch!(1 2 3 4 5 6 7 8 12 16)
 }
 
-/// Columns `cols` of the product for `R` rows of `x`: two of `W`'s rows at a time for up to
-/// eight rows of `x` (sixteen accumulators), one at a time for more.
-#[target_feature(enable = "avx512f,f16c")]
+/// Columns `cols` of the product for `R` rows of `x`, two of `W`'s rows at a time.
+#[target_feature(enable = "avx512f,avx512vl,f16c")]
 unsafe fn columns<W: Rows, const R: usize>(
     x: *const f32,
     w: W,
@@ -146,23 +161,46 @@ unsafe fn columns<W: Rows, const R: usize>(
     n: usize,
 ) {
     let mut j = cols.start;
-    if R <= 8 {
-        while j + 2 <= cols.end {
-            prefetch(w, j + 2..(j + 4).min(cols.end));
-            rows_of_w::<W, 2, R>(x, w, j, y.wrapping_add(j), n);
-            j += 2;
-        }
+    while j + 2 <= cols.end {
+        prefetch(w, j + 2..(j + 4).min(cols.end));
+        groups::<W, 2, R>(x, w, j, y.wrapping_add(j), n);
+        j += 2;
     }
-    while j < cols.end {
-        prefetch(w, j + 1..(j + 2).min(cols.end));
-        rows_of_w::<W, 1, R>(x, w, j, y.wrapping_add(j), n);
-        j += 1;
+    if j < cols.end {
+        groups::<W, 1, R>(x, w, j, y.wrapping_add(j), n);
+    }
+}
+
+/// `J` rows of `W` from `j0` times the `R` rows of `x`, in groups of at most eight rows of
+/// `x` (with two rows of `W`, sixteen sums held in registers); `W`'s rows stay in L1 for
+/// the later groups.
+#[target_feature(enable = "avx512f,avx512vl,f16c")]
+#[inline]
+unsafe fn groups<W: Rows, const J: usize, const R: usize>(
+    x: *const f32,
+    w: W,
+    j0: usize,
+    y: *mut f32,
+    n: usize,
+) {
+    let step = 16 * R;
+    let (x8, y8) = (x.wrapping_add(16 * 8), y.wrapping_add(8 * n));
+    match R {
+        12 => {
+            rows_of_w::<W, J, 8>(x, step, w, j0, y, n);
+            rows_of_w::<W, J, 4>(x8, step, w, j0, y8, n);
+        }
+        16 => {
+            rows_of_w::<W, J, 8>(x, step, w, j0, y, n);
+            rows_of_w::<W, J, 8>(x8, step, w, j0, y8, n);
+        }
+        _ => rows_of_w::<W, J, R>(x, step, w, j0, y, n),
     }
 }
 
 /// Asks for rows `rows` of `W` to be brought into the cache while the rows before them are
 /// multiplied, so that the product waits on memory less.
-#[target_feature(enable = "avx512f,f16c")]
+#[target_feature(enable = "avx512f,avx512vl,f16c")]
 #[inline]
 unsafe fn prefetch<W: Rows>(w: W, rows: std::ops::Range<usize>) {
     for j in rows {
@@ -174,45 +212,58 @@ unsafe fn prefetch<W: Rows>(w: W, rows: std::ops::Range<usize>) {
 }
 
 /// `y[r, j0 + jj] = x[r, :] · W[j0 + jj, :]` for `J` consecutive rows of `W` from `j0`
-/// and the `R` rows of `x`; `y` points at column `j0`. Each sum runs over `k` in order,
-/// whatever `J` and `R`. Pointer steps are wrapping ones (all stay within the operands).
-#[target_feature(enable = "avx512f,f16c")]
+/// and `R` rows of `x` ([`packed`]: the rows' registers at one position of `k` start at
+/// `x`, the next position's `step` values on); `y` points at column `j0`. Each sum runs
+/// over `k` in order, whatever `J` and `R`. Pointer steps are wrapping ones (all stay
+/// within the operands).
+#[target_feature(enable = "avx512f,avx512vl,f16c")]
 #[inline]
 #[allow(clippy::needless_range_loop)] // `j` and `r` also pick the row of `W` and of `y`
 unsafe fn rows_of_w<W: Rows, const J: usize, const R: usize>(
     x: *const f32,
+    step: usize,
     w: W,
     j0: usize,
     y: *mut f32,
     n: usize,
 ) {
     let k = w.k();
-    let x_rows: [*const f32; R] = std::array::from_fn(|r| x.wrapping_add(r.wrapping_mul(k)));
     let mut acc = [[_mm512_setzero_ps(); R]; J];
     let blocks = k / W::BLOCK;
-    for b in 0..blocks {
-        let mut block = [w.block(j0, b); J];
+    // the `R` rows' registers at the current position of `k`
+    let mut at = x;
+    // one loop over the registers of whole blocks, reading each block's scales as it
+    // enters it
+    let per_block = W::BLOCK / 16;
+    if blocks > 0 {
+        let mut block = [w.block(j0, 0); J];
         for j in 1..J {
-            block[j] = w.block(j0 + j, b);
+            block[j] = w.block(j0 + j, 0);
         }
-        for c in 0..W::BLOCK / 16 {
-            let i = b * W::BLOCK + 16 * c;
-            for j in 0..J {
-                let wv = W::values(block[j], c);
-                for r in 0..R {
-                    let xv = _mm512_loadu_ps(x_rows[r].wrapping_add(i));
-                    acc[j][r] = _mm512_fmadd_ps(wv, xv, acc[j][r]);
+        for q in 0..blocks * per_block {
+            let (b, c) = (q / per_block, q % per_block);
+            if c == 0 && b > 0 {
+                for j in 0..J {
+                    block[j] = w.block(j0 + j, b);
                 }
             }
+            // each row's register is loaded once for the `J` rows of `W`
+            let wv: [__m512; J] = std::array::from_fn(|j| W::values(block[j], c));
+            for r in 0..R {
+                let xv = _mm512_loadu_ps(at.wrapping_add(16 * r));
+                for j in 0..J {
+                    acc[j][r] = _mm512_fmadd_ps(wv[j], xv, acc[j][r]);
+                }
+            }
+            at = at.wrapping_add(step);
         }
     }
-    let done = blocks * W::BLOCK;
-    if done < k {
-        let mask: __mmask16 = (1u16 << (k - done)) - 1;
+    if blocks * W::BLOCK < k {
+        // the packed registers hold zeros past `k`, as the tail's weights do
         for j in 0..J {
-            let wv = w.tail(j0 + j, done);
+            let wv = w.tail(j0 + j, blocks * W::BLOCK);
             for r in 0..R {
-                let xv = _mm512_maskz_loadu_ps(mask, x_rows[r].wrapping_add(done));
+                let xv = _mm512_loadu_ps(at.wrapping_add(16 * r));
                 acc[j][r] = _mm512_fmadd_ps(wv, xv, acc[j][r]);
             }
         }
@@ -230,7 +281,7 @@ unsafe fn rows_of_w<W: Rows, const J: usize, const R: usize>(
 /// # Safety
 /// The CPU has what [`available`] checks; `w` holds the rows; `out` holds
 /// `rows.len() × k` values.
-#[target_feature(enable = "avx512f,f16c")]
+#[target_feature(enable = "avx512f,avx512vl,f16c")]
 pub unsafe fn decode_rows<W: Rows>(w: W, rows: std::ops::Range<usize>, out: &mut [f32]) {
     let k = w.k();
     assert!(out.len() == rows.len() * k, "decoded rows fit their buffer");

@@ -424,6 +424,47 @@ mod tests {
     }
 
     #[test]
+    fn a_rows_product_is_the_same_bits_alone_and_among_others() {
+        // each sum runs over `k` in one order whatever the rows beside it, so a sequence's
+        // numbers do not depend on the batch it decodes in
+        use crate::model::quant::testing::{random_blocks, KINDS};
+        for (kind, _) in KINDS {
+            let (n, k) = (
+                37,
+                3 * kind.values().max(32) + usize::from(kind.values() == 1),
+            );
+            let blocks = random_blocks(kind, (n, k), 7);
+            let w = blocks.to_f32();
+            let x = values(FEW_ROWS * k, 9);
+            let alone = |r: usize| {
+                let row = &x[r * k..(r + 1) * k];
+                (blocks_t(row, 1, &blocks), few_rows(row, (1, k), &w, n))
+            };
+            let alone: Vec<_> = (0..FEW_ROWS).map(alone).collect();
+            for m in 2..=FEW_ROWS {
+                let together = (
+                    blocks_t(&x[..m * k], m, &blocks),
+                    few_rows(&x[..m * k], (m, k), &w, n),
+                );
+                for (r, (blocks_alone, f32_alone)) in alone.iter().take(m).enumerate() {
+                    let bits = |v: &[f32]| v.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+                    let row = r * n..(r + 1) * n;
+                    assert_eq!(
+                        bits(&together.0[row.clone()]),
+                        bits(blocks_alone),
+                        "{kind:?}, row {r} of {m}"
+                    );
+                    assert_eq!(
+                        bits(&together.1[row]),
+                        bits(f32_alone),
+                        "f32, row {r} of {m}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
     fn block_products_over_many_tiles() {
         use crate::model::quant::{testing::random_blocks, BlockKind};
         // more rows than a tile of either product, with a ragged last tile
