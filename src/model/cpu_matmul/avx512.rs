@@ -235,17 +235,13 @@ unsafe fn rows_of_w<W: Rows, const J: usize, const R: usize>(
     // one loop over the registers of whole blocks, reading each block's scales as it
     // enters it
     let per_block = W::BLOCK / 16;
+    let blocks_of_w = |b: usize| -> [W::Block; J] { std::array::from_fn(|j| w.block(j0 + j, b)) };
     if blocks > 0 {
-        let mut block = [w.block(j0, 0); J];
-        for j in 1..J {
-            block[j] = w.block(j0 + j, 0);
-        }
+        let mut block = blocks_of_w(0);
         for q in 0..blocks * per_block {
             let (b, c) = (q / per_block, q % per_block);
             if c == 0 && b > 0 {
-                for j in 0..J {
-                    block[j] = w.block(j0 + j, b);
-                }
+                block = blocks_of_w(b);
             }
             // each row's register is loaded once for the `J` rows of `W`
             let wv: [__m512; J] = std::array::from_fn(|j| W::values(block[j], c));

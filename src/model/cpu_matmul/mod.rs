@@ -391,16 +391,20 @@ mod tests {
         )
     }
 
+    /// A weight shape for `kind`: 37 rows (no multiple of 16, of a column share or of a
+    /// tile) of three blocks (at least 96 values: a register tail for F16/BF16 too).
+    fn ragged_shape(kind: crate::model::quant::BlockKind) -> (usize, usize) {
+        (
+            37,
+            3 * kind.values().max(32) + usize::from(kind.values() == 1),
+        )
+    }
+
     #[test]
     fn block_products_equal_products_over_candles_dequantization() {
         use crate::model::quant::testing::{candle_values, random_blocks, KINDS};
         for (kind, dtype) in KINDS {
-            // 37 rows: no multiple of 16, of a column share or of a tile; three blocks a row
-            // (at least 96 values: a register tail for F16/BF16 too)
-            let (n, k) = (
-                37,
-                3 * kind.values().max(32) + usize::from(kind.values() == 1),
-            );
+            let (n, k) = ragged_shape(kind);
             let blocks = random_blocks(kind, (n, k), 11);
             let w = candle_values(&blocks, dtype);
             for m in [1, 2, 3, 8, 9, 16, 17, 70] {
@@ -429,10 +433,7 @@ mod tests {
         // numbers do not depend on the batch it decodes in
         use crate::model::quant::testing::{random_blocks, KINDS};
         for (kind, _) in KINDS {
-            let (n, k) = (
-                37,
-                3 * kind.values().max(32) + usize::from(kind.values() == 1),
-            );
+            let (n, k) = ragged_shape(kind);
             let blocks = random_blocks(kind, (n, k), 7);
             let w = blocks.to_f32();
             let x = values(FEW_ROWS * k, 9);
@@ -441,13 +442,13 @@ mod tests {
                 (blocks_t(row, 1, &blocks), few_rows(row, (1, k), &w, n))
             };
             let alone: Vec<_> = (0..FEW_ROWS).map(alone).collect();
+            let bits = |v: &[f32]| v.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
             for m in 2..=FEW_ROWS {
                 let together = (
                     blocks_t(&x[..m * k], m, &blocks),
                     few_rows(&x[..m * k], (m, k), &w, n),
                 );
                 for (r, (blocks_alone, f32_alone)) in alone.iter().take(m).enumerate() {
-                    let bits = |v: &[f32]| v.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
                     let row = r * n..(r + 1) * n;
                     assert_eq!(
                         bits(&together.0[row.clone()]),
