@@ -211,6 +211,22 @@ unsafe fn prefetch<W: Rows>(w: W, rows: std::ops::Range<usize>) {
     }
 }
 
+/// Runs `$body` with `$c` bound to each of `0..$n` in turn, written out once per value (at
+/// most sixteen), so that a block's register index is a constant in each copy: its offsets
+/// and the choice of nibbles are then fixed at compile time, and no closure (which a
+/// generic helper would call without this function's target features) stands in the way.
+macro_rules! each_register {
+    ($n:expr, |$c:ident| $body:block) => {
+        each_register!(@ $n, $c, $body, 0 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15)
+    };
+    (@ $n:expr, $c:ident, $body:block, $($i:literal)*) => {
+        $(if $i < $n {
+            let $c: usize = $i;
+            $body
+        })*
+    };
+}
+
 /// `y[r, j0 + jj] = x[r, :] · W[j0 + jj, :]` for `J` consecutive rows of `W` from `j0`
 /// and `R` rows of `x` ([`packed`]: the rows' registers at one position of `k` start at
 /// `x`, the next position's `step` values on); `y` points at column `j0`. Each sum runs
@@ -227,24 +243,24 @@ unsafe fn rows_of_w<W: Rows, const J: usize, const R: usize>(
     y: *mut f32,
     n: usize,
 ) {
+    const { assert!(W::BLOCK / 16 <= 16, "each_register writes out sixteen registers") };
     let k = w.k();
     let mut acc = [[_mm512_setzero_ps(); R]; J];
     let blocks = k / W::BLOCK;
     // the `R` rows' registers at the current position of `k`
     let mut at = x;
-    // one loop over the registers of whole blocks, reading each block's scales as it
-    // enters it
-    let per_block = W::BLOCK / 16;
-    let blocks_of_w = |b: usize| -> [W::Block; J] { std::array::from_fn(|j| w.block(j0 + j, b)) };
-    if blocks > 0 {
-        let mut block = blocks_of_w(0);
-        for q in 0..blocks * per_block {
-            let (b, c) = (q / per_block, q % per_block);
-            if c == 0 && b > 0 {
-                block = blocks_of_w(b);
-            }
+    for b in 0..blocks {
+        // each block's scales are read once, as it is entered
+        let mut block = [w.block(j0, b); J];
+        for j in 1..J {
+            block[j] = w.block(j0 + j, b);
+        }
+        each_register!(W::BLOCK / 16, |c| {
             // each row's register is loaded once for the `J` rows of `W`
-            let wv: [__m512; J] = std::array::from_fn(|j| W::values(block[j], c));
+            let mut wv = [_mm512_setzero_ps(); J];
+            for j in 0..J {
+                wv[j] = W::values(block[j], c);
+            }
             for r in 0..R {
                 let xv = _mm512_loadu_ps(at.wrapping_add(16 * r));
                 for j in 0..J {
@@ -252,7 +268,7 @@ unsafe fn rows_of_w<W: Rows, const J: usize, const R: usize>(
                 }
             }
             at = at.wrapping_add(step);
-        }
+        });
     }
     if blocks * W::BLOCK < k {
         // the packed registers hold zeros past `k`, as the tail's weights do
