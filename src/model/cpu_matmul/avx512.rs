@@ -243,7 +243,12 @@ unsafe fn rows_of_w<W: Rows, const J: usize, const R: usize>(
     y: *mut f32,
     n: usize,
 ) {
-    const { assert!(W::BLOCK / 16 <= 16, "each_register writes out sixteen registers") };
+    const {
+        assert!(
+            W::BLOCK / 16 <= 16,
+            "each_register writes out sixteen registers"
+        )
+    };
     let k = w.k();
     let mut acc = [[_mm512_setzero_ps(); R]; J];
     let blocks = k / W::BLOCK;
