@@ -217,6 +217,7 @@ unsafe fn prefetch<W: Rows>(w: W, rows: std::ops::Range<usize>) {
 /// generic helper would call without this function's target features) stands in the way.
 macro_rules! each_register {
     ($n:expr, |$c:ident| $body:block) => {
+        const { assert!($n <= 16, "each_register writes out sixteen registers") };
         each_register!(@ $n, $c, $body, 0 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15)
     };
     (@ $n:expr, $c:ident, $body:block, $($i:literal)*) => {
@@ -243,12 +244,6 @@ unsafe fn rows_of_w<W: Rows, const J: usize, const R: usize>(
     y: *mut f32,
     n: usize,
 ) {
-    const {
-        assert!(
-            W::BLOCK / 16 <= 16,
-            "each_register writes out sixteen registers"
-        )
-    };
     let k = w.k();
     let mut acc = [[_mm512_setzero_ps(); R]; J];
     let blocks = k / W::BLOCK;
@@ -307,10 +302,10 @@ pub unsafe fn decode_rows<W: Rows>(w: W, rows: std::ops::Range<usize>, out: &mut
     for j in rows {
         for b in 0..blocks {
             let block = w.block(j, b);
-            for c in 0..W::BLOCK / 16 {
+            each_register!(W::BLOCK / 16, |c| {
                 _mm512_storeu_ps(y, W::values(block, c));
                 y = y.wrapping_add(16);
-            }
+            });
         }
         let done = blocks * W::BLOCK;
         if done < k {
