@@ -28,7 +28,7 @@ use rayon::prelude::*;
 
 use super::attention::{attend, KeyValues};
 use super::cpu_matmul::FEW_ROWS;
-use super::decode_attention::{self, RowKeys};
+use super::decode_attention::{self, RowKeys, Segment};
 use super::generate::{
     reaches_stop_string, sample, Completion, Decode, Finish, Sampling, PREFILL_CHUNK,
 };
@@ -51,13 +51,29 @@ struct Slot {
     len: usize,
     /// The most tokens its sequence may reach (prompt and token budget).
     need: usize,
-    /// Per layer, keys and values `[1, kv, capacity, hd]`, allocated at the first write;
-    /// key `p` sits at `p mod capacity` (a ring only in a sliding layer, whose capacity is
-    /// then its window).
-    layers: Vec<Option<(Tensor, Tensor)>>,
-    /// Per layer, the keys and values of positions `0 .. len` taken from the prefix cache,
-    /// written into the layer's buffers at its next pass (which knows its window).
-    pending: Vec<Option<(Tensor, Tensor)>>,
+    /// Per layer, the keys and values of positions `0 .. len`.
+    layers: Vec<Layer>,
+}
+
+/// One layer's keys and values in a slot: the first positions' in segments shared with other
+/// slots, the rest in the slot's own buffers.
+#[derive(Debug, Default, Clone)]
+struct Layer {
+    /// Keys and values of positions `0 .. base`, in order, shared with other slots and
+    /// never written: blocks from the prefix cache, a prompt prefilled once for a group.
+    shared: Vec<Segment>,
+    /// The slot's own buffers `[1, kv, capacity, hd]` for the positions from `base` on
+    /// (position `p` at `(p − base) mod capacity`: a ring only in a sliding layer with
+    /// nothing shared, whose capacity is then its window); allocated at the first write and
+    /// kept for the slot's next sequence.
+    own: Option<(Tensor, Tensor)>,
+}
+
+impl Layer {
+    /// Positions the shared segments hold.
+    fn base(&self) -> usize {
+        self.shared.iter().map(|s| s.len).sum()
+    }
 }
 
 impl SlotCache {
@@ -68,38 +84,66 @@ impl SlotCache {
         }
     }
 
-    /// Starts a sequence of at most `need` tokens in `slot`, keeping the buffers there.
+    /// Starts a sequence of at most `need` tokens in `slot`, keeping its own buffers.
     fn open(&mut self, slot: usize, need: usize) {
         let s = &mut self.slots[slot];
         s.len = 0;
         s.need = need;
-        s.pending.clear();
+        s.layers.iter_mut().for_each(|l| l.shared.clear());
     }
 
-    /// Starts the sequence in `slot` from cached keys and values: per layer, those of its
-    /// first `len` positions.
-    fn restore(&mut self, slot: usize, layers: LayerKeys, len: usize) {
+    /// Starts the sequence in `slot` from cached keys and values: per layer, the blocks of
+    /// its first `len` positions, in order, which it shares with the cache (nothing is
+    /// copied).
+    fn restore(&mut self, slot: usize, blocks: Vec<LayerKeys>, len: usize) -> Result<()> {
         let s = &mut self.slots[slot];
-        s.pending = layers.into_iter().map(Some).collect();
+        if s.layers.len() < blocks.len() {
+            s.layers.resize(blocks.len(), Layer::default());
+        }
+        for (layer, blocks) in s.layers.iter_mut().zip(blocks) {
+            layer.shared = blocks
+                .into_iter()
+                .map(|(k, v)| Segment::whole(k, v))
+                .collect::<candle_core::Result<_>>()?;
+        }
         s.len = len;
+        Ok(())
     }
 
-    /// Gives `to` a copy of `from`'s keys and values (a prompt prefilled once for a group).
-    fn copy(&mut self, from: usize, to: usize) -> Result<()> {
-        let layers = self.slots[from]
-            .layers
-            .iter()
-            .map(|l| {
-                l.as_ref()
-                    .map(|(k, v)| Ok((k.copy()?, v.copy()?)))
-                    .transpose()
-            })
-            .collect::<Result<Vec<_>>>()?;
+    /// Gives each of `to` the keys and values `from` holds (a prompt prefilled once for a
+    /// group): `from`'s own positions become a segment they all share, and `from` writes
+    /// its next ones to a new buffer of its own. A sliding layer's ring that has wrapped is
+    /// copied instead.
+    fn share(&mut self, from: usize, to: &[usize]) -> Result<()> {
         let len = self.slots[from].len;
-        let s = &mut self.slots[to];
-        s.layers = layers;
-        s.len = len;
-        s.pending.clear();
+        let leader = &mut self.slots[from];
+        for layer in &mut leader.layers {
+            let base = layer.base();
+            let Some((k, _)) = &layer.own else { continue };
+            if len - base <= k.dim(2)? {
+                let (keys, values) = layer.own.take().expect("an own buffer");
+                layer.shared.push(Segment {
+                    keys,
+                    values,
+                    from: 0,
+                    len: len - base,
+                });
+            }
+        }
+        let layers = self.slots[from].layers.clone();
+        for &slot in to {
+            let s = &mut self.slots[slot];
+            if s.layers.len() < layers.len() {
+                s.layers.resize(layers.len(), Layer::default());
+            }
+            for (mine, theirs) in s.layers.iter_mut().zip(&layers) {
+                mine.shared = theirs.shared.clone();
+                if let Some((k, v)) = &theirs.own {
+                    mine.own = Some((k.copy()?, v.copy()?));
+                }
+            }
+            s.len = len;
+        }
         Ok(())
     }
 
@@ -155,7 +199,10 @@ impl KeyValues for SlotRows<'_> {
     ) -> candle_core::Result<Tensor> {
         if let Some(capture) = self.capture.as_deref_mut() {
             assert_eq!(capture.len(), layer, "layers run in order");
-            capture.push((k.copy()?, v.copy()?));
+            capture.push((
+                k.force_contiguous()?.detach(),
+                v.force_contiguous()?.detach(),
+            ));
         }
         if q.dim(2)? == 1 && decode_attention::applies(q, k, v) {
             let rows = self
@@ -189,6 +236,21 @@ impl KeyValues for SlotRows<'_> {
     }
 }
 
+/// The keys and values `[1, kv, t, hd]` of `segments` one after the other (views where
+/// there is one segment).
+fn gathered(segments: &[Segment]) -> candle_core::Result<(Tensor, Tensor)> {
+    let parts = segments
+        .iter()
+        .map(Segment::narrowed)
+        .collect::<candle_core::Result<Vec<_>>>()?;
+    if let [(k, v)] = parts.as_slice() {
+        return Ok((k.clone(), v.clone()));
+    }
+    let keys: Vec<&Tensor> = parts.iter().map(|(k, _)| k).collect();
+    let values: Vec<&Tensor> = parts.iter().map(|(_, v)| v).collect();
+    Ok((Tensor::cat(&keys, 2)?, Tensor::cat(&values, 2)?))
+}
+
 impl Slot {
     /// Attention of one row's `s` queries `q: [1, h, s, hd]` over the slot's keys and its
     /// own `k, v: [1, kv, s, hd]`, which it then keeps.
@@ -204,24 +266,32 @@ impl Slot {
         let (len, s) = (self.len, q.dim(2)?);
         if s == 1 {
             let row = self.append_one(layer, k, v, window)?;
-            let keys = row.keys.narrow(2, 0, row.len)?;
-            let values = row.values.narrow(2, 0, row.len)?;
+            let (keys, values) = gathered(&row.segments)?;
             return attend(q, &keys, &values, None, scale, softcap);
         }
-        self.reserve_with_pending(layer, k, len + s, window)?;
-        let (kb, vb) = self.layers[layer].as_ref().expect("reserved");
+        self.reserve(layer, k, len + s, window)?;
+        let l = &self.layers[layer];
+        let base = l.base();
+        let (kb, vb) = l.own.as_ref().expect("reserved");
         let capacity = kb.dim(2)?;
-        if len + s <= capacity {
+        if len + s - base <= capacity {
             // keys in position order
-            write(kb, k, len)?;
-            write(vb, v, len)?;
+            write(kb, k, len - base)?;
+            write(vb, v, len - base)?;
+            let mut segments = l.shared.clone();
+            segments.push(Segment {
+                keys: kb.clone(),
+                values: vb.clone(),
+                from: 0,
+                len: len + s - base,
+            });
+            let (keys, values) = gathered(&segments)?;
             let t = len + s;
-            let keys = kb.narrow(2, 0, t)?;
-            let values = vb.narrow(2, 0, t)?;
             let mask = mask(&[vec![true; t]], len, s, window, q.device())?;
             return attend(q, &keys, &values, Some(&mask), scale, softcap);
         }
-        // a chunk past a full ring: the window's earlier keys in order, then the chunk's
+        // a chunk past a full ring (nothing shared): the window's earlier keys in order,
+        // then the chunk's
         let kept = len.min(capacity - 1);
         let earlier = |b: &Tensor| ring_range(b, len - kept, kept);
         let keys = Tensor::cat(&[&earlier(kb)?, &k.contiguous()?], 2)?;
@@ -243,37 +313,26 @@ impl Slot {
         window: Option<usize>,
     ) -> candle_core::Result<RowKeys> {
         let len = self.len;
-        self.reserve_with_pending(layer, k, len + 1, window)?;
-        let (kb, vb) = self.layers[layer].as_ref().expect("reserved");
-        write(kb, k, len)?;
-        write(vb, v, len)?;
-        Ok(RowKeys {
-            len: (len + 1).min(kb.dim(2)?),
+        self.reserve(layer, k, len + 1, window)?;
+        let l = &self.layers[layer];
+        let base = l.base();
+        let (kb, vb) = l.own.as_ref().expect("reserved");
+        write(kb, k, len - base)?;
+        write(vb, v, len - base)?;
+        let mut segments = l.shared.clone();
+        segments.push(Segment {
+            len: (len + 1 - base).min(kb.dim(2)?),
             keys: kb.clone(),
             values: vb.clone(),
-        })
+            from: 0,
+        });
+        Ok(RowKeys { segments })
     }
 
-    /// [`Slot::reserve`], first writing the keys and values restored from the prefix cache
-    /// where this layer's are still pending.
-    fn reserve_with_pending(
-        &mut self,
-        layer: usize,
-        k: &Tensor,
-        required: usize,
-        window: Option<usize>,
-    ) -> candle_core::Result<()> {
-        if let Some((pk, pv)) = self.pending.get_mut(layer).and_then(Option::take) {
-            self.reserve(layer, k, required, window)?;
-            let (kb, vb) = self.layers[layer].as_ref().expect("reserved");
-            write(kb, &pk, 0)?;
-            write(vb, &pv, 0)?;
-        }
-        self.reserve(layer, k, required, window)
-    }
-
-    /// Makes layer `layer`'s buffers hold `required` keys (a sliding layer: its window at
-    /// most), shaped as `k`, keeping what they hold.
+    /// Makes layer `layer`'s own buffers hold the positions up to `required` (a sliding
+    /// layer: its window at most), shaped as `k`, keeping what they hold. A sliding layer
+    /// that is to hold more than its window first takes its shared keys into a ring of its
+    /// own.
     fn reserve(
         &mut self,
         layer: usize,
@@ -282,10 +341,16 @@ impl Slot {
         window: Option<usize>,
     ) -> candle_core::Result<()> {
         if self.layers.len() <= layer {
-            self.layers.resize(layer + 1, None);
+            self.layers.resize(layer + 1, Layer::default());
         }
         let limit = window.unwrap_or(usize::MAX);
-        let capacity = self.layers[layer].as_ref().map_or(0, |(b, _)| b.dims()[2]);
+        if required > limit && !self.layers[layer].shared.is_empty() {
+            return self.own_ring(layer, k, required, limit);
+        }
+        let l = &mut self.layers[layer];
+        let base = l.base();
+        let capacity = l.own.as_ref().map_or(0, |(b, _)| b.dims()[2]);
+        let required = required - base;
         if required <= capacity || capacity == limit {
             return Ok(());
         }
@@ -293,22 +358,51 @@ impl Slot {
             .max(
                 (2 * capacity)
                     .max(FIRST_CAPACITY)
-                    .min(self.need.max(required)),
+                    .min(self.need.saturating_sub(base).max(required)),
             )
             .min(limit);
         let (_, kv, _, hd) = k.dims4()?;
         let buffer = || Tensor::zeros((1, kv, grown, hd), k.dtype(), k.device());
         let (kb, vb) = (buffer()?, buffer()?);
-        if let Some((old_k, old_v)) = &self.layers[layer] {
+        if let Some((old_k, old_v)) = &l.own {
             // below its limit a buffer has never wrapped: its keys sit in order
-            let kept = self.len.min(capacity);
+            let kept = (self.len - base).min(capacity);
             if kept > 0 {
                 kb.slice_set(&old_k.narrow(2, 0, kept)?.contiguous()?, 2, 0)?;
                 vb.slice_set(&old_v.narrow(2, 0, kept)?.contiguous()?, 2, 0)?;
             }
         }
-        self.layers[layer] = Some((kb, vb));
+        l.own = Some((kb, vb));
         Ok(())
+    }
+
+    /// Moves a sliding layer's keys, shared and own, into a ring of its own of `window`
+    /// keys (all it will attend to from here on), for positions up to `required`.
+    fn own_ring(
+        &mut self,
+        layer: usize,
+        k: &Tensor,
+        required: usize,
+        window: usize,
+    ) -> candle_core::Result<()> {
+        let l = &mut self.layers[layer];
+        let base = l.base();
+        let mut segments = std::mem::take(&mut l.shared);
+        if let Some((kb, vb)) = l.own.take() {
+            if self.len > base {
+                segments.push(Segment {
+                    keys: kb,
+                    values: vb,
+                    from: 0,
+                    len: self.len - base,
+                });
+            }
+        }
+        let (keys, values) = gathered(&segments)?;
+        self.reserve(layer, k, required.min(window), Some(window))?;
+        let (kb, vb) = self.layers[layer].own.as_ref().expect("reserved");
+        write(kb, &keys, 0)?;
+        write(vb, &values, 0)
     }
 }
 
@@ -379,7 +473,28 @@ struct Sequence {
 #[derive(Default)]
 struct Picks {
     rows: Vec<(usize, usize)>,
-    logits: Vec<Vec<f32>>,
+    /// The step's rows of logits, `vocab` values each, one after the other: the buffer the
+    /// scheduler keeps from step to step, so 16 rows of Gemma's 262,144 logits are not
+    /// faulted in afresh every step.
+    logits: Vec<f32>,
+    vocab: usize,
+}
+
+impl Picks {
+    /// Row `row` of the step's logits.
+    fn logits(&self, row: usize) -> &[f32] {
+        &self.logits[row * self.vocab..][..self.vocab]
+    }
+
+    /// Appends a row of logits; returns its index.
+    fn push(&mut self, row: &[f32]) -> usize {
+        if self.logits.is_empty() {
+            self.vocab = row.len();
+        }
+        assert_eq!(row.len(), self.vocab, "rows of logits of one vocabulary");
+        self.logits.extend_from_slice(row);
+        self.logits.len() / self.vocab - 1
+    }
 }
 
 /// Runs sequences in a continuous batch: [`Scheduler::submit`] queues one, and every
@@ -397,6 +512,8 @@ pub struct Scheduler<'a> {
     free: Vec<usize>,
     waiting: VecDeque<(usize, Vec<u32>, Sampling)>,
     running: Vec<Sequence>,
+    /// The last step's logits buffer, for the next step to write over.
+    logits: Vec<f32>,
 }
 
 impl<'a> Scheduler<'a> {
@@ -446,6 +563,7 @@ impl<'a> Scheduler<'a> {
             free: (0..rows).rev().collect(),
             waiting: VecDeque::new(),
             running: Vec::new(),
+            logits: Vec::new(),
         }
     }
 
@@ -532,10 +650,16 @@ impl<'a> Scheduler<'a> {
     /// looks at its cancel flag between steps).
     pub fn step(&mut self, ends: Ends) -> Result<Vec<(usize, Completion)>> {
         let mut finished = self.admit()?;
-        let mut picks = Picks::default();
+        let mut picks = Picks {
+            logits: std::mem::take(&mut self.logits),
+            ..Picks::default()
+        };
+        picks.logits.clear();
         self.decode_rows(&mut picks)?;
         self.prefill_chunks(&mut picks)?;
-        let mut ended = self.sample_next_tokens(&picks, ends)?;
+        let ended = self.sample_next_tokens(&picks, ends);
+        self.logits = picks.logits;
+        let mut ended = ended?;
         ended.sort_unstable();
         for i in ended.into_iter().rev() {
             let seq = self.running.swap_remove(i);
@@ -546,7 +670,7 @@ impl<'a> Scheduler<'a> {
     }
 
     /// One forward of the last token of every decoding row; each samples from its row of
-    /// logits.
+    /// logits (the step's first rows, written into `picks`' buffer).
     fn decode_rows(&mut self, picks: &mut Picks) -> Result<()> {
         let decoding: Vec<usize> = (0..self.running.len())
             .filter(|&i| matches!(self.running[i].state, State::Decode(_)))
@@ -564,19 +688,20 @@ impl<'a> Scheduler<'a> {
             let hidden = self
                 .cache
                 .forward(self.model, &slots, &tokens, self.adapters_on, None)?;
-            let rows: Vec<Vec<f32>> = self.model.head_logits(&hidden.squeeze(1)?)?.to_vec2()?;
-            for (&i, row) in decoding.iter().zip(rows) {
-                picks.rows.push((i, picks.logits.len()));
-                picks.logits.push(row);
-            }
+            self.model
+                .head_logits_into(&hidden.squeeze(1)?, &mut picks.logits)?;
+            picks.vocab = picks.logits.len() / decoding.len();
+            picks
+                .rows
+                .extend(decoding.iter().enumerate().map(|(r, &i)| (i, r)));
         }
         Ok(())
     }
 
     /// Whole chunks of the prompts being prefilled while the step's [`PREFILL_PER_STEP`]
     /// tokens last, in the batch's order; a prompt prefilled to its end samples from its
-    /// last position's logits, and so do the sequences that follow it (its cache copied to
-    /// theirs).
+    /// last position's logits, and so do the sequences that follow it (its keys and values
+    /// shared with them).
     fn prefill_chunks(&mut self, picks: &mut Picks) -> Result<()> {
         let mut budget = PREFILL_PER_STEP;
         for i in 0..self.running.len() {
@@ -613,19 +738,17 @@ impl<'a> Scheduler<'a> {
                     continue;
                 }
                 let last = hidden.narrow(1, chunk.len() - 1, 1)?.squeeze(1)?;
-                let row = picks.logits.len();
-                picks
-                    .logits
-                    .push(self.model.head_logits(&last)?.squeeze(0)?.to_vec1()?);
+                let mut logits = Vec::new();
+                self.model.head_logits_into(&last, &mut logits)?;
+                let row = picks.push(&logits);
                 picks.rows.push((i, row));
                 let leader = seq.id;
-                for j in 0..self.running.len() {
-                    if self.running[j].state == State::Follows(leader) {
-                        self.cache
-                            .copy(self.running[i].slot, self.running[j].slot)?;
-                        picks.rows.push((j, row));
-                    }
-                }
+                let followers: Vec<usize> = (0..self.running.len())
+                    .filter(|&j| self.running[j].state == State::Follows(leader))
+                    .collect();
+                let slots: Vec<usize> = followers.iter().map(|&j| self.running[j].slot).collect();
+                self.cache.share(self.running[i].slot, &slots)?;
+                picks.rows.extend(followers.iter().map(|&j| (j, row)));
                 break;
             }
         }
@@ -643,7 +766,7 @@ impl<'a> Scheduler<'a> {
             .par_iter()
             .map(|&(i, row)| {
                 let mut rng = running[i].rng.clone();
-                let (token, logprob) = sample(&picks.logits[row], &running[i].sampling, &mut rng);
+                let (token, logprob) = sample(picks.logits(row), &running[i].sampling, &mut rng);
                 (token, logprob, rng)
             })
             .collect();
@@ -661,7 +784,7 @@ impl<'a> Scheduler<'a> {
                     }
                     None => false,
                 };
-            let cut = !stopped && ends(seq.id, &c.ids, &picks.logits[row]);
+            let cut = !stopped && ends(seq.id, &c.ids, picks.logits(row));
             if stopped || cut || c.ids.len() >= seq.sampling.max_tokens {
                 c.finish = if stopped {
                     Finish::Stop
@@ -703,7 +826,7 @@ impl<'a> Scheduler<'a> {
             self.cache.open(slot, prompt.len() + sampling.max_tokens);
             if state == State::Prefill(0) {
                 if let Some((len, layers)) = self.prefix.lookup(&namespace, &prompt)? {
-                    self.cache.restore(slot, layers, len);
+                    self.cache.restore(slot, layers, len)?;
                     state = State::Prefill(len);
                     let cached = PrefillCounts {
                         cached: len,

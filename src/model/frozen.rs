@@ -148,11 +148,22 @@ fn on_cpu<T>(w: &FrozenWeight, f: impl FnOnce(CpuWeight<'_>) -> T) -> Result<T> 
 /// `x[m, in] · Wᵀ` on the CPU in f32: a decoding step's few rows read each weight once, more
 /// rows share the weight's rows out between threads.
 pub fn cpu_times_t(x: &[f32], m: usize, w: &FrozenWeight) -> Result<Vec<f32>> {
+    let mut y = Vec::new();
+    cpu_times_t_into(x, m, w, &mut y)?;
+    Ok(y)
+}
+
+/// [`cpu_times_t`] into `y` (its values replaced, its allocation kept where it is large
+/// enough): a decoding step's logits reuse the last step's buffer instead of faulting in a
+/// new one.
+pub fn cpu_times_t_into(x: &[f32], m: usize, w: &FrozenWeight, y: &mut Vec<f32>) -> Result<()> {
     let (n, k) = w.dims2()?;
     on_cpu(w, |cw| match cw {
-        CpuWeight::F32(ws) if m <= cpu_matmul::FEW_ROWS => cpu_matmul::few_rows(x, (m, k), ws, n),
-        CpuWeight::F32(ws) => cpu_matmul::by_columns(x, (m, k), ws, (1, k), n),
-        CpuWeight::Blocks(b) => cpu_matmul::blocks_t(x, m, b),
+        CpuWeight::F32(ws) if m <= cpu_matmul::FEW_ROWS => {
+            cpu_matmul::few_rows_into(x, (m, k), ws, n, y)
+        }
+        CpuWeight::F32(ws) => *y = cpu_matmul::by_columns(x, (m, k), ws, (1, k), n),
+        CpuWeight::Blocks(b) => cpu_matmul::blocks_t_into(x, m, b, y),
     })
 }
 

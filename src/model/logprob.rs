@@ -366,6 +366,37 @@ pub fn logits_of(hidden: &Tensor, head: &FrozenWeight, softcap: Option<f64>) -> 
     soft_capped(logits, softcap)
 }
 
+/// [`logits_of`] into `out` (`[n, vocab]` row by row), its values replaced: without a soft
+/// cap, for f32 rows on the CPU the product writes straight into `out`'s allocation, so a
+/// decoding step reuses the last step's buffer (16 rows of Gemma's logits are 16 MiB) instead
+/// of zeroing and faulting in a new one and copying it out of a tensor.
+pub fn logits_into(
+    hidden: &Tensor,
+    head: &FrozenWeight,
+    softcap: Option<f64>,
+    out: &mut Vec<f32>,
+) -> Result<()> {
+    let direct = softcap.is_none()
+        && hidden.device().is_cpu()
+        && head.device().is_cpu()
+        && hidden.dtype() == DType::F32
+        && head.dtype() == DType::F32;
+    if direct {
+        let (n, _) = hidden.dims2()?;
+        let hidden = hidden.contiguous()?;
+        let (storage, layout) = hidden.storage_and_layout();
+        if let (candle_core::Storage::Cpu(CpuStorage::F32(xs)), Some((start, end))) =
+            (&*storage, layout.contiguous_offsets())
+        {
+            return frozen::cpu_times_t_into(&xs[start..end], n, head, out);
+        }
+    }
+    let logits = logits_of(hidden, head, softcap)?.flatten_all()?;
+    out.clear();
+    out.extend_from_slice(&logits.to_vec1::<f32>()?);
+    Ok(())
+}
+
 /// `cap · tanh(logits / cap)` where the model has a soft cap, the logits as they are where not.
 pub fn soft_capped(logits: Tensor, softcap: Option<f64>) -> Result<Tensor> {
     match softcap {

@@ -223,6 +223,17 @@ impl Model {
         )?)
     }
 
+    /// [`Model::head_logits`] into `out` (`[n, vocab]` row by row), its values replaced and
+    /// its allocation reused: a decoding step's logits go to the last step's buffer.
+    pub fn head_logits_into(&self, hidden: &Tensor, out: &mut Vec<f32>) -> Result<()> {
+        Ok(logprob::logits_into(
+            hidden,
+            self.lm_head(),
+            self.logit_softcap(),
+            out,
+        )?)
+    }
+
     /// The logits' soft cap, when the architecture has one.
     pub fn logit_softcap(&self) -> Option<f64> {
         match &self.arch {

@@ -243,12 +243,13 @@ impl PrefixCache {
 
     /// The longest run of cached blocks `prompt` starts with, short of its last token
     /// (which a prefill must compute for its logits): the number of tokens it covers and,
-    /// per layer, their keys and values `[1, kv, tokens, hd]`. `None` on a miss.
+    /// per layer, the blocks' keys and values `[1, kv, BLOCK, hd]` in order (the cache's
+    /// own tensors, which every prompt that starts with them shares). `None` on a miss.
     pub fn lookup(
         &self,
         namespace: &Namespace,
         prompt: &[u32],
-    ) -> Result<Option<(usize, LayerKeys)>> {
+    ) -> Result<Option<(usize, Vec<LayerKeys>)>> {
         let blocks = prompt.len().saturating_sub(1) / BLOCK;
         let mut inner = self.lock();
         if inner.budget == 0 || blocks == 0 {
@@ -277,17 +278,12 @@ impl PrefixCache {
         let per_layer = inner.entries[&found[0]].layers.len();
         let layers = (0..per_layer)
             .map(|l| {
-                let keys: Vec<&Tensor> = found
+                found
                     .iter()
-                    .map(|k| &inner.entries[k].layers[l].0)
-                    .collect();
-                let values: Vec<&Tensor> = found
-                    .iter()
-                    .map(|k| &inner.entries[k].layers[l].1)
-                    .collect();
-                Ok((Tensor::cat(&keys, 2)?, Tensor::cat(&values, 2)?))
+                    .map(|k| inner.entries[k].layers[l].clone())
+                    .collect()
             })
-            .collect::<Result<Vec<_>>>()?;
+            .collect();
         Ok(Some((found.len() * BLOCK, layers)))
     }
 
@@ -436,7 +432,8 @@ mod tests {
     fn hit(cache: &PrefixCache, prompt: &[u32]) -> usize {
         let found = cache.lookup(&namespace(), prompt).unwrap();
         found.map_or(0, |(n, layers)| {
-            assert_eq!(layers[0].0.dim(2).unwrap(), n);
+            let held: usize = layers[0].iter().map(|(k, _)| k.dim(2).unwrap()).sum();
+            assert_eq!(held, n);
             n
         })
     }

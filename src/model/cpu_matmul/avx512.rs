@@ -92,25 +92,28 @@ fn kernel_rows(m: usize) -> usize {
 }
 
 /// `y[m, n] = x[m, k] · Wᵀ` for `1 ≤ m ≤ 16`, each thread taking its own share of `W`'s
-/// rows.
+/// rows, into `y`: its values replaced, its allocation kept where large enough, and nothing
+/// zeroed first (every value is written).
 ///
 /// # Safety
 /// The CPU has what [`available`] checks; `x` holds `[m, k]` and `w` `[n, k]`.
 #[target_feature(enable = "avx512f,avx512vl,f16c")]
-pub unsafe fn few_rows_of<W: Rows>(x: &[f32], m: usize, w: W, n: usize) -> Vec<f32> {
+pub unsafe fn few_rows_into<W: Rows>(x: &[f32], m: usize, w: W, n: usize, y: &mut Vec<f32>) {
     let k = w.k();
     let rows = kernel_rows(m);
     let x = packed(x, m, k, rows);
-    let mut y = vec![0f32; rows * n];
+    y.clear();
+    y.reserve(rows * n);
     let out = Shared(y.as_mut_ptr());
     let x = x.as_ptr() as usize;
     for_each_share(n, |cols| {
         // SAFETY: the CPU has the features (this function's caller checked); `x` is packed
-        // for `rows` rows; the share writes its own columns of `y`.
+        // for `rows` rows; the share writes its own columns of `y`'s `rows × n` values,
+        // which `reserve` made room for.
         unsafe { share(x as *const f32, rows, w, cols, out.ptr(), n) }
     });
-    y.truncate(m * n);
-    y
+    // SAFETY: the shares together wrote every column of every row, the first `m` among them
+    y.set_len(m * n);
 }
 
 /// `x: [m, k]` packed register by register for a kernel of `rows` rows: at each of the

@@ -137,19 +137,27 @@ pub const FEW_ROWS: usize = 16;
 /// every weight is read once, every thread reading its own share of `W`'s rows. Uses
 /// AVX-512 or AVX2 where the CPU has it, gemm elsewhere.
 pub fn few_rows(x: &[f32], (m, k): (usize, usize), w: &[f32], n: usize) -> Vec<f32> {
+    let mut y = Vec::new();
+    few_rows_into(x, (m, k), w, n, &mut y);
+    y
+}
+
+/// [`few_rows`] into `y`, its values replaced and its allocation kept where large enough.
+pub fn few_rows_into(x: &[f32], (m, k): (usize, usize), w: &[f32], n: usize, y: &mut Vec<f32>) {
     assert!(m <= FEW_ROWS && x.len() >= m * k && w.len() >= n * k);
     #[cfg(target_arch = "x86_64")]
     if m > 0 && k > 0 && has_avx512() {
         let rows = avx512::F32Rows { w: w.as_ptr(), k };
         // SAFETY: the CPU has the kernel's features; `x` holds `[m, k]` and `w` `[n, k]`.
-        return unsafe { avx512::few_rows_of(x, m, rows, n) };
+        return unsafe { avx512::few_rows_into(x, m, rows, n, y) };
     }
     #[cfg(target_arch = "x86_64")]
     if m > 0 && k > 0 && has_avx2() {
         // SAFETY: AVX2 and FMA are present and `w` holds `[n, k]`.
-        return unsafe { avx2::few_rows_of(x, m, w, k, n) };
+        *y = unsafe { avx2::few_rows_of(x, m, w, k, n) };
+        return;
     }
-    by_columns(x, (m, k), w, (1, k), n)
+    *y = by_columns(x, (m, k), w, (1, k), n)
 }
 
 /// Rows of a block weight decoded per step of a product of many rows.
@@ -161,16 +169,32 @@ const TILE_ROWS: usize = 64;
 /// of `W` at a time are decoded into a buffer and multiplied while in L1; otherwise tiles of
 /// [`TILE_ROWS`] rows are decoded and multiplied by gemm (AVX-512 or AVX2 as the CPU has).
 pub fn blocks_t(x: &[f32], m: usize, w: &Blocks) -> Vec<f32> {
+    let mut y = Vec::new();
+    blocks_t_into(x, m, w, &mut y);
+    y
+}
+
+/// [`blocks_t`] into `y`, its values replaced and its allocation kept where large enough
+/// (on an AVX-512 CPU up to [`FEW_ROWS`] rows write into it in place).
+pub fn blocks_t_into(x: &[f32], m: usize, w: &Blocks, y: &mut Vec<f32>) {
     let (n, k) = (w.dims()[0], w.dims()[1]);
     assert!(x.len() >= m * k, "x holds [{m}, {k}]");
-    if m == 0 || n == 0 || k == 0 {
-        return vec![0f32; m * n];
-    }
     #[cfg(target_arch = "x86_64")]
-    if m <= FEW_ROWS && has_avx512() {
+    if m > 0 && n > 0 && k > 0 && m <= FEW_ROWS && has_avx512() {
         // SAFETY: the CPU has the kernel's features; `x` holds `[m, k]` and the rows read
         // `w`'s `[n, k]` blocks, which outlive the product.
-        return unsafe { block_rows::with_rows!(w, |rows| avx512::few_rows_of(x, m, rows, n)) };
+        return unsafe {
+            block_rows::with_rows!(w, |rows| avx512::few_rows_into(x, m, rows, n, y))
+        };
+    }
+    *y = blocks_t_elsewhere(x, m, w);
+}
+
+/// [`blocks_t`] where the AVX-512 kernel does not take it.
+fn blocks_t_elsewhere(x: &[f32], m: usize, w: &Blocks) -> Vec<f32> {
+    let (n, k) = (w.dims()[0], w.dims()[1]);
+    if m == 0 || n == 0 || k == 0 {
+        return vec![0f32; m * n];
     }
     let mut y = vec![0f32; m * n];
     let out = Shared(y.as_mut_ptr());
