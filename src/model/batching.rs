@@ -1,8 +1,10 @@
 //! The generation engine: a KV cache of slots written in place, and the scheduler that
 //! keeps a continuous batch of sequences decoding over them.
 //!
-//! Each running sequence owns a slot: per layer, a buffer of keys and values written at the
-//! sequence's own length (a sliding-window layer keeps a ring of its window). A sequence
+//! Each running sequence owns a slot: per layer, the keys and values of its first positions
+//! as segments shared with other slots (a prompt prefilled once for a group, the prefix
+//! cache's blocks), then a buffer of its own written at the sequence's own length (a
+//! sliding-window layer keeps a ring of its window). A sequence
 //! joins the batch as soon as a slot is free and leaves it the step it finishes; its slot's
 //! buffers wait for the next sequence. A step feeds every decoding row's last token through
 //! the linear layers together, while each row attends over its own slot alone, and a prompt
