@@ -861,3 +861,56 @@ fn empty() -> Completion {
         finish: Finish::Length,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{DType, Device};
+
+    fn buffer(len: usize) -> Tensor {
+        Tensor::zeros((1, 1, len, 16), DType::F32, &Device::Cpu).unwrap()
+    }
+
+    /// A restored prefix is the prefix cache's own tensors, and a group's prompt becomes one
+    /// segment its leader and followers all read: nothing is copied.
+    #[test]
+    fn restored_and_grouped_keys_are_shared_not_copied() {
+        let mut cache = SlotCache::new(3);
+        let blocks: Vec<LayerKeys> = (0..2)
+            .map(|_| {
+                vec![
+                    (buffer(BLOCK), buffer(BLOCK)),
+                    (buffer(BLOCK), buffer(BLOCK)),
+                ]
+            })
+            .collect();
+        cache.open(0, 4 * BLOCK);
+        cache.restore(0, blocks.clone(), 2 * BLOCK).unwrap();
+        for (layer, blocks) in cache.slots[0].layers.iter().zip(&blocks) {
+            let ids: Vec<_> = layer.shared.iter().map(|s| s.keys.id()).collect();
+            assert_eq!(ids, [blocks[0].0.id(), blocks[1].0.id()]);
+        }
+        // the leader writes one more position of its own, then shares its keys
+        for layer in 0..2 {
+            cache.slots[0]
+                .append_one(layer, &buffer(1), &buffer(1), None)
+                .unwrap();
+        }
+        cache.slots[0].len += 1;
+        let own = cache.slots[0].layers[0].own.as_ref().unwrap().0.id();
+        cache.open(1, 4 * BLOCK);
+        cache.open(2, 4 * BLOCK);
+        cache.share(0, &[1, 2]).unwrap();
+        for slot in &cache.slots {
+            assert_eq!(slot.len, 2 * BLOCK + 1);
+            let layer = &slot.layers[0];
+            let ids: Vec<_> = layer.shared.iter().map(|s| s.keys.id()).collect();
+            assert_eq!(ids, [blocks[0][0].0.id(), blocks[0][1].0.id(), own]);
+            assert_eq!(layer.base(), 2 * BLOCK + 1);
+        }
+        assert!(
+            cache.slots[0].layers[0].own.is_none(),
+            "the leader writes on elsewhere"
+        );
+    }
+}
