@@ -76,6 +76,19 @@ impl Layer {
     fn base(&self) -> usize {
         self.shared.iter().map(|s| s.len).sum()
     }
+
+    /// The shared segments, then the first `own_len` rows of the own buffers.
+    fn segments(&self, own_len: usize) -> Vec<Segment> {
+        let (keys, values) = self.own.clone().expect("own buffers");
+        let mut segments = self.shared.clone();
+        segments.push(Segment {
+            keys,
+            values,
+            from: 0,
+            len: own_len,
+        });
+        segments
+    }
 }
 
 impl SlotCache {
@@ -120,15 +133,13 @@ impl SlotCache {
         let len = self.slots[from].len;
         let leader = &mut self.slots[from];
         for layer in &mut leader.layers {
-            let base = layer.base();
-            let Some((k, _)) = &layer.own else { continue };
-            if len - base <= k.dim(2)? {
-                let (keys, values) = layer.own.take().expect("an own buffer");
+            let own_len = len - layer.base();
+            if let Some((keys, values)) = layer.own.take_if(|(k, _)| own_len <= k.dims()[2]) {
                 layer.shared.push(Segment {
                     keys,
                     values,
                     from: 0,
-                    len: len - base,
+                    len: own_len,
                 });
             }
         }
@@ -280,14 +291,7 @@ impl Slot {
             // keys in position order
             write(kb, k, len - base)?;
             write(vb, v, len - base)?;
-            let mut segments = l.shared.clone();
-            segments.push(Segment {
-                keys: kb.clone(),
-                values: vb.clone(),
-                from: 0,
-                len: len + s - base,
-            });
-            let (keys, values) = gathered(&segments)?;
+            let (keys, values) = gathered(&l.segments(len + s - base))?;
             let t = len + s;
             let mask = mask(&[vec![true; t]], len, s, window, q.device())?;
             return attend(q, &keys, &values, Some(&mask), scale, softcap);
@@ -321,14 +325,9 @@ impl Slot {
         let (kb, vb) = l.own.as_ref().expect("reserved");
         write(kb, k, len - base)?;
         write(vb, v, len - base)?;
-        let mut segments = l.shared.clone();
-        segments.push(Segment {
-            len: (len + 1 - base).min(kb.dim(2)?),
-            keys: kb.clone(),
-            values: vb.clone(),
-            from: 0,
-        });
-        Ok(RowKeys { segments })
+        Ok(RowKeys {
+            segments: l.segments((len + 1 - base).min(kb.dim(2)?)),
+        })
     }
 
     /// Makes layer `layer`'s own buffers hold the positions up to `required` (a sliding
