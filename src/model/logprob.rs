@@ -417,13 +417,26 @@ mod tests {
     use super::*;
     use candle_core::{Device, Var};
 
+    /// `[shape]` f32 values of mean 0 and variance 1 (uniform on `[-√3, √3)`) from a fixed
+    /// seed, so that every run checks the same numbers.
+    fn random(shape: &[usize], seed: u64) -> Tensor {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+        let n: usize = shape.iter().product();
+        let half_width = 3f32.sqrt();
+        let values: Vec<f32> = (0..n)
+            .map(|_| rng.random_range(-half_width..half_width))
+            .collect();
+        Tensor::from_vec(values, shape, &Device::Cpu).unwrap()
+    }
+
     #[test]
     fn the_fused_chunk_equals_the_composite_in_value_and_gradient() {
         let device = Device::Cpu;
-        let head = FrozenWeight::from(Tensor::randn(0f32, 1.0, (50, 8), &device).unwrap());
-        let h = Var::randn(0f32, 1.0, (7, 8), &device).unwrap();
+        let head = FrozenWeight::from(random(&[50, 8], 1));
+        let h = Var::from_tensor(&random(&[7, 8], 2)).unwrap();
         let targets = Tensor::new(&[3u32, 0, 49, 7, 7, 12, 30], &device).unwrap();
-        let weights = Tensor::randn(0f32, 1.0, 7, &device).unwrap();
+        let weights = random(&[7], 3);
         let fused = gather_logprobs(h.as_tensor(), &head, &targets, None, 0.7).unwrap();
         // the composite path: a soft cap too large to change anything
         let composite = gather_logprobs(h.as_tensor(), &head, &targets, Some(1e9), 0.7).unwrap();
@@ -455,10 +468,10 @@ mod tests {
     #[test]
     fn entropies_equal_the_softmax_definition_in_value_and_gradient() {
         let device = Device::Cpu;
-        let head = FrozenWeight::from(Tensor::randn(0f32, 1.0, (50, 8), &device).unwrap());
-        let h = Var::randn(0f32, 1.0, (7, 8), &device).unwrap();
+        let head = FrozenWeight::from(random(&[50, 8], 4));
+        let h = Var::from_tensor(&random(&[7, 8], 5)).unwrap();
         let targets = Tensor::new(&[3u32, 0, 49, 7, 7, 12, 30], &device).unwrap();
-        let weights = Tensor::randn(0f32, 1.0, 7, &device).unwrap();
+        let weights = random(&[7], 6);
         let max = |t: Tensor| {
             t.abs()
                 .unwrap()
@@ -489,8 +502,8 @@ mod tests {
                 gather_logprobs_entropy(h.as_tensor(), &head, &targets, cap, 0.7, true).unwrap();
             let plain = gather_logprobs(h.as_tensor(), &head, &targets, cap, 0.7).unwrap();
             assert!(max((&lp - &plain).unwrap()) < 1e-6);
-            // random data each run: `log Z − Σ p z` in f32 loses about 1e-5 where the scaled
-            // logits reach ±15, so the bound leaves room for rounding, not for a wrong formula
+            // `log Z − Σ p z` in f32 loses about 1e-5 where the scaled logits reach ±15, so
+            // the bound leaves room for rounding, not for a wrong formula
             let diff = max((&entropy - &direct).unwrap());
             assert!(diff < 5e-5, "{cap:?}: entropy differs by {diff}");
             let g = (entropy * &weights)
