@@ -26,7 +26,6 @@ use std::collections::VecDeque;
 use candle_core::Tensor;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
-use rayon::prelude::*;
 
 use super::attention::{attend, KeyValues};
 use super::cpu_matmul::FEW_ROWS;
@@ -36,6 +35,7 @@ use super::generate::{
 };
 use super::padded::{continuing, mask};
 use super::prefix::{LayerKeys, Namespace, PrefillCounts, PrefixCache, BLOCK};
+use super::team;
 use super::{Model, Result};
 
 /// Key slots a buffer starts with (it doubles from there as its sequence grows).
@@ -762,15 +762,12 @@ impl<'a> Scheduler<'a> {
         // the rows are sampled in parallel (a row of Gemma's logits takes milliseconds),
         // each sequence from its own generator
         let running = &self.running;
-        let drawn: Vec<(u32, f32, ChaCha8Rng)> = picks
-            .rows
-            .par_iter()
-            .map(|&(i, row)| {
-                let mut rng = running[i].rng.clone();
-                let (token, logprob) = sample(picks.logits(row), &running[i].sampling, &mut rng);
-                (token, logprob, rng)
-            })
-            .collect();
+        let drawn: Vec<(u32, f32, ChaCha8Rng)> = team::map(picks.rows.len(), |n| {
+            let (i, row) = picks.rows[n];
+            let mut rng = running[i].rng.clone();
+            let (token, logprob) = sample(picks.logits(row), &running[i].sampling, &mut rng);
+            (token, logprob, rng)
+        });
         let mut ended = Vec::new();
         for (&(i, row), (token, logprob, rng)) in picks.rows.iter().zip(drawn) {
             let seq = &mut self.running[i];

@@ -17,8 +17,8 @@
 //! numbers depend on its own query and keys alone, whatever else the step holds: every sum
 //! runs over the row's keys in its position order, whoever shares them.
 
+use super::team;
 use candle_core::{bail, CpuStorage, DType, Device, Result, Storage, Tensor, TensorId};
-use rayon::prelude::*;
 
 /// Keys and values of a stretch of a row's positions: rows `from .. from + len` of the
 /// buffers `[1, kv, capacity, hd]`.
@@ -155,10 +155,10 @@ pub fn attend(q: &Tensor, rows: &[RowKeys], scale: f64, softcap: Option<f64>) ->
         scale: scale as f32,
         softcap: softcap.map(|c| c as f32),
     };
-    let outs: Vec<Vec<(usize, Vec<f32>)>> = tasks(&row_segments)
-        .par_iter()
-        .map(|task| attend_task(task, &queries, &row_segments, &stretches, &shape))
-        .collect();
+    let tasks = tasks(&row_segments);
+    let outs: Vec<Vec<(usize, Vec<f32>)>> = team::map(tasks.len(), |t| {
+        attend_task(&tasks[t], &queries, &row_segments, &stretches, &shape)
+    });
     let mut out = vec![0f32; b * h * hd];
     for (r, values) in outs.into_iter().flatten() {
         out[r * h * hd..(r + 1) * h * hd].copy_from_slice(&values);
@@ -170,7 +170,7 @@ pub fn attend(q: &Tensor, rows: &[RowKeys], scale: f64, softcap: Option<f64>) ->
 /// most a thread's share of the step's rows in one task), so they read it together.
 fn tasks(row_segments: &[Vec<usize>]) -> Vec<Vec<usize>> {
     let b = row_segments.len();
-    let per_task = b.div_ceil(rayon::current_num_threads().max(1)).clamp(1, 8);
+    let per_task = b.div_ceil(team::threads()).clamp(1, 8);
     let mut groups: Vec<(Option<usize>, Vec<usize>)> = Vec::new();
     for (r, segs) in row_segments.iter().enumerate() {
         // a row of one segment has nothing shared

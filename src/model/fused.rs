@@ -6,7 +6,8 @@
 //! gradient only (norm scales and masks are never trained).
 
 use candle_core::{bail, CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor, D};
-use rayon::prelude::*;
+
+use super::team;
 
 /// The rows of a contiguous f32 storage.
 fn f32_rows<'a>(storage: &'a CpuStorage, layout: &Layout, what: &str) -> Result<&'a [f32]> {
@@ -43,16 +44,15 @@ impl CustomOp2 for RmsNorm {
         let mut out = vec![0f32; xs.len()];
         // whole rows per thread's share
         let rows_per = (ELEMENTWISE_CHUNK / d.max(1)).max(1);
-        out.par_chunks_mut(rows_per * d)
-            .zip(xs.par_chunks(rows_per * d))
-            .for_each(|(out, xs)| {
-                for (out, row) in out.chunks_exact_mut(d).zip(xs.chunks_exact(d)) {
-                    let inv = inv_rms(row, eps);
-                    for ((o, &v), &s) in out.iter_mut().zip(row).zip(w) {
-                        *o = v * inv * s;
-                    }
+        team::for_each_chunk(&mut out, rows_per * d, |c, out| {
+            let xs = &xs[c * rows_per * d..][..out.len()];
+            for (out, row) in out.chunks_exact_mut(d).zip(xs.chunks_exact(d)) {
+                let inv = inv_rms(row, eps);
+                for ((o, &v), &s) in out.iter_mut().zip(row).zip(w) {
+                    *o = v * inv * s;
                 }
-            });
+            }
+        });
         Ok((CpuStorage::F32(out), x_layout.shape().clone()))
     }
 
@@ -104,27 +104,27 @@ impl candle_core::CustomOp3 for RmsNormGrad {
         let eps = self.eps as f32;
         let rows_per = (ELEMENTWISE_CHUNK / d.max(1)).max(1);
         let mut out = vec![0f32; xs.len()];
-        out.par_chunks_mut(rows_per * d)
-            .zip(xs.par_chunks(rows_per * d).zip(gs.par_chunks(rows_per * d)))
-            .for_each(|(out, (xs, gs))| {
-                for ((dx, x), g) in out
-                    .chunks_exact_mut(d)
-                    .zip(xs.chunks_exact(d))
-                    .zip(gs.chunks_exact(d))
-                {
-                    let inv = inv_rms(x, eps);
-                    let dot = x
-                        .iter()
-                        .zip(g)
-                        .zip(w)
-                        .map(|((&v, &gv), &s)| gv * s * v * inv)
-                        .sum::<f32>()
-                        / d as f32;
-                    for (((dx, &v), &gv), &s) in dx.iter_mut().zip(x).zip(g).zip(w) {
-                        *dx = (gv * s - v * inv * dot) * inv;
-                    }
+        team::for_each_chunk(&mut out, rows_per * d, |c, out| {
+            let at = c * rows_per * d..c * rows_per * d + out.len();
+            let (xs, gs) = (&xs[at.clone()], &gs[at]);
+            for ((dx, x), g) in out
+                .chunks_exact_mut(d)
+                .zip(xs.chunks_exact(d))
+                .zip(gs.chunks_exact(d))
+            {
+                let inv = inv_rms(x, eps);
+                let dot = x
+                    .iter()
+                    .zip(g)
+                    .zip(w)
+                    .map(|((&v, &gv), &s)| gv * s * v * inv)
+                    .sum::<f32>()
+                    / d as f32;
+                for (((dx, &v), &gv), &s) in dx.iter_mut().zip(x).zip(g).zip(w) {
+                    *dx = (gv * s - v * inv * dot) * inv;
                 }
-            });
+            }
+        });
         Ok((CpuStorage::F32(out), x_layout.shape().clone()))
     }
 }
@@ -175,10 +175,10 @@ impl CustomOp2 for GeluTanhMul {
             );
         }
         let mut out = vec![0f32; gate.len()];
-        out.par_chunks_mut(ELEMENTWISE_CHUNK)
-            .zip(gate.par_chunks(ELEMENTWISE_CHUNK))
-            .zip(up.par_chunks(ELEMENTWISE_CHUNK))
-            .for_each(|((out, gate), up)| super::exp::gelu_tanh_mul(gate, up, out));
+        team::for_each_chunk(&mut out, ELEMENTWISE_CHUNK, |c, out| {
+            let at = c * ELEMENTWISE_CHUNK..c * ELEMENTWISE_CHUNK + out.len();
+            super::exp::gelu_tanh_mul(&gate[at.clone()], &up[at], out)
+        });
         Ok((CpuStorage::F32(out), gate_layout.shape().clone()))
     }
 
@@ -220,17 +220,18 @@ impl candle_core::CustomOp3 for GeluTanhMulGrad {
         }
         let mut out = vec![0f32; 2 * n];
         let (d_gate, d_up) = out.split_at_mut(n);
-        d_gate
-            .par_chunks_mut(ELEMENTWISE_CHUNK)
-            .zip(d_up.par_chunks_mut(ELEMENTWISE_CHUNK))
-            .zip(gate.par_chunks(ELEMENTWISE_CHUNK))
-            .zip(
-                up.par_chunks(ELEMENTWISE_CHUNK)
-                    .zip(grad.par_chunks(ELEMENTWISE_CHUNK)),
-            )
-            .for_each(|(((d_gate, d_up), gate), (up, grad))| {
-                super::exp::gelu_tanh_mul_grad(gate, up, grad, d_gate, d_up)
-            });
+        let pairs: Vec<_> = d_gate
+            .chunks_mut(ELEMENTWISE_CHUNK)
+            .zip(d_up.chunks_mut(ELEMENTWISE_CHUNK))
+            .map(std::sync::Mutex::new)
+            .collect();
+        team::for_each(pairs.len(), |c| {
+            let mut pair = pairs[c].lock().unwrap_or_else(|e| e.into_inner());
+            let (d_gate, d_up) = &mut *pair;
+            let at = c * ELEMENTWISE_CHUNK..c * ELEMENTWISE_CHUNK + d_gate.len();
+            let (gate, up, grad) = (&gate[at.clone()], &up[at.clone()], &grad[at]);
+            super::exp::gelu_tanh_mul_grad(gate, up, grad, d_gate, d_up)
+        });
         let mut dims = vec![2];
         dims.extend_from_slice(gate_layout.dims());
         Ok((CpuStorage::F32(out), Shape::from(dims)))
@@ -284,20 +285,18 @@ impl candle_core::CustomOp3 for RotaryEmbedding {
         }
         let (start, half) = (x_layout.start_offset(), hd / 2);
         let mut out = vec![0f32; b * h * s * hd];
-        out.par_chunks_mut(s * hd)
-            .enumerate()
-            .for_each(|(bh, out)| {
-                let (bi, hi) = (bh / h, bh % h);
-                for (si, out) in out.chunks_exact_mut(hd).enumerate() {
-                    let x = &xs[start + bi * st[0] + hi * st[1] + si * st[2]..][..hd];
-                    let at = (bi * s + si) * hd;
-                    let (c, sn) = (&cos[at..at + hd], &sin[at..at + hd]);
-                    for i in 0..half {
-                        out[i] = x[i] * c[i] - x[i + half] * sn[i];
-                        out[i + half] = x[i + half] * c[i + half] + x[i] * sn[i + half];
-                    }
+        team::for_each_chunk(&mut out, s * hd, |bh, out| {
+            let (bi, hi) = (bh / h, bh % h);
+            for (si, out) in out.chunks_exact_mut(hd).enumerate() {
+                let x = &xs[start + bi * st[0] + hi * st[1] + si * st[2]..][..hd];
+                let at = (bi * s + si) * hd;
+                let (c, sn) = (&cos[at..at + hd], &sin[at..at + hd]);
+                for i in 0..half {
+                    out[i] = x[i] * c[i] - x[i + half] * sn[i];
+                    out[i + half] = x[i + half] * c[i + half] + x[i] * sn[i + half];
                 }
-            });
+            }
+        });
         Ok((CpuStorage::F32(out), x_layout.shape().clone()))
     }
 

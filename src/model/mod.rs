@@ -26,6 +26,7 @@ pub mod padded;
 pub mod placement;
 pub mod prefix;
 pub mod quant;
+pub mod team;
 pub mod tokenizer;
 pub mod weights;
 

@@ -22,6 +22,7 @@ use std::ops::Range;
 use gemm::{gemm, Parallelism};
 
 use super::quant::Blocks;
+use super::team;
 
 /// A pointer that may cross into the threads of one product: each writes its own columns.
 #[derive(Clone, Copy)]
@@ -37,36 +38,30 @@ impl Shared {
     }
 }
 
-/// The column ranges the threads take: as many as rayon's pool has threads, in multiples of
+/// The column ranges the threads take: as many as the team has threads, in multiples of
 /// 16 (a vector register of f32), none empty.
 fn column_shares(n: usize) -> Vec<Range<usize>> {
     shares_of(n, 16)
 }
 
-/// `0..n` cut into one range per thread of rayon's pool, each a multiple of `step` long (the
+/// `0..n` cut into one range per thread of the team, each a multiple of `step` long (the
 /// last excepted), none empty.
 fn shares_of(n: usize, step: usize) -> Vec<Range<usize>> {
-    let threads = rayon::current_num_threads().max(1);
-    let per = n.div_ceil(threads).next_multiple_of(step).max(step);
+    let per = n.div_ceil(team::threads()).next_multiple_of(step).max(step);
     (0..n).step_by(per).map(|c| c..(c + per).min(n)).collect()
 }
 
-/// Runs `f` on every share of `0..n` columns, each on its own thread of rayon's pool.
+/// Runs `f` on every share of `0..n` columns, each on its own thread of the team.
 fn for_each_share(n: usize, f: impl Fn(Range<usize>) + Sync) {
     run_shares(column_shares(n), f)
 }
 
-/// Runs `f` on every one of `shares`, each on its own thread of rayon's pool.
+/// Runs `f` on every one of `shares`, each on its own thread of the [`team`].
 fn run_shares(shares: Vec<Range<usize>>, f: impl Fn(Range<usize>) + Sync) {
     if shares.len() == 1 {
         return f(shares[0].clone());
     }
-    rayon::scope(|scope| {
-        for share in shares {
-            let f = &f;
-            scope.spawn(move |_| f(share));
-        }
-    });
+    team::for_each(shares.len(), |i| f(shares[i].clone()));
 }
 
 /// `y[m, n] = x[m, k] · B[k, n]`, where `B[i, j]` is `b[i * b_rs + j * b_cs]`: `b` is the
