@@ -251,10 +251,27 @@ fn main() -> ExitCode {
     match dispatch(cli.command, cli.quiet) {
         Ok(code) => code,
         Err(err) => {
-            eprintln!("error: {err:#}");
+            eprintln!("error: {}", chain_message(&err));
             ExitCode::FAILURE
         }
     }
+}
+
+/// `err` and its causes joined by ": " (as `{err:#}`), each cause left out where the message
+/// before it already ends with it: an error that names its cause in its own message (as
+/// "file: no such file or directory") would otherwise say it twice.
+fn chain_message(err: &anyhow::Error) -> String {
+    let mut message = String::new();
+    for cause in err.chain() {
+        let text = cause.to_string();
+        if message.is_empty() {
+            message = text;
+        } else if !message.ends_with(&text) {
+            message.push_str(": ");
+            message.push_str(&text);
+        }
+    }
+    message
 }
 
 fn dispatch(command: Command, quiet: bool) -> Result<ExitCode> {

@@ -118,6 +118,19 @@ fn script_errors_name_file_line_and_column_and_exit_non_zero() {
 }
 
 #[test]
+fn a_missing_folder_is_named_once_with_its_cause_once() {
+    let out = rlvr(&["bench", "load", "--data", "/no/such/benchmarks"]);
+    assert!(!out.status.success());
+    let stderr = text(&out.stderr);
+    assert!(stderr.contains("/no/such/benchmarks/mmlu"), "{stderr}");
+    assert_eq!(
+        stderr.matches("no such file or directory").count(),
+        1,
+        "{stderr}"
+    );
+}
+
+#[test]
 fn a_missing_script_is_an_error() {
     let out = rlvr(&["run", "tests/scripts/no_such.rhai"]);
     assert!(!out.status.success());
