@@ -17,8 +17,9 @@
 //! numbers depend on its own query and keys alone, whatever else the step holds: every sum
 //! runs over the row's keys in its position order, whoever shares them.
 
-use super::team;
 use candle_core::{bail, CpuStorage, DType, Device, Result, Storage, Tensor, TensorId};
+
+use super::team;
 
 /// Keys and values of a stretch of a row's positions: rows `from .. from + len` of the
 /// buffers `[1, kv, capacity, hd]`.

@@ -58,9 +58,6 @@ fn for_each_share(n: usize, f: impl Fn(Range<usize>) + Sync) {
 
 /// Runs `f` on every one of `shares`, each on its own thread of the [`team`].
 fn run_shares(shares: Vec<Range<usize>>, f: impl Fn(Range<usize>) + Sync) {
-    if shares.len() == 1 {
-        return f(shares[0].clone());
-    }
     team::for_each(shares.len(), |i| f(shares[i].clone()));
 }
 
